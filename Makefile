@@ -1,0 +1,100 @@
+# The agent: build, run, test, benchmark.
+#
+#   make run     install what is missing, build, serve examples/hello at http://127.0.0.1:8080
+#   make test    the whole test suite (real nginx, real agent, real workers)
+#   make bench   the benchmark against nginx+gunicorn and nginx+uWSGI
+#
+# Everything Python lives in a virtualenv ($(VENV)); the nginx module is built
+# against the system nginx's own source and configure flags (nginx-dev).
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST_PYTHON ?= python3
+APT_PACKAGES := nginx nginx-dev build-essential python3 python3-venv python3-dev wrk
+PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML
+NGINX_SRC := /usr/share/nginx/src
+MODULE := build/ngx_http_agent_module.so
+MODULE_SRC := nginx-module/config nginx-module/ngx_http_agent_module.c
+NATIVE_SRC := $(wildcard csrc/*.c csrc/*.h) csrc/native_build.py
+RUN_PORT ?= 8080
+RUN_DIR ?= /tmp/agent-demo
+PYTEST_ARGS ?=
+
+.PHONY: all deps system-deps python-deps build native module run test lint sanitize bench clean
+
+all: build
+
+# -- dependencies ------------------------------------------------------------
+
+deps: system-deps python-deps
+
+# Installs the Debian packages that are missing (needs root), or names them.
+system-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: $$missing (run 'make deps' as root, or apt-get install them)"; exit 1; fi; \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+python-deps: $(VENV)/.deps-done
+
+$(VENV)/.deps-done:
+	@command -v $(HOST_PYTHON) >/dev/null || { echo "no $(HOST_PYTHON) found: run 'make deps' as root"; exit 1; }
+	$(HOST_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_PACKAGES)
+	touch $@
+
+# -- build -------------------------------------------------------------------
+
+build: native module
+
+native: python-deps agent/.native-built
+
+agent/.native-built: $(NATIVE_SRC) setup.py
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+module: system-deps $(MODULE)
+
+$(MODULE): $(MODULE_SRC)
+	@test -d $(NGINX_SRC) || { echo "nginx sources not found at $(NGINX_SRC): install nginx-dev ('make deps')"; exit 1; }
+	rm -rf build/nginx && mkdir -p build && cp -r $(NGINX_SRC) build/nginx
+	cd build/nginx && source ./conf_flags && \
+		AGENT_CORE_PYTHON="$(abspath $(PY))" ./configure "$${NGX_CONF_FLAGS[@]}" \
+			--add-dynamic-module=$(CURDIR)/nginx-module > configure.log 2>&1 \
+		|| { tail -20 configure.log; exit 1; }
+	$(MAKE) -s -C build/nginx -f objs/Makefile modules > build/nginx-make.log 2>&1 || { tail -40 build/nginx-make.log; exit 1; }
+	cp build/nginx/objs/ngx_http_agent_module.so $@
+
+# -- run ---------------------------------------------------------------------
+
+# Serves a copy of examples/hello: the workers run as an unprivileged user,
+# who may not be able to read a checkout under /root.
+run: deps build
+	rm -rf $(RUN_DIR) && mkdir -p $(RUN_DIR) && cp -r examples/hello $(RUN_DIR)/hello && chmod -R a+rX $(RUN_DIR)
+	$(PY) -m agent.cli serve $(RUN_DIR)/hello --port $(RUN_PORT) --run-dir $(RUN_DIR)/serve --min-instances 2
+
+# -- checks ------------------------------------------------------------------
+
+test: deps build
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+lint: python-deps
+	$(PY) -m ruff check agent tests bench
+	$(PY) -m mypy agent
+
+# The suite against an ASan/UBSan build of the C extension.
+sanitize: deps module
+	AGENT_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
+	rm -f agent/.native-built
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+		$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: deps build
+	$(PY) bench/run.py
+
+clean:
+	rm -rf build agent/_native*.so agent/_native.c agent/.native-built *.egg-info

@@ -1,0 +1,388 @@
+"""The agent core: the engine (C) and the policy (this loop).
+
+The engine thread moves every request; this loop never sees one. It wakes
+on the engine's events, on worker handshakes and output, on signals and on
+a one-second tick, asks the policy what to do (agent/policy.py) and does it.
+Every side effect on processes and on the engine's routing table happens
+in this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent import policy
+from agent.config import AppConfig, AppTable, ConfigError, load_table
+from agent.error_page import startup_error_response
+from agent.instance import Instance
+from agent.logs import OutputCapture, log
+from agent.native import EV_LOG, EV_QUEUED, EV_WORKER_FAILED, EV_WORKER_IDLE, Engine, EngineEvent
+from agent.pool import App, Pool, Worker, WorkerState
+from agent.spawner import SpawnError, StartedProcess, install_loaders, start_worker
+
+TICK = 1.0
+HANDSHAKE_LIMIT = 65536
+
+
+class Core:
+    def __init__(self, instance: Instance, listen_fd: int) -> None:
+        self.instance = instance
+        self.engine = Engine(listen_fd)
+        self.pool = Pool(max_pool_size=6)
+        self.selector = selectors.DefaultSelector()
+        self.signals: list[int] = []
+        self.stopping = False
+        self.handshakes: dict[int, tuple[int, bytearray]] = {}   # fd -> (pid, data)
+        self.captures: dict[int, OutputCapture] = {}              # fd -> capture
+        self.socket_numbers = itertools.count(1)
+
+    # -- the loop ---------------------------------------------------------
+
+    def run(self) -> int:
+        self.prepare()
+        self.load_apps()
+        log.info("core ready, pid %d, serving %d app(s)", os.getpid(), len(self.pool.apps))
+        while not self.stopping or self.pool.workers():
+            self.wait_for_events()
+            self.handle_signals()
+            self.handle_engine_events()
+            self.reap_workers()
+            self.reconcile()
+        self.engine.close()
+        log.info("core stopped")
+        return 0
+
+    def prepare(self) -> None:
+        self.instance.workers_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        install_loaders(self.instance.loaders_dir)
+        self.instance.core_pid_file.write_text(f"{os.getpid()}\n")
+        self.install_signal_wakeup()
+        self.engine.start()
+        self.selector.register(self.engine.notify_fd(), selectors.EVENT_READ, self.on_engine_notify)
+
+    def install_signal_wakeup(self) -> None:
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._note_signal)
+        self.selector.register(reader, selectors.EVENT_READ, self.on_wakeup)
+
+    def _note_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)
+
+    def wait_for_events(self) -> None:
+        for key, _ in self.selector.select(timeout=TICK):
+            callback: Callable[[int], None] = key.data
+            callback(key.fd)
+
+    def on_wakeup(self, fd: int) -> None:
+        try:
+            while self._wakeup[0].recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def on_engine_notify(self, fd: int) -> None:
+        """Events are drained in handle_engine_events; nothing to do here."""
+
+    # -- signals ----------------------------------------------------------
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading the app table")
+                self.load_apps()
+            elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                self.begin_shutdown()
+
+    def begin_shutdown(self) -> None:
+        """Stop taking requests for good; in-flight ones finish first."""
+        log.info("shutting down: %d worker(s) to stop", len(self.pool.workers()))
+        self.stopping = True
+        for app in self.pool.apps.values():
+            app.removed = True
+            for worker in list(app.workers.values()):
+                self.detach(app, worker, "agent shutdown")
+
+    # -- the app table ----------------------------------------------------
+
+    def load_apps(self) -> None:
+        try:
+            table = load_table(self.instance.apps_file)
+        except ConfigError as e:
+            log.error("keeping the current apps: %s", e)
+            return
+        self.apply_table(table)
+
+    def apply_table(self, table: AppTable) -> None:
+        self.pool.max_pool_size = table.max_pool_size
+        wanted = {config.name: config for config in table.apps}
+        for name, app in self.pool.apps.items():
+            if name not in wanted and not app.removed:
+                log.info("app %s is no longer configured: stopping its workers", name)
+                app.removed = True
+                self.detach_all(app, "app removed")
+        for config in table.apps:
+            self.configure_app(config)
+
+    def configure_app(self, config: AppConfig) -> None:
+        app = self.pool.apps.get(config.name)
+        if app is None:
+            app = App(id=self.pool.new_app_id(), config=config)
+            self.pool.apps[config.name] = app
+            log.info("app %s: added (root %s)", config.name, config.app_root)
+        elif app.config != config or app.removed:
+            log.info("app %s: settings changed, replacing its workers", config.name)
+            app.config = config
+            app.removed = False
+            app.spawn_failures = 0
+            app.failed_until = 0.0
+            self.clear_failure(app)
+            self.detach_all(app, "settings changed")
+        self.engine.set_app(app.id, config.name, config.max_request_queue_size, 0)
+
+    # -- engine events ----------------------------------------------------
+
+    def handle_engine_events(self) -> None:
+        for event in self.engine.poll():
+            self.on_engine_event(event)
+
+    def on_engine_event(self, event: EngineEvent) -> None:
+        if event.type == EV_QUEUED:
+            app = self.pool.app_by_id(event.app)
+            if app is not None:
+                app.activated = True
+                app.queue_length = max(app.queue_length, int(event.value))
+        elif event.type == EV_WORKER_FAILED:
+            found = self.pool.find_worker(event.pid)
+            if found is not None:
+                log.warning("worker %d refused a connection: %s", event.pid, event.message)
+                self.detach(*found, "refused a connection")
+        elif event.type == EV_WORKER_IDLE:
+            pass  # the tick's stats refresh reads the counters
+        elif event.type == EV_LOG:
+            log.warning("%s", event.message)
+
+    def refresh_stats(self) -> None:
+        app_stats = self.engine.app_stats()
+        for app in self.pool.apps.values():
+            stats = app_stats.get(app.id)
+            app.queue_length = stats.queue_length if stats else 0
+        worker_stats = self.engine.worker_stats()
+        for worker in self.pool.workers():
+            ws = worker_stats.get(worker.pid)
+            if ws is not None:
+                worker.sessions = ws.sessions
+                worker.processed = ws.processed
+
+    # -- handshakes and output ---------------------------------------------
+
+    def on_handshake(self, fd: int) -> None:
+        pid, data = self.handshakes[fd]
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        data += chunk
+        if chunk and b"\n" not in data and len(data) < HANDSHAKE_LIMIT:
+            return
+        self.forget_handshake(fd)
+        found = self.pool.find_worker(pid)
+        if found is None:
+            return
+        app, worker = found
+        line = bytes(data).split(b"\n", 1)[0]
+        self.finish_handshake(app, worker, line)
+
+    def forget_handshake(self, fd: int) -> None:
+        self.selector.unregister(fd)
+        os.close(fd)
+        del self.handshakes[fd]
+
+    def finish_handshake(self, app: App, worker: Worker, line: bytes) -> None:
+        try:
+            message = json.loads(line) if line else {}
+        except json.JSONDecodeError:
+            message = {"status": "error", "summary": f"unreadable handshake: {line[:200]!r}"}
+        if message.get("status") == "ready":
+            self.worker_ready(app, worker, int(message.get("concurrency", 1)))
+            return
+        summary = str(message.get("summary") or "the worker exited before it was ready")
+        self.spawn_failed(app, summary, str(message.get("traceback") or summary))
+        self.kill(worker, "failed to start")
+
+    def worker_ready(self, app: App, worker: Worker, concurrency: int) -> None:
+        worker.state = WorkerState.SERVING
+        worker.ready_at = time.monotonic()
+        worker.concurrency = max(1, concurrency)
+        app.spawn_failures = 0
+        self.clear_failure(app)
+        self.engine.add_worker(app.id, worker.pid, worker.socket_path, worker.concurrency)
+        log.info("app %s: worker %d ready in %.0f ms", app.name, worker.pid,
+                 (worker.ready_at - worker.spawned_at) * 1000)
+
+    def on_output(self, fd: int) -> None:
+        capture = self.captures[fd]
+        if not capture.read():
+            self.selector.unregister(fd)
+            os.close(fd)
+            del self.captures[fd]
+
+    # -- spawning and failures ---------------------------------------------
+
+    def spawn(self, app: App) -> None:
+        socket_path = str(self.instance.workers_dir / f"{app.id}-{next(self.socket_numbers)}.sock")
+        try:
+            started = start_worker(app.config, self.instance.loaders_dir, socket_path)
+        except SpawnError as e:
+            self.spawn_failed(app, e.summary, e.details)
+            return
+        self.track(app, started)
+
+    def track(self, app: App, started: StartedProcess) -> None:
+        worker = Worker(pid=started.pid, app=app.name, socket_path=started.socket_path,
+                        spawned_at=time.monotonic())
+        app.workers[worker.pid] = worker
+        self.handshakes[started.ready_fd] = (started.pid, bytearray())
+        self.selector.register(started.ready_fd, selectors.EVENT_READ, self.on_handshake)
+        self.captures[started.output_fd] = OutputCapture(started.output_fd, app.name, started.pid)
+        self.selector.register(started.output_fd, selectors.EVENT_READ, self.on_output)
+        log.info("app %s: spawned worker %d", app.name, worker.pid)
+
+    def spawn_failed(self, app: App, summary: str, details: str) -> None:
+        app.spawn_failures += 1
+        delay = policy.backoff_delay(app.spawn_failures)
+        app.failed_until = time.monotonic() + delay
+        app.last_error = summary
+        log.error("app %s could not start (%d in a row, next try in %.0f s): %s\n%s",
+                  app.name, app.spawn_failures, delay, summary, details)
+        self.engine.fail_app(app.id, startup_error_response(app.name, summary, details))
+        app.failure_shown = True
+
+    def clear_failure(self, app: App) -> None:
+        if app.failure_shown:
+            self.engine.clear_app_failure(app.id)
+            app.failure_shown = False
+
+    # -- stopping workers ----------------------------------------------------
+
+    def detach_all(self, app: App, reason: str) -> None:
+        for worker in list(app.workers.values()):
+            self.detach(app, worker, reason)
+
+    def detach(self, app: App, worker: Worker, reason: str) -> None:
+        if worker.is_starting():
+            self.kill(worker, reason)
+        elif worker.is_serving():
+            self.engine.detach_worker(worker.pid)
+            worker.state = WorkerState.DETACHING
+            worker.detach_reason = reason
+            log.info("app %s: detached worker %d (%s)", app.name, worker.pid, reason)
+
+    def stop(self, worker: Worker) -> None:
+        app = self.pool.apps[worker.app]
+        worker.state = WorkerState.STOPPING
+        worker.stop_deadline = time.monotonic() + app.config.shutdown_timeout
+        self.signal(worker, signal.SIGTERM)
+
+    def kill(self, worker: Worker, reason: str) -> None:
+        log.warning("app %s: killing worker %d: %s", worker.app, worker.pid, reason)
+        worker.state = WorkerState.STOPPING
+        worker.stop_deadline = None
+        self.signal(worker, signal.SIGKILL)
+
+    def signal(self, worker: Worker, signum: int) -> None:
+        # A worker already gone is removed by reap_workers.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signum)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.worker_exited(pid, status)
+
+    def worker_exited(self, pid: int, status: int) -> None:
+        found = self.pool.find_worker(pid)
+        if found is None:
+            return
+        app, worker = found
+        description = describe_exit(status)
+        if worker.is_starting():
+            self.spawn_failed(app, f"the worker {description} before it was ready",
+                              f"worker {pid} {description} before reporting readiness; see the log above")
+        elif worker.is_stopping():
+            log.info("app %s: worker %d stopped (%s)", app.name, pid, description)
+        else:
+            log.warning("app %s: worker %d %s unexpectedly", app.name, pid, description)
+        if not worker.is_starting():
+            self.engine.remove_worker(pid)
+        for fd, (handshake_pid, _) in list(self.handshakes.items()):
+            if handshake_pid == pid:
+                self.forget_handshake(fd)
+        del app.workers[pid]
+        unlink_quietly(worker.socket_path)
+        if app.removed and not app.workers and not self.stopping:
+            self.engine.remove_app(app.id)
+            del self.pool.apps[app.name]
+
+    # -- the policy ----------------------------------------------------------
+
+    def reconcile(self) -> None:
+        self.refresh_stats()
+        now = time.monotonic()
+        for action in policy.plan(self.pool, now):
+            self.apply(action)
+
+    def apply(self, action: policy.Action) -> None:
+        if isinstance(action, policy.Spawn):
+            self.spawn(self.pool.apps[action.app])
+        elif isinstance(action, policy.ClearFailure):
+            self.clear_failure(self.pool.apps[action.app])
+        elif isinstance(action, policy.Stop):
+            found = self.pool.find_worker(action.pid)
+            if found is not None:
+                self.stop(found[1])
+        elif isinstance(action, policy.Kill):
+            found = self.pool.find_worker(action.pid)
+            if found is not None:
+                if found[1].is_starting():
+                    self.spawn_failed(found[0], f"the worker {action.reason}", action.reason)
+                self.kill(found[1], action.reason)
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        return f"was killed by {signal.Signals(signum).name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.warning("cannot remove %s: %s", path, e.strerror)
+
+
+def run(instance_dir: Path, listen_fd: int) -> int:
+    return Core(Instance(instance_dir), listen_fd).run()

@@ -1,0 +1,1 @@
+"""Loaders: the programs that run inside worker processes (standard library only)."""

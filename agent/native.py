@@ -1,0 +1,198 @@
+"""Typed access to the C side (agent._native, built by cffi from csrc/).
+
+Everything the policy asks of the engine and the fork helper goes through
+this module, so that cffi's types stay out of the rest of the package.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from agent._native import ffi, lib  # type: ignore[import-not-found]
+
+EV_QUEUED = lib.AGENT_EV_QUEUED
+EV_WORKER_FAILED = lib.AGENT_EV_WORKER_FAILED
+EV_WORKER_IDLE = lib.AGENT_EV_WORKER_IDLE
+EV_LOG = lib.AGENT_EV_LOG
+
+_ERROR_SIZE = 512
+
+
+class NativeError(OSError):
+    """A call into the C side failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    type: int
+    app: int
+    pid: int
+    value: int
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    pid: int
+    app: int
+    detached: bool
+    concurrency: int
+    sessions: int
+    processed: int
+    last_used_ms: int
+
+
+@dataclass(frozen=True)
+class AppStats:
+    app: int
+    queue_length: int
+    requests: int
+    queue_full: int
+    queue_timeouts: int
+    failed: int
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        raise NativeError(-result, f"{what}: {os.strerror(-result)}")
+    return result
+
+
+class Engine:
+    """The data plane: one C thread that moves requests from nginx to workers."""
+
+    def __init__(self, listen_fd: int, max_frame_size: int = 0, io_buffer_size: int = 0) -> None:
+        config = ffi.new("agent_engine_config *")
+        config.listen_fd = listen_fd
+        config.max_frame_size = max_frame_size
+        config.io_buffer_size = io_buffer_size
+        self._engine: Any = lib.agent_engine_new(config)
+        if self._engine == ffi.NULL:
+            raise NativeError(0, "cannot create the engine")
+        self._events = ffi.new("agent_engine_event[]", 256)
+
+    def start(self) -> None:
+        _check(lib.agent_engine_start(self._engine), "starting the engine")
+
+    def close(self) -> None:
+        if self._engine != ffi.NULL:
+            lib.agent_engine_stop(self._engine)
+            lib.agent_engine_free(self._engine)
+            self._engine = ffi.NULL
+
+    def notify_fd(self) -> int:
+        return int(lib.agent_engine_notify_fd(self._engine))
+
+    def poll(self) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        while True:
+            count = lib.agent_engine_poll(self._engine, self._events, len(self._events))
+            for i in range(count):
+                ev = self._events[i]
+                message = ffi.string(ev.message).decode("utf-8", "replace")
+                events.append(EngineEvent(ev.type, ev.app, ev.pid, ev.value, message))
+            if count < len(self._events):
+                return events
+
+    def set_app(self, app: int, name: str, max_queue: int, queue_timeout_ms: int) -> None:
+        _check(lib.agent_engine_app_set(self._engine, app, name.encode(), max_queue, queue_timeout_ms),
+               f"configuring app {name}")
+
+    def remove_app(self, app: int) -> None:
+        _check(lib.agent_engine_app_remove(self._engine, app), "removing an app")
+
+    def fail_app(self, app: int, response: bytes) -> None:
+        _check(lib.agent_engine_app_fail(self._engine, app, response, len(response)), "setting an error page")
+
+    def clear_app_failure(self, app: int) -> None:
+        _check(lib.agent_engine_app_clear_failure(self._engine, app), "clearing an error page")
+
+    def add_worker(self, app: int, pid: int, socket_path: str, concurrency: int) -> None:
+        _check(lib.agent_engine_worker_add(self._engine, app, pid, socket_path.encode(), concurrency),
+               f"adding worker {pid}")
+
+    def detach_worker(self, pid: int) -> None:
+        _check(lib.agent_engine_worker_detach(self._engine, pid), f"detaching worker {pid}")
+
+    def remove_worker(self, pid: int) -> None:
+        _check(lib.agent_engine_worker_remove(self._engine, pid), f"removing worker {pid}")
+
+    def worker_stats(self, capacity: int = 1024) -> dict[int, WorkerStats]:
+        out = ffi.new("agent_worker_stats[]", capacity)
+        count = lib.agent_engine_worker_stats(self._engine, out, capacity)
+        return {
+            s.pid: WorkerStats(s.pid, s.app, s.state == lib.AGENT_WORKER_DETACHED, s.concurrency,
+                               s.sessions, s.processed, s.last_used_ms)
+            for s in (out[i] for i in range(count))
+        }
+
+    def app_stats(self, capacity: int = 256) -> dict[int, AppStats]:
+        out = ffi.new("agent_app_stats[]", capacity)
+        count = lib.agent_engine_app_stats(self._engine, out, capacity)
+        return {
+            s.app: AppStats(s.app, s.queue_length, s.requests, s.queue_full, s.queue_timeouts, s.failed)
+            for s in (out[i] for i in range(count))
+        }
+
+
+@dataclass(frozen=True)
+class SpawnSpec:
+    """What a worker process is started with (see csrc/spawn_api.h)."""
+
+    path: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int = -1
+    gid: int = -1
+    groups: tuple[int, ...] = ()
+    death_signal: int = 0
+
+
+def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int) -> int:
+    """Forks and execs a worker; returns its pid or raises NativeError."""
+    keep: list[Any] = []
+
+    def cstr(text: str) -> Any:
+        buf = ffi.new("char[]", text.encode())
+        keep.append(buf)
+        return buf
+
+    def cstr_array(items: list[str]) -> Any:
+        array = ffi.new("char *[]", len(items) + 1)
+        for i, item in enumerate(items):
+            array[i] = cstr(item)
+        return array
+
+    c_spec = ffi.new("agent_spawn_spec *")
+    c_spec.path = cstr(spec.path)
+    argv = cstr_array(spec.argv)
+    envp = cstr_array([f"{k}={v}" for k, v in spec.env.items()])
+    groups = ffi.new("unsigned int[]", list(spec.groups) or [0])
+    c_spec.argv = argv
+    c_spec.envp = envp
+    c_spec.cwd = cstr(spec.cwd)
+    c_spec.uid = spec.uid
+    c_spec.gid = spec.gid
+    c_spec.groups = groups
+    c_spec.ngroups = len(spec.groups)
+    c_spec.listen_fd = listen_fd
+    c_spec.ready_fd = ready_fd
+    c_spec.output_fd = output_fd
+    c_spec.death_signal = spec.death_signal
+    error = ffi.new("char[]", _ERROR_SIZE)
+    pid = lib.agent_spawn(c_spec, error, _ERROR_SIZE)
+    if pid < 0:
+        raise NativeError(ffi.errno, ffi.string(error).decode("utf-8", "replace"))
+    return int(pid)
+
+
+def listen_unix(path: str, backlog: int = 1024) -> int:
+    """A listening Unix socket at path (replacing a stale file); returns the fd."""
+    error = ffi.new("char[]", _ERROR_SIZE)
+    fd = lib.agent_listen_unix(path.encode(), backlog, error, _ERROR_SIZE)
+    if fd < 0:
+        raise NativeError(ffi.errno, ffi.string(error).decode("utf-8", "replace"))
+    return int(fd)

@@ -1,0 +1,108 @@
+"""The core's view of its apps and worker processes.
+
+A Worker is a small object with plain predicates; an App holds its config,
+its workers and its spawn state. Nothing here performs I/O: the core
+(agent/core.py) applies the policy's actions and updates these objects.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from agent.config import AppConfig
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"     # forked, handshake not done
+    SERVING = "serving"       # in the engine's routing table
+    DETACHING = "detaching"   # gets no new requests, finishing its sessions
+    STOPPING = "stopping"     # sent SIGTERM, waiting for it to exit
+
+
+@dataclass
+class Worker:
+    pid: int
+    app: str
+    socket_path: str
+    spawned_at: float
+    state: WorkerState = WorkerState.STARTING
+    concurrency: int = 1
+    ready_at: float | None = None
+    stop_deadline: float | None = None
+    sessions: int = 0
+    processed: int = 0
+    detach_reason: str = ""
+
+    def is_starting(self) -> bool:
+        return self.state is WorkerState.STARTING
+
+    def is_serving(self) -> bool:
+        return self.state is WorkerState.SERVING
+
+    def is_detaching(self) -> bool:
+        return self.state is WorkerState.DETACHING
+
+    def is_stopping(self) -> bool:
+        return self.state is WorkerState.STOPPING
+
+    def is_live(self) -> bool:
+        """Counts toward the pool's bounds: it serves or soon will."""
+        return self.state in (WorkerState.STARTING, WorkerState.SERVING)
+
+    def is_idle(self) -> bool:
+        return self.sessions == 0
+
+
+@dataclass
+class App:
+    id: int
+    config: AppConfig
+    workers: dict[int, Worker] = field(default_factory=dict)
+    activated: bool = False          # a request has arrived (or prestart): keep min_instances
+    queue_length: int = 0
+    spawn_failures: int = 0          # consecutive
+    failed_until: float = 0.0        # no spawn before this time
+    failure_shown: bool = False      # the engine answers with the error page
+    last_error: str = ""
+    removed: bool = False            # gone from the app table; stops when drained
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def live_workers(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.is_live()]
+
+    def starting_workers(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.is_starting()]
+
+    def in_backoff(self, now: float) -> bool:
+        return now < self.failed_until
+
+
+@dataclass
+class Pool:
+    max_pool_size: int
+    apps: dict[str, App] = field(default_factory=dict)
+    _next_app_id: int = 0
+
+    def new_app_id(self) -> int:
+        self._next_app_id += 1
+        return self._next_app_id
+
+    def workers(self) -> list[Worker]:
+        return [w for app in self.apps.values() for w in app.workers.values()]
+
+    def find_worker(self, pid: int) -> tuple[App, Worker] | None:
+        for app in self.apps.values():
+            worker = app.workers.get(pid)
+            if worker is not None:
+                return app, worker
+        return None
+
+    def app_by_id(self, app_id: int) -> App | None:
+        return next((a for a in self.apps.values() if a.id == app_id), None)
+
+    def live_count(self) -> int:
+        return sum(1 for w in self.workers() if w.is_live())

@@ -1,0 +1,193 @@
+"""`agentctl serve`: one app behind nginx and the agent, in the foreground.
+
+As Passenger Standalone does, it writes an nginx configuration that loads
+the module and enables the agent for the app, then runs nginx in the
+foreground. Stopping it (Ctrl-C, SIGTERM) stops nginx, which stops the
+agent and every worker; serve returns once they are all gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODULE_NAME = "ngx_http_agent_module.so"
+AGENT_STOP_WAIT = 90.0
+
+
+class ServeError(Exception):
+    """serve cannot start; the message says why and what to do."""
+
+
+@dataclass
+class ServeOptions:
+    app_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    min_instances: int = 1
+    max_instances: int = 0
+    max_pool_size: int = 6
+    startup_file: str = "wsgi.py"
+    python: str = "/usr/bin/python3"
+    user: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    run_dir: Path | None = None
+    module: Path | None = None
+    nginx: str = "nginx"
+    client_max_body_size: str = "1024m"
+
+    def resolved_run_dir(self) -> Path:
+        return self.run_dir or Path(f"/tmp/agent-serve-{self.port}")
+
+
+def find_module(explicit: Path | None) -> Path:
+    """The built nginx module: --module, $AGENT_NGINX_MODULE, the source
+    tree's build/, or nginx's modules directory."""
+    candidates = [explicit] if explicit else []
+    if os.environ.get("AGENT_NGINX_MODULE"):
+        candidates.append(Path(os.environ["AGENT_NGINX_MODULE"]))
+    candidates += [
+        Path(__file__).resolve().parent.parent / "build" / MODULE_NAME,
+        Path("/usr/lib/nginx/modules") / MODULE_NAME,
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    raise ServeError(f"the nginx module {MODULE_NAME} is not built (looked in: "
+                     f"{', '.join(str(p) for p in candidates)}); run `make build`")
+
+
+def quote(value: str) -> str:
+    """An nginx config string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(options: ServeOptions, module: Path) -> str:
+    app_dir = options.app_dir.resolve()
+    run_dir = options.resolved_run_dir()
+    temp = run_dir / "tmp"
+    env_lines = "".join(f"            agent_env {quote(k)} {quote(v)};\n" for k, v in options.env.items())
+    user_line = f"            agent_user {quote(options.user)};\n" if options.user else ""
+    mime = "    include /etc/nginx/mime.types;\n" if Path("/etc/nginx/mime.types").exists() else ""
+    return f"""# Written by agentctl serve for {app_dir}
+load_module {quote(str(module))};
+daemon off;
+master_process on;
+worker_processes 1;
+pid {quote(str(run_dir / 'nginx.pid'))};
+error_log stderr notice;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+{mime}    default_type application/octet-stream;
+    access_log off;
+    sendfile on;
+    client_max_body_size {options.client_max_body_size};
+    client_body_temp_path {quote(str(temp / 'body'))};
+    proxy_temp_path {quote(str(temp / 'proxy'))};
+    fastcgi_temp_path {quote(str(temp / 'fastcgi'))};
+    uwsgi_temp_path {quote(str(temp / 'uwsgi'))};
+    scgi_temp_path {quote(str(temp / 'scgi'))};
+
+    agent_core_python {quote(sys.executable)};
+    agent_instance_dir {quote(str(run_dir / 'instance'))};
+    agent_max_pool_size {options.max_pool_size};
+
+    server {{
+        listen {options.host}:{options.port};
+        server_name _;
+        root {quote(str(app_dir / 'public'))};
+
+        location / {{
+            agent_enabled on;
+            agent_app_root {quote(str(app_dir))};
+            agent_startup_file {quote(options.startup_file)};
+            agent_python {quote(options.python)};
+            agent_min_instances {options.min_instances};
+            agent_max_instances {options.max_instances};
+{user_line}{env_lines}        }}
+    }}
+}}
+"""
+
+
+def write_config(options: ServeOptions) -> Path:
+    app_dir = options.app_dir.resolve()
+    if not (app_dir / options.startup_file).is_file():
+        raise ServeError(f"{app_dir / options.startup_file} does not exist: "
+                         "APP_DIR must hold the startup file (see --startup-file)")
+    run_dir = options.resolved_run_dir()
+    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o755)
+    config = run_dir / "nginx.conf"
+    config.write_text(render_config(options, find_module(options.module)))
+    return config
+
+
+def find_nginx(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise ServeError(f"nginx ({name}) is not installed; run `make deps`")
+    return found
+
+
+def serve(options: ServeOptions) -> int:
+    nginx = find_nginx(options.nginx)
+    config = write_config(options)
+    run_dir = options.resolved_run_dir()
+    command = [nginx, "-p", str(run_dir), "-c", str(config), "-e", "stderr"]
+    test = subprocess.run([*command, "-t", "-q"], capture_output=True, text=True)
+    if test.returncode != 0:
+        raise ServeError(f"nginx rejected the configuration {config}:\n{test.stderr.strip()}")
+    print(f"agentctl: serving {options.app_dir.resolve()} at http://{options.host}:{options.port}/ "
+          "(Ctrl-C stops)", file=sys.stderr, flush=True)
+    process = subprocess.Popen(command)
+    forward_signals(process)
+    status = process.wait()
+    wait_for_agent_exit(run_dir / "instance" / "watchdog.pid")
+    return status if status >= 0 else 128 - status
+
+
+def forward_signals(process: subprocess.Popen[bytes]) -> None:
+    """A signal sent to serve alone is passed on, so nginx stops either way
+    (Ctrl-C also reaches nginx through the terminal; twice is harmless)."""
+    def forward(signum: int, frame: object) -> None:
+        process.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, forward)
+
+
+def wait_for_agent_exit(pid_file: Path) -> None:
+    """nginx is gone; the agent follows. Return once its lock is free."""
+    deadline = time.monotonic() + AGENT_STOP_WAIT
+    while time.monotonic() < deadline:
+        if not agent_running(pid_file):
+            return
+        time.sleep(0.05)
+    print(f"agentctl: the agent ({pid_file.parent}) is still running after {AGENT_STOP_WAIT:.0f} s",
+          file=sys.stderr)
+
+
+def agent_running(pid_file: Path) -> bool:
+    try:
+        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

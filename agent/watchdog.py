@@ -1,0 +1,221 @@
+"""The watchdog: a small process that owns the agent's sockets and keeps a
+core running.
+
+nginx starts it (docs/protocol.md §4). It binds the request socket before
+anything else, so that nginx's connections wait in the socket's backlog
+while a core starts or restarts, and are never refused. When the core dies
+the watchdog starts another with the same socket. When nginx stops (end of
+file on the nginx pipe) or on SIGTERM, it stops the core and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agent.instance import Instance
+from agent.logs import log
+
+CORE_STOP_TIMEOUT = 75.0       # the core's own shutdown timeout, plus margin
+RESTART_DELAY_MAX = 5.0
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class Watchdog:
+    def __init__(self, instance: Instance, nginx_fd: int | None, log_file: str | None,
+                 socket_owner: tuple[int, int] | None) -> None:
+        self.instance = instance
+        self.nginx_fd = nginx_fd
+        self.log_file = log_file
+        self.socket_owner = socket_owner
+        self.core: subprocess.Popen[bytes] | None = None
+        self.signals: list[int] = []
+        self.stopping = False
+        self.restarts = 0
+        self.core_started_at = 0.0
+        self.selector = selectors.DefaultSelector()
+
+    # -- lifecycle -----------------------------------------------------
+
+    def prepare(self) -> None:
+        """Everything that must hold before nginx is told the agent is ready."""
+        self.lock_pid_file()
+        self.listener = self.bind_agent_socket()
+        self.install_signal_wakeup()
+        if self.nginx_fd is not None:
+            os.set_blocking(self.nginx_fd, False)
+            self.selector.register(self.nginx_fd, selectors.EVENT_READ, "nginx")
+        self.start_core()
+
+    def run(self) -> int:
+        while not self.stopping:
+            for key, _ in self.selector.select(timeout=1.0):
+                if key.data == "nginx":
+                    self.check_nginx()
+                else:
+                    self.drain_wakeup()
+            self.handle_signals()
+            self.reap_core()
+        self.stop_core()
+        self.cleanup()
+        log.info("watchdog stopped")
+        return 0
+
+    def lock_pid_file(self) -> None:
+        self.instance.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(self.instance.watchdog_pid_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunning(f"another agent runs in {self.instance.root}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.pid_fd = fd
+
+    def bind_agent_socket(self) -> socket.socket:
+        path = self.instance.agent_socket
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        if self.socket_owner is not None:
+            os.chown(path, *self.socket_owner)
+            os.chmod(path, 0o600)
+        else:
+            os.chmod(path, 0o666)
+        listener.listen(socket.SOMAXCONN)
+        return listener
+
+    def install_signal_wakeup(self) -> None:
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
+        self.selector.register(reader, selectors.EVENT_READ, "wakeup")
+
+    def drain_wakeup(self) -> None:
+        try:
+            while self._wakeup[0].recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def check_nginx(self) -> None:
+        assert self.nginx_fd is not None
+        try:
+            data = os.read(self.nginx_fd, 64)
+        except BlockingIOError:
+            return
+        if not data:
+            log.info("nginx has stopped: stopping the agent")
+            self.stopping = True
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGHUP and self.core is not None:
+                self.core.send_signal(signal.SIGHUP)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("%s: stopping the agent", signal.Signals(signum).name)
+                self.stopping = True
+
+    # -- the core ------------------------------------------------------
+
+    def start_core(self) -> None:
+        fd = self.listener.fileno()
+        argv = [sys.executable, "-m", "agent", "core", "--instance-dir", str(self.instance.root),
+                "--listen-fd", str(fd)]
+        if self.log_file:
+            argv += ["--log-file", self.log_file]
+        self.core = subprocess.Popen(argv, pass_fds=[fd], start_new_session=False)
+        self.core_started_at = time.monotonic()
+        log.info("started core %d", self.core.pid)
+
+    def reap_core(self) -> None:
+        if self.core is None or self.core.poll() is None:
+            return
+        status = self.core.returncode
+        self.core = None
+        if self.stopping:
+            return
+        # A core that keeps dying quickly is restarted ever more slowly.
+        if time.monotonic() - self.core_started_at < 10:
+            self.restarts += 1
+        else:
+            self.restarts = 0
+        delay = min(RESTART_DELAY_MAX, 0.1 * (2 ** self.restarts - 1))
+        log.error("core exited (%s); restarting it%s", describe_returncode(status),
+                  f" in {delay:.1f} s" if delay else "")
+        time.sleep(delay)
+        self.start_core()
+
+    def stop_core(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        core.send_signal(signal.SIGTERM)
+        try:
+            core.wait(timeout=CORE_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.error("core %d did not stop in %.0f s; killing it", core.pid, CORE_STOP_TIMEOUT)
+            core.kill()
+            core.wait()
+
+    def cleanup(self) -> None:
+        for path in (self.instance.agent_socket, self.instance.core_pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        os.ftruncate(self.pid_fd, 0)
+        os.close(self.pid_fd)
+
+
+def describe_returncode(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"status {code}"
+
+
+def parse_owner(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    uid, _, gid = text.partition(":")
+    return int(uid), int(gid or -1)
+
+
+def run(instance_dir: Path, nginx_fd: int | None, ready_fd: int | None, log_file: str | None,
+        socket_owner: str | None) -> int:
+    watchdog = Watchdog(Instance(instance_dir), nginx_fd, log_file, parse_owner(socket_owner))
+    try:
+        watchdog.prepare()
+    except (AlreadyRunning, OSError) as e:
+        message = str(e)
+        log.error("cannot start: %s", message)
+        report_ready(ready_fd, f"error: {message}")
+        return 1
+    report_ready(ready_fd, "ok")
+    log.info("watchdog ready, pid %d, instance %s", os.getpid(), instance_dir)
+    return watchdog.run()
+
+
+def report_ready(fd: int | None, line: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)

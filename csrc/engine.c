@@ -1,0 +1,1723 @@
+/*
+ * The engine: the agent core's data plane.
+ *
+ * engine_api.h states the contract; docs/protocol.md sections 1 and 2 state
+ * the bytes on the wire. This file is organised in the order a request
+ * travels through it:
+ *
+ *   accept -> read the frame -> validate it -> find the app -> pick a worker
+ *          (or wait in the app's queue) -> connect -> pump bytes both ways
+ *          -> the worker closes -> end the session -> next queued request
+ *
+ * The loop
+ *   One thread waits in epoll_wait() on the listening socket, a wake-up
+ *   eventfd and every connection's sockets. Each socket is registered once,
+ *   edge-triggered, for both directions, so that no epoll_ctl(MOD) call is
+ *   ever needed: the connection remembers what the kernel last said about
+ *   each socket (readable, writable, peer closed) and forgets "readable" or
+ *   "writable" only when a call returns EAGAIN. All work on a connection is
+ *   done by one function per state, which makes as much progress as those
+ *   flags allow.
+ *
+ * Locking
+ *   One mutex guards everything. The loop holds it while it handles a batch
+ *   of ready events (never while it sleeps in epoll_wait), and every API
+ *   call holds it while it reads or changes the routing table. API calls do
+ *   no socket I/O themselves: they note what the loop must do and write to
+ *   the wake-up eventfd.
+ *
+ * Object lifetimes
+ *   A connection that ends is closed at once (which also removes its sockets
+ *   from epoll) but its memory is recycled only after the current batch of
+ *   events, because a later event of the same batch may still point at it.
+ *   A worker removed while requests are in flight keeps serving them to the
+ *   end; its record is freed by the last of them.
+ *
+ * Timers
+ *   There is no timer per request. Every TICK_MS the loop scans the
+ *   connections still sending their frame (frame timeout) and the queues
+ *   (queue timeout); the clock is read once per batch.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine.h"
+
+#define DEFAULT_MAX_FRAME_SIZE (1u << 20)
+#define DEFAULT_IO_BUFFER_SIZE (64u << 10)
+#define MIN_IO_BUFFER_SIZE 1024u
+#define DEFAULT_FRAME_TIMEOUT_MS 60000u
+#define TICK_MS 100
+#define EVENTS_PER_WAIT 256
+#define EVENT_RING_INITIAL 4096u
+#define EVENT_RING_MAX 65536u      /* beyond this the oldest event is dropped */
+#define MAX_APP_ID 65535
+#define MAX_KEY_SIZE 1024u
+#define FREE_BUFFERS_KEPT 256      /* idle buffers kept for reuse; more are freed */
+#define FREE_CONNS_KEPT 1024
+#define REPLY_DETAIL_MAX 200       /* bytes of a name or reason quoted in a reply */
+
+/* ------------------------------------------------------------------------ */
+/* Data structures                                                          */
+
+/* A circular doubly linked list with a sentinel head. */
+typedef struct list_link {
+    struct list_link *prev;
+    struct list_link *next;
+} list_link;
+
+#define CONTAINER_OF(ptr, type, member) ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
+/* What an epoll event points at. */
+typedef enum { EP_LISTENER, EP_WAKE, EP_CLIENT, EP_WORKER } endpoint_kind;
+
+struct conn;
+typedef struct {
+    endpoint_kind kind;
+    struct conn *conn;
+} endpoint;
+
+/* A complete HTTP response given by agent_engine_app_fail(). Shared by
+ * every connection that is sending it, so that clearing the failure while
+ * replies are under way frees it only after the last one. */
+typedef struct {
+    int refs;
+    size_t length;
+    char data[];
+} shared_reply;
+
+typedef struct worker {
+    int pid;
+    int app;
+    int state;                  /* AGENT_WORKER_ACTIVE or _DETACHED */
+    int concurrency;
+    int sessions;
+    bool removed;               /* no longer in the table; freed by its last session */
+    uint64_t processed;
+    int64_t last_used_ms;
+    uint64_t last_use_seq;      /* finer than ms: orders workers for the LRU tie-break */
+    struct sockaddr_un addr;
+    socklen_t addr_len;
+    struct worker *next_orphan; /* removed workers with sessions still running */
+} worker;
+
+typedef struct app {
+    int id;
+    char *name;
+    size_t name_len;
+    int max_queue;
+    uint32_t queue_timeout_ms;
+    list_link queue;            /* conns in state CONN_QUEUED, oldest first */
+    int queue_length;
+    shared_reply *failure;      /* set: every request gets this response */
+    bool needs_dispatch;        /* the loop must look at the queue (set by API calls) */
+    struct app *next_removed;   /* removed apps whose queue the loop must answer */
+    uint64_t requests;
+    uint64_t queue_full;
+    uint64_t queue_timeouts;
+    uint64_t failed;
+} app;
+
+typedef enum {
+    CONN_READING_FRAME,         /* reading vars-size and vars from nginx */
+    CONN_QUEUED,                /* complete frame, waiting in its app's queue */
+    CONN_FORWARDING,            /* connected to a worker, pumping both ways */
+    CONN_REPLYING,              /* sending a response the engine made */
+    CONN_DONE                   /* closed; memory recycled after the batch */
+} conn_state;
+
+typedef struct conn {
+    conn_state state;
+    endpoint client_ep;
+    endpoint worker_ep;
+    int client_fd;
+    int worker_fd;
+    list_link all_link;         /* every live connection, for agent_engine_stop() */
+    list_link wait_link;        /* the reading list or its app's queue */
+    bool in_wait_list;
+    struct conn *next_free;
+
+    /* What the kernel last said about each socket (edge-triggered). */
+    bool client_readable, client_writable, client_hup;
+    bool worker_readable, worker_writable, worker_rdhup;
+    bool worker_eof;            /* the worker ended its response */
+    bool upstream_closed;       /* the worker refuses request bytes; keep reading its answer */
+    bool response_started;      /* at least one response byte came from the worker */
+
+    /* nginx -> worker: the frame, then the body. */
+    char *up;
+    uint32_t up_cap, up_pos, up_len;
+    uint32_t frame_size;        /* 4 + vars-size once known, else 0 */
+    uint64_t body_remaining;    /* body bytes still to read from nginx */
+
+    /* worker -> nginx */
+    char *down;
+    uint32_t down_cap, down_pos, down_len;
+
+    int app_id;
+    struct app *queued_in;      /* the app whose queue holds it (CONN_QUEUED) */
+    worker *worker;
+    int64_t started_ms;
+    int64_t queued_ms;
+
+    /* A response the engine makes itself. */
+    const char *reply;
+    size_t reply_len, reply_pos;
+    shared_reply *reply_shared;
+    char reply_inline[640];
+} conn;
+
+struct agent_engine {
+    agent_engine_config config;
+    int epoll_fd;
+    int wake_fd;
+    int notify_fd;
+    endpoint listener_ep;
+    endpoint wake_ep;
+    pthread_mutex_t lock;
+    pthread_t thread;
+    bool started;
+    bool joined;
+    bool stopping;
+    bool accept_paused;         /* out of fds or memory: retry on the tick */
+    int64_t now_ms;
+    int64_t next_tick_ms;
+    uint64_t use_seq;
+
+    app **apps;                 /* indexed by app id */
+    int apps_cap;
+    app *removed_apps;
+    worker **workers;
+    int nworkers, workers_cap;
+    worker *orphans;
+
+    list_link all_conns;
+    list_link reading_conns;    /* CONN_READING_FRAME, oldest first */
+    conn *free_conns;
+    int free_conns_count;
+    conn *dead_conns;
+    char *free_buffers;         /* linked through their first bytes */
+    int free_buffers_count;
+
+    agent_engine_event *events; /* ring */
+    uint32_t events_cap, events_head, events_count;
+};
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers                                                            */
+
+static void list_init(list_link *head) { head->prev = head->next = head; }
+static bool list_empty(const list_link *head) { return head->next == head; }
+
+static void list_append(list_link *head, list_link *item)
+{
+    item->prev = head->prev;
+    item->next = head;
+    head->prev->next = item;
+    head->prev = item;
+}
+
+static void list_prepend(list_link *head, list_link *item)
+{
+    item->next = head->next;
+    item->prev = head;
+    head->next->prev = item;
+    head->next = item;
+}
+
+static void list_unlink(list_link *item)
+{
+    item->prev->next = item->next;
+    item->next->prev = item->prev;
+    item->prev = item->next = item;
+}
+
+static int64_t monotonic_ms(void)
+{
+    struct timespec ts;
+    /* CLOCK_MONOTONIC cannot fail on Linux; the vDSO makes this cheap. */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint32_t read_be32(const void *p)
+{
+    const unsigned char *b = p;
+    return ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) | ((uint32_t)b[2] << 8) | b[3];
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0) {
+        /* close() of a socket can only fail with EINTR here, and Linux has
+         * released the descriptor even then: never retry. */
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+/* Bumps an eventfd; an eventfd write fails only when the counter would
+ * overflow, which cannot happen with increments of one that are drained. */
+static void eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    ssize_t n = write(fd, &one, sizeof one);
+    (void)n;
+}
+
+static void eventfd_drain(int fd)
+{
+    uint64_t value;
+    ssize_t n = read(fd, &value, sizeof value);  /* EAGAIN: already drained */
+    (void)n;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Events for the policy                                                    */
+
+/* Makes room for one event in a full ring: drops the oldest log line, or,
+ * when there is none, grows the ring (up to EVENT_RING_MAX, then the oldest
+ * event goes). Returns false when the incoming event should be dropped. */
+static bool event_ring_make_room(agent_engine *e, bool incoming_is_log)
+{
+    uint32_t cap = e->events_cap;
+    for (uint32_t i = 0; i < e->events_count; i++) {
+        if (e->events[(e->events_head + i) % cap].type != AGENT_EV_LOG)
+            continue;
+        for (uint32_t k = i; k + 1 < e->events_count; k++)
+            e->events[(e->events_head + k) % cap] = e->events[(e->events_head + k + 1) % cap];
+        e->events_count--;
+        return true;
+    }
+    if (incoming_is_log)
+        return false;
+    if (cap < EVENT_RING_MAX) {
+        agent_engine_event *bigger = malloc(sizeof *bigger * cap * 2);
+        if (bigger) {
+            for (uint32_t i = 0; i < e->events_count; i++)
+                bigger[i] = e->events[(e->events_head + i) % cap];
+            free(e->events);
+            e->events = bigger;
+            e->events_cap = cap * 2;
+            e->events_head = 0;
+            return true;
+        }
+    }
+    e->events_head = (e->events_head + 1) % cap;
+    e->events_count--;
+    return true;
+}
+
+/* Queues an event; the notify eventfd is bumped only when the ring turns
+ * non-empty, so a burst of events costs one write(). */
+static void emit(agent_engine *e, int type, int app_id, int pid, int64_t value, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+
+static void emit(agent_engine *e, int type, int app_id, int pid, int64_t value, const char *fmt, ...)
+{
+    if (e->events_count == e->events_cap && !event_ring_make_room(e, type == AGENT_EV_LOG))
+        return;
+    agent_engine_event *ev = &e->events[(e->events_head + e->events_count) % e->events_cap];
+    ev->type = type;
+    ev->app = app_id;
+    ev->pid = pid;
+    ev->value = value;
+    ev->message[0] = '\0';
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(ev->message, sizeof ev->message, fmt, ap);
+        va_end(ap);
+    }
+    if (e->events_count++ == 0)
+        eventfd_signal(e->notify_fd);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Buffers and connection records, recycled through free lists              */
+
+static char *buffer_get(agent_engine *e)
+{
+    char *buf = e->free_buffers;
+    if (buf) {
+        memcpy(&e->free_buffers, buf, sizeof(char *));
+        e->free_buffers_count--;
+        return buf;
+    }
+    return malloc(e->config.io_buffer_size);
+}
+
+/* Buffers of another size (frames bigger than io_buffer_size) are freed. */
+static void buffer_put(agent_engine *e, char *buf, uint32_t cap)
+{
+    if (!buf)
+        return;
+    if (cap != e->config.io_buffer_size || e->free_buffers_count >= FREE_BUFFERS_KEPT) {
+        free(buf);
+        return;
+    }
+    memcpy(buf, &e->free_buffers, sizeof(char *));
+    e->free_buffers = buf;
+    e->free_buffers_count++;
+}
+
+static conn *conn_get(agent_engine *e)
+{
+    conn *c = e->free_conns;
+    if (c) {
+        e->free_conns = c->next_free;
+        e->free_conns_count--;
+    } else if (!(c = malloc(sizeof *c))) {
+        return NULL;
+    }
+    memset(c, 0, offsetof(conn, reply_inline));
+    c->client_ep = (endpoint){EP_CLIENT, c};
+    c->worker_ep = (endpoint){EP_WORKER, c};
+    c->client_fd = -1;
+    c->worker_fd = -1;
+    c->app_id = -1;
+    list_init(&c->all_link);
+    list_init(&c->wait_link);
+    return c;
+}
+
+static void conn_leave_wait_list(agent_engine *e, conn *c)
+{
+    (void)e;
+    if (!c->in_wait_list)
+        return;
+    if (c->queued_in) {
+        c->queued_in->queue_length--;
+        c->queued_in = NULL;
+    }
+    list_unlink(&c->wait_link);
+    c->in_wait_list = false;
+}
+
+/* Closes both sockets and hands the record to the end of the batch. */
+static void conn_release(agent_engine *e, conn *c)
+{
+    if (c->state == CONN_DONE)
+        return;
+    conn_leave_wait_list(e, c);
+    list_unlink(&c->all_link);
+    close_fd(&c->client_fd);
+    close_fd(&c->worker_fd);
+    buffer_put(e, c->up, c->up_cap);
+    buffer_put(e, c->down, c->down_cap);
+    c->up = c->down = NULL;
+    if (c->reply_shared && --c->reply_shared->refs == 0)
+        free(c->reply_shared);
+    c->reply_shared = NULL;
+    c->state = CONN_DONE;
+    c->next_free = e->dead_conns;
+    e->dead_conns = c;
+}
+
+/* Called once the batch that may still mention them is over. */
+static void recycle_dead_conns(agent_engine *e)
+{
+    while (e->dead_conns) {
+        conn *c = e->dead_conns;
+        e->dead_conns = c->next_free;
+        if (e->free_conns_count >= FREE_CONNS_KEPT) {
+            free(c);
+            continue;
+        }
+        c->next_free = e->free_conns;
+        e->free_conns = c;
+        e->free_conns_count++;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* The routing table                                                        */
+
+static app *app_by_id(agent_engine *e, int id)
+{
+    return (id >= 0 && id < e->apps_cap) ? e->apps[id] : NULL;
+}
+
+static app *app_by_name(agent_engine *e, const char *name, size_t len)
+{
+    for (int i = 0; i < e->apps_cap; i++) {
+        app *a = e->apps[i];
+        if (a && a->name_len == len && memcmp(a->name, name, len) == 0)
+            return a;
+    }
+    return NULL;
+}
+
+static int worker_index(agent_engine *e, int pid)
+{
+    for (int i = 0; i < e->nworkers; i++)
+        if (e->workers[i]->pid == pid)
+            return i;
+    return -1;
+}
+
+static void worker_touch(agent_engine *e, worker *w)
+{
+    w->last_used_ms = e->now_ms;
+    w->last_use_seq = ++e->use_seq;
+}
+
+/* The app's active worker with a free slot and the fewest sessions; among
+ * equals the one used least recently, so that idle workers take turns. */
+static worker *pick_worker(agent_engine *e, int app_id)
+{
+    worker *best = NULL;
+    for (int i = 0; i < e->nworkers; i++) {
+        worker *w = e->workers[i];
+        if (w->app != app_id || w->state != AGENT_WORKER_ACTIVE || w->sessions >= w->concurrency)
+            continue;
+        if (!best || w->sessions < best->sessions
+            || (w->sessions == best->sessions && w->last_use_seq < best->last_use_seq))
+            best = w;
+    }
+    return best;
+}
+
+static void shared_reply_release(shared_reply **r)
+{
+    if (*r && --(*r)->refs == 0)
+        free(*r);
+    *r = NULL;
+}
+
+static void app_free(app *a)
+{
+    shared_reply_release(&a->failure);
+    free(a->name);
+    free(a);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Responses the engine makes                                               */
+
+static void continue_reply(agent_engine *e, conn *c);
+
+/* Starts sending a response held by the conn or shared by an app. Any
+ * worker connection has been ended by the caller. */
+static void start_reply(agent_engine *e, conn *c, const char *data, size_t len, shared_reply *shared)
+{
+    conn_leave_wait_list(e, c);
+    c->state = CONN_REPLYING;
+    c->reply = data;
+    c->reply_len = len;
+    c->reply_pos = 0;
+    if (shared) {
+        shared->refs++;
+        c->reply_shared = shared;
+    }
+    continue_reply(e, c);
+}
+
+/* "HTTP/1.1 <status> <reason>" with a text/plain body
+ * "<status> <reason>: <detail>\n", as docs/protocol.md's table. */
+static void reply_text(agent_engine *e, conn *c, int status, const char *reason, bool retry_after,
+                       const char *detail_fmt, ...) __attribute__((format(printf, 6, 7)));
+
+static void reply_text(agent_engine *e, conn *c, int status, const char *reason, bool retry_after,
+                       const char *detail_fmt, ...)
+{
+    char detail[REPLY_DETAIL_MAX + 80];
+    va_list ap;
+    va_start(ap, detail_fmt);
+    vsnprintf(detail, sizeof detail, detail_fmt, ap);
+    va_end(ap);
+
+    char body[sizeof detail + 64];
+    int body_len = snprintf(body, sizeof body, "%d %s: %s\n", status, reason, detail);
+    if (body_len < 0 || (size_t)body_len >= sizeof body)
+        body_len = (int)strlen(body);
+    int len = snprintf(c->reply_inline, sizeof c->reply_inline,
+                       "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                       "Connection: close\r\n%s\r\n%s",
+                       status, reason, body_len, retry_after ? "Retry-After: 1\r\n" : "", body);
+    if (len < 0 || (size_t)len >= sizeof c->reply_inline)
+        len = (int)strlen(c->reply_inline);  /* cannot happen: detail is bounded */
+    start_reply(e, c, c->reply_inline, (size_t)len, NULL);
+}
+
+static void continue_reply(agent_engine *e, conn *c)
+{
+    while (c->reply_pos < c->reply_len) {
+        ssize_t n = send(c->client_fd, c->reply + c->reply_pos, c->reply_len - c->reply_pos, MSG_NOSIGNAL);
+        if (n > 0) {
+            c->reply_pos += (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && errno == EAGAIN) {
+            c->client_writable = false;  /* EPOLLOUT will bring us back */
+            return;
+        } else {
+            break;  /* nginx went away: nothing left to tell it */
+        }
+    }
+    conn_release(e, c);
+}
+
+/* A frame that cannot be one: answer 400, log why, close. */
+static void reject_frame(agent_engine *e, conn *c, const char *why)
+{
+    emit(e, AGENT_EV_LOG, -1, 0, 0, "malformed request frame: %s", why);
+    reply_text(e, c, 400, "Bad Request", false, "malformed request frame (%.*s)", REPLY_DETAIL_MAX, why);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Sessions: a request being served by a worker                             */
+
+static void dispatch_queue(agent_engine *e, app *a);
+static void pump(agent_engine *e, conn *c);
+
+static void worker_free_if_orphan_done(agent_engine *e, worker *w)
+{
+    if (!w->removed || w->sessions > 0)
+        return;
+    for (worker **p = &e->orphans; *p; p = &(*p)->next_orphan) {
+        if (*p == w) {
+            *p = w->next_orphan;
+            break;
+        }
+    }
+    free(w);
+}
+
+/* Closes the worker side of a session and settles the worker's counters.
+ * counted: the worker served the request (it sent a response). */
+static void end_session(agent_engine *e, conn *c, bool counted)
+{
+    worker *w = c->worker;
+    close_fd(&c->worker_fd);
+    if (!w)
+        return;
+    c->worker = NULL;
+    w->sessions--;
+    if (counted)
+        w->processed++;
+    worker_touch(e, w);
+    if (w->removed) {
+        worker_free_if_orphan_done(e, w);
+        return;
+    }
+    if (w->sessions == 0)
+        emit(e, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed, NULL);
+    if (w->state == AGENT_WORKER_ACTIVE && !e->stopping) {
+        app *a = app_by_id(e, w->app);
+        if (a && a->queue_length > 0)
+            dispatch_queue(e, a);
+    }
+}
+
+static void worker_failed(agent_engine *e, worker *w, int err)
+{
+    char text[128];
+    w->state = AGENT_WORKER_DETACHED;
+    emit(e, AGENT_EV_WORKER_FAILED, w->app, w->pid, err, "cannot connect to worker pid %d at %s: %s",
+         w->pid, w->addr.sun_path, strerror_r(err, text, sizeof text));
+}
+
+enum connect_result { CONNECTED, WORKER_REFUSED, LOCAL_FAILURE };
+
+/* Opens a connection to the worker. WORKER_REFUSED means nothing was sent
+ * and the worker must be given up; LOCAL_FAILURE is the engine's own
+ * shortage (fds, memory) and says nothing about the worker. */
+static enum connect_result connect_worker(agent_engine *e, conn *c, worker *w, int *err)
+{
+    if (!c->down && !(c->down = buffer_get(e))) {
+        *err = ENOMEM;
+        return LOCAL_FAILURE;
+    }
+    c->down_cap = e->config.io_buffer_size;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        *err = errno;
+        return LOCAL_FAILURE;
+    }
+    int r;
+    do
+        r = connect(fd, (const struct sockaddr *)&w->addr, w->addr_len);
+    while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        *err = errno;
+        close(fd);
+        return (*err == ENOMEM || *err == ENOBUFS) ? LOCAL_FAILURE : WORKER_REFUSED;
+    }
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->worker_ep};
+    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        *err = errno;
+        close(fd);
+        return LOCAL_FAILURE;
+    }
+    c->worker_fd = fd;
+    return CONNECTED;
+}
+
+static void begin_session(agent_engine *e, conn *c, worker *w)
+{
+    conn_leave_wait_list(e, c);
+    c->state = CONN_FORWARDING;
+    c->worker = w;
+    w->sessions++;
+    worker_touch(e, w);
+    c->worker_writable = true;   /* a fresh connection has room for the frame */
+    c->worker_readable = false;  /* the worker has not answered yet */
+    pump(e, c);
+}
+
+static void reply_local_failure(agent_engine *e, conn *c, app *a, int err)
+{
+    char text[128];
+    a->failed++;
+    emit(e, AGENT_EV_LOG, a->id, 0, err, "cannot forward a request of %s: %s", a->name,
+         strerror_r(err, text, sizeof text));
+    reply_text(e, c, 502, "Bad Gateway", false, "the agent cannot reach a worker (%s)",
+               strerror_r(err, text, sizeof text));
+}
+
+static void enqueue(agent_engine *e, app *a, conn *c, bool at_head)
+{
+    if (!at_head && a->max_queue > 0 && a->queue_length >= a->max_queue) {
+        a->queue_full++;
+        reply_text(e, c, 503, "Service Unavailable", true, "request queue full");
+        return;
+    }
+    conn_leave_wait_list(e, c);
+    c->state = CONN_QUEUED;
+    if (!at_head)
+        c->queued_ms = e->now_ms;
+    if (at_head)
+        list_prepend(&a->queue, &c->wait_link);
+    else
+        list_append(&a->queue, &c->wait_link);
+    c->in_wait_list = true;
+    c->queued_in = a;
+    a->queue_length++;
+    emit(e, AGENT_EV_QUEUED, a->id, 0, a->queue_length, NULL);
+}
+
+/* Hands a request to a worker of its app, trying the next worker when one
+ * refuses the connection (the request was not sent, so it is not lost),
+ * or queues it. at_head: it came from the head of the queue. */
+static void route(agent_engine *e, app *a, conn *c, bool at_head)
+{
+    if (a->failure) {
+        start_reply(e, c, a->failure->data, a->failure->length, a->failure);
+        return;
+    }
+    for (;;) {
+        worker *w = pick_worker(e, a->id);
+        if (!w) {
+            enqueue(e, a, c, at_head);
+            return;
+        }
+        int err = 0;
+        enum connect_result r = connect_worker(e, c, w, &err);
+        if (r == CONNECTED) {
+            begin_session(e, c, w);
+            return;
+        }
+        if (r == LOCAL_FAILURE) {
+            reply_local_failure(e, c, a, err);
+            return;
+        }
+        worker_failed(e, w, err);
+    }
+}
+
+/* Gives queued requests to free workers, oldest first. */
+static void dispatch_queue(agent_engine *e, app *a)
+{
+    while (a->queue_length > 0 && !a->failure && !list_empty(&a->queue)) {
+        if (!pick_worker(e, a->id))
+            return;
+        conn *c = CONTAINER_OF(a->queue.next, conn, wait_link);
+        conn_leave_wait_list(e, c);
+        route(e, a, c, true);
+    }
+}
+
+/* Answers every queued request of a failed app with its stored response. */
+static void answer_queue_with_failure(agent_engine *e, app *a)
+{
+    while (!list_empty(&a->queue)) {
+        conn *c = CONTAINER_OF(a->queue.next, conn, wait_link);
+        start_reply(e, c, a->failure->data, a->failure->length, a->failure);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Moving bytes                                                             */
+
+static void client_aborted(agent_engine *e, conn *c)
+{
+    end_session(e, c, c->response_started);
+    conn_release(e, c);
+}
+
+/* The worker closed its end. Either the response is complete, or it
+ * failed before a byte of it: then nginx gets the engine's 502. */
+static void response_done(agent_engine *e, conn *c)
+{
+    if (c->response_started) {
+        end_session(e, c, true);
+        conn_release(e, c);
+        return;
+    }
+    int pid = c->worker->pid;
+    app *a = app_by_id(e, c->worker->app);
+    if (a)
+        a->failed++;
+    emit(e, AGENT_EV_LOG, c->worker->app, pid, 0, "worker pid %d closed a request's connection without responding", pid);
+    end_session(e, c, false);
+    reply_text(e, c, 502, "Bad Gateway", false, "the app worker (pid %d) failed before responding", pid);
+}
+
+/* nginx -> worker: the frame and body bytes held, then the rest of the
+ * body, never more than one buffer. Returns true when a byte moved. */
+static bool pump_request(agent_engine *e, conn *c, bool *aborted)
+{
+    bool moved = false;
+    if (c->upstream_closed)
+        return false;
+    if (c->up_pos < c->up_len && c->worker_writable) {
+        ssize_t n = send(c->worker_fd, c->up + c->up_pos, c->up_len - c->up_pos, MSG_NOSIGNAL);
+        if (n > 0) {
+            c->up_pos += (uint32_t)n;
+            if (c->up_pos == c->up_len)
+                c->up_pos = c->up_len = 0;
+            moved = true;
+        } else if (n < 0 && errno == EAGAIN) {
+            c->worker_writable = false;
+        } else if (!(n < 0 && errno == EINTR)) {
+            /* The worker stopped reading (it may have answered early, e.g.
+             * 413): drop the rest of the body and read what it said. */
+            c->upstream_closed = true;
+            return false;
+        }
+    }
+    if (c->body_remaining > 0 && c->up_len < c->up_cap && c->client_readable) {
+        uint64_t room = c->up_cap - c->up_len;
+        size_t want = (size_t)(room < c->body_remaining ? room : c->body_remaining);
+        ssize_t n = read(c->client_fd, c->up + c->up_len, want);
+        if (n > 0) {
+            c->up_len += (uint32_t)n;
+            c->body_remaining -= (uint64_t)n;
+            moved = true;
+        } else if (n < 0 && errno == EAGAIN) {
+            c->client_readable = false;
+        } else if (!(n < 0 && errno == EINTR)) {
+            *aborted = true;  /* nginx closed before the whole body */
+        }
+    }
+    return moved;
+}
+
+/* worker -> nginx. Returns true when a byte moved. */
+static bool pump_response(agent_engine *e, conn *c, bool *aborted)
+{
+    bool moved = false;
+    if (!c->worker_eof && c->down_len < c->down_cap && c->worker_readable) {
+        size_t want = c->down_cap - c->down_len;
+        ssize_t n = read(c->worker_fd, c->down + c->down_len, want);
+        if (n > 0) {
+            c->down_len += (uint32_t)n;
+            c->response_started = true;
+            moved = true;
+            /* A short read emptied the socket. If the worker had already
+             * shut its end when the kernel told us, nothing more can come:
+             * skip the read that would only return 0. Otherwise wait for
+             * the next edge. */
+            if ((size_t)n < want) {
+                if (c->worker_rdhup)
+                    c->worker_eof = true;
+                else
+                    c->worker_readable = false;
+            }
+        } else if (n == 0) {
+            c->worker_eof = true;
+        } else if (errno == EAGAIN) {
+            c->worker_readable = false;
+        } else if (errno != EINTR) {
+            c->worker_eof = true;  /* reset by the worker: end as if closed */
+        }
+    }
+    if (c->down_pos < c->down_len && c->client_writable) {
+        ssize_t n = send(c->client_fd, c->down + c->down_pos, c->down_len - c->down_pos, MSG_NOSIGNAL);
+        if (n > 0) {
+            c->down_pos += (uint32_t)n;
+            if (c->down_pos == c->down_len)
+                c->down_pos = c->down_len = 0;
+            moved = true;
+        } else if (n < 0 && errno == EAGAIN) {
+            c->client_writable = false;
+        } else if (!(n < 0 && errno == EINTR)) {
+            *aborted = true;
+        }
+    }
+    (void)e;
+    return moved;
+}
+
+/* Moves bytes both ways until neither side can make progress. */
+static void pump(agent_engine *e, conn *c)
+{
+    for (;;) {
+        bool aborted = c->client_hup;
+        bool moved = pump_request(e, c, &aborted);
+        moved |= pump_response(e, c, &aborted);
+        if (aborted) {
+            client_aborted(e, c);
+            return;
+        }
+        if (c->worker_eof && c->down_pos == c->down_len) {
+            response_done(e, c);
+            return;
+        }
+        if (!moved)
+            return;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reading and validating the frame                                         */
+
+typedef struct {
+    const char *app;
+    uint32_t app_len;
+    uint64_t content_length;
+} frame_info;
+
+static bool key_chars[256];
+
+static void init_key_chars(void)
+{
+    for (int ch = 'A'; ch <= 'Z'; ch++)
+        key_chars[ch] = true;
+    for (int ch = '0'; ch <= '9'; ch++)
+        key_chars[ch] = true;
+    key_chars['_'] = true;
+}
+
+static bool key_is(const char *key, uint32_t len, const char *name)
+{
+    size_t n = strlen(name);
+    return len == n && memcmp(key, name, n) == 0;
+}
+
+static bool parse_decimal(const char *s, uint32_t len, uint64_t *out)
+{
+    uint64_t v = 0;
+    if (len == 0 || len > 19)   /* 19 digits always fit in 64 bits */
+        return false;
+    for (uint32_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+        v = v * 10 + (uint64_t)(s[i] - '0');
+    }
+    *out = v;
+    return true;
+}
+
+enum { SEEN_APP = 1, SEEN_METHOD = 2, SEEN_URI = 4, SEEN_LENGTH = 8 };
+
+/* Checks that the pairs fill vars exactly and the required keys are there.
+ * On failure writes the reason to why and returns false. */
+static bool parse_vars(const char *vars, uint32_t size, frame_info *out, char *why, size_t why_size)
+{
+    uint32_t pos = 0;
+    unsigned pair = 0, seen = 0;
+    const char *length_value = NULL;
+    uint32_t length_len = 0;
+    while (pos < size) {
+        pair++;
+        if (size - pos < 4)
+            goto overrun;
+        uint32_t klen = read_be32(vars + pos);
+        pos += 4;
+        if (klen == 0) {
+            snprintf(why, why_size, "pair %u has an empty key", pair);
+            return false;
+        }
+        if (klen > MAX_KEY_SIZE) {
+            snprintf(why, why_size, "the key of pair %u is %" PRIu32 " bytes, over %u", pair, klen, MAX_KEY_SIZE);
+            return false;
+        }
+        if (klen > size - pos)
+            goto overrun;
+        const char *key = vars + pos;
+        pos += klen;
+        for (uint32_t i = 0; i < klen; i++) {
+            if (!key_chars[(unsigned char)key[i]]) {
+                snprintf(why, why_size, "the key of pair %u has a byte outside [A-Z0-9_]", pair);
+                return false;
+            }
+        }
+        if (size - pos < 4)
+            goto overrun;
+        uint32_t vlen = read_be32(vars + pos);
+        pos += 4;
+        if (vlen > size - pos)
+            goto overrun;
+        const char *value = vars + pos;
+        pos += vlen;
+
+        unsigned flag = key_is(key, klen, "AGENT_APP")        ? SEEN_APP
+                        : key_is(key, klen, "REQUEST_METHOD") ? SEEN_METHOD
+                        : key_is(key, klen, "REQUEST_URI")    ? SEEN_URI
+                        : key_is(key, klen, "CONTENT_LENGTH") ? SEEN_LENGTH
+                                                              : 0;
+        /* Two AGENT_APPs or CONTENT_LENGTHs could make the engine and the
+         * worker disagree on the app or on where the body ends. */
+        if ((flag == SEEN_APP || flag == SEEN_LENGTH) && (seen & flag)) {
+            snprintf(why, why_size, "%.*s appears twice", (int)klen, key);
+            return false;
+        }
+        seen |= flag;
+        if (flag == SEEN_APP) {
+            out->app = value;
+            out->app_len = vlen;
+        } else if (flag == SEEN_LENGTH) {
+            length_value = value;
+            length_len = vlen;
+        }
+    }
+    static const struct { unsigned flag; const char *name; } required[] = {
+        {SEEN_APP, "AGENT_APP"}, {SEEN_METHOD, "REQUEST_METHOD"},
+        {SEEN_URI, "REQUEST_URI"}, {SEEN_LENGTH, "CONTENT_LENGTH"},
+    };
+    for (size_t i = 0; i < sizeof required / sizeof required[0]; i++) {
+        if (!(seen & required[i].flag)) {
+            snprintf(why, why_size, "%s is missing", required[i].name);
+            return false;
+        }
+    }
+    if (!parse_decimal(length_value, length_len, &out->content_length)) {
+        snprintf(why, why_size, "CONTENT_LENGTH is not a decimal number");
+        return false;
+    }
+    return true;
+overrun:
+    snprintf(why, why_size, "pair %u runs past the end of vars", pair);
+    return false;
+}
+
+/* The whole of vars is in the buffer: validate, find the app, route. */
+static void frame_complete(agent_engine *e, conn *c)
+{
+    frame_info info = {0};
+    char why[160];
+    if (!parse_vars(c->up + 4, c->frame_size - 4, &info, why, sizeof why)) {
+        reject_frame(e, c, why);
+        return;
+    }
+    /* Body bytes that came with the frame are forwarded with it; anything
+     * past the body is not part of this request. */
+    uint64_t held = c->up_len - c->frame_size;
+    if (held > info.content_length) {
+        held = info.content_length;
+        c->up_len = c->frame_size + (uint32_t)held;
+    }
+    c->body_remaining = info.content_length - held;
+    conn_leave_wait_list(e, c);
+
+    app *a = app_by_name(e, info.app, info.app_len);
+    if (!a) {
+        reply_text(e, c, 503, "Service Unavailable", false, "unknown app %.*s",
+                   (int)(info.app_len < REPLY_DETAIL_MAX ? info.app_len : REPLY_DETAIL_MAX), info.app);
+        return;
+    }
+    a->requests++;
+    c->app_id = a->id;
+    route(e, a, c, false);
+}
+
+/* A frame larger than one io buffer gets a buffer of its own size. */
+static bool grow_frame_buffer(agent_engine *e, conn *c)
+{
+    char *bigger = malloc(c->frame_size);
+    if (!bigger)
+        return false;
+    memcpy(bigger, c->up, c->up_len);
+    buffer_put(e, c->up, c->up_cap);
+    c->up = bigger;
+    c->up_cap = c->frame_size;
+    return true;
+}
+
+/* Reads until the frame's vars are complete, the socket is empty, or the
+ * frame proves bad. The 4-byte size is checked the moment it arrives. */
+static void read_frame(agent_engine *e, conn *c)
+{
+    while (c->client_readable) {
+        size_t want = c->up_cap - c->up_len;
+        ssize_t n = read(c->client_fd, c->up + c->up_len, want);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN) {
+                c->client_readable = false;
+                return;
+            }
+            conn_release(e, c);
+            return;
+        }
+        if (n == 0) {
+            char why[120];
+            if (c->up_len == 0) {  /* connected and left: not a frame at all */
+                conn_release(e, c);
+                return;
+            }
+            snprintf(why, sizeof why, "the connection closed after %" PRIu32 " of %s bytes", c->up_len,
+                     c->frame_size ? "the frame's" : "the 4 size");
+            reject_frame(e, c, why);
+            return;
+        }
+        c->up_len += (uint32_t)n;
+        if (!c->frame_size && c->up_len >= 4) {
+            uint32_t vars_size = read_be32(c->up);
+            char why[120];
+            if (vars_size == 0 || vars_size > e->config.max_frame_size) {
+                snprintf(why, sizeof why, "vars-size %" PRIu32 " is %s", vars_size,
+                         vars_size ? "over the cap" : "zero");
+                reject_frame(e, c, why);
+                return;
+            }
+            c->frame_size = vars_size + 4;
+            if (c->frame_size > c->up_cap && !grow_frame_buffer(e, c)) {
+                emit(e, AGENT_EV_LOG, -1, 0, ENOMEM, "out of memory for a %" PRIu32 "-byte request frame", c->frame_size);
+                conn_release(e, c);
+                return;
+            }
+        }
+        if (c->frame_size && c->up_len >= c->frame_size) {
+            frame_complete(e, c);
+            return;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Accepting                                                                */
+
+static void start_connection(agent_engine *e, int fd)
+{
+    conn *c = conn_get(e);
+    char *buf = c ? buffer_get(e) : NULL;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET};
+    if (!buf) {
+        if (c) {
+            c->next_free = e->dead_conns;
+            c->state = CONN_DONE;
+            e->dead_conns = c;
+        }
+        emit(e, AGENT_EV_LOG, -1, 0, ENOMEM, "out of memory for a new connection");
+        close(fd);
+        return;
+    }
+    ev.data.ptr = &c->client_ep;
+    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        char text[128];
+        emit(e, AGENT_EV_LOG, -1, 0, errno, "epoll_ctl on a new connection: %s",
+             strerror_r(errno, text, sizeof text));
+        buffer_put(e, buf, e->config.io_buffer_size);
+        c->state = CONN_DONE;
+        c->next_free = e->dead_conns;
+        e->dead_conns = c;
+        close(fd);
+        return;
+    }
+    c->client_fd = fd;
+    c->up = buf;
+    c->up_cap = e->config.io_buffer_size;
+    c->state = CONN_READING_FRAME;
+    c->started_ms = e->now_ms;
+    c->client_readable = c->client_writable = true;
+    list_append(&e->all_conns, &c->all_link);
+    list_append(&e->reading_conns, &c->wait_link);
+    c->in_wait_list = true;
+    read_frame(e, c);  /* nginx writes the frame right after connecting */
+}
+
+static void accept_connections(agent_engine *e)
+{
+    for (;;) {
+        int fd = accept4(e->config.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            start_connection(e, fd);
+            continue;
+        }
+        if (errno == EINTR || errno == ECONNABORTED)
+            continue;
+        if (errno == EAGAIN) {
+            e->accept_paused = false;
+            return;
+        }
+        /* Out of fds or memory. The edge is spent, so the tick retries;
+         * log once per episode, not per attempt. */
+        if (!e->accept_paused) {
+            char text[128];
+            emit(e, AGENT_EV_LOG, -1, 0, errno, "accept on the agent socket: %s",
+                 strerror_r(errno, text, sizeof text));
+        }
+        e->accept_paused = true;
+        return;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* The loop                                                                 */
+
+static void on_client_event(agent_engine *e, conn *c, uint32_t events)
+{
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        c->client_readable = true;
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+        c->client_writable = true;
+    if (events & (EPOLLHUP | EPOLLERR))
+        c->client_hup = true;
+    switch (c->state) {
+    case CONN_READING_FRAME:
+        read_frame(e, c);
+        break;
+    case CONN_QUEUED:
+        /* A request whose nginx side is gone is dropped unsent. */
+        if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+            conn_release(e, c);
+        break;
+    case CONN_FORWARDING:
+        pump(e, c);
+        break;
+    case CONN_REPLYING:
+        if (c->client_hup)
+            conn_release(e, c);
+        else if (events & EPOLLOUT)
+            continue_reply(e, c);
+        break;
+    case CONN_DONE:
+        break;
+    }
+}
+
+static void on_worker_event(agent_engine *e, conn *c, uint32_t events)
+{
+    if (c->state != CONN_FORWARDING || c->worker_fd < 0)
+        return;  /* a stale event of this batch */
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        c->worker_readable = true;
+    if (events & (EPOLLRDHUP | EPOLLHUP))
+        c->worker_rdhup = true;
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+        c->worker_writable = true;
+    pump(e, c);
+}
+
+/* API calls leave work behind the wake-up eventfd. */
+static void on_wake(agent_engine *e)
+{
+    eventfd_drain(e->wake_fd);
+    while (e->removed_apps) {
+        app *a = e->removed_apps;
+        while (!list_empty(&a->queue)) {
+            conn *c = CONTAINER_OF(a->queue.next, conn, wait_link);
+            reply_text(e, c, 503, "Service Unavailable", false, "unknown app %.*s", REPLY_DETAIL_MAX, a->name);
+        }
+        e->removed_apps = a->next_removed;
+        app_free(a);
+    }
+    for (int i = 0; i < e->apps_cap; i++) {
+        app *a = e->apps[i];
+        if (!a || !a->needs_dispatch)
+            continue;
+        a->needs_dispatch = false;
+        if (a->failure)
+            answer_queue_with_failure(e, a);
+        else
+            dispatch_queue(e, a);
+    }
+}
+
+/* Every TICK_MS: frame timeouts, queue timeouts, a paused accept. */
+static void on_tick(agent_engine *e)
+{
+    while (!list_empty(&e->reading_conns)) {
+        conn *c = CONTAINER_OF(e->reading_conns.next, conn, wait_link);
+        if (e->now_ms - c->started_ms < (int64_t)e->config.frame_timeout_ms)
+            break;  /* the list is in arrival order */
+        emit(e, AGENT_EV_LOG, -1, 0, 0, "request frame not received within %" PRIu32 " ms; connection closed",
+             e->config.frame_timeout_ms);
+        conn_release(e, c);
+    }
+    for (int i = 0; i < e->apps_cap; i++) {
+        app *a = e->apps[i];
+        if (!a || a->queue_timeout_ms == 0)
+            continue;
+        /* Requests put back at the head keep their first queued time, so
+         * the queue is not strictly ordered by time: look at every one. */
+        list_link *l = a->queue.next;
+        while (l != &a->queue) {
+            conn *c = CONTAINER_OF(l, conn, wait_link);
+            l = l->next;
+            if (e->now_ms - c->queued_ms >= (int64_t)a->queue_timeout_ms) {
+                a->queue_timeouts++;
+                reply_text(e, c, 504, "Gateway Timeout", false, "waited too long for a worker");
+            }
+        }
+    }
+    if (e->accept_paused)
+        accept_connections(e);
+}
+
+static void handle_event(agent_engine *e, const struct epoll_event *ev)
+{
+    endpoint *ep = ev->data.ptr;
+    switch (ep->kind) {
+    case EP_LISTENER:
+        accept_connections(e);
+        break;
+    case EP_WAKE:
+        on_wake(e);
+        break;
+    case EP_CLIENT:
+        on_client_event(e, ep->conn, ev->events);
+        break;
+    case EP_WORKER:
+        on_worker_event(e, ep->conn, ev->events);
+        break;
+    }
+}
+
+/* Ends every connection when the loop stops. Sessions are settled as if
+ * nginx had gone away; the queue is not dispatched any more. */
+static void close_all_connections(agent_engine *e)
+{
+    while (!list_empty(&e->all_conns)) {
+        conn *c = CONTAINER_OF(e->all_conns.next, conn, all_link);
+        end_session(e, c, false);
+        conn_release(e, c);
+    }
+    recycle_dead_conns(e);
+}
+
+static void *engine_loop(void *arg)
+{
+    agent_engine *e = arg;
+    struct epoll_event events[EVENTS_PER_WAIT];
+    for (;;) {
+        int64_t wait_ms = e->next_tick_ms - monotonic_ms();
+        int n = epoll_wait(e->epoll_fd, events, EVENTS_PER_WAIT,
+                           (int)(wait_ms < 0 ? 0 : wait_ms > TICK_MS ? TICK_MS : wait_ms));
+        if (n < 0 && errno != EINTR) {
+            char text[128];
+            pthread_mutex_lock(&e->lock);
+            emit(e, AGENT_EV_LOG, -1, 0, errno, "epoll_wait: %s; the engine stops",
+                 strerror_r(errno, text, sizeof text));
+            pthread_mutex_unlock(&e->lock);
+            break;
+        }
+        pthread_mutex_lock(&e->lock);
+        e->now_ms = monotonic_ms();
+        for (int i = 0; i < n; i++)
+            handle_event(e, &events[i]);
+        if (e->now_ms >= e->next_tick_ms) {
+            on_tick(e);
+            e->next_tick_ms = e->now_ms + TICK_MS;
+        }
+        recycle_dead_conns(e);
+        bool stop = e->stopping;
+        pthread_mutex_unlock(&e->lock);
+        if (stop)
+            break;
+    }
+    pthread_mutex_lock(&e->lock);
+    e->stopping = true;
+    close_all_connections(e);
+    pthread_mutex_unlock(&e->lock);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The API                                                                  */
+
+agent_engine *agent_engine_new(const agent_engine_config *config)
+{
+    if (!config || config->listen_fd < 0) {
+        errno = EINVAL;
+        return NULL;
+    }
+    agent_engine *e = calloc(1, sizeof *e);
+    if (!e)
+        return NULL;
+    e->config = *config;
+    if (!e->config.max_frame_size)
+        e->config.max_frame_size = DEFAULT_MAX_FRAME_SIZE;
+    if (!e->config.io_buffer_size)
+        e->config.io_buffer_size = DEFAULT_IO_BUFFER_SIZE;
+    if (e->config.io_buffer_size < MIN_IO_BUFFER_SIZE)
+        e->config.io_buffer_size = MIN_IO_BUFFER_SIZE;
+    if (!e->config.frame_timeout_ms)
+        e->config.frame_timeout_ms = DEFAULT_FRAME_TIMEOUT_MS;
+    e->epoll_fd = e->wake_fd = e->notify_fd = -1;
+    list_init(&e->all_conns);
+    list_init(&e->reading_conns);
+    e->listener_ep.kind = EP_LISTENER;
+    e->wake_ep.kind = EP_WAKE;
+    init_key_chars();
+
+    int err = pthread_mutex_init(&e->lock, NULL);
+    if (err) {
+        free(e);
+        errno = err;
+        return NULL;
+    }
+    e->events_cap = EVENT_RING_INITIAL;
+    e->events = malloc(sizeof *e->events * e->events_cap);
+    e->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (!e->events || e->epoll_fd < 0 || e->wake_fd < 0 || e->notify_fd < 0)
+        goto fail;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = &e->wake_ep};
+    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, e->wake_fd, &ev) < 0)
+        goto fail;
+    ev.data.ptr = &e->listener_ep;
+    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, e->config.listen_fd, &ev) < 0)
+        goto fail;
+    return e;
+fail:
+    err = errno ? errno : ENOMEM;
+    agent_engine_free(e);
+    errno = err;
+    return NULL;
+}
+
+int agent_engine_start(agent_engine *e)
+{
+    if (e->started)
+        return -EALREADY;
+    /* Accepting until EAGAIN needs a nonblocking listener. The flag lives
+     * on the open file, which only the agent core uses. */
+    int flags = fcntl(e->config.listen_fd, F_GETFL);
+    if (flags < 0 || fcntl(e->config.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0)
+        return -errno;
+    e->now_ms = monotonic_ms();
+    e->next_tick_ms = e->now_ms + TICK_MS;
+
+    /* Signals are for the Python thread: the engine thread blocks them all
+     * so that a handler never interrupts it. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int err = pthread_create(&e->thread, NULL, engine_loop, e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err)
+        return -err;
+    pthread_setname_np(e->thread, "agent-engine");  /* only a label for ps/top */
+    e->started = true;
+    return 0;
+}
+
+void agent_engine_stop(agent_engine *e)
+{
+    if (!e->started || e->joined)
+        return;
+    pthread_mutex_lock(&e->lock);
+    e->stopping = true;
+    pthread_mutex_unlock(&e->lock);
+    eventfd_signal(e->wake_fd);
+    pthread_join(e->thread, NULL);
+    e->joined = true;
+}
+
+void agent_engine_free(agent_engine *e)
+{
+    if (!e)
+        return;
+    agent_engine_stop(e);
+    close_all_connections(e);  /* for an engine never started: nothing */
+    while (e->free_conns) {
+        conn *c = e->free_conns;
+        e->free_conns = c->next_free;
+        free(c);
+    }
+    while (e->free_buffers) {
+        char *buf = e->free_buffers;
+        memcpy(&e->free_buffers, buf, sizeof(char *));
+        free(buf);
+    }
+    while (e->removed_apps) {
+        app *a = e->removed_apps;
+        e->removed_apps = a->next_removed;
+        app_free(a);
+    }
+    for (int i = 0; i < e->apps_cap; i++)
+        if (e->apps[i])
+            app_free(e->apps[i]);
+    free(e->apps);
+    for (int i = 0; i < e->nworkers; i++)
+        free(e->workers[i]);
+    free(e->workers);
+    while (e->orphans) {
+        worker *w = e->orphans;
+        e->orphans = w->next_orphan;
+        free(w);
+    }
+    free(e->events);
+    close_fd(&e->epoll_fd);
+    close_fd(&e->wake_fd);
+    close_fd(&e->notify_fd);
+    pthread_mutex_destroy(&e->lock);
+    free(e);
+}
+
+int agent_engine_notify_fd(agent_engine *e)
+{
+    return e->notify_fd;
+}
+
+int agent_engine_poll(agent_engine *e, agent_engine_event *out, int max)
+{
+    pthread_mutex_lock(&e->lock);
+    int n = 0;
+    while (n < max && e->events_count > 0) {
+        out[n++] = e->events[e->events_head];
+        e->events_head = (e->events_head + 1) % e->events_cap;
+        e->events_count--;
+    }
+    /* The notify fd stays readable exactly while events wait. */
+    if (e->events_count == 0)
+        eventfd_drain(e->notify_fd);
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+static void wake_loop(agent_engine *e)
+{
+    eventfd_signal(e->wake_fd);
+}
+
+int agent_engine_app_set(agent_engine *e, int app_id, const char *name, int max_queue, uint32_t queue_timeout_ms)
+{
+    if (app_id < 0 || app_id > MAX_APP_ID || !name || max_queue < 0)
+        return -EINVAL;
+    char *copy = strdup(name);
+    if (!copy)
+        return -ENOMEM;
+    pthread_mutex_lock(&e->lock);
+    if (app_id >= e->apps_cap) {
+        int cap = e->apps_cap ? e->apps_cap : 8;
+        while (cap <= app_id)
+            cap *= 2;
+        app **bigger = realloc(e->apps, sizeof *bigger * (size_t)cap);
+        if (!bigger) {
+            pthread_mutex_unlock(&e->lock);
+            free(copy);
+            return -ENOMEM;
+        }
+        memset(bigger + e->apps_cap, 0, sizeof *bigger * (size_t)(cap - e->apps_cap));
+        e->apps = bigger;
+        e->apps_cap = cap;
+    }
+    app *a = e->apps[app_id];
+    if (!a) {
+        a = calloc(1, sizeof *a);
+        if (!a) {
+            pthread_mutex_unlock(&e->lock);
+            free(copy);
+            return -ENOMEM;
+        }
+        a->id = app_id;
+        list_init(&a->queue);
+        e->apps[app_id] = a;
+    }
+    free(a->name);
+    a->name = copy;
+    a->name_len = strlen(copy);
+    a->max_queue = max_queue;
+    a->queue_timeout_ms = queue_timeout_ms;
+    pthread_mutex_unlock(&e->lock);
+    return 0;
+}
+
+/* The app leaves the table at once; the loop answers its queue (503,
+ * unknown app) and frees it. Requests in flight finish normally. */
+int agent_engine_app_remove(agent_engine *e, int app_id)
+{
+    pthread_mutex_lock(&e->lock);
+    app *a = app_by_id(e, app_id);
+    if (!a) {
+        pthread_mutex_unlock(&e->lock);
+        return -ENOENT;
+    }
+    e->apps[app_id] = NULL;
+    a->next_removed = e->removed_apps;
+    e->removed_apps = a;
+    pthread_mutex_unlock(&e->lock);
+    wake_loop(e);
+    return 0;
+}
+
+int agent_engine_app_fail(agent_engine *e, int app_id, const char *response, size_t length)
+{
+    if (!response || length == 0)
+        return -EINVAL;
+    shared_reply *r = malloc(sizeof *r + length);
+    if (!r)
+        return -ENOMEM;
+    r->refs = 1;
+    r->length = length;
+    memcpy(r->data, response, length);
+    pthread_mutex_lock(&e->lock);
+    app *a = app_by_id(e, app_id);
+    if (!a) {
+        pthread_mutex_unlock(&e->lock);
+        free(r);
+        return -ENOENT;
+    }
+    shared_reply_release(&a->failure);
+    a->failure = r;
+    a->needs_dispatch = true;
+    pthread_mutex_unlock(&e->lock);
+    wake_loop(e);
+    return 0;
+}
+
+int agent_engine_app_clear_failure(agent_engine *e, int app_id)
+{
+    pthread_mutex_lock(&e->lock);
+    app *a = app_by_id(e, app_id);
+    if (!a) {
+        pthread_mutex_unlock(&e->lock);
+        return -ENOENT;
+    }
+    shared_reply_release(&a->failure);
+    pthread_mutex_unlock(&e->lock);
+    return 0;
+}
+
+int agent_engine_worker_add(agent_engine *e, int app_id, int pid, const char *socket_path, int concurrency)
+{
+    if (!socket_path || concurrency < 1 || pid <= 0)
+        return -EINVAL;
+    size_t path_len = strlen(socket_path);
+    worker *w = calloc(1, sizeof *w);
+    if (!w)
+        return -ENOMEM;
+    if (path_len == 0 || path_len >= sizeof w->addr.sun_path) {
+        free(w);
+        return -ENAMETOOLONG;
+    }
+    w->pid = pid;
+    w->app = app_id;
+    w->state = AGENT_WORKER_ACTIVE;
+    w->concurrency = concurrency;
+    w->addr.sun_family = AF_UNIX;
+    memcpy(w->addr.sun_path, socket_path, path_len + 1);
+    w->addr_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + path_len + 1);
+
+    pthread_mutex_lock(&e->lock);
+    int err = 0;
+    app *a = app_by_id(e, app_id);
+    if (!a)
+        err = -ENOENT;
+    else if (worker_index(e, pid) >= 0)
+        err = -EEXIST;
+    else if (e->nworkers == e->workers_cap) {
+        int cap = e->workers_cap ? e->workers_cap * 2 : 16;
+        worker **bigger = realloc(e->workers, sizeof *bigger * (size_t)cap);
+        if (!bigger)
+            err = -ENOMEM;
+        else {
+            e->workers = bigger;
+            e->workers_cap = cap;
+        }
+    }
+    if (err) {
+        pthread_mutex_unlock(&e->lock);
+        free(w);
+        return err;
+    }
+    w->last_used_ms = monotonic_ms();
+    e->workers[e->nworkers++] = w;
+    a->needs_dispatch = true;
+    pthread_mutex_unlock(&e->lock);
+    wake_loop(e);
+    return 0;
+}
+
+int agent_engine_worker_detach(agent_engine *e, int pid)
+{
+    pthread_mutex_lock(&e->lock);
+    int i = worker_index(e, pid);
+    if (i >= 0)
+        e->workers[i]->state = AGENT_WORKER_DETACHED;
+    pthread_mutex_unlock(&e->lock);
+    return i >= 0 ? 0 : -ENOENT;
+}
+
+/* Sessions in flight run to completion; the record goes with the last. */
+int agent_engine_worker_remove(agent_engine *e, int pid)
+{
+    pthread_mutex_lock(&e->lock);
+    int i = worker_index(e, pid);
+    if (i < 0) {
+        pthread_mutex_unlock(&e->lock);
+        return -ENOENT;
+    }
+    worker *w = e->workers[i];
+    e->workers[i] = e->workers[--e->nworkers];
+    w->state = AGENT_WORKER_DETACHED;
+    if (w->sessions > 0) {
+        w->removed = true;
+        w->next_orphan = e->orphans;
+        e->orphans = w;
+    } else {
+        free(w);
+    }
+    pthread_mutex_unlock(&e->lock);
+    return 0;
+}
+
+int agent_engine_worker_stats(agent_engine *e, agent_worker_stats *out, int max)
+{
+    pthread_mutex_lock(&e->lock);
+    int n = 0;
+    for (int i = 0; i < e->nworkers && n < max; i++, n++) {
+        const worker *w = e->workers[i];
+        out[n] = (agent_worker_stats){w->pid, w->app, w->state, w->concurrency,
+                                      w->sessions, w->processed, w->last_used_ms};
+    }
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+int agent_engine_app_stats(agent_engine *e, agent_app_stats *out, int max)
+{
+    pthread_mutex_lock(&e->lock);
+    int n = 0;
+    for (int i = 0; i < e->apps_cap && n < max; i++) {
+        const app *a = e->apps[i];
+        if (!a)
+            continue;
+        out[n++] = (agent_app_stats){a->id, a->queue_length, a->requests,
+                                     a->queue_full, a->queue_timeouts, a->failed};
+    }
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}

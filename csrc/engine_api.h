@@ -1,0 +1,91 @@
+/*
+ * The engine: the agent core's data plane.
+ *
+ * One thread runs an epoll loop that accepts nginx's connections on the
+ * agent socket, reads each request frame (docs/protocol.md), picks the least
+ * busy worker of the frame's app, connects to that worker's socket and moves
+ * bytes both ways until the worker closes the connection. When every worker
+ * of an app is busy the request waits in the app's queue.
+ *
+ * The policy (Python) never sees a request. It drives the engine through the
+ * functions below, which are safe to call from any thread: they change the
+ * routing table under the engine's lock and wake the loop. The engine tells
+ * the policy what happened through events, read with agent_engine_poll()
+ * whenever agent_engine_notify_fd() turns readable.
+ *
+ * This header is also the cffi cdef: plain declarations only, no
+ * preprocessor lines but integer #defines.
+ */
+
+typedef struct agent_engine agent_engine;
+
+typedef struct {
+    int listen_fd;               /* listening Unix socket; the engine does not close it */
+    uint32_t max_frame_size;     /* cap on vars-size; 0: 1 MiB */
+    uint32_t io_buffer_size;     /* bytes buffered per direction per request; 0: 64 KiB */
+    uint32_t frame_timeout_ms;   /* time allowed to send the frame; 0: 60 s */
+} agent_engine_config;
+
+/* Event types. */
+#define AGENT_EV_QUEUED 1         /* a request waits for app; value = queue length */
+#define AGENT_EV_WORKER_FAILED 2  /* connecting to worker pid failed; it gets no more requests */
+#define AGENT_EV_WORKER_IDLE 3    /* worker pid finished a request and has no session; value = processed */
+#define AGENT_EV_LOG 4            /* message is a line for the agent's log */
+
+typedef struct {
+    int type;
+    int app;                     /* app id, or -1 */
+    int pid;                     /* worker pid, or 0 */
+    int64_t value;
+    char message[240];           /* NUL-terminated */
+} agent_engine_event;
+
+/* Worker states as seen by the engine. */
+#define AGENT_WORKER_ACTIVE 0     /* gets new requests */
+#define AGENT_WORKER_DETACHED 1   /* finishes its sessions, gets no new requests */
+
+typedef struct {
+    int pid;
+    int app;
+    int state;
+    int concurrency;
+    int sessions;                /* requests in flight */
+    uint64_t processed;          /* requests completed */
+    int64_t last_used_ms;        /* CLOCK_MONOTONIC ms when a request last ended or began */
+} agent_worker_stats;
+
+typedef struct {
+    int app;
+    int queue_length;
+    uint64_t requests;           /* requests routed to the app (served or answered by the engine) */
+    uint64_t queue_full;         /* answered 503 because the queue was full */
+    uint64_t queue_timeouts;     /* answered 504 */
+    uint64_t failed;             /* answered 502 */
+} agent_app_stats;
+
+/* Creation and the loop thread. Return 0 or -errno unless stated. */
+agent_engine *agent_engine_new(const agent_engine_config *config);
+int agent_engine_start(agent_engine *engine);
+void agent_engine_stop(agent_engine *engine);   /* stops the loop, closes every connection */
+void agent_engine_free(agent_engine *engine);
+
+int agent_engine_notify_fd(agent_engine *engine);
+int agent_engine_poll(agent_engine *engine, agent_engine_event *out, int max);  /* events copied */
+
+/* The routing table. App ids are small integers chosen by the policy. */
+int agent_engine_app_set(agent_engine *engine, int app, const char *name,
+                         int max_queue, uint32_t queue_timeout_ms);  /* max_queue 0: unbounded */
+int agent_engine_app_remove(agent_engine *engine, int app);
+/* Answer the app's waiting requests, and new ones until cleared, with this
+ * complete HTTP response (status line, headers and body). */
+int agent_engine_app_fail(agent_engine *engine, int app, const char *response, size_t length);
+int agent_engine_app_clear_failure(agent_engine *engine, int app);
+
+int agent_engine_worker_add(agent_engine *engine, int app, int pid,
+                            const char *socket_path, int concurrency);
+int agent_engine_worker_detach(agent_engine *engine, int pid);
+int agent_engine_worker_remove(agent_engine *engine, int pid);
+
+/* Snapshots; return the number of entries written. */
+int agent_engine_worker_stats(agent_engine *engine, agent_worker_stats *out, int max);
+int agent_engine_app_stats(agent_engine *engine, agent_app_stats *out, int max);

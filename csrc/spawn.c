@@ -1,0 +1,253 @@
+/*
+ * Starting worker processes (see spawn_api.h).
+ *
+ * The core is multithreaded (the engine runs beside Python), so between
+ * fork() and execve() the child may only make async-signal-safe calls:
+ * everything that allocates or reads files (the argv, the environment, the
+ * group list) is prepared by the caller before the fork.
+ */
+
+#define _GNU_SOURCE
+#include "spawn.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* What the child reports through the error pipe when a step fails. */
+typedef struct {
+    int step;
+    int error;
+} child_failure;
+
+enum {
+    STEP_SESSION = 1,
+    STEP_FDS,
+    STEP_GROUPS,
+    STEP_GID,
+    STEP_UID,
+    STEP_DEATH_SIGNAL,
+    STEP_CWD,
+    STEP_EXEC,
+};
+
+static const char *step_name(int step)
+{
+    switch (step) {
+    case STEP_SESSION: return "setsid";
+    case STEP_FDS: return "setting up file descriptors";
+    case STEP_GROUPS: return "setgroups";
+    case STEP_GID: return "setgid";
+    case STEP_UID: return "setuid";
+    case STEP_DEATH_SIGNAL: return "prctl(PR_SET_PDEATHSIG)";
+    case STEP_CWD: return "chdir to the app root";
+    case STEP_EXEC: return "exec";
+    default: return "starting the worker";
+    }
+}
+
+static void report_and_exit(int pipe_fd, int step)
+{
+    child_failure failure = { step, errno };
+    ssize_t ignored = write(pipe_fd, &failure, sizeof failure);
+    (void) ignored;
+    _exit(127);
+}
+
+/* Moves fd to target unless it is already there. dup2 clears CLOEXEC on
+ * the copy, which is what the worker needs. */
+static int place_fd(int fd, int target)
+{
+    if (fd == target) {
+        int flags = fcntl(fd, F_GETFD);
+        return flags < 0 ? -1 : fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+    }
+    return dup2(fd, target) < 0 ? -1 : 0;
+}
+
+/* Closes every fd from `first` on but `keep`. */
+static int close_fds_from(int first, int keep)
+{
+    if (syscall(SYS_close_range, (unsigned) first, (unsigned) keep - 1, 0) == 0
+        && syscall(SYS_close_range, (unsigned) keep + 1, ~0U, 0) == 0)
+        return 0;
+    if (errno != ENOSYS)
+        return -1;
+    /* Kernels before 5.9: close one by one up to the fd limit. */
+    for (int fd = first; fd < 65536; fd++)
+        if (fd != keep)
+            close(fd);
+    return 0;
+}
+
+/* The three source fds may sit on each other's targets (0..4), so first
+ * lift them above the range, then place them. */
+static int arrange_fds(const agent_spawn_spec *spec, int error_pipe)
+{
+    int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    int listen_fd = fcntl(spec->listen_fd, F_DUPFD_CLOEXEC, 10);
+    int ready_fd = fcntl(spec->ready_fd, F_DUPFD_CLOEXEC, 10);
+    int output_fd = fcntl(spec->output_fd, F_DUPFD_CLOEXEC, 10);
+
+    if (devnull < 0 || listen_fd < 0 || ready_fd < 0 || output_fd < 0)
+        return -1;
+    if (place_fd(devnull, 0) < 0 || place_fd(output_fd, 1) < 0 || place_fd(output_fd, 2) < 0
+        || place_fd(listen_fd, 3) < 0 || place_fd(ready_fd, 4) < 0)
+        return -1;
+    /* Everything above 4 goes, except the error pipe, which is CLOEXEC and
+     * closes itself at exec. */
+    if (close_fds_from(5, error_pipe) < 0)
+        return -1;
+    return 0;
+}
+
+static void reset_signals(void)
+{
+    sigset_t none;
+    struct sigaction dfl;
+
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < NSIG; sig++)
+        sigaction(sig, &dfl, NULL);  /* fails harmlessly for SIGKILL, SIGSTOP */
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+static void switch_user(const agent_spawn_spec *spec, int error_pipe)
+{
+    if (spec->uid < 0)
+        return;
+    if (setgroups((size_t) spec->ngroups, (const gid_t *) spec->groups) < 0)
+        report_and_exit(error_pipe, STEP_GROUPS);
+    if (spec->gid >= 0 && setgid((gid_t) spec->gid) < 0)
+        report_and_exit(error_pipe, STEP_GID);
+    if (setuid((uid_t) spec->uid) < 0)
+        report_and_exit(error_pipe, STEP_UID);
+}
+
+static void run_child(const agent_spawn_spec *spec, pid_t parent, int error_pipe)
+{
+    /* The error pipe may sit on 3 or 4, where the worker's fds go. */
+    int high = fcntl(error_pipe, F_DUPFD_CLOEXEC, 10);
+
+    if (high < 0)
+        report_and_exit(error_pipe, STEP_FDS);
+    error_pipe = high;
+    reset_signals();
+    if (setsid() < 0)
+        report_and_exit(error_pipe, STEP_SESSION);
+    if (arrange_fds(spec, error_pipe) < 0)
+        report_and_exit(error_pipe, STEP_FDS);
+    switch_user(spec, error_pipe);
+    /* Set after the user switch, which clears it. */
+    if (spec->death_signal > 0) {
+        if (prctl(PR_SET_PDEATHSIG, spec->death_signal) < 0)
+            report_and_exit(error_pipe, STEP_DEATH_SIGNAL);
+        if (getppid() != parent)  /* the core died before prctl took effect */
+            _exit(127);
+    }
+    if (chdir(spec->cwd) < 0)
+        report_and_exit(error_pipe, STEP_CWD);
+    execve(spec->path, spec->argv, spec->envp);
+    report_and_exit(error_pipe, STEP_EXEC);
+}
+
+/* Reads the child's failure report; returns 0 when exec succeeded (the
+ * pipe closed empty), else fills error and returns -1. */
+static int read_child_failure(int fd, pid_t pid, const char *path, char *error, size_t error_size)
+{
+    child_failure failure;
+    ssize_t n;
+
+    do {
+        n = read(fd, &failure, sizeof failure);
+    } while (n < 0 && errno == EINTR);
+    if (n == 0)
+        return 0;
+    if (n != (ssize_t) sizeof failure) {
+        failure.step = 0;
+        failure.error = n < 0 ? errno : EIO;
+    }
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+        ;
+    snprintf(error, error_size, "%s failed for %s: %s", step_name(failure.step), path,
+             strerror(failure.error));
+    errno = failure.error;
+    return -1;
+}
+
+int agent_spawn(const agent_spawn_spec *spec, char *error, size_t error_size)
+{
+    int pipe_fds[2];
+    pid_t parent = getpid();
+    pid_t pid;
+    int saved;
+
+    if (pipe2(pipe_fds, O_CLOEXEC) < 0) {
+        snprintf(error, error_size, "pipe2: %s", strerror(errno));
+        return -1;
+    }
+    pid = fork();
+    if (pid < 0) {
+        saved = errno;
+        snprintf(error, error_size, "fork: %s", strerror(saved));
+        close(pipe_fds[0]);
+        close(pipe_fds[1]);
+        errno = saved;
+        return -1;
+    }
+    if (pid == 0) {
+        close(pipe_fds[0]);
+        run_child(spec, parent, pipe_fds[1]);
+    }
+    close(pipe_fds[1]);
+    saved = read_child_failure(pipe_fds[0], pid, spec->path, error, error_size);
+    close(pipe_fds[0]);
+    return saved < 0 ? -1 : pid;
+}
+
+int agent_listen_unix(const char *path, int backlog, char *error, size_t error_size)
+{
+    struct sockaddr_un addr;
+    int fd;
+    int saved;
+
+    if (strlen(path) >= sizeof addr.sun_path) {
+        snprintf(error, error_size, "socket path too long (%zu bytes, at most %zu): %s",
+                 strlen(path), sizeof addr.sun_path - 1, path);
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    strcpy(addr.sun_path, path);
+
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(error, error_size, "socket: %s", strerror(errno));
+        return -1;
+    }
+    if (unlink(path) < 0 && errno != ENOENT)
+        goto fail;
+    if (bind(fd, (struct sockaddr *) &addr, sizeof addr) < 0 || listen(fd, backlog) < 0)
+        goto fail;
+    return fd;
+
+fail:
+    saved = errno;
+    snprintf(error, error_size, "cannot listen on %s: %s", path, strerror(saved));
+    close(fd);
+    errno = saved;
+    return -1;
+}

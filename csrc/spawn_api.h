@@ -1,0 +1,36 @@
+/*
+ * Starting worker processes.
+ *
+ * agent_spawn() forks a child that becomes a worker: its own session,
+ * stdin on /dev/null, stdout and stderr on the core's log pipe, the
+ * listening socket on fd 3, the handshake pipe on fd 4, every other fd
+ * closed, the app's environment, cwd at the app root, the app's user and
+ * groups, then execve(). The child uses only async-signal-safe calls
+ * between fork and exec, because the core is multithreaded. An exec that
+ * fails is reported back through a close-on-exec pipe, so the caller gets
+ * the errno rather than a worker that silently never answers.
+ *
+ * This header is also the cffi cdef: plain declarations only.
+ */
+
+typedef struct {
+    const char *path;            /* executable, absolute or found on PATH of envp */
+    char *const *argv;           /* NULL-terminated */
+    char *const *envp;           /* NULL-terminated */
+    const char *cwd;
+    int uid;                     /* -1: keep the caller's */
+    int gid;                     /* -1: keep the caller's */
+    const unsigned int *groups;  /* supplementary groups, set when uid is switched */
+    int ngroups;
+    int listen_fd;               /* becomes fd 3 */
+    int ready_fd;                /* becomes fd 4 */
+    int output_fd;               /* becomes fds 1 and 2 */
+    int death_signal;            /* sent to the worker when the core dies; 0: none */
+} agent_spawn_spec;
+
+/* Returns the child's pid, or -1 with a message in error (errno kept). */
+int agent_spawn(const agent_spawn_spec *spec, char *error, size_t error_size);
+
+/* A listening Unix stream socket at path (an existing file there is
+ * replaced), close-on-exec. Returns the fd, or -1 with a message in error. */
+int agent_listen_unix(const char *path, int backlog, char *error, size_t error_size);

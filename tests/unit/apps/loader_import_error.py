@@ -1,0 +1,5 @@
+"""A startup file that imports a module that does not exist."""
+
+import loader_module_that_does_not_exist  # noqa: F401
+
+application = None

@@ -1,0 +1,3 @@
+"""A startup file that defines no `application`."""
+
+app = None

@@ -1,0 +1,3 @@
+"""A startup file whose `application` cannot be called."""
+
+application = "not a callable"

@@ -1,0 +1,348 @@
+"""The engine's peers for its tests: an nginx side that writes request frames
+(docs/protocol.md section 1) and fake app workers that answer over their Unix
+sockets (section 2), plus a thin typed harness around agent._native."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent._native import ffi, lib  # type: ignore[import-not-found]
+
+TIMEOUT = 10.0
+
+
+# -- frames -------------------------------------------------------------------
+
+
+def encode_pairs(pairs: Iterable[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v for k, v in pairs)
+
+
+def request_frame(
+    app: str,
+    uri: str = "/",
+    method: str = "GET",
+    content_length: int = 0,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+) -> bytes:
+    """The frame up to the end of vars; the body follows separately."""
+    pairs = [
+        (b"AGENT_APP", app.encode()),
+        (b"REQUEST_METHOD", method.encode()),
+        (b"REQUEST_URI", uri.encode()),
+        (b"CONTENT_LENGTH", str(content_length).encode()),
+        *extra,
+    ]
+    return raw_frame(encode_pairs(pairs))
+
+
+def raw_frame(vars_bytes: bytes) -> bytes:
+    return struct.pack(">I", len(vars_bytes)) + vars_bytes
+
+
+def parse_pairs(vars_bytes: bytes) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(vars_bytes):
+        (klen,) = struct.unpack_from(">I", vars_bytes, pos)
+        key = vars_bytes[pos + 4 : pos + 4 + klen]
+        pos += 4 + klen
+        (vlen,) = struct.unpack_from(">I", vars_bytes, pos)
+        out[key.decode()] = vars_bytes[pos + 4 : pos + 4 + vlen]
+        pos += 4 + vlen
+    return out
+
+
+# -- the nginx side -----------------------------------------------------------
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    sock.connect(path)
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def send_request(path: str, frame: bytes, body: bytes = b"") -> bytes:
+    """One request, one connection: the whole response up to the close."""
+    with connect(path) as sock:
+        sock.sendall(frame + body)
+        return read_all(sock)
+
+
+def split_response(response: bytes) -> tuple[str, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return lines[0], headers, body
+
+
+# -- fake workers -------------------------------------------------------------
+
+
+@dataclass
+class SeenRequest:
+    frame: bytes  # vars-size and vars, as received
+    vars: dict[str, bytes]
+    body_length: int
+    body_sha256: str
+    body: bytes  # kept only when small
+
+
+Behavior = Callable[["FakeWorker", socket.socket, SeenRequest], None]
+
+
+def answer_hello(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> None:
+    body = f"hello from {worker.pid}\n".encode()
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def answer_after_release(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> None:
+    worker.release.wait(TIMEOUT)
+    answer_hello(worker, conn, request)
+
+
+def close_without_answer(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> None:
+    return None
+
+
+def answer_then_watch_for_close(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> None:
+    """Starts a response that never ends and notes when the engine hangs up."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst part\n")
+    conn.settimeout(TIMEOUT)
+    try:
+        data = conn.recv(1)
+    except OSError:
+        data = b""
+    if data == b"":
+        worker.saw_close.set()
+
+
+@dataclass
+class FakeWorker:
+    """A worker listening on path; each connection is served by a thread."""
+
+    path: str
+    pid: int
+    behavior: Behavior = answer_hello
+    requests: list[SeenRequest] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    saw_close: threading.Event = field(default_factory=threading.Event)
+    connections: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
+        self._listener.listen(64)
+        self._listener.settimeout(0.05)
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(TIMEOUT)
+            request = self._read_request(conn)
+            if request is None:
+                return
+            with self._lock:
+                self.requests.append(request)
+            with contextlib.suppress(OSError):
+                self.behavior(self, conn, request)
+
+    @staticmethod
+    def _read_exact(conn: socket.socket, n: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < n:
+            data = conn.recv(min(n - len(buf), 1 << 20))
+            if not data:
+                return None
+            buf += data
+        return bytes(buf)
+
+    def _read_request(self, conn: socket.socket) -> SeenRequest | None:
+        size = self._read_exact(conn, 4)
+        if size is None:
+            return None
+        vars_bytes = self._read_exact(conn, struct.unpack(">I", size)[0])
+        if vars_bytes is None:
+            return None
+        pairs = parse_pairs(vars_bytes)
+        remaining = int(pairs["CONTENT_LENGTH"])
+        digest = hashlib.sha256()
+        kept = bytearray()
+        chunk = bytearray(1 << 16)
+        view = memoryview(chunk)
+        length = 0
+        while remaining > 0:
+            n = conn.recv_into(view, min(len(chunk), remaining))
+            if n == 0:
+                break
+            digest.update(view[:n])
+            if length < 65536:
+                kept += view[:n]
+            length += n
+            remaining -= n
+        return SeenRequest(size + vars_bytes, pairs, length, digest.hexdigest(), bytes(kept))
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def stop(self) -> None:
+        self.release.set()
+        self._stopping.set()
+        self._acceptor.join(TIMEOUT)
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(TIMEOUT)
+
+
+# -- the engine ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    type: int
+    app: int
+    pid: int
+    value: int
+    message: str
+
+
+class EngineHarness:
+    """An engine on a fresh agent socket, with its events collected."""
+
+    def __init__(self, directory: str, **config: int) -> None:
+        self.directory = directory
+        self.socket_path = os.path.join(directory, "agent.sock")
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.socket_path)
+        self.listener.listen(512)
+        cfg = ffi.new("agent_engine_config *")
+        cfg.listen_fd = self.listener.fileno()
+        for name, value in config.items():
+            setattr(cfg, name, value)
+        self.engine: Any = lib.agent_engine_new(cfg)
+        assert self.engine != ffi.NULL
+        assert lib.agent_engine_start(self.engine) == 0
+        self.events: list[Event] = []
+        self._buffer = ffi.new("agent_engine_event[]", 64)
+        self.workers: list[FakeWorker] = []
+
+    def close(self) -> None:
+        lib.agent_engine_stop(self.engine)
+        lib.agent_engine_free(self.engine)
+        self.listener.close()
+        for worker in self.workers:
+            worker.stop()
+
+    def app(self, app_id: int, name: str, max_queue: int = 0, queue_timeout_ms: int = 0) -> None:
+        assert lib.agent_engine_app_set(self.engine, app_id, name.encode(), max_queue, queue_timeout_ms) == 0
+
+    def worker(self, app_id: int, pid: int, behavior: Behavior = answer_hello, concurrency: int = 1) -> FakeWorker:
+        worker = FakeWorker(os.path.join(self.directory, f"w{pid}.sock"), pid, behavior)
+        self.workers.append(worker)
+        assert lib.agent_engine_worker_add(self.engine, app_id, pid, worker.path.encode(), concurrency) == 0
+        return worker
+
+    def poll(self) -> list[Event]:
+        while True:
+            n = lib.agent_engine_poll(self.engine, self._buffer, 64)
+            for i in range(n):
+                ev = self._buffer[i]
+                self.events.append(
+                    Event(ev.type, ev.app, ev.pid, ev.value, ffi.string(ev.message).decode(errors="replace"))
+                )
+            if n < 64:
+                return self.events
+
+    def wait_event(self, type_: int, timeout: float = TIMEOUT) -> Event:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.poll():
+                if ev.type == type_:
+                    self.events.remove(ev)
+                    return ev
+            time.sleep(0.005)
+        raise AssertionError(f"no event of type {type_} within {timeout} s: {self.events}")
+
+    def worker_stats(self) -> dict[int, Any]:
+        out = ffi.new("agent_worker_stats[]", 64)
+        n = lib.agent_engine_worker_stats(self.engine, out, 64)
+        return {out[i].pid: out[i] for i in range(n)}
+
+    def app_stats(self) -> dict[int, Any]:
+        out = ffi.new("agent_app_stats[]", 64)
+        n = lib.agent_engine_app_stats(self.engine, out, 64)
+        return {out[i].app: out[i] for i in range(n)}
+
+    def request(self, frame: bytes, body: bytes = b"") -> bytes:
+        return send_request(self.socket_path, frame, body)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.005)
+    raise AssertionError("condition not met in time")
+
+
+def engine_thread_cpu_seconds() -> float:
+    """utime + stime of the engine's thread, read from /proc (see its name)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().strip() != "agent-engine":
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        return (int(fields[11]) + int(fields[12])) / ticks
+    raise AssertionError("no engine thread")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

@@ -1,0 +1,408 @@
+"""The engine (csrc/engine.c) against docs/protocol.md sections 1 and 2, driven
+through agent._native with real Unix sockets, fake workers and a test client
+in the place of nginx."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+from agent._native import lib  # type: ignore[import-not-found]
+
+from tests.unit.engine_peers import (
+    EngineHarness,
+    FakeWorker,
+    answer_after_release,
+    answer_then_watch_for_close,
+    close_without_answer,
+    connect,
+    encode_pairs,
+    engine_thread_cpu_seconds,
+    raw_frame,
+    read_all,
+    request_frame,
+    rss_bytes,
+    split_response,
+    wait_until,
+)
+
+APP = "/srv/shop"
+
+
+@pytest.fixture
+def engine() -> Iterator[EngineHarness]:
+    with tempfile.TemporaryDirectory(prefix="engine-") as directory:
+        harness = EngineHarness(directory, frame_timeout_ms=300)
+        try:
+            yield harness
+        finally:
+            harness.close()
+
+
+def engine_reply(status: int, reason: str, body: str, retry_after: bool = False) -> bytes:
+    """The exact bytes of a response the engine makes (protocol.md table)."""
+    text = f"{status} {reason}: {body}\n".encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(text)}\r\n"
+        f"Connection: close\r\n{'Retry-After: 1' + chr(13) + chr(10) if retry_after else ''}\r\n"
+    )
+    return head.encode() + text
+
+
+def start_request(engine: EngineHarness, uri: str = "/") -> socket.socket:
+    sock = connect(engine.socket_path)
+    sock.sendall(request_frame(APP, uri))
+    return sock
+
+
+# -- routing and passthrough -------------------------------------------------
+
+
+def test_request_and_response_pass_through_byte_exact(engine: EngineHarness) -> None:
+    raw_answer = b"HTTP/1.1 201 Created\r\nX-Bin: \x00\xff\r\n\r\n" + bytes(range(256)) * 50
+
+    def answer(worker: FakeWorker, conn: socket.socket, request: object) -> None:
+        conn.sendall(raw_answer)
+
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer)
+    body = os.urandom(200_000)
+    frame = request_frame(APP, "/p?q=1", "POST", len(body), [(b"HTTP_X_TOKEN", b"a\x00b")])
+    assert engine.request(frame, body) == raw_answer
+    seen = worker.requests[0]
+    assert seen.frame == frame
+    assert seen.body_length == len(body)
+    assert seen.body == body[: len(seen.body)]
+    assert seen.body_sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_vars_larger_than_an_io_buffer_are_forwarded_unchanged(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101)
+    frame = request_frame(APP, extra=[(b"HTTP_COOKIE", b"c" * 300_000)])
+    assert engine.request(frame).startswith(b"HTTP/1.1 200 OK")
+    assert worker.requests[0].frame == frame
+
+
+def test_sequential_requests_alternate_between_idle_workers(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    engine.worker(1, 101)
+    engine.worker(1, 102)
+    served = [split_response(engine.request(request_frame(APP)))[2] for _ in range(10)]
+    pids = [int(body.split()[-1]) for body in served]
+    assert all(a != b for a, b in itertools.pairwise(pids)), pids
+    assert sorted(set(pids)) == [101, 102]
+
+
+def test_least_busy_worker_is_chosen(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    busy = engine.worker(1, 101, answer_after_release, concurrency=4)
+    held = start_request(engine)
+    wait_until(lambda: busy.count() == 1)
+    engine.worker(1, 102)
+    # 101 has one session and room for more; 102 has none: 102 wins.
+    assert b"hello from 102" in engine.request(request_frame(APP))
+    busy.release.set()
+    assert b"hello from 101" in read_all(held)
+    held.close()
+
+
+def test_stats_count_sessions_and_processed(engine: EngineHarness) -> None:
+    engine.app(3, APP)
+    worker = engine.worker(3, 101, answer_after_release, concurrency=2)
+    held = start_request(engine)
+    wait_until(lambda: worker.count() == 1)
+    stats = engine.worker_stats()[101]
+    assert (stats.app, stats.sessions, stats.processed, stats.state) == (3, 1, 0, lib.AGENT_WORKER_ACTIVE)
+    worker.release.set()
+    read_all(held)
+    held.close()
+    engine.request(request_frame(APP))
+    wait_until(lambda: engine.worker_stats()[101].processed == 2)
+    assert engine.worker_stats()[101].sessions == 0
+    assert engine.app_stats()[3].requests == 2
+    idle = engine.wait_event(lib.AGENT_EV_WORKER_IDLE)
+    assert (idle.pid, idle.app) == (101, 3)
+
+
+# -- the queue ---------------------------------------------------------------
+
+
+def test_busy_app_queues_and_emits_queued(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_after_release)
+    first = start_request(engine, "/first")
+    wait_until(lambda: worker.count() == 1)
+    second = start_request(engine, "/second")
+    queued = engine.wait_event(lib.AGENT_EV_QUEUED)
+    assert (queued.app, queued.value) == (1, 1)
+    assert engine.app_stats()[1].queue_length == 1
+    worker.release.set()
+    assert b"200 OK" in read_all(first)
+    assert b"200 OK" in read_all(second)
+    assert [r.vars["REQUEST_URI"] for r in worker.requests] == [b"/first", b"/second"]
+    first.close()
+    second.close()
+
+
+def test_full_queue_answers_503_with_retry_after(engine: EngineHarness) -> None:
+    engine.app(1, APP, max_queue=1)
+    worker = engine.worker(1, 101, answer_after_release)
+    first = start_request(engine)
+    wait_until(lambda: worker.count() == 1)
+    second = start_request(engine)
+    engine.wait_event(lib.AGENT_EV_QUEUED)
+    assert engine.request(request_frame(APP)) == engine_reply(
+        503, "Service Unavailable", "request queue full", retry_after=True
+    )
+    assert engine.app_stats()[1].queue_full == 1
+    worker.release.set()
+    for sock in (first, second):
+        assert b"200 OK" in read_all(sock)
+        sock.close()
+
+
+def test_queue_timeout_answers_504(engine: EngineHarness) -> None:
+    engine.app(1, APP, queue_timeout_ms=200)
+    worker = engine.worker(1, 101, answer_after_release)
+    first = start_request(engine)
+    wait_until(lambda: worker.count() == 1)
+    began = time.monotonic()
+    assert engine.request(request_frame(APP)) == engine_reply(504, "Gateway Timeout", "waited too long for a worker")
+    assert 0.15 < time.monotonic() - began < 2.0
+    assert engine.app_stats()[1].queue_timeouts == 1
+    worker.release.set()
+    read_all(first)
+    first.close()
+
+
+def test_queued_request_whose_client_left_never_reaches_the_worker(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_after_release)
+    first = start_request(engine, "/first")
+    wait_until(lambda: worker.count() == 1)
+    gone = start_request(engine, "/gone")
+    engine.wait_event(lib.AGENT_EV_QUEUED)
+    gone.close()
+    wait_until(lambda: engine.app_stats()[1].queue_length == 0)
+    worker.release.set()
+    read_all(first)
+    first.close()
+    assert b"200 OK" in engine.request(request_frame(APP, "/after"))
+    assert [r.vars["REQUEST_URI"] for r in worker.requests] == [b"/first", b"/after"]
+    assert worker.connections == 2
+
+
+def test_connect_failure_detaches_the_worker_and_reroutes(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    # Added first and as idle as the other, the missing worker is tried first.
+    assert lib.agent_engine_worker_add(engine.engine, 1, 100, os.path.join(engine.directory, "none").encode(), 1) == 0
+    alive = engine.worker(1, 101)
+    assert b"hello from 101" in engine.request(request_frame(APP))
+    failed = engine.wait_event(lib.AGENT_EV_WORKER_FAILED)
+    assert (failed.pid, failed.app, failed.value) == (100, 1, 2)  # ENOENT
+    assert "pid 100" in failed.message
+    assert engine.worker_stats()[100].state == lib.AGENT_WORKER_DETACHED
+    assert alive.count() == 1
+
+
+def test_worker_that_closes_without_answering_gives_502(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    engine.worker(1, 107, close_without_answer)
+    assert engine.request(request_frame(APP)) == engine_reply(
+        502, "Bad Gateway", "the app worker (pid 107) failed before responding"
+    )
+    assert engine.app_stats()[1].failed == 1
+    wait_until(lambda: engine.worker_stats()[107].sessions == 0)
+
+
+def test_client_abort_mid_response_closes_the_worker_connection(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_then_watch_for_close)
+    sock = start_request(engine)
+    assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
+    sock.close()
+    assert worker.saw_close.wait(5)
+    wait_until(lambda: engine.worker_stats()[101].sessions == 0)
+
+
+def test_removed_worker_finishes_its_requests(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_after_release)
+    sock = start_request(engine)
+    wait_until(lambda: worker.count() == 1)
+    assert lib.agent_engine_worker_remove(engine.engine, 101) == 0
+    assert 101 not in engine.worker_stats()
+    worker.release.set()
+    assert b"hello from 101" in read_all(sock)
+    sock.close()
+
+
+# -- bad input ---------------------------------------------------------------
+
+GOOD_PAIRS = encode_pairs(
+    [(b"AGENT_APP", APP.encode()), (b"REQUEST_METHOD", b"GET"), (b"REQUEST_URI", b"/"), (b"CONTENT_LENGTH", b"0")]
+)
+
+MALFORMED = {
+    "zero vars-size": (struct.pack(">I", 0), "vars-size 0 is zero"),
+    "oversized vars-size": (struct.pack(">I", 0xFFFFFFFF), "vars-size 4294967295 is over the cap"),
+    "random bytes": (b"\x9c\x17\xe2\x01garbage garbage", "is over the cap"),
+    "pair overrun": (
+        raw_frame(GOOD_PAIRS + struct.pack(">I", 3) + b"KEY" + struct.pack(">I", 50) + b"x"),
+        "pair 5 runs past the end of vars",
+    ),
+    "leftover bytes": (raw_frame(GOOD_PAIRS + b"\x00\x00"), "pair 5 runs past the end of vars"),
+    "missing AGENT_APP": (raw_frame(GOOD_PAIRS[4 + 9 + 4 + len(APP) :]), "AGENT_APP is missing"),
+    "bad key": (raw_frame(GOOD_PAIRS + encode_pairs([(b"http_x", b"1")])), "byte outside [A-Z0-9_]"),
+    "empty key": (raw_frame(GOOD_PAIRS + encode_pairs([(b"", b"1")])), "pair 5 has an empty key"),
+    "bad length": (
+        raw_frame(
+            encode_pairs(
+                [
+                    (b"AGENT_APP", APP.encode()),
+                    (b"REQUEST_METHOD", b"GET"),
+                    (b"REQUEST_URI", b"/"),
+                    (b"CONTENT_LENGTH", b"12a"),
+                ]
+            )
+        ),
+        "CONTENT_LENGTH is not a decimal number",
+    ),
+    "two lengths": (raw_frame(GOOD_PAIRS + encode_pairs([(b"CONTENT_LENGTH", b"5")])), "CONTENT_LENGTH appears twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_frame_gets_400_and_a_log_line(engine: EngineHarness, case: str) -> None:
+    engine.app(1, APP)
+    engine.worker(1, 101)
+    data, reason = MALFORMED[case]
+    with connect(engine.socket_path) as sock:
+        sock.sendall(data)
+        response = read_all(sock)
+    status, headers, body = split_response(response)
+    assert status == "HTTP/1.1 400 Bad Request"
+    assert body.startswith(b"400 Bad Request: malformed request frame (")
+    assert int(headers["Content-Length"]) == len(body)
+    assert reason.encode() in body
+    log = engine.wait_event(lib.AGENT_EV_LOG)
+    assert log.message.startswith("malformed request frame: ") and reason in log.message
+    assert b"200 OK" in engine.request(request_frame(APP))
+
+
+def test_truncated_frame_gets_400_and_a_log_line(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    engine.worker(1, 101)
+    frame = request_frame(APP)
+    with connect(engine.socket_path) as sock:
+        sock.sendall(frame[: len(frame) // 2])
+        sock.shutdown(socket.SHUT_WR)
+        status, _, body = split_response(read_all(sock))
+    assert status == "HTTP/1.1 400 Bad Request"
+    assert b"closed after" in body
+    assert "closed after" in engine.wait_event(lib.AGENT_EV_LOG).message
+    assert b"200 OK" in engine.request(frame)
+
+
+def test_oversized_frame_is_refused_after_the_size_alone(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    with connect(engine.socket_path) as sock:
+        sock.sendall(struct.pack(">I", (1 << 20) + 1))  # the rest is never sent
+        assert split_response(read_all(sock))[0] == "HTTP/1.1 400 Bad Request"
+
+
+def test_silent_connection_is_closed_after_the_frame_timeout(engine: EngineHarness) -> None:
+    with connect(engine.socket_path) as sock:
+        began = time.monotonic()
+        assert read_all(sock) == b""
+        assert 0.25 < time.monotonic() - began < 2.0
+
+
+def test_unknown_app_gets_503(engine: EngineHarness) -> None:
+    assert engine.request(request_frame("/srv/none")) == engine_reply(
+        503, "Service Unavailable", "unknown app /srv/none"
+    )
+
+
+def test_removed_app_answers_its_queue_503(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_after_release)
+    first = start_request(engine)
+    wait_until(lambda: worker.count() == 1)
+    second = start_request(engine)
+    engine.wait_event(lib.AGENT_EV_QUEUED)
+    assert lib.agent_engine_app_remove(engine.engine, 1) == 0
+    assert read_all(second) == engine_reply(503, "Service Unavailable", f"unknown app {APP}")
+    worker.release.set()
+    assert b"200 OK" in read_all(first)
+    first.close()
+    second.close()
+
+
+def test_failed_app_answers_waiting_and_new_requests_verbatim(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_after_release)
+    first = start_request(engine)
+    wait_until(lambda: worker.count() == 1)
+    waiting = start_request(engine)
+    engine.wait_event(lib.AGENT_EV_QUEUED)
+    page = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\n\r\n<h1>SyntaxError</h1>" * 3
+    assert lib.agent_engine_app_fail(engine.engine, 1, page, len(page)) == 0
+    assert read_all(waiting) == page
+    assert engine.request(request_frame(APP)) == page
+    assert lib.agent_engine_app_clear_failure(engine.engine, 1) == 0
+    worker.release.set()
+    assert b"200 OK" in read_all(first)
+    assert b"200 OK" in engine.request(request_frame(APP))
+    first.close()
+    waiting.close()
+
+
+# -- volume ------------------------------------------------------------------
+
+
+def test_large_body_streams_without_growing_memory(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101)
+    size = 100 << 20
+    chunk = os.urandom(1 << 20)
+    frame = request_frame(APP, "/upload", "POST", size)
+    sock = connect(engine.socket_path)
+    before = rss_bytes()
+    peak = before
+    sock.sendall(frame)
+    for _ in range(size // len(chunk)):
+        sock.sendall(chunk)
+        peak = max(peak, rss_bytes())
+    response = read_all(sock)
+    sock.close()
+    assert b"200 OK" in response
+    assert worker.requests[0].body_length == size
+    assert peak - before < 16 << 20, f"RSS grew by {(peak - before) >> 20} MiB"
+
+
+def test_engine_cpu_per_request(engine: EngineHarness) -> None:
+    """Sequential hello-world requests; prints the engine thread's CPU cost."""
+    engine.app(1, APP)
+    engine.worker(1, 101)
+    engine.worker(1, 102)
+    frame = request_frame(APP, extra=[(b"HTTP_HOST", b"localhost"), (b"HTTP_USER_AGENT", b"bench")])
+    for _ in range(50):
+        engine.request(frame)
+    n = 2000
+    cpu_before = engine_thread_cpu_seconds()
+    began = time.monotonic()
+    for _ in range(n):
+        engine.request(frame)
+    wall = time.monotonic() - began
+    per_request_us = (engine_thread_cpu_seconds() - cpu_before) / n * 1e6
+    print(f"engine CPU {per_request_us:.1f} us/request over {n} requests ({n / wall:.0f} req/s, Python peers)")
+    assert per_request_us < 100  # loose: the peers share the machine; the bar is measured in bench/
