@@ -51,6 +51,9 @@ class Core:
     def run(self) -> int:
         self.prepare()
         self.load_apps()
+        # Only now: a request accepted before the app table is known would
+        # be refused as naming an unknown app.
+        self.engine.start()
         log.info("core ready, pid %d, serving %d app(s)", os.getpid(), len(self.pool.apps))
         while not self.stopping or self.pool.workers():
             self.wait_for_events()
@@ -67,7 +70,6 @@ class Core:
         install_loaders(self.instance.loaders_dir)
         self.instance.core_pid_file.write_text(f"{os.getpid()}\n")
         self.install_signal_wakeup()
-        self.engine.start()
         self.selector.register(self.engine.notify_fd(), selectors.EVENT_READ, self.on_engine_notify)
 
     def install_signal_wakeup(self) -> None:
@@ -333,7 +335,7 @@ class Core:
             log.info("app %s: worker %d stopped (%s)", app.name, pid, description)
         else:
             log.warning("app %s: worker %d %s unexpectedly", app.name, pid, description)
-        if not worker.is_starting():
+        if worker.in_engine():
             self.engine.remove_worker(pid)
         for fd, (handshake_pid, _) in list(self.handshakes.items()):
             if handshake_pid == pid:
@@ -385,4 +387,9 @@ def unlink_quietly(path: str) -> None:
 
 
 def run(instance_dir: Path, listen_fd: int) -> int:
-    return Core(Instance(instance_dir), listen_fd).run()
+    try:
+        return Core(Instance(instance_dir), listen_fd).run()
+    except Exception:
+        # The watchdog restarts the core; the log must say why it died.
+        log.exception("core failed")
+        return 1

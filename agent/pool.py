@@ -50,6 +50,10 @@ class Worker:
         """Counts toward the pool's bounds: it serves or soon will."""
         return self.state in (WorkerState.STARTING, WorkerState.SERVING)
 
+    def in_engine(self) -> bool:
+        """Was handed to the engine's routing table (it finished its handshake)."""
+        return self.ready_at is not None
+
     def is_idle(self) -> bool:
         return self.sessions == 0
 

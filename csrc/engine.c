@@ -10,14 +10,22 @@
  *          -> the worker closes -> end the session -> next queued request
  *
  * The loop
- *   One thread waits in epoll_wait() on the listening socket, a wake-up
- *   eventfd and every connection's sockets. Each socket is registered once,
+ *   One thread waits in epoll_wait() on the listening socket (level-
+ *   triggered: one accept per wake-up), a wake-up eventfd and the
+ *   connections' sockets. Each connection socket is registered at most once,
  *   edge-triggered, for both directions, so that no epoll_ctl(MOD) call is
  *   ever needed: the connection remembers what the kernel last said about
  *   each socket (readable, writable, peer closed) and forgets "readable" or
  *   "writable" only when a call returns EAGAIN. All work on a connection is
  *   done by one function per state, which makes as much progress as those
- *   flags allow.
+ *   flags allow. nginx's socket is registered only when the engine has to
+ *   wait for it (see watch_client), which a quick request never does.
+ *
+ * Cost
+ *   A hello-world request costs the loop 12 system calls: accept4, read
+ *   (the frame), socket, connect, epoll_ctl (worker), send (the frame),
+ *   epoll_wait, read (the response and its end), send (the response), two
+ *   close, and a share of epoll_wait for the accept. No allocation, no log.
  *
  * Locking
  *   One mutex guards everything. The loop holds it while it handles a batch
@@ -35,8 +43,9 @@
  *
  * Timers
  *   There is no timer per request. Every TICK_MS the loop scans the
- *   connections still sending their frame (frame timeout) and the queues
- *   (queue timeout); the clock is read once per batch.
+ *   connections still sending their frame (frame timeout), the queues
+ *   (queue timeout) and the sessions (see watch_client); the clock is read
+ *   once per batch.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -64,8 +73,9 @@
 #define DEFAULT_FRAME_TIMEOUT_MS 60000u
 #define TICK_MS 100
 #define EVENTS_PER_WAIT 256
-#define EVENT_RING_INITIAL 4096u
+#define EVENT_RING_INITIAL 1024u   /* events other than log lines; grows */
 #define EVENT_RING_MAX 65536u      /* beyond this the oldest event is dropped */
+#define LOG_RING_SIZE 4096u        /* log lines; the oldest is dropped when full */
 #define MAX_APP_ID 65535
 #define MAX_KEY_SIZE 1024u
 #define FREE_BUFFERS_KEPT 256      /* idle buffers kept for reuse; more are freed */
@@ -74,6 +84,24 @@
 
 /* ------------------------------------------------------------------------ */
 /* Data structures                                                          */
+
+/* Events wait in two rings: log lines, which may be dropped, and the rest,
+ * which may not. Entries are numbered from the first ever emitted, and a
+ * ring's capacity is a power of two, so entry p lives in slot p & (cap - 1)
+ * whatever the ring's size: that lets a worker or an app find its own
+ * unread event and update it instead of adding another (see
+ * emit_coalesced). order merges the two rings back into emission order. */
+typedef struct {
+    uint64_t order;
+    agent_engine_event ev;
+} ring_entry;
+
+typedef struct {
+    ring_entry *slots;
+    uint32_t cap;
+    uint64_t head;              /* number of the oldest unread entry */
+    uint64_t tail;              /* number the next entry gets */
+} event_ring;
 
 /* A circular doubly linked list with a sentinel head. */
 typedef struct list_link {
@@ -114,6 +142,7 @@ typedef struct worker {
     struct sockaddr_un addr;
     socklen_t addr_len;
     struct worker *next_orphan; /* removed workers with sessions still running */
+    uint64_t idle_event;        /* 1 + number of its last IDLE event, or 0 */
 } worker;
 
 typedef struct app {
@@ -127,6 +156,7 @@ typedef struct app {
     shared_reply *failure;      /* set: every request gets this response */
     bool needs_dispatch;        /* the loop must look at the queue (set by API calls) */
     struct app *next_removed;   /* removed apps whose queue the loop must answer */
+    uint64_t queued_event;      /* 1 + number of its last QUEUED event, or 0 */
     uint64_t requests;
     uint64_t queue_full;
     uint64_t queue_timeouts;
@@ -150,6 +180,7 @@ typedef struct conn {
     list_link all_link;         /* every live connection, for agent_engine_stop() */
     list_link wait_link;        /* the reading list or its app's queue */
     bool in_wait_list;
+    bool client_watched;        /* the nginx socket is in the epoll set */
     struct conn *next_free;
 
     /* What the kernel last said about each socket (edge-triggered). */
@@ -214,8 +245,9 @@ struct agent_engine {
     char *free_buffers;         /* linked through their first bytes */
     int free_buffers_count;
 
-    agent_engine_event *events; /* ring */
-    uint32_t events_cap, events_head, events_count;
+    event_ring events;          /* everything but log lines */
+    event_ring logs;
+    uint64_t event_order;
 };
 
 /* ------------------------------------------------------------------------ */
@@ -290,62 +322,83 @@ static void eventfd_drain(int fd)
 /* ------------------------------------------------------------------------ */
 /* Events for the policy                                                    */
 
-/* Makes room for one event in a full ring: drops the oldest log line, or,
- * when there is none, grows the ring (up to EVENT_RING_MAX, then the oldest
- * event goes). Returns false when the incoming event should be dropped. */
-static bool event_ring_make_room(agent_engine *e, bool incoming_is_log)
+static bool ring_empty(const event_ring *r) { return r->head == r->tail; }
+
+static bool ring_init(event_ring *r, uint32_t cap)
 {
-    uint32_t cap = e->events_cap;
-    for (uint32_t i = 0; i < e->events_count; i++) {
-        if (e->events[(e->events_head + i) % cap].type != AGENT_EV_LOG)
-            continue;
-        for (uint32_t k = i; k + 1 < e->events_count; k++)
-            e->events[(e->events_head + k) % cap] = e->events[(e->events_head + k + 1) % cap];
-        e->events_count--;
-        return true;
-    }
-    if (incoming_is_log)
+    r->slots = malloc(sizeof *r->slots * cap);
+    r->cap = cap;
+    r->head = r->tail = 0;
+    return r->slots != NULL;
+}
+
+/* Doubles a full ring; entries keep their numbers. */
+static bool ring_grow(event_ring *r)
+{
+    if (r->cap >= EVENT_RING_MAX)
         return false;
-    if (cap < EVENT_RING_MAX) {
-        agent_engine_event *bigger = malloc(sizeof *bigger * cap * 2);
-        if (bigger) {
-            for (uint32_t i = 0; i < e->events_count; i++)
-                bigger[i] = e->events[(e->events_head + i) % cap];
-            free(e->events);
-            e->events = bigger;
-            e->events_cap = cap * 2;
-            e->events_head = 0;
-            return true;
-        }
-    }
-    e->events_head = (e->events_head + 1) % cap;
-    e->events_count--;
+    uint32_t cap = r->cap * 2;
+    ring_entry *slots = malloc(sizeof *slots * cap);
+    if (!slots)
+        return false;
+    for (uint64_t p = r->head; p < r->tail; p++)
+        slots[p & (cap - 1)] = r->slots[p & (r->cap - 1)];
+    free(r->slots);
+    r->slots = slots;
+    r->cap = cap;
     return true;
 }
 
-/* Queues an event; the notify eventfd is bumped only when the ring turns
- * non-empty, so a burst of events costs one write(). */
+/* Appends an event and returns its number. A full log ring loses its
+ * oldest line; the other ring grows, and loses its oldest event only past
+ * EVENT_RING_MAX, which coalescing keeps out of reach (at most one IDLE
+ * per worker and one QUEUED per app wait at any time). The notify
+ * eventfd is bumped only when the first event starts waiting, so a burst
+ * costs one write(). */
+static uint64_t emit_event(agent_engine *e, const agent_engine_event *ev)
+{
+    bool was_empty = ring_empty(&e->events) && ring_empty(&e->logs);
+    event_ring *r = ev->type == AGENT_EV_LOG ? &e->logs : &e->events;
+    if (r->tail - r->head == r->cap && (r == &e->logs || !ring_grow(r)))
+        r->head++;
+    ring_entry *slot = &r->slots[r->tail & (r->cap - 1)];
+    slot->order = e->event_order++;
+    slot->ev = *ev;
+    if (was_empty)
+        eventfd_signal(e->notify_fd);
+    return r->tail++;
+}
+
 static void emit(agent_engine *e, int type, int app_id, int pid, int64_t value, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
 
 static void emit(agent_engine *e, int type, int app_id, int pid, int64_t value, const char *fmt, ...)
 {
-    if (e->events_count == e->events_cap && !event_ring_make_room(e, type == AGENT_EV_LOG))
-        return;
-    agent_engine_event *ev = &e->events[(e->events_head + e->events_count) % e->events_cap];
-    ev->type = type;
-    ev->app = app_id;
-    ev->pid = pid;
-    ev->value = value;
-    ev->message[0] = '\0';
+    agent_engine_event ev = {.type = type, .app = app_id, .pid = pid, .value = value};
     if (fmt) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(ev->message, sizeof ev->message, fmt, ap);
+        vsnprintf(ev.message, sizeof ev.message, fmt, ap);
         va_end(ap);
     }
-    if (e->events_count++ == 0)
-        eventfd_signal(e->notify_fd);
+    emit_event(e, &ev);
+}
+
+/* IDLE and QUEUED report a state (a worker is idle after N requests, a
+ * queue is this long): while the previous one is unread it is updated in
+ * place, so that a policy that polls late reads one event per worker or
+ * app, not one per request. *last holds 1 + the event's number. */
+static void emit_coalesced(agent_engine *e, uint64_t *last, int type, int app_id, int pid, int64_t value)
+{
+    if (*last && *last - 1 >= e->events.head) {
+        agent_engine_event *ev = &e->events.slots[(*last - 1) & (e->events.cap - 1)].ev;
+        if (ev->type == type && ev->app == app_id && ev->pid == pid) {
+            ev->value = value;
+            return;
+        }
+    }
+    agent_engine_event ev = {.type = type, .app = app_id, .pid = pid, .value = value};
+    *last = emit_event(e, &ev) + 1;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -510,6 +563,27 @@ static void app_free(app *a)
 /* ------------------------------------------------------------------------ */
 /* Responses the engine makes                                               */
 
+/* The nginx socket joins the epoll set only when the engine must wait
+ * for it: the frame is incomplete, the request is queued, a buffer is
+ * full, or a session outlives a tick. A hello-world request, whose frame
+ * is there at accept time and whose response fits the socket buffer,
+ * never needs it, which saves an epoll_ctl() per request. Registering an
+ * already ready socket reports it at once, so no edge is missed. */
+static bool watch_client(agent_engine *e, conn *c)
+{
+    if (c->client_watched)
+        return true;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->client_ep};
+    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, c->client_fd, &ev) < 0) {
+        char text[128];
+        emit(e, AGENT_EV_LOG, c->app_id, 0, errno, "epoll_ctl on an nginx connection: %s",
+             strerror_r(errno, text, sizeof text));
+        return false;
+    }
+    c->client_watched = true;
+    return true;
+}
+
 static void continue_reply(agent_engine *e, conn *c);
 
 /* Starts sending a response held by the conn or shared by an app. Any
@@ -565,6 +639,8 @@ static void continue_reply(agent_engine *e, conn *c)
             continue;
         } else if (n < 0 && errno == EAGAIN) {
             c->client_writable = false;  /* EPOLLOUT will bring us back */
+            if (!watch_client(e, c))
+                break;
             return;
         } else {
             break;  /* nginx went away: nothing left to tell it */
@@ -617,7 +693,7 @@ static void end_session(agent_engine *e, conn *c, bool counted)
         return;
     }
     if (w->sessions == 0)
-        emit(e, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed, NULL);
+        emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed);
     if (w->state == AGENT_WORKER_ACTIVE && !e->stopping) {
         app *a = app_by_id(e, w->app);
         if (a && a->queue_length > 0)
@@ -698,6 +774,10 @@ static void enqueue(agent_engine *e, app *a, conn *c, bool at_head)
         reply_text(e, c, 503, "Service Unavailable", true, "request queue full");
         return;
     }
+    if (!watch_client(e, c)) {  /* to drop it if nginx goes away */
+        conn_release(e, c);
+        return;
+    }
     conn_leave_wait_list(e, c);
     c->state = CONN_QUEUED;
     if (!at_head)
@@ -709,7 +789,7 @@ static void enqueue(agent_engine *e, app *a, conn *c, bool at_head)
     c->in_wait_list = true;
     c->queued_in = a;
     a->queue_length++;
-    emit(e, AGENT_EV_QUEUED, a->id, 0, a->queue_length, NULL);
+    emit_coalesced(e, &a->queued_event, AGENT_EV_QUEUED, a->id, 0, a->queue_length);
 }
 
 /* Hands a request to a worker of its app, trying the next worker when one
@@ -822,6 +902,8 @@ static bool pump_request(agent_engine *e, conn *c, bool *aborted)
             moved = true;
         } else if (n < 0 && errno == EAGAIN) {
             c->client_readable = false;
+            if (!watch_client(e, c))
+                *aborted = true;
         } else if (!(n < 0 && errno == EINTR)) {
             *aborted = true;  /* nginx closed before the whole body */
         }
@@ -867,11 +949,12 @@ static bool pump_response(agent_engine *e, conn *c, bool *aborted)
             moved = true;
         } else if (n < 0 && errno == EAGAIN) {
             c->client_writable = false;
+            if (!watch_client(e, c))
+                *aborted = true;
         } else if (!(n < 0 && errno == EINTR)) {
-            *aborted = true;
+            *aborted = true;  /* nginx went away */
         }
     }
-    (void)e;
     return moved;
 }
 
@@ -1073,6 +1156,8 @@ static void read_frame(agent_engine *e, conn *c)
                 continue;
             if (errno == EAGAIN) {
                 c->client_readable = false;
+                if (!watch_client(e, c))
+                    conn_release(e, c);
                 return;
             }
             conn_release(e, c);
@@ -1120,26 +1205,13 @@ static void start_connection(agent_engine *e, int fd)
 {
     conn *c = conn_get(e);
     char *buf = c ? buffer_get(e) : NULL;
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET};
     if (!buf) {
         if (c) {
-            c->next_free = e->dead_conns;
             c->state = CONN_DONE;
+            c->next_free = e->dead_conns;
             e->dead_conns = c;
         }
         emit(e, AGENT_EV_LOG, -1, 0, ENOMEM, "out of memory for a new connection");
-        close(fd);
-        return;
-    }
-    ev.data.ptr = &c->client_ep;
-    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        char text[128];
-        emit(e, AGENT_EV_LOG, -1, 0, errno, "epoll_ctl on a new connection: %s",
-             strerror_r(errno, text, sizeof text));
-        buffer_put(e, buf, e->config.io_buffer_size);
-        c->state = CONN_DONE;
-        c->next_free = e->dead_conns;
-        e->dead_conns = c;
         close(fd);
         return;
     }
@@ -1155,30 +1227,37 @@ static void start_connection(agent_engine *e, int fd)
     read_frame(e, c);  /* nginx writes the frame right after connecting */
 }
 
-static void accept_connections(agent_engine *e)
+/* The listener is level-triggered, so one accept per wake-up is enough:
+ * if more connections wait, the next epoll_wait says so. Accepting until
+ * EAGAIN would cost a failing accept4() per request when they come one
+ * at a time. */
+static void accept_connection(agent_engine *e)
 {
-    for (;;) {
-        int fd = accept4(e->config.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd >= 0) {
-            start_connection(e, fd);
-            continue;
-        }
-        if (errno == EINTR || errno == ECONNABORTED)
-            continue;
-        if (errno == EAGAIN) {
-            e->accept_paused = false;
-            return;
-        }
-        /* Out of fds or memory. The edge is spent, so the tick retries;
-         * log once per episode, not per attempt. */
-        if (!e->accept_paused) {
-            char text[128];
-            emit(e, AGENT_EV_LOG, -1, 0, errno, "accept on the agent socket: %s",
-                 strerror_r(errno, text, sizeof text));
-        }
-        e->accept_paused = true;
+    int fd;
+    do
+        fd = accept4(e->config.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd >= 0) {
+        start_connection(e, fd);
         return;
     }
+    if (errno == EAGAIN || errno == ECONNABORTED)
+        return;
+    /* Out of fds or memory: a level-triggered listener would spin, so it
+     * leaves the epoll set until the next tick. */
+    char text[128];
+    emit(e, AGENT_EV_LOG, -1, 0, errno, "accept on the agent socket: %s; retrying in %d ms",
+         strerror_r(errno, text, sizeof text), TICK_MS);
+    struct epoll_event ev = {.events = 0, .data.ptr = &e->listener_ep};
+    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_MOD, e->config.listen_fd, &ev) == 0)
+        e->accept_paused = true;
+}
+
+static void resume_accepting(agent_engine *e)
+{
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &e->listener_ep};
+    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_MOD, e->config.listen_fd, &ev) == 0)
+        e->accept_paused = false;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1253,7 +1332,8 @@ static void on_wake(agent_engine *e)
     }
 }
 
-/* Every TICK_MS: frame timeouts, queue timeouts, a paused accept. */
+/* Every TICK_MS: frame timeouts, queue timeouts, sessions to watch, a
+ * paused accept. */
 static void on_tick(agent_engine *e)
 {
     while (!list_empty(&e->reading_conns)) {
@@ -1280,8 +1360,16 @@ static void on_tick(agent_engine *e)
             }
         }
     }
+    /* Sessions that outlive a tick get their nginx side watched, so that
+     * nginx going away ends them (see watch_client). */
+    for (list_link *l = e->all_conns.next; l != &e->all_conns;) {
+        conn *c = CONTAINER_OF(l, conn, all_link);
+        l = l->next;
+        if (c->state == CONN_FORWARDING && !c->client_watched && !watch_client(e, c))
+            client_aborted(e, c);
+    }
     if (e->accept_paused)
-        accept_connections(e);
+        resume_accepting(e);
 }
 
 static void handle_event(agent_engine *e, const struct epoll_event *ev)
@@ -1289,7 +1377,7 @@ static void handle_event(agent_engine *e, const struct epoll_event *ev)
     endpoint *ep = ev->data.ptr;
     switch (ep->kind) {
     case EP_LISTENER:
-        accept_connections(e);
+        accept_connection(e);
         break;
     case EP_WAKE:
         on_wake(e);
@@ -1386,17 +1474,16 @@ agent_engine *agent_engine_new(const agent_engine_config *config)
         errno = err;
         return NULL;
     }
-    e->events_cap = EVENT_RING_INITIAL;
-    e->events = malloc(sizeof *e->events * e->events_cap);
+    bool rings = ring_init(&e->events, EVENT_RING_INITIAL) && ring_init(&e->logs, LOG_RING_SIZE);
     e->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (!e->events || e->epoll_fd < 0 || e->wake_fd < 0 || e->notify_fd < 0)
+    if (!rings || e->epoll_fd < 0 || e->wake_fd < 0 || e->notify_fd < 0)
         goto fail;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.ptr = &e->wake_ep};
     if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, e->wake_fd, &ev) < 0)
         goto fail;
-    ev.data.ptr = &e->listener_ep;
+    ev = (struct epoll_event){.events = EPOLLIN, .data.ptr = &e->listener_ep};  /* level-triggered */
     if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, e->config.listen_fd, &ev) < 0)
         goto fail;
     return e;
@@ -1411,8 +1498,9 @@ int agent_engine_start(agent_engine *e)
 {
     if (e->started)
         return -EALREADY;
-    /* Accepting until EAGAIN needs a nonblocking listener. The flag lives
-     * on the open file, which only the agent core uses. */
+    /* Two engines' threads (an old core and a new one) may wake for the
+     * same connection; a blocking accept would then hang the loop. The
+     * flag lives on the open file, which only the agent core uses. */
     int flags = fcntl(e->config.listen_fd, F_GETFL);
     if (flags < 0 || fcntl(e->config.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0)
         return -errno;
@@ -1478,7 +1566,8 @@ void agent_engine_free(agent_engine *e)
         e->orphans = w->next_orphan;
         free(w);
     }
-    free(e->events);
+    free(e->events.slots);
+    free(e->logs.slots);
     close_fd(&e->epoll_fd);
     close_fd(&e->wake_fd);
     close_fd(&e->notify_fd);
@@ -1495,13 +1584,19 @@ int agent_engine_poll(agent_engine *e, agent_engine_event *out, int max)
 {
     pthread_mutex_lock(&e->lock);
     int n = 0;
-    while (n < max && e->events_count > 0) {
-        out[n++] = e->events[e->events_head];
-        e->events_head = (e->events_head + 1) % e->events_cap;
-        e->events_count--;
+    while (n < max && !(ring_empty(&e->events) && ring_empty(&e->logs))) {
+        const ring_entry *ev = ring_empty(&e->events) ? NULL : &e->events.slots[e->events.head & (e->events.cap - 1)];
+        const ring_entry *log = ring_empty(&e->logs) ? NULL : &e->logs.slots[e->logs.head & (e->logs.cap - 1)];
+        if (ev && (!log || ev->order < log->order)) {
+            out[n++] = ev->ev;
+            e->events.head++;
+        } else {
+            out[n++] = log->ev;
+            e->logs.head++;
+        }
     }
     /* The notify fd stays readable exactly while events wait. */
-    if (e->events_count == 0)
+    if (ring_empty(&e->events) && ring_empty(&e->logs))
         eventfd_drain(e->notify_fd);
     pthread_mutex_unlock(&e->lock);
     return n;

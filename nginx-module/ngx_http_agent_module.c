@@ -125,11 +125,15 @@ static ngx_int_t ngx_http_agent_parent_dir(ngx_conf_t *cf, ngx_str_t *path,
 static ngx_int_t ngx_http_agent_describe_block(ngx_conf_t *cf,
     ngx_str_t *out);
 static char *ngx_http_agent_register_app(ngx_conf_t *cf,
-    ngx_http_agent_loc_conf_t *alcf);
+    ngx_http_agent_loc_conf_t *alcf, ngx_http_agent_app_t *settings);
 static ngx_uint_t ngx_http_agent_same_settings(ngx_http_agent_app_t *a,
     ngx_http_agent_app_t *b);
 static ngx_uint_t ngx_http_agent_same_env(ngx_array_t *a, ngx_array_t *b);
 static char *ngx_http_agent_full_path(ngx_conf_t *cf, void *post, void *data);
+static char *ngx_http_agent_check_at_least_one(ngx_conf_t *cf, void *post,
+    void *data);
+static char *ngx_http_agent_app_type(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 static char *ngx_http_agent_env(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static void ngx_http_agent_strip_trailing_slashes(ngx_str_t *path);
@@ -170,16 +174,12 @@ static ngx_int_t ngx_http_agent_wait_ready(ngx_cycle_t *cycle, int fd,
 static ngx_int_t ngx_http_agent_read_ready_line(ngx_cycle_t *cycle, int fd,
     u_char *line, size_t size);
 static ngx_msec_int_t ngx_http_agent_now(void);
-static void ngx_http_agent_stop_child(ngx_cycle_t *cycle, ngx_pid_t pid);
+static u_char *ngx_http_agent_stop_child(ngx_cycle_t *cycle, ngx_pid_t pid);
 static void ngx_http_agent_close_fd(ngx_cycle_t *cycle, int fd);
 
 
-static ngx_conf_num_bounds_t  ngx_http_agent_at_least_one = {
-    ngx_conf_check_num_bounds, 1, -1
-};
-
-static ngx_conf_num_bounds_t  ngx_http_agent_at_least_zero = {
-    ngx_conf_check_num_bounds, 0, -1
+static ngx_conf_post_t  ngx_http_agent_at_least_one = {
+    ngx_http_agent_check_at_least_one
 };
 
 static ngx_conf_post_t  ngx_http_agent_full_path_post = {
@@ -238,7 +238,7 @@ static ngx_command_t  ngx_http_agent_commands[] = {
 
     { ngx_string("agent_app_type"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
-      ngx_conf_set_enum_slot,
+      ngx_http_agent_app_type,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_agent_loc_conf_t, settings.app_type),
       &ngx_http_agent_app_types },
@@ -269,14 +269,14 @@ static ngx_command_t  ngx_http_agent_commands[] = {
       ngx_conf_set_num_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_agent_loc_conf_t, settings.min_instances),
-      &ngx_http_agent_at_least_zero },
+      NULL },
 
     { ngx_string("agent_max_instances"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_agent_loc_conf_t, settings.max_instances),
-      &ngx_http_agent_at_least_zero },
+      NULL },
 
     { ngx_string("agent_user"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
@@ -1404,6 +1404,7 @@ ngx_http_agent_merge_settings(ngx_conf_t *cf, ngx_http_agent_app_t *conf,
 static char *
 ngx_http_agent_enable_location(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf)
 {
+    ngx_http_agent_app_t       settings;
     ngx_http_core_loc_conf_t  *clcf;
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
@@ -1413,7 +1414,13 @@ ngx_http_agent_enable_location(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf)
         return NGX_CONF_OK;
     }
 
-    if (alcf->settings.app_root.data == NULL) {
+    /*
+     * A derived app root goes into a copy: blocks nested in this one derive
+     * theirs from their own root.
+     */
+    settings = alcf->settings;
+
+    if (settings.app_root.data == NULL) {
 
         if (clcf->root_lengths != NULL) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -1423,15 +1430,14 @@ ngx_http_agent_enable_location(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf)
             return NGX_CONF_ERROR;
         }
 
-        if (ngx_http_agent_parent_dir(cf, &clcf->root,
-                                      &alcf->settings.app_root)
+        if (ngx_http_agent_parent_dir(cf, &clcf->root, &settings.app_root)
             != NGX_OK)
         {
             return NGX_CONF_ERROR;
         }
     }
 
-    if (ngx_http_agent_register_app(cf, alcf) != NGX_CONF_OK) {
+    if (ngx_http_agent_register_app(cf, alcf, &settings) != NGX_CONF_OK) {
         return NGX_CONF_ERROR;
     }
 
@@ -1517,7 +1523,8 @@ ngx_http_agent_describe_block(ngx_conf_t *cf, ngx_str_t *out)
 
 
 static char *
-ngx_http_agent_register_app(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf)
+ngx_http_agent_register_app(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf,
+    ngx_http_agent_app_t *settings)
 {
     ngx_uint_t                   i;
     ngx_http_agent_app_t        *app, **apps, **slot;
@@ -1525,9 +1532,9 @@ ngx_http_agent_register_app(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf)
 
     amcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_agent_module);
 
-    alcf->settings.name = alcf->settings.app_root;
+    settings->name = settings->app_root;
 
-    if (ngx_http_agent_describe_block(cf, &alcf->settings.declared_in)
+    if (ngx_http_agent_describe_block(cf, &settings->declared_in)
         != NGX_OK)
     {
         return NGX_CONF_ERROR;
@@ -1538,20 +1545,20 @@ ngx_http_agent_register_app(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf)
     for (i = 0; i < amcf->apps.nelts; i++) {
         app = apps[i];
 
-        if (app->name.len != alcf->settings.name.len
-            || ngx_strncmp(app->name.data, alcf->settings.name.data,
+        if (app->name.len != settings->name.len
+            || ngx_strncmp(app->name.data, settings->name.data,
                            app->name.len) != 0)
         {
             continue;
         }
 
-        if (!ngx_http_agent_same_settings(app, &alcf->settings)) {
+        if (!ngx_http_agent_same_settings(app, settings)) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "agent: app \"%V\" has different settings in "
                                "%V and in %V; every location of one app root "
                                "must configure it alike",
                                &app->name, &app->declared_in,
-                               &alcf->settings.declared_in);
+                               &settings->declared_in);
             return NGX_CONF_ERROR;
         }
 
@@ -1565,7 +1572,7 @@ ngx_http_agent_register_app(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf)
         return NGX_CONF_ERROR;
     }
 
-    *app = alcf->settings;
+    *app = *settings;
 
     slot = ngx_array_push(&amcf->apps);
     if (slot == NULL) {
@@ -1663,6 +1670,55 @@ ngx_http_agent_strip_trailing_slashes(ngx_str_t *path)
 }
 
 
+static char *
+ngx_http_agent_check_at_least_one(ngx_conf_t *cf, void *post, void *data)
+{
+    ngx_int_t  *np = data;
+
+    if (*np < 1) {
+        return "must be at least 1";
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* nginx's enum slot would not name the directive in its message */
+
+static char *
+ngx_http_agent_app_type(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char  *p = conf;
+
+    ngx_str_t        *value;
+    ngx_uint_t       *type, i;
+    ngx_conf_enum_t  *e;
+
+    type = (ngx_uint_t *) (p + cmd->offset);
+
+    if (*type != NGX_CONF_UNSET_UINT) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    for (e = cmd->post, i = 0; e[i].name.len != 0; i++) {
+        if (e[i].name.len == value[1].len
+            && ngx_strcasecmp(e[i].name.data, value[1].data) == 0)
+        {
+            *type = e[i].value;
+            return NGX_CONF_OK;
+        }
+    }
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid value \"%V\" in \"%V\" directive, "
+                       "only \"wsgi\" is supported", &value[1], &cmd->name);
+
+    return NGX_CONF_ERROR;
+}
+
+
 /* a location that sets any agent_env replaces the inherited list */
 
 static char *
@@ -1747,13 +1803,16 @@ ngx_http_agent_init_module(ngx_cycle_t *cycle)
 }
 
 
-/* workers drop the master's end of the pipe so that only the master's exit
- * is seen by the agent as nginx stopping */
+/*
+ * Workers drop the master's end of the pipe so that only the master's exit
+ * is seen by the agent as nginx stopping.  Without a master (master_process
+ * off) the single process keeps it.
+ */
 
 static ngx_int_t
 ngx_http_agent_init_process(ngx_cycle_t *cycle)
 {
-    if (ngx_http_agent_nginx_fd != -1) {
+    if (ngx_process == NGX_PROCESS_WORKER && ngx_http_agent_nginx_fd != -1) {
         ngx_http_agent_close_fd(cycle, ngx_http_agent_nginx_fd);
         ngx_http_agent_nginx_fd = -1;
     }
@@ -2423,6 +2482,7 @@ static ngx_int_t
 ngx_http_agent_wait_ready(ngx_cycle_t *cycle, int fd, ngx_pid_t pid)
 {
     u_char     line[NGX_HTTP_AGENT_READY_LINE_MAX];
+    u_char    *status;
     ngx_int_t  rc;
 
     rc = ngx_http_agent_read_ready_line(cycle, fd, line, sizeof(line));
@@ -2431,21 +2491,23 @@ ngx_http_agent_wait_ready(ngx_cycle_t *cycle, int fd, ngx_pid_t pid)
         return NGX_OK;
     }
 
+    status = ngx_http_agent_stop_child(cycle, pid);
+
     if (rc == NGX_OK) {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
-                      "agent: the agent failed to start: %s", line);
+                      "agent: the agent failed to start: %s (%s)",
+                      line, status);
 
     } else if (rc == NGX_DONE) {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
-                      "agent: the agent exited before it was ready");
+                      "agent: the agent stopped before it was ready (%s)",
+                      status);
 
     } else if (rc == NGX_AGAIN) {
         ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
-                      "agent: the agent was not ready within %d s",
-                      NGX_HTTP_AGENT_START_TIMEOUT / 1000);
+                      "agent: the agent was not ready within %d s (%s)",
+                      NGX_HTTP_AGENT_START_TIMEOUT / 1000, status);
     }
-
-    ngx_http_agent_stop_child(cycle, pid);
 
     return NGX_ERROR;
 }
@@ -2551,29 +2613,63 @@ ngx_http_agent_now(void)
 }
 
 
-static void
+/*
+ * Gives a child that failed to start a moment to exit on its own, so that
+ * its exit code can be reported, then kills it.  Returns how it ended, as
+ * text for the caller's message.
+ */
+
+static u_char *
 ngx_http_agent_stop_child(ngx_cycle_t *cycle, ngx_pid_t pid)
 {
-    int  status;
+    int         status;
+    ngx_pid_t   done;
+    ngx_uint_t  tries;
 
-    if (kill(pid, SIGKILL) == -1 && ngx_errno != NGX_ESRCH) {
-        ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno,
-                      "agent: kill(%P, SIGKILL) failed", pid);
-        return;
-    }
+    static u_char  text[64];
 
-    while (waitpid(pid, &status, 0) == -1) {
-        if (ngx_errno != NGX_EINTR) {
-            /* ECHILD: nginx's own SIGCHLD handler reaped it already */
-            return;
+    done = 0;
+
+    for (tries = 0; tries < 50 && done == 0; tries++) {
+        done = waitpid(pid, &status, WNOHANG);
+
+        if (done == 0) {
+            ngx_msleep(10);
+
+        } else if (done == -1 && ngx_errno == NGX_EINTR) {
+            done = 0;
         }
     }
 
-    if (WIFEXITED(status) && WEXITSTATUS(status) != 0) {
-        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
-                      "agent: the agent (pid %P) exited with code %d",
-                      pid, WEXITSTATUS(status));
+    if (done == 0) {
+        if (kill(pid, SIGKILL) == -1 && ngx_errno != NGX_ESRCH) {
+            ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno,
+                          "agent: kill(%P, SIGKILL) failed", pid);
+            return (u_char *) "pid left running";
+        }
+
+        do {
+            done = waitpid(pid, &status, 0);
+        } while (done == -1 && ngx_errno == NGX_EINTR);
     }
+
+    if (done == -1) {
+        /* ECHILD: nginx's own SIGCHLD handler reaped it already */
+        (void) ngx_sprintf(text, "pid %P%Z", pid);
+
+    } else if (WIFEXITED(status)) {
+        (void) ngx_sprintf(text, "pid %P exited with code %d%Z",
+                           pid, WEXITSTATUS(status));
+
+    } else if (WIFSIGNALED(status)) {
+        (void) ngx_sprintf(text, "pid %P killed by signal %d%Z",
+                           pid, WTERMSIG(status));
+
+    } else {
+        (void) ngx_sprintf(text, "pid %P%Z", pid);
+    }
+
+    return text;
 }
 
 

@@ -48,18 +48,19 @@ def application(environ, start_response):
     return [body]
 """
 
-# Echoes the body back as it reads it: request and response both streamed.
+# Spools the body to a temporary file, then sends it back through
+# wsgi.file_wrapper. (nginx sends the whole request before it reads the
+# response, so an app cannot echo while it reads.)
 ECHO = """
+import shutil, tempfile
+
 def application(environ, start_response):
-    stream = environ["wsgi.input"]
-    start_response("200 OK", [("Content-Type", "application/octet-stream")])
-    def chunks():
-        while True:
-            chunk = stream.read(65536)
-            if not chunk:
-                return
-            yield chunk
-    return chunks()
+    spool = tempfile.TemporaryFile()
+    shutil.copyfileobj(environ["wsgi.input"], spool, 65536)
+    size = spool.tell()
+    spool.seek(0)
+    start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))])
+    return environ["wsgi.file_wrapper"](spool, 65536)
 """
 
 # Sends one chunk, then waits for a file to appear before sending the next:

@@ -144,6 +144,7 @@ http {{
 
     def write_config(self) -> Path:
         self.write_apps()
+        (self.root / "tmp").mkdir(exist_ok=True)
         config = self.root / "nginx.conf"
         config.write_text(self.config_text())
         return config
@@ -155,7 +156,6 @@ http {{
 
     def start(self) -> Stack:
         self.write_config()
-        (self.root / "tmp").mkdir(exist_ok=True)
         self.process = subprocess.Popen(self.nginx_command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_until(self.accepting, timeout=15, what=f"nginx on port {self.port}")
         return self

@@ -21,8 +21,8 @@ TWO = AppSpec("two", apps.INTROSPECT, "/two/", env={"COLOR": "two"})
 
 def test_reload_keeps_unchanged_apps_and_replaces_changed_ones() -> None:
     with running_stack([ONE, TWO]) as stack:
-        stack.get("/one/")
-        stack.get("/two/")
+        assert stack.get("/one/").status == 200
+        assert stack.get("/two/").status == 200
         one_before, two_before = stack.worker_pids(ONE), stack.worker_pids(TWO)
         watchdog, core = stack.watchdog_pid(), stack.core_pid()
         assert one_before and two_before
@@ -45,8 +45,8 @@ def test_reload_keeps_unchanged_apps_and_replaces_changed_ones() -> None:
 
 def test_nginx_stop_stops_the_agent_and_every_worker() -> None:
     with running_stack([ONE, TWO]) as stack:
-        stack.get("/one/")
-        stack.get("/two/")
+        assert stack.get("/one/").status == 200
+        assert stack.get("/two/").status == 200
         pids = stack.all_agent_pids()
         assert len(pids) >= 4  # watchdog, core, two workers
         stack.stop()

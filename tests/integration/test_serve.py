@@ -77,8 +77,6 @@ def test_serve_runs_the_app_and_ctrl_c_leaves_nothing_behind(workdir: Path) -> N
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does in a terminal
         assert process.wait(timeout=60) == 0
         assert processes_mentioning(str(run_dir)) == []
-        assert not any("nginx" in p.name() for p in psutil.process_iter()
-                       if str(run_dir) in " ".join(p.cmdline()))
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

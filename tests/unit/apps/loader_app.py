@@ -29,9 +29,7 @@ def query(environ: Environ, name: str, default: str = "") -> str:
 
 
 def reply(start_response: StartResponse, body: bytes, status: str = "200 OK") -> Body:
-    start_response(
-        status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
-    )
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 
 
@@ -40,9 +38,7 @@ def hello(environ: Environ, start_response: StartResponse) -> Body:
 
 
 def show_environ(environ: Environ, start_response: StartResponse) -> Body:
-    shown: dict[str, Any] = {
-        key: value for key, value in environ.items() if isinstance(value, str)
-    }
+    shown: dict[str, Any] = {key: value for key, value in environ.items() if isinstance(value, str)}
     shown["wsgi.version"] = list(environ["wsgi.version"])
     for key in ("wsgi.multithread", "wsgi.multiprocess", "wsgi.run_once"):
         shown[key] = environ[key]
@@ -61,7 +57,7 @@ def read_body(environ: Environ, mode: str) -> bytes:
     if mode == "read":
         return bytes(stream.read())
     if mode == "read5":
-        parts = []
+        parts: list[bytes] = []
         while True:
             part = stream.read(5)
             if not part:
@@ -75,7 +71,7 @@ def read_body(environ: Environ, mode: str) -> bytes:
     if mode == "readlines":
         return b"|".join(stream.readlines())
     if mode == "readlines_hint":
-        return b"|".join(stream.readlines(1)) + b"#" + stream.read(1000)
+        return b"|".join(stream.readlines(1)) + b"#" + bytes(stream.read(1000))
     if mode == "iter":
         return b"|".join(stream)
     raise ValueError(mode)
@@ -198,6 +194,11 @@ def header_injection(environ: Environ, start_response: StartResponse) -> Body:
     return [b"never sent"]
 
 
+def str_body(environ: Environ, start_response: StartResponse) -> Any:
+    start_response("200 OK", TEXT)
+    return ["not bytes"]
+
+
 def pid(environ: Environ, start_response: StartResponse) -> Body:
     return reply(start_response, str(os.getpid()).encode())
 
@@ -219,6 +220,7 @@ ROUTES: dict[str, Callable[[Environ, StartResponse], Body]] = {
     "/empty": empty,
     "/header-injection": header_injection,
     "/pid": pid,
+    "/str-body": str_body,
 }
 
 

@@ -1,5 +1,5 @@
 """A startup file that imports a module that does not exist."""
 
-import loader_module_that_does_not_exist  # noqa: F401
+import loader_module_that_does_not_exist  # type: ignore[import-not-found]  # noqa: F401
 
 application = None

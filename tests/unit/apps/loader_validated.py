@@ -7,7 +7,7 @@ the app, and the loader answers 500.
 import warnings
 from wsgiref.validate import validator
 
-from loader_app import application as unchecked_application
+from loader_app import application as unchecked_application  # type: ignore[import-not-found]
 
 warnings.simplefilter("error")
 

@@ -1,0 +1,301 @@
+"""The benchmark: nginx→agent against nginx→uWSGI and nginx→gunicorn.
+
+    make bench                         # = .venv/bin/python bench/run.py
+    .venv/bin/python bench/run.py --quick
+    .venv/bin/python bench/run.py --stacks uwsgi,gunicorn --duration 5
+
+Each stack runs behind the system nginx (one worker process) with two app
+workers serving bench/apps/wsgi.py under the same interpreter
+(/usr/bin/python3). wrk loads each workload (hello world, a 100 KB body, a
+10 ms sleep) at 1, 16 and 64 connections. The report goes to stdout and, as
+Markdown, to docs/benchmarks.md (bench/results/quick.md for --quick); the raw
+figures go to bench/results/last.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+
+import procfs
+import report
+import wrk
+from figures import Run, StackResult
+from stacks import AgentStack, GunicornStack, Stack, StackError, UwsgiStack
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+APP_SOURCE = BENCH / "apps"
+REQUIREMENTS = BENCH / "requirements.txt"
+
+WORKLOADS = [("hello", "hello world", "/"), ("100k", "100 KB body", "/100k"), ("sleep", "10 ms sleep", "/sleep")]
+CONNECTIONS = [1, 16, 64]
+STACK_KEYS = ["ours", "uwsgi", "gunicorn"]
+WARMUP_SECONDS = 1.0
+APT_HINT = "apt-get install nginx wrk build-essential python3-dev python3-venv"
+
+
+class SetupError(Exception):
+    """Something the benchmark needs is missing; the message names it."""
+
+
+# -- what the benchmark needs ------------------------------------------------
+
+def find_program(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+def apt_install(packages: list[str], allowed: bool) -> None:
+    if not allowed or os.geteuid() != 0:
+        raise SetupError(f"missing: {' '.join(packages)}; install with: apt-get install {' '.join(packages)}")
+    print(f"bench: installing {' '.join(packages)} (apt-get)", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def ensure_program(name: str, package: str, install: bool) -> str:
+    found = find_program(name)
+    if found is None:
+        apt_install([package], install)
+        found = find_program(name)
+    if found is None:
+        raise SetupError(f"{name} not found even after installing {package}")
+    return found
+
+
+def ensure_peers(venv: Path, app_python: str, install: bool) -> Path:
+    """A virtualenv made from the apps' interpreter, holding gunicorn and
+    uWSGI (bench/requirements.txt); uWSGI compiles against that
+    interpreter's headers."""
+    bin_dir = venv / "bin"
+    if (bin_dir / "gunicorn").exists() and (bin_dir / "uwsgi").exists():
+        return bin_dir
+    if not install:
+        raise SetupError(f"gunicorn and uwsgi not found in {venv}; make it with: {app_python} -m venv {venv} "
+                         f"&& {bin_dir}/pip install -r {REQUIREMENTS}")
+    missing = [p for p, ok in (("build-essential", find_program("gcc")),
+                               ("python3-dev", Path("/usr/include/python3.11/Python.h").exists()))
+               if not ok]
+    if missing:
+        apt_install(missing, install)
+    print(f"bench: installing gunicorn and uWSGI into {venv} (uWSGI compiles: about a minute)", flush=True)
+    if not (bin_dir / "pip").exists():
+        made = subprocess.run([app_python, "-m", "venv", str(venv)], capture_output=True, text=True)
+        if made.returncode != 0:
+            apt_install(["python3-venv"], install)
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([app_python, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(bin_dir / "pip"), "install", "-q", "-r", str(REQUIREMENTS)],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        raise SetupError(f"pip could not install {REQUIREMENTS} into {venv}:\n{pip.stdout}{pip.stderr}\n"
+                         f"(uWSGI needs gcc and Python headers: {APT_HINT})")
+    return bin_dir
+
+
+def agent_missing() -> str | None:
+    """Why our stack cannot run yet, or None when it can."""
+    if not (REPO / "build" / "ngx_http_agent_module.so").is_file():
+        return "build/ngx_http_agent_module.so is not built (run `make build`)"
+    if not list((REPO / "agent").glob("_native*.so")):
+        return "agent/_native*.so is not built (run `make build`)"
+    return None
+
+
+def version_of(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else "?"
+
+
+# -- running -----------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def prepare_app(base: Path) -> Path:
+    """A copy of bench/apps that the workers (user nobody) can read."""
+    app_dir = base / "app"
+    shutil.copytree(APP_SOURCE, app_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in [base, app_dir, *app_dir.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return app_dir
+
+
+def measure(stack: Stack, wrk_bin: str, duration: float, log: list[str]) -> StackResult:
+    result = StackResult(stack.key, stack.label)
+    core = stack.core_pid() if isinstance(stack, AgentStack) else None
+    for _, _, path in WORKLOADS:
+        wrk.run(wrk_bin, f"http://127.0.0.1:{stack.port}{path}", 16, WARMUP_SECONDS)
+    for workload, title, path in WORKLOADS:
+        for connections in CONNECTIONS:
+            stack.check_running()
+            agent_before = procfs.cpu_seconds(core) if core else None
+            stack_before = stack.cpu_seconds()
+            got = wrk.run(wrk_bin, f"http://127.0.0.1:{stack.port}{path}", connections, duration)
+            stack_cpu = stack.cpu_seconds() - stack_before
+            agent_after = procfs.cpu_seconds(core) if core else None
+            agent_cpu = (agent_after - agent_before
+                         if agent_before is not None and agent_after is not None else None)
+            run = Run(workload, connections, got.rate, got.p50, got.p99, got.requests, got.errors,
+                      stack_cpu, agent_cpu)
+            result.runs.append(run)
+            line = (f"  {stack.label:15} {title:12} c={connections:<3} {got.rate:10,.0f} req/s  "
+                    f"p50 {report.ms(got.p50):>8}  p99 {report.ms(got.p99):>8}")
+            if got.errors:
+                line += f"  errors {got.errors}"
+            if agent_cpu is not None and got.requests:
+                line += f"  agent {agent_cpu / got.requests * 1e6:.1f} µs/req"
+            print(line, flush=True)
+            log.append(got.output)
+    for pid in stack.workers():
+        pss = procfs.pss_kib(pid)
+        if pss is not None:
+            result.worker_pss_kib.append(pss)
+    result.other_memory = stack.other_memory()
+    return result
+
+
+def bench_stack(stack: Stack, wrk_bin: str, duration: float) -> StackResult:
+    print(f"bench: {stack.label}: starting (run dir {stack.run_dir}, port {stack.port})", flush=True)
+    log: list[str] = []
+    try:
+        stack.start()
+        stack.wait_ready()
+        result = measure(stack, wrk_bin, duration, log)
+    except (StackError, wrk.WrkError) as e:
+        print(f"bench: {stack.label} failed: {e}", file=sys.stderr, flush=True)
+        result = StackResult(stack.key, stack.label, error=str(e).splitlines()[0])
+    finally:
+        stack.stop()
+        (RESULTS / f"wrk-{stack.key}.txt").write_text("\n".join(log))
+    return result
+
+
+def make_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path | None,
+               app_python: str) -> Stack:
+    run_dir = base / key
+    run_dir.mkdir()
+    port = free_port()
+    if key == "ours":
+        return AgentStack(run_dir, port, app_dir, REPO, sys.executable, app_python)
+    assert peers_bin is not None
+    if key == "uwsgi":
+        return UwsgiStack(run_dir, port, app_dir, nginx, peers_bin)
+    return GunicornStack(run_dir, port, app_dir, nginx, peers_bin)
+
+
+def raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark nginx→agent against nginx→uWSGI and nginx→gunicorn.")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (10)")
+    parser.add_argument("--quick", action="store_true", help="3 s per run, report to bench/results/quick.md")
+    parser.add_argument("--stacks", default=",".join(STACK_KEYS),
+                        help=f"comma-separated, from {','.join(STACK_KEYS)} (all)")
+    parser.add_argument("--app-python", default="/usr/bin/python3",
+                        help="the interpreter of every stack's workers (/usr/bin/python3)")
+    parser.add_argument("--peers-venv", type=Path, default=RESULTS / "peers-venv",
+                        help="virtualenv for gunicorn and uWSGI, made from --app-python (bench/results/peers-venv)")
+    parser.add_argument("--output", type=Path, help="the Markdown report (docs/benchmarks.md; "
+                        "bench/results/quick.md with --quick)")
+    parser.add_argument("--no-install", action="store_true", help="never install anything; name what is missing")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration = 3.0
+    args.stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
+    unknown = [s for s in args.stacks if s not in STACK_KEYS]
+    if unknown:
+        parser.error(f"unknown stack(s) {', '.join(unknown)}; choose from {', '.join(STACK_KEYS)}")
+    if args.output is None:
+        args.output = RESULTS / "quick.md" if args.quick else REPO / "docs" / "benchmarks.md"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    RESULTS.mkdir(exist_ok=True)
+    install = not args.no_install
+    try:
+        nginx = ensure_program("nginx", "nginx", install)
+        wrk_bin = ensure_program("wrk", "wrk", install)
+        if not Path(args.app_python).is_file():
+            raise SetupError(f"the app interpreter {args.app_python} does not exist (apt-get install python3)")
+        peers = [s for s in args.stacks if s != "ours"]
+        peers_bin = ensure_peers(args.peers_venv, args.app_python, install) if peers else None
+    except (SetupError, subprocess.CalledProcessError) as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+
+    load = os.getloadavg()
+    info = report.Machine(
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        cpu=report.cpu_model(), cores=os.cpu_count() or 0, kernel=platform.release(),
+        memory_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        nginx=version_of([nginx, "-v"]).split("/")[-1], wrk=version_of([wrk_bin, "--version"]).split()[1],
+        app_python=version_of([args.app_python, "--version"]).split()[-1] + f" ({args.app_python})",
+        agent_python=platform.python_version() + f" ({sys.executable})",
+        gunicorn=version_of([str(peers_bin / "gunicorn"), "--version"]).split()[-1].strip(")") if peers_bin
+        else "-",
+        uwsgi=version_of([str(peers_bin / "uwsgi"), "--version"]) if peers_bin else "-",
+        duration=args.duration, load=f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+    results: list[StackResult] = []
+    base = Path(tempfile.mkdtemp(prefix="agent-bench-", dir="/tmp"))
+    stacks: list[Stack] = []
+    try:
+        app_dir = prepare_app(base)
+        for key in args.stacks:
+            if key == "ours" and (why := agent_missing()):
+                print(f"bench: nginx→agent skipped: {why}", file=sys.stderr, flush=True)
+                results.append(StackResult("ours", AgentStack.label, error=why))
+                continue
+            stack = make_stack(key, base, app_dir, nginx, peers_bin, args.app_python)
+            stacks.append(stack)
+            results.append(bench_stack(stack, wrk_bin, args.duration))
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; stopping what was started", file=sys.stderr)
+        return 130
+    finally:
+        for stack in stacks:
+            stack.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+    text = report.markdown(info, results, WORKLOADS, CONNECTIONS, quick=args.quick)
+    print()
+    print(report.results_section(results, WORKLOADS, CONNECTIONS))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    (RESULTS / "last.json").write_text(json.dumps(
+        {"machine": asdict(info), "results": [asdict(r) for r in results]}, indent=2, default=str))
+    print(f"bench: report written to {args.output}")
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

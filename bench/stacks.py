@@ -1,0 +1,357 @@
+"""The three stacks under test, each nginx in front of two app workers:
+
+    ours       agentctl serve: nginx with the agent module, the agent, 2 workers
+    uwsgi      nginx --uwsgi_pass--> uWSGI, 2 processes
+    gunicorn   nginx --proxy_pass--> gunicorn, 2 sync workers
+
+A stack starts its processes in sessions of their own and stops them all,
+by process group and then one by one, whatever happened in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import http.client
+import os
+import pwd
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import IO
+
+import procfs
+
+WORKERS = 2
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+UWSGI_PARAMS = Path("/etc/nginx/uwsgi_params")
+
+# nginx's upstream buffers, set for the peers as the agent module sets them
+# for itself, so that a 100 KB response is buffered alike in every stack.
+BUFFERS = "buffer_size 8k; {p}_buffers 8 8k; {p}_busy_buffers_size 16k;"
+
+
+class StackError(Exception):
+    """A stack did not start or stopped serving; the message says why."""
+
+
+class Stack:
+    key = ""
+    label = ""
+
+    def __init__(self, run_dir: Path, port: int, app_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.port = port
+        self.app_dir = app_dir
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.known: set[procfs.Proc] = set()
+        self.logs: list[IO[bytes]] = []
+        self.stopped = False
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def launch(self, name: str, command: list[str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.run_dir / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.logs.append(log)
+        process = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.processes.append((name, process))
+        self.remember()
+        return process
+
+    def wait_ready(self) -> None:
+        """Until / answers 200 and the stack runs its two workers."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            self.check_running()
+            try:
+                status = http_get(self.port, "/")
+            except OSError as e:
+                last = str(e)
+            else:
+                last = f"status {status}"
+                if status == 200 and len(self.workers()) == WORKERS:
+                    self.remember()
+                    return
+                last += f", {len(self.workers())} workers"
+            time.sleep(0.2)
+        raise StackError(f"{self.label} not ready within {READY_TIMEOUT:g} s ({last}){self.log_tails()}")
+
+    def check_running(self) -> None:
+        for name, process in self.processes:
+            if process.poll() is not None:
+                raise StackError(f"{self.label}: {name} exited with status {process.returncode}"
+                                 f"{self.log_tails()}")
+
+    def stop(self) -> None:
+        """SIGTERM to every process group started, then SIGKILL to whatever
+        of the stack is still alive after STOP_TIMEOUT."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.remember()
+        for _, process in self.processes:
+            signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            if all(p.poll() is not None for _, p in self.processes) and not self.survivors():
+                break
+            time.sleep(0.05)
+        for _, process in self.processes:
+            signal_group(process, signal.SIGKILL)
+        for proc in self.survivors():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+        for _, process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+        for log in self.logs:
+            log.close()
+
+    def survivors(self) -> list[procfs.Proc]:
+        return [proc for proc in self.known if proc.alive()]
+
+    # -- what is measured ------------------------------------------------
+
+    def roots(self) -> list[int]:
+        """The pids whose process trees make up the stack."""
+        return [p.pid for _, p in self.processes if p.poll() is None]
+
+    def pids(self) -> list[int]:
+        found: set[int] = set()
+        for root in self.roots():
+            found.add(root)
+            found.update(procfs.descendants(root))
+        return sorted(found)
+
+    def remember(self) -> None:
+        for pid in self.pids():
+            proc = procfs.Proc.of(pid)
+            if proc is not None:
+                self.known.add(proc)
+
+    def workers(self) -> list[int]:
+        raise NotImplementedError
+
+    def cpu_seconds(self) -> float:
+        """CPU time of every process of the stack (nginx included)."""
+        return sum(procfs.cpu_seconds(pid) or 0.0 for pid in self.pids())
+
+    def other_memory(self) -> list[tuple[str, int | None]]:
+        """(what, KiB) of processes other than the workers, for the report."""
+        return []
+
+    def log_tails(self, lines: int = 15) -> str:
+        parts = []
+        for log in sorted(self.run_dir.glob("*.log")):
+            text = log.read_text(errors="replace").strip().splitlines()[-lines:]
+            if text:
+                parts.append(f"\n--- {log} (last {len(text)} lines) ---\n" + "\n".join(text))
+        return "".join(parts)
+
+
+def signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Signals the process group that process leads, while the leader is
+    not reaped (so that its pid, the group's id, cannot have been reused);
+    what remains of a group whose leader is gone is killed one by one."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def http_get(port: int, path: str) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def worker_user() -> tuple[str, str] | None:
+    """(user, group) the peers' workers run as: nobody, as the agent's
+    workers do when it runs as root; None when not root."""
+    if os.geteuid() != 0:
+        return None
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_name, grp.getgrgid(entry.pw_gid).gr_name
+
+
+# -- the peers ---------------------------------------------------------------
+
+class PeerStack(Stack):
+    """nginx in front of an app server on a Unix socket."""
+
+    def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx: str, peers_bin: Path) -> None:
+        super().__init__(run_dir, port, app_dir)
+        self.nginx = nginx
+        self.peers_bin = peers_bin
+        self.socket = run_dir / "sockets" / f"{self.key}.sock"
+        self.server: subprocess.Popen[bytes] | None = None
+
+    def server_command(self) -> list[str]:
+        raise NotImplementedError
+
+    def nginx_location(self) -> str:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        os.chmod(self.run_dir, 0o755)
+        # uWSGI binds its socket after dropping privileges: the directory
+        # belongs to the workers' user.
+        self.socket.parent.mkdir(mode=0o755)
+        user = worker_user()
+        if user:
+            entry = pwd.getpwnam(user[0])
+            os.chown(self.socket.parent, entry.pw_uid, entry.pw_gid)
+        config = self.write_nginx_config()
+        test = subprocess.run([self.nginx, "-p", str(self.run_dir), "-c", str(config), "-e",
+                               str(self.run_dir / "nginx-error.log"), "-t", "-q"],
+                              capture_output=True, text=True)
+        if test.returncode != 0:
+            raise StackError(f"nginx rejected {config}:\n{test.stderr.strip()}")
+        self.server = self.launch(self.key, self.server_command(), cwd=self.app_dir)
+        self.launch("nginx", [self.nginx, "-p", str(self.run_dir), "-c", str(config),
+                              "-e", str(self.run_dir / "nginx-error.log")])
+
+    def write_nginx_config(self) -> Path:
+        temp = self.run_dir / "tmp"
+        temp.mkdir(exist_ok=True)
+        paths = "".join(f"    {kind}_temp_path {temp / kind};\n"
+                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        config = self.run_dir / "nginx.conf"
+        config.write_text(f"""daemon off;
+master_process on;
+worker_processes 1;
+pid {self.run_dir / 'nginx.pid'};
+error_log {self.run_dir / 'nginx-error.log'} warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    default_type application/octet-stream;
+    access_log off;
+    sendfile on;
+{paths}
+    server {{
+        listen 127.0.0.1:{self.port};
+        server_name _;
+
+        location / {{
+{self.nginx_location()}        }}
+    }}
+}}
+""")
+        return config
+
+    def workers(self) -> list[int]:
+        if self.server is None or self.server.poll() is not None:
+            return []
+        return procfs.children(self.server.pid)
+
+    def other_memory(self) -> list[tuple[str, int | None]]:
+        if self.server is None:
+            return []
+        return [(f"{self.label} master PSS", procfs.pss_kib(self.server.pid))]
+
+
+class GunicornStack(PeerStack):
+    key = "gunicorn"
+    label = "nginx→gunicorn"
+
+    def server_command(self) -> list[str]:
+        user = worker_user()
+        drop = ["--user", user[0], "--group", user[1]] if user else []
+        return [str(self.peers_bin / "gunicorn"), "--workers", str(WORKERS), "--worker-class", "sync",
+                "--bind", f"unix:{self.socket}", "--chdir", str(self.app_dir), "--log-level", "warning",
+                *drop, "wsgi:application"]
+
+    def nginx_location(self) -> str:
+        return (f"            proxy_pass http://unix:{self.socket}:;\n"
+                "            proxy_set_header Host $host;\n"
+                f"            proxy_{BUFFERS.format(p='proxy')}\n")
+
+
+class UwsgiStack(PeerStack):
+    key = "uwsgi"
+    label = "nginx→uWSGI"
+
+    def server_command(self) -> list[str]:
+        user = worker_user()
+        drop = ["--uid", user[0], "--gid", user[1]] if user else []
+        return [str(self.peers_bin / "uwsgi"), "--master", "--processes", str(WORKERS),
+                "--socket", str(self.socket), "--chmod-socket=666", "--chdir", str(self.app_dir),
+                "--wsgi-file", "wsgi.py", "--need-app", "--disable-logging", "--die-on-term",
+                *drop]
+
+    def nginx_location(self) -> str:
+        params = (f"            include {UWSGI_PARAMS};\n" if UWSGI_PARAMS.exists() else
+                  "".join(f"            uwsgi_param {name} ${var};\n" for name, var in (
+                      ("QUERY_STRING", "query_string"), ("REQUEST_METHOD", "request_method"),
+                      ("CONTENT_TYPE", "content_type"), ("CONTENT_LENGTH", "content_length"),
+                      ("REQUEST_URI", "request_uri"), ("PATH_INFO", "document_uri"),
+                      ("SERVER_PROTOCOL", "server_protocol"), ("REMOTE_ADDR", "remote_addr"),
+                      ("SERVER_NAME", "server_name"), ("SERVER_PORT", "server_port"))))
+        return (params + f"            uwsgi_pass unix:{self.socket};\n"
+                f"            uwsgi_{BUFFERS.format(p='uwsgi')}\n")
+
+
+# -- ours --------------------------------------------------------------------
+
+class AgentStack(Stack):
+    """agentctl serve: it writes the nginx config and runs nginx in the
+    foreground; nginx starts the agent, which starts the workers."""
+
+    key = "ours"
+    label = "nginx→agent"
+
+    def __init__(self, run_dir: Path, port: int, app_dir: Path, repo: Path, agent_python: str,
+                 app_python: str) -> None:
+        super().__init__(run_dir, port, app_dir)
+        self.repo = repo
+        self.agent_python = agent_python
+        self.app_python = app_python
+        self.instance = run_dir / "instance"
+
+    def start(self) -> None:
+        self.launch("agentctl-serve", [
+            self.agent_python, "-m", "agent.cli", "serve", str(self.app_dir), "--port", str(self.port),
+            "--run-dir", str(self.run_dir), "--min-instances", str(WORKERS), "--max-instances", str(WORKERS),
+            "--python", self.app_python], cwd=self.repo)
+
+    def pid_from(self, name: str) -> int | None:
+        try:
+            pid = int((self.instance / name).read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        return pid if procfs.stat_fields(pid) is not None else None
+
+    def core_pid(self) -> int | None:
+        return self.pid_from("core.pid")
+
+    def watchdog_pid(self) -> int | None:
+        return self.pid_from("watchdog.pid")
+
+    def roots(self) -> list[int]:
+        extra = [pid for pid in (self.watchdog_pid(), self.core_pid()) if pid is not None]
+        return super().roots() + extra
+
+    def workers(self) -> list[int]:
+        core = self.core_pid()
+        return [] if core is None else procfs.children(core)
+
+    def other_memory(self) -> list[tuple[str, int | None]]:
+        core, watchdog = self.core_pid(), self.watchdog_pid()
+        return [("agent core RSS", None if core is None else procfs.rss_kib(core)),
+                ("agent watchdog RSS", None if watchdog is None else procfs.rss_kib(watchdog))]
