@@ -98,6 +98,7 @@ http {{
     fastcgi_temp_path {quote(str(temp / 'fastcgi'))};
     uwsgi_temp_path {quote(str(temp / 'uwsgi'))};
     scgi_temp_path {quote(str(temp / 'scgi'))};
+    agent_temp_path {quote(str(temp / 'agent'))};
 
     agent_core_python {quote(sys.executable)};
     agent_instance_dir {quote(str(run_dir / 'instance'))};

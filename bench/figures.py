@@ -16,6 +16,8 @@ class Run:
     errors: int
     stack_cpu: float                  # seconds of CPU, every process of the stack
     agent_cpu: float | None = None    # seconds of CPU, the agent core alone
+    other_cpu: float = 0.0            # seconds of CPU, every other process but wrk (noise)
+    seconds: float = 0.0              # how long the run took
 
 
 @dataclass
@@ -25,6 +27,9 @@ class StackResult:
     runs: list[Run] = field(default_factory=list)
     worker_pss_kib: list[int] = field(default_factory=list)
     other_memory: list[tuple[str, int | None]] = field(default_factory=list)
+    idle_seconds: float = 0.0
+    idle_stack_cpu: float = 0.0              # seconds of CPU over idle_seconds without load
+    idle_agent_cpu: float | None = None
     error: str | None = None
 
     def run(self, workload: str, connections: int) -> Run | None:

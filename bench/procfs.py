@@ -103,3 +103,11 @@ def command_line(pid: int) -> str:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return ""
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent by every core on anything but idling, since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS

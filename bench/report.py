@@ -10,6 +10,7 @@ from figures import Run, StackResult
 
 AGENT_CPU_BAR_US = 15.0
 GUNICORN_FACTOR = 3.0
+NOISY_PERCENT = 10.0
 SHORT = {"ours": "agent", "uwsgi": "uWSGI", "gunicorn": "gunicorn"}
 
 
@@ -28,6 +29,7 @@ class Machine:
     uwsgi: str
     duration: float
     load: str
+    load_end: str = "?"
 
 
 def cpu_model() -> str:
@@ -137,7 +139,8 @@ def bars_table(results: Sequence[StackResult], connections: Sequence[int]) -> st
 
 def stack_cpu_table(results: Sequence[StackResult], connections: Sequence[int]) -> str:
     ran = [r for r in results if r.runs]
-    rows = []
+    rows = [["at rest (% of a core)",
+             *(f"{r.idle_stack_cpu / r.idle_seconds * 100:.1f} %" if r.idle_seconds else "-" for r in ran)]]
     for c in connections:
         row = [str(c)]
         for r in ran:
@@ -162,8 +165,8 @@ def memory_table(results: Sequence[StackResult]) -> str:
 def results_section(results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
                     connections: Sequence[int]) -> str:
     if not any(r.runs for r in results):
-        failed = "".join(f"- {r.label}: {r.error}\n" for r in results)
-        return f"## Results\n\nNo stack ran.\n\n{failed}"
+        reasons = "".join(f"- {r.label}: {r.error}\n" for r in results)
+        return f"## Results\n\nNo stack ran.\n\n{reasons}"
     parts = ["## Throughput and latency", "",
              "Requests per second and wrk's 50th and 99th latency percentiles; the last columns divide "
              "the agent's rate by each peer's.", "",
@@ -175,6 +178,10 @@ def results_section(results: Sequence[StackResult], workloads: Sequence[tuple[st
                   "utime + stime of the agent core process (every thread, from /proc/PID/stat) over the "
                   "run, divided by the requests wrk completed.", "",
                   agent_cpu_table(ours, connections), ""]
+        if ours.idle_agent_cpu is not None and ours.idle_seconds:
+            parts += [f"At rest ({ours.idle_seconds:g} s without load, after the warm-up) the agent core used "
+                      f"{ours.idle_agent_cpu / ours.idle_seconds * 100:.1f} % of a core; that share is part of "
+                      "the figures above, and weighs most where the rate is lowest.", ""]
     parts += ["## CPU of the whole stack per request (hello world)", "",
               "utime + stime of every process of the stack (nginx master and worker; the app server's "
               "master and workers, or the agent's watchdog, core and workers) over the run, divided by "
@@ -197,6 +204,24 @@ def results_section(results: Sequence[StackResult], workloads: Sequence[tuple[st
     return "\n".join(parts)
 
 
+def noise_note(results: Sequence[StackResult], cores: int) -> str:
+    """How much CPU processes outside the stack under test and wrk used
+    during the measured runs: the run's noise."""
+    shares = [(r, run, run.other_cpu / (run.seconds * cores) * 100)
+              for r in results for run in r.runs if run.seconds]
+    if not shares:
+        return ""
+    mean = sum(share for _, _, share in shares) / len(shares)
+    text = (f"Processes other than the stack under test and wrk used {mean:.1f} % of the machine's CPU "
+            f"on average during the measured runs")
+    noisy = [f"{SHORT[r.key]} {run.workload} at {run.connections} ({share:.0f} %)"
+             for r, run, share in shares if share >= NOISY_PERCENT]
+    if noisy:
+        return (text + f"; {NOISY_PERCENT:g} % or more during these runs: {', '.join(noisy)}. "
+                "Those figures are noisier than an idle machine's.")
+    return text + "."
+
+
 def markdown(machine: Machine, results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
              connections: Sequence[int], quick: bool) -> str:
     kind = f"a quick run ({machine.duration:g} s per wrk run)" if quick else \
@@ -206,7 +231,7 @@ def markdown(machine: Machine, results: Sequence[StackResult], workloads: Sequen
         ["CPU", f"{machine.cpu}, {machine.cores} cores"],
         ["memory", f"{machine.memory_gib:.1f} GiB"],
         ["kernel", machine.kernel],
-        ["load average at start", machine.load],
+        ["load average (1, 5, 15 min) at start, at end", f"{machine.load}; {machine.load_end}"],
         ["nginx", machine.nginx],
         ["app workers' Python (every stack)", machine.app_python],
         ["agent core's Python", machine.agent_python],
@@ -214,10 +239,11 @@ def markdown(machine: Machine, results: Sequence[StackResult], workloads: Sequen
         ["uWSGI", machine.uwsgi],
         ["wrk", machine.wrk],
     ])
+    busy_note = f"\n{noise_note(results, machine.cores)}\n"
     return f"""# Benchmarks
 
 The figures below come from {kind}, as measured; nothing is adjusted.
-
+{busy_note}
 ## How to reproduce
 
     make bench                                  # installs what is missing, builds, runs (about 6 minutes)

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
@@ -46,6 +47,7 @@ WORKLOADS = [("hello", "hello world", "/"), ("100k", "100 KB body", "/100k"), ("
 CONNECTIONS = [1, 16, 64]
 STACK_KEYS = ["ours", "uwsgi", "gunicorn"]
 WARMUP_SECONDS = 1.0
+IDLE_SECONDS = 3.0
 APT_HINT = "apt-get install nginx wrk build-essential python3-dev python3-venv"
 
 
@@ -146,20 +148,32 @@ def prepare_app(base: Path) -> Path:
 def measure(stack: Stack, wrk_bin: str, duration: float, log: list[str]) -> StackResult:
     result = StackResult(stack.key, stack.label)
     core = stack.core_pid() if isinstance(stack, AgentStack) else None
+    stack.check_answers({"/": b"Hello, world\n", "/100k": b"x" * 102400, "/sleep": b"Hello, world\n"})
     for _, _, path in WORKLOADS:
         wrk.run(wrk_bin, f"http://127.0.0.1:{stack.port}{path}", 16, WARMUP_SECONDS)
+    agent_before = procfs.cpu_seconds(core) if core else None
+    stack_before = stack.cpu_seconds()
+    time.sleep(IDLE_SECONDS)
+    agent_after = procfs.cpu_seconds(core) if core else None
+    result.idle_seconds = IDLE_SECONDS
+    result.idle_stack_cpu = stack.cpu_seconds() - stack_before
+    if agent_before is not None and agent_after is not None:
+        result.idle_agent_cpu = agent_after - agent_before
     for workload, title, path in WORKLOADS:
         for connections in CONNECTIONS:
             stack.check_running()
             agent_before = procfs.cpu_seconds(core) if core else None
             stack_before = stack.cpu_seconds()
+            machine_before, started = procfs.machine_busy_seconds(), time.monotonic()
             got = wrk.run(wrk_bin, f"http://127.0.0.1:{stack.port}{path}", connections, duration)
+            machine_cpu, elapsed = procfs.machine_busy_seconds() - machine_before, time.monotonic() - started
             stack_cpu = stack.cpu_seconds() - stack_before
             agent_after = procfs.cpu_seconds(core) if core else None
             agent_cpu = (agent_after - agent_before
                          if agent_before is not None and agent_after is not None else None)
             run = Run(workload, connections, got.rate, got.p50, got.p99, got.requests, got.errors,
-                      stack_cpu, agent_cpu)
+                      stack_cpu, agent_cpu, other_cpu=max(0.0, machine_cpu - stack_cpu - got.cpu),
+                      seconds=elapsed)
             result.runs.append(run)
             line = (f"  {stack.label:15} {title:12} c={connections:<3} {got.rate:10,.0f} req/s  "
                     f"p50 {report.ms(got.p50):>8}  p99 {report.ms(got.p99):>8}")
@@ -184,7 +198,7 @@ def bench_stack(stack: Stack, wrk_bin: str, duration: float) -> StackResult:
         stack.start()
         stack.wait_ready()
         result = measure(stack, wrk_bin, duration, log)
-    except (StackError, wrk.WrkError) as e:
+    except (StackError, wrk.WrkError, OSError) as e:
         print(f"bench: {stack.label} failed: {e}", file=sys.stderr, flush=True)
         result = StackResult(stack.key, stack.label, error=str(e).splitlines()[0])
     finally:
@@ -223,6 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="the Markdown report (docs/benchmarks.md; "
                         "bench/results/quick.md with --quick)")
     parser.add_argument("--no-install", action="store_true", help="never install anything; name what is missing")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory (configs, logs) under /tmp")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration = 3.0
@@ -237,7 +252,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_interrupt)
     RESULTS.mkdir(exist_ok=True)
     install = not args.no_install
     try:
@@ -250,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SetupError, subprocess.CalledProcessError) as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        return 130
 
     load = os.getloadavg()
     info = report.Machine(
@@ -283,11 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for stack in stacks:
             stack.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            print(f"bench: run directory kept: {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
 
+    end = os.getloadavg()
+    info.load_end = f"{end[0]:.2f} {end[1]:.2f} {end[2]:.2f}"
     text = report.markdown(info, results, WORKLOADS, CONNECTIONS, quick=args.quick)
     print()
     print(report.results_section(results, WORKLOADS, CONNECTIONS))
+    print(report.noise_note(results, info.cores))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
     (RESULTS / "last.json").write_text(json.dumps(

@@ -83,6 +83,14 @@ class Stack:
             time.sleep(0.2)
         raise StackError(f"{self.label} not ready within {READY_TIMEOUT:g} s ({last}){self.log_tails()}")
 
+    def check_answers(self, expected: dict[str, bytes]) -> None:
+        """Each path answers 200 with the body the app sends."""
+        for path, body in expected.items():
+            status, got = http_fetch(self.port, path)
+            if status != 200 or got != body:
+                raise StackError(f"{self.label}: GET {path} answered {status} with {len(got)} bytes, "
+                                 f"expected 200 with {len(body)}{self.log_tails()}")
+
     def check_running(self) -> None:
         for name, process in self.processes:
             if process.poll() is not None:
@@ -167,12 +175,15 @@ def signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
 
 
 def http_get(port: int, path: str) -> int:
+    return http_fetch(port, path)[0]
+
+
+def http_fetch(port: int, path: str) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         connection.request("GET", path)
         response = connection.getresponse()
-        response.read()
-        return response.status
+        return response.status, response.read()
     finally:
         connection.close()
 

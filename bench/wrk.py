@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import resource
 import subprocess
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ class WrkResult:
     non_2xx: int
     socket_errors: int       # connect + read + write + timeout
     output: str
+    cpu: float = 0.0         # wrk's own CPU time, seconds
 
     @property
     def errors(self) -> int:
@@ -65,10 +68,16 @@ def run(wrk: str, url: str, connections: int, duration: float) -> WrkResult:
     needs a connection per thread), for duration seconds, with --latency."""
     threads = min(2, connections)
     command = [wrk, f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "--latency", url]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30)
     except subprocess.TimeoutExpired as e:
         raise WrkError(f"wrk did not finish within {duration + 30:g} s: {' '.join(command)}") from e
     if done.returncode != 0:
         raise WrkError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
-    return parse(done.stdout)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    result = dataclasses.replace(parse(done.stdout), cpu=cpu)
+    if result.requests == 0:
+        raise WrkError(f"no request completed in {duration:g} s ({' '.join(command)}): the stack stopped answering")
+    return result

@@ -987,15 +987,9 @@ typedef struct {
     uint64_t content_length;
 } frame_info;
 
-static bool key_chars[256];
-
-static void init_key_chars(void)
+static bool is_key_char(unsigned char ch)
 {
-    for (int ch = 'A'; ch <= 'Z'; ch++)
-        key_chars[ch] = true;
-    for (int ch = '0'; ch <= '9'; ch++)
-        key_chars[ch] = true;
-    key_chars['_'] = true;
+    return (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_';
 }
 
 static bool key_is(const char *key, uint32_t len, const char *name)
@@ -1047,7 +1041,7 @@ static bool parse_vars(const char *vars, uint32_t size, frame_info *out, char *w
         const char *key = vars + pos;
         pos += klen;
         for (uint32_t i = 0; i < klen; i++) {
-            if (!key_chars[(unsigned char)key[i]]) {
+            if (!is_key_char((unsigned char)key[i])) {
                 snprintf(why, why_size, "the key of pair %u has a byte outside [A-Z0-9_]", pair);
                 return false;
             }
@@ -1361,12 +1355,13 @@ static void on_tick(agent_engine *e)
         }
     }
     /* Sessions that outlive a tick get their nginx side watched, so that
-     * nginx going away ends them (see watch_client). */
-    for (list_link *l = e->all_conns.next; l != &e->all_conns;) {
+     * nginx going away ends them (see watch_client). Registering ends no
+     * connection (a failure is retried on the next tick), which keeps this
+     * walk over the list safe. */
+    for (list_link *l = e->all_conns.next; l != &e->all_conns; l = l->next) {
         conn *c = CONTAINER_OF(l, conn, all_link);
-        l = l->next;
-        if (c->state == CONN_FORWARDING && !c->client_watched && !watch_client(e, c))
-            client_aborted(e, c);
+        if (c->state == CONN_FORWARDING && !c->client_watched)
+            watch_client(e, c);
     }
     if (e->accept_paused)
         resume_accepting(e);
@@ -1466,7 +1461,6 @@ agent_engine *agent_engine_new(const agent_engine_config *config)
     list_init(&e->reading_conns);
     e->listener_ep.kind = EP_LISTENER;
     e->wake_ep.kind = EP_WAKE;
-    init_key_chars();
 
     int err = pthread_mutex_init(&e->lock, NULL);
     if (err) {

@@ -131,6 +131,7 @@ http {{
     fastcgi_temp_path {temp / 'fastcgi'};
     uwsgi_temp_path {temp / 'uwsgi'};
     scgi_temp_path {temp / 'scgi'};
+    agent_temp_path {temp / 'agent'};
     agent_core_python {sys.executable};
     agent_instance_dir {self.instance};
     agent_log_file {self.log_file};
@@ -225,9 +226,9 @@ http {{
         found = []
         for proc in psutil.process_iter(["cmdline", "cwd"]):
             cmdline = proc.info["cmdline"] or []
-            if len(cmdline) >= 2 and cmdline[1].startswith(loader):
-                if app is None or proc.info["cwd"] == str(self.app_root(app)):
-                    found.append(proc)
+            ours = len(cmdline) >= 2 and cmdline[1].startswith(loader)
+            if ours and (app is None or proc.info["cwd"] == str(self.app_root(app))):
+                found.append(proc)
         return found
 
     def worker_pids(self, app: AppSpec | None = None) -> set[int]:

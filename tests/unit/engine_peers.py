@@ -73,7 +73,7 @@ def connect(path: str) -> socket.socket:
 
 
 def read_all(sock: socket.socket) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         data = sock.recv(65536)
         if not data:
@@ -244,6 +244,26 @@ class Event:
     message: str
 
 
+@dataclass(frozen=True)
+class WorkerStats:
+    pid: int
+    app: int
+    state: int
+    concurrency: int
+    sessions: int
+    processed: int
+
+
+@dataclass(frozen=True)
+class AppStats:
+    app: int
+    queue_length: int
+    requests: int
+    queue_full: int
+    queue_timeouts: int
+    failed: int
+
+
 class EngineHarness:
     """An engine on a fresh agent socket, with its events collected."""
 
@@ -301,15 +321,31 @@ class EngineHarness:
             time.sleep(0.005)
         raise AssertionError(f"no event of type {type_} within {timeout} s: {self.events}")
 
-    def worker_stats(self) -> dict[int, Any]:
+    def worker_stats(self) -> dict[int, WorkerStats]:
         out = ffi.new("agent_worker_stats[]", 64)
         n = lib.agent_engine_worker_stats(self.engine, out, 64)
-        return {out[i].pid: out[i] for i in range(n)}
+        # Copied out: items of a cffi array die with the array.
+        return {
+            out[i].pid: WorkerStats(
+                out[i].pid, out[i].app, out[i].state, out[i].concurrency, out[i].sessions, out[i].processed
+            )
+            for i in range(n)
+        }
 
-    def app_stats(self) -> dict[int, Any]:
+    def app_stats(self) -> dict[int, AppStats]:
         out = ffi.new("agent_app_stats[]", 64)
         n = lib.agent_engine_app_stats(self.engine, out, 64)
-        return {out[i].app: out[i] for i in range(n)}
+        return {
+            out[i].app: AppStats(
+                out[i].app,
+                out[i].queue_length,
+                out[i].requests,
+                out[i].queue_full,
+                out[i].queue_timeouts,
+                out[i].failed,
+            )
+            for i in range(n)
+        }
 
     def request(self, frame: bytes, body: bytes = b"") -> bytes:
         return send_request(self.socket_path, frame, body)

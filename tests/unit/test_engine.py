@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import select
 import socket
 import struct
 import tempfile
@@ -406,3 +407,65 @@ def test_engine_cpu_per_request(engine: EngineHarness) -> None:
     per_request_us = (engine_thread_cpu_seconds() - cpu_before) / n * 1e6
     print(f"engine CPU {per_request_us:.1f} us/request over {n} requests ({n / wall:.0f} req/s, Python peers)")
     assert per_request_us < 100  # loose: the peers share the machine; the bar is measured in bench/
+
+
+def test_frame_sent_in_pieces_is_assembled(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101)
+    body = b"0123456789" * 10
+    frame = request_frame(APP, "/pieces", "PUT", len(body))
+    with connect(engine.socket_path) as sock:
+        for piece in (frame[:2], frame[2:7], frame[7:-1], frame[-1:] + body[:3], body[3:]):
+            sock.sendall(piece)
+            time.sleep(0.02)
+        assert b"200 OK" in read_all(sock)
+    assert worker.requests[0].frame == frame
+    assert worker.requests[0].body == body
+
+
+def test_large_response_to_a_slow_reader_is_held_one_buffer_at_a_time(engine: EngineHarness) -> None:
+    payload = os.urandom(1 << 20)
+    count = 32
+
+    def answer_big(worker: FakeWorker, conn: socket.socket, request: object) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+        for _ in range(count):
+            conn.sendall(payload)
+
+    engine.app(1, APP)
+    engine.worker(1, 101, answer_big)
+    before = rss_bytes()
+    with connect(engine.socket_path) as sock:
+        sock.sendall(request_frame(APP))
+        time.sleep(0.3)  # the worker and the engine meet a full socket
+        digest = hashlib.sha256()
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        digest.update(head.split(b"\r\n\r\n", 1)[1])
+        received = len(head.split(b"\r\n\r\n", 1)[1])
+        buffer = memoryview(bytearray(1 << 16))  # reused, so that only the engine could grow
+        while n := sock.recv_into(buffer):
+            digest.update(buffer[:n])
+            received += n
+    grown = rss_bytes() - before
+    expected = hashlib.sha256()
+    for _ in range(count):
+        expected.update(payload)
+    assert received == count * len(payload)
+    assert digest.hexdigest() == expected.hexdigest()
+    assert grown < 16 << 20
+
+
+def test_idle_and_queued_events_are_coalesced_while_unread(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    engine.worker(1, 101)
+    for _ in range(20):
+        engine.request(request_frame(APP))
+    wait_until(lambda: engine.worker_stats()[101].processed == 20)
+    assert select.select([lib.agent_engine_notify_fd(engine.engine)], [], [], 0)[0]
+    idle = [ev for ev in engine.poll() if ev.type == lib.AGENT_EV_WORKER_IDLE]
+    assert [(ev.pid, ev.value) for ev in idle] == [(101, 20)]
+    # Everything read: the notify fd is quiet again.
+    with pytest.raises(BlockingIOError):
+        os.read(lib.agent_engine_notify_fd(engine.engine), 8)
