@@ -26,7 +26,7 @@ from agent.config import AppConfig, AppTable, ConfigError, load_table
 from agent.error_page import startup_error_response
 from agent.instance import Instance
 from agent.logs import OutputCapture, log
-from agent.native import EV_LOG, EV_QUEUED, EV_WORKER_FAILED, EV_WORKER_IDLE, Engine, EngineEvent
+from agent.native import EV_LOG, EV_QUEUED, EV_WORKER_FAILED, EV_WORKER_IDLE, NOTIFY_QUEUED, Engine, EngineEvent
 from agent.pool import App, Pool, Worker, WorkerState
 from agent.spawner import SpawnError, StartedProcess, install_loaders, start_worker
 
@@ -45,6 +45,8 @@ class Core:
         self.handshakes: dict[int, tuple[int, bytearray]] = {}   # fd -> (pid, data)
         self.captures: dict[int, OutputCapture] = {}              # fd -> capture
         self.socket_numbers = itertools.count(1)
+        self.next_tick = 0.0
+        self.notifying: dict[int, int] = {}                        # app id -> NOTIFY_* asked for
 
     # -- the loop ---------------------------------------------------------
 
@@ -344,15 +346,36 @@ class Core:
         unlink_quietly(worker.socket_path)
         if app.removed and not app.workers and not self.stopping:
             self.engine.remove_app(app.id)
+            self.notifying.pop(app.id, None)
             del self.pool.apps[app.name]
 
     # -- the policy ----------------------------------------------------------
 
     def reconcile(self) -> None:
-        self.refresh_stats()
         now = time.monotonic()
-        for action in policy.plan(self.pool, now):
+        fresh = now >= self.next_tick
+        if fresh:
+            self.refresh_stats()
+            self.next_tick = now + TICK
+        actions = policy.plan(self.pool, now)
+        if not fresh and any(isinstance(a, policy.Spawn) for a in actions):
+            # Queue lengths from events may be stale: check before forking.
+            self.refresh_stats()
+            actions = policy.plan(self.pool, now)
+        for action in actions:
             self.apply(action)
+        self.choose_notifications()
+
+    def choose_notifications(self) -> None:
+        """Hear of queued requests only for apps that could start a worker:
+        at its bound an app's queue is the engine's business alone, and an
+        event per request would wake this loop for nothing."""
+        room = self.pool.max_pool_size - self.pool.live_count()
+        for app in self.pool.apps.values():
+            wanted = NOTIFY_QUEUED if policy.may_grow(app, room) else 0
+            if self.notifying.get(app.id) != wanted:
+                self.engine.notify_app(app.id, wanted)
+                self.notifying[app.id] = wanted
 
     def apply(self, action: policy.Action) -> None:
         if isinstance(action, policy.Spawn):

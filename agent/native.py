@@ -16,6 +16,8 @@ EV_QUEUED = lib.AGENT_EV_QUEUED
 EV_WORKER_FAILED = lib.AGENT_EV_WORKER_FAILED
 EV_WORKER_IDLE = lib.AGENT_EV_WORKER_IDLE
 EV_LOG = lib.AGENT_EV_LOG
+NOTIFY_QUEUED = lib.AGENT_NOTIFY_QUEUED
+NOTIFY_IDLE = lib.AGENT_NOTIFY_IDLE
 
 _ERROR_SIZE = 512
 
@@ -102,6 +104,10 @@ class Engine:
 
     def remove_app(self, app: int) -> None:
         _check(lib.agent_engine_app_remove(self._engine, app), "removing an app")
+
+    def notify_app(self, app: int, events: int) -> None:
+        """Which per-request events (NOTIFY_*) to send for app."""
+        _check(lib.agent_engine_app_notify(self._engine, app, events), "choosing an app's events")
 
     def fail_app(self, app: int, response: bytes) -> None:
         _check(lib.agent_engine_app_fail(self._engine, app, response, len(response)), "setting an error page")

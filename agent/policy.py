@@ -61,6 +61,12 @@ def app_capacity(app: App) -> int:
     return bound if bound > 0 else 1 << 30
 
 
+def may_grow(app: App, room: int) -> bool:
+    """The app could get another worker if requests waited: below its own
+    bound, with room in the pool, and still configured."""
+    return not app.removed and room > 0 and len(app.live_workers()) < app_capacity(app)
+
+
 def wants_another_worker(app: App, now: float) -> bool:
     """A request waits, or the app is below its minimum; one start at a time
     per app, none while it backs off after failures or is being removed."""

@@ -188,8 +188,9 @@ def results_section(results: Sequence[StackResult], workloads: Sequence[tuple[st
               "the requests. wrk runs on the same cores and is not counted.", "",
               stack_cpu_table(results, connections), "",
               "## Memory", "",
-              "PSS (from /proc/PID/smaps_rollup) of each app worker after all the runs; RSS of the agent "
-              "core.", "", memory_table(results), ""]
+              "PSS (from /proc/PID/smaps_rollup) of each app worker, and of the peers' masters, after all "
+              "the runs; RSS (from /proc/PID/status) of the agent's core and watchdog.", "",
+              memory_table(results), ""]
     errors = [(r.label, run) for r in results for run in r.runs if run.errors]
     if errors:
         parts += ["## Failed requests", "",
@@ -246,7 +247,7 @@ The figures below come from {kind}, as measured; nothing is adjusted.
 {busy_note}
 ## How to reproduce
 
-    make bench                                  # installs what is missing, builds, runs (about 6 minutes)
+    make bench                                  # installs what is missing, builds, runs (about 5 minutes)
     .venv/bin/python bench/run.py --quick       # 3 s per run; report in bench/results/quick.md
     .venv/bin/python bench/run.py --help        # --duration, --stacks, --app-python, --output
 

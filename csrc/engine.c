@@ -157,6 +157,7 @@ typedef struct app {
     bool needs_dispatch;        /* the loop must look at the queue (set by API calls) */
     struct app *next_removed;   /* removed apps whose queue the loop must answer */
     uint64_t queued_event;      /* 1 + number of its last QUEUED event, or 0 */
+    unsigned notify;            /* AGENT_NOTIFY_* the policy wants for this app */
     uint64_t requests;
     uint64_t queue_full;
     uint64_t queue_timeouts;
@@ -692,10 +693,10 @@ static void end_session(agent_engine *e, conn *c, bool counted)
         worker_free_if_orphan_done(e, w);
         return;
     }
-    if (w->sessions == 0)
+    app *a = app_by_id(e, w->app);
+    if (w->sessions == 0 && a && (a->notify & AGENT_NOTIFY_IDLE))
         emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed);
     if (w->state == AGENT_WORKER_ACTIVE && !e->stopping) {
-        app *a = app_by_id(e, w->app);
         if (a && a->queue_length > 0)
             dispatch_queue(e, a);
     }
@@ -789,7 +790,8 @@ static void enqueue(agent_engine *e, app *a, conn *c, bool at_head)
     c->in_wait_list = true;
     c->queued_in = a;
     a->queue_length++;
-    emit_coalesced(e, &a->queued_event, AGENT_EV_QUEUED, a->id, 0, a->queue_length);
+    if (a->notify & AGENT_NOTIFY_QUEUED)
+        emit_coalesced(e, &a->queued_event, AGENT_EV_QUEUED, a->id, 0, a->queue_length);
 }
 
 /* Hands a request to a worker of its app, trying the next worker when one
@@ -1632,6 +1634,7 @@ int agent_engine_app_set(agent_engine *e, int app_id, const char *name, int max_
             return -ENOMEM;
         }
         a->id = app_id;
+        a->notify = AGENT_NOTIFY_QUEUED | AGENT_NOTIFY_IDLE;
         list_init(&a->queue);
         e->apps[app_id] = a;
     }
@@ -1684,6 +1687,24 @@ int agent_engine_app_fail(agent_engine *e, int app_id, const char *response, siz
     a->needs_dispatch = true;
     pthread_mutex_unlock(&e->lock);
     wake_loop(e);
+    return 0;
+}
+
+/* Turning QUEUED on while requests wait reports them at once: the policy
+ * that just gained room for a worker learns that one is wanted. */
+int agent_engine_app_notify(agent_engine *e, int app_id, unsigned events)
+{
+    pthread_mutex_lock(&e->lock);
+    app *a = app_by_id(e, app_id);
+    if (!a) {
+        pthread_mutex_unlock(&e->lock);
+        return -ENOENT;
+    }
+    bool queued_on = (events & AGENT_NOTIFY_QUEUED) && !(a->notify & AGENT_NOTIFY_QUEUED);
+    a->notify = events;
+    if (queued_on && a->queue_length > 0)
+        emit_coalesced(e, &a->queued_event, AGENT_EV_QUEUED, a->id, 0, a->queue_length);
+    pthread_mutex_unlock(&e->lock);
     return 0;
 }
 

@@ -76,6 +76,13 @@ int agent_engine_poll(agent_engine *engine, agent_engine_event *out, int max);  
 int agent_engine_app_set(agent_engine *engine, int app, const char *name,
                          int max_queue, uint32_t queue_timeout_ms);  /* max_queue 0: unbounded */
 int agent_engine_app_remove(agent_engine *engine, int app);
+/* Which per-request events the policy wants for an app (both by default).
+ * Each event wakes the policy, so a policy that cannot act on one (the app
+ * is at its bound) turns it off rather than paying a wake-up per request.
+ * Unread QUEUED and WORKER_IDLE events are updated in place, not repeated. */
+#define AGENT_NOTIFY_QUEUED 1
+#define AGENT_NOTIFY_IDLE 2
+int agent_engine_app_notify(agent_engine *engine, int app, unsigned int events);
 /* Answer the app's waiting requests, and new ones until cleared, with this
  * complete HTTP response (status line, headers and body). */
 int agent_engine_app_fail(agent_engine *engine, int app, const char *response, size_t length);
