@@ -209,6 +209,8 @@ class Core:
         if found is None:
             return
         app, worker = found
+        if not worker.is_starting():
+            return  # killed on purpose while starting (shutdown, new settings)
         line = bytes(data).split(b"\n", 1)[0]
         self.finish_handshake(app, worker, line)
 
@@ -272,8 +274,8 @@ class Core:
         delay = policy.backoff_delay(app.spawn_failures)
         app.failed_until = time.monotonic() + delay
         app.last_error = summary
-        log.error("app %s could not start (%d in a row, next try in %.0f s): %s\n%s",
-                  app.name, app.spawn_failures, delay, summary, details)
+        log.error("app %s could not start (%d in a row, next try in %.0f s): %s%s",
+                  app.name, app.spawn_failures, delay, summary, "" if details == summary else "\n" + details)
         self.engine.fail_app(app.id, startup_error_response(app.name, summary, details))
         app.failure_shown = True
 
