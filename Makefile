@@ -12,7 +12,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST_PYTHON ?= python3
 APT_PACKAGES := nginx nginx-dev build-essential python3 python3-venv python3-dev wrk
-PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML
+PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
 MODULE_SRC := nginx-module/config nginx-module/ngx_http_agent_module.c

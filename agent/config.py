@@ -16,8 +16,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AppConfig:
-    """One app's settings. Two configs compare equal when a running app may
-    keep its processes across a reload."""
+    """One app's settings (docs/directives.md)."""
 
     name: str
     app_root: str
@@ -25,23 +24,37 @@ class AppConfig:
     startup_file: str = "wsgi.py"
     python: str = "/usr/bin/python3"
     env: tuple[tuple[str, str], ...] = ()
-    min_instances: int = 1
-    max_instances: int = 0
     user: str = ""
     group: str = ""
     default_user: str = "nobody"
+    min_instances: int = 1
+    max_instances: int = 0
     max_request_queue_size: int = 100
-    start_timeout: float = 60.0
+    max_request_queue_time: float = 0.0
+    prestart: bool = False
+    memory_limit_mb: int = 0
+    max_requests: int = 0
+    max_request_time: float = 0.0
     shutdown_timeout: float = 60.0
+    start_timeout: float = 90.0
 
     @property
     def startup_path(self) -> Path:
         return Path(self.app_root) / self.startup_file
 
+    def process_settings(self) -> tuple[object, ...]:
+        """What a worker process is made of. When these change on reload, the
+        app's processes are replaced; the other settings are limits the
+        policy applies to the running processes as they are."""
+        return (self.app_root, self.app_type, self.startup_file, self.python, self.env,
+                self.user, self.group, self.default_user)
+
 
 @dataclass(frozen=True)
 class AppTable:
     max_pool_size: int = 6
+    pool_idle_time: float = 300.0
+    stat_throttle_rate: float = 10.0
     apps: tuple[AppConfig, ...] = field(default_factory=tuple)
 
 
@@ -49,6 +62,18 @@ def _int(entry: dict[str, Any], key: str, default: int, minimum: int, where: str
     value = entry.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigError(f"{where}: {key} must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+def _seconds(entry: dict[str, Any], key: str, default_ms: int, where: str) -> float:
+    """A time the module wrote in milliseconds (key ends in _ms), in seconds."""
+    return _int(entry, key, default_ms, 0, where) / 1000.0
+
+
+def _bool(entry: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    value = entry.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, not {value!r}")
     return value
 
 
@@ -85,6 +110,13 @@ def parse_app(entry: dict[str, Any], where: str) -> AppConfig:
         group=_str(entry, "group", "", where),
         default_user=_str(entry, "default_user", "nobody", where),
         max_request_queue_size=_int(entry, "max_request_queue_size", 100, 0, where),
+        max_request_queue_time=_seconds(entry, "max_request_queue_time_ms", 0, where),
+        prestart=_bool(entry, "prestart", False, where),
+        memory_limit_mb=_int(entry, "memory_limit_mb", 0, 0, where),
+        max_requests=_int(entry, "max_requests", 0, 0, where),
+        max_request_time=_seconds(entry, "max_request_time_ms", 0, where),
+        shutdown_timeout=_seconds(entry, "shutdown_timeout_ms", 60_000, where),
+        start_timeout=_seconds(entry, "start_timeout_ms", 90_000, where),
     )
     if config.max_instances and config.min_instances > config.max_instances:
         raise ConfigError(f"{where}: min_instances ({config.min_instances}) exceeds "
@@ -103,7 +135,12 @@ def parse_table(data: Any) -> AppTable:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"app named twice: {', '.join(duplicates)}")
-    return AppTable(max_pool_size=_int(data, "max_pool_size", 6, 1, "app table"), apps=apps)
+    return AppTable(
+        max_pool_size=_int(data, "max_pool_size", 6, 1, "app table"),
+        pool_idle_time=_seconds(data, "pool_idle_time_ms", 300_000, "app table"),
+        stat_throttle_rate=_seconds(data, "stat_throttle_rate_ms", 10_000, "app table"),
+        apps=apps,
+    )
 
 
 def load_table(path: Path) -> AppTable:

@@ -14,6 +14,7 @@ import errno
 import itertools
 import json
 import os
+import random
 import selectors
 import signal
 import socket
@@ -21,16 +22,28 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from agent import policy
 from agent.config import AppConfig, AppTable, ConfigError, load_table
 from agent.error_page import startup_error_response
 from agent.instance import Instance
 from agent.logs import OutputCapture, log
-from agent.native import EV_LOG, EV_QUEUED, EV_WORKER_FAILED, EV_WORKER_IDLE, NOTIFY_QUEUED, Engine, EngineEvent
+from agent.native import (
+    EV_LOG,
+    EV_QUEUED,
+    EV_WORKER_FAILED,
+    EV_WORKER_IDLE,
+    NOTIFY_IDLE,
+    NOTIFY_QUEUED,
+    Engine,
+    EngineEvent,
+)
 from agent.pool import App, Pool, Worker, WorkerState
 from agent.spawner import SpawnError, StartedProcess, install_loaders, start_worker
 
 TICK = 1.0
+MEMORY_SAMPLE_INTERVAL = 1.0
 HANDSHAKE_LIMIT = 65536
 
 
@@ -46,6 +59,9 @@ class Core:
         self.captures: dict[int, OutputCapture] = {}              # fd -> capture
         self.socket_numbers = itertools.count(1)
         self.next_tick = 0.0
+        self.next_memory_sample = 0.0
+        self.next_restart_check = 0.0
+        self.stat_throttle_rate = 10.0
         self.notifying: dict[int, int] = {}                        # app id -> NOTIFY_* asked for
 
     # -- the loop ---------------------------------------------------------
@@ -134,6 +150,8 @@ class Core:
 
     def apply_table(self, table: AppTable) -> None:
         self.pool.max_pool_size = table.max_pool_size
+        self.pool.pool_idle_time = table.pool_idle_time
+        self.stat_throttle_rate = table.stat_throttle_rate
         wanted = {config.name: config for config in table.apps}
         for name, app in self.pool.apps.items():
             if name not in wanted and not app.removed:
@@ -147,17 +165,24 @@ class Core:
         app = self.pool.apps.get(config.name)
         if app is None:
             app = App(id=self.pool.new_app_id(), config=config)
+            app.restart_mtime = restart_file_mtime(config)
             self.pool.apps[config.name] = app
             log.info("app %s: added (root %s)", config.name, config.app_root)
-        elif app.config != config or app.removed:
+        elif app.config.process_settings() != config.process_settings() or app.removed:
             log.info("app %s: settings changed, replacing its workers", config.name)
             app.config = config
             app.removed = False
             app.spawn_failures = 0
             app.failed_until = 0.0
             self.clear_failure(app)
-            self.detach_all(app, "settings changed")
-        self.engine.set_app(app.id, config.name, config.max_request_queue_size, 0)
+            self.begin_restart(app, "settings changed")
+        elif app.config != config:
+            log.info("app %s: limits changed, applied to the running workers", config.name)
+            app.config = config
+        if config.prestart:
+            app.activated = True
+        self.engine.set_app(app.id, config.name, config.max_request_queue_size,
+                            int(config.max_request_queue_time * 1000))
 
     # -- engine events ----------------------------------------------------
 
@@ -177,9 +202,22 @@ class Core:
                 log.warning("worker %d refused a connection: %s", event.pid, event.message)
                 self.detach(*found, "refused a connection")
         elif event.type == EV_WORKER_IDLE:
-            pass  # the tick's stats refresh reads the counters
+            self.worker_finished_requests(event.pid, int(event.value))
         elif event.type == EV_LOG:
             log.warning("%s", event.message)
+
+    def worker_finished_requests(self, pid: int, processed: int) -> None:
+        """Apps with per-worker limits hear of every finished request, so that
+        a worker that leaks or has served enough is caught at once."""
+        found = self.pool.find_worker(pid)
+        if found is None:
+            return
+        app, worker = found
+        worker.processed = max(worker.processed, processed)
+        worker.sessions = 0
+        worker.last_used = time.monotonic()
+        if app.config.memory_limit_mb:
+            self.sample_memory([worker])
 
     def refresh_stats(self) -> None:
         app_stats = self.engine.app_stats()
@@ -192,6 +230,12 @@ class Core:
             if ws is not None:
                 worker.sessions = ws.sessions
                 worker.processed = ws.processed
+                # The engine's clock is CLOCK_MONOTONIC too.
+                worker.last_used = max(worker.last_used, ws.last_used_ms / 1000.0)
+
+    def sample_memory(self, workers: list[Worker]) -> None:
+        for worker in workers:
+            worker.memory = private_memory(worker.pid)
 
     # -- handshakes and output ---------------------------------------------
 
@@ -233,7 +277,7 @@ class Core:
 
     def worker_ready(self, app: App, worker: Worker, concurrency: int) -> None:
         worker.state = WorkerState.SERVING
-        worker.ready_at = time.monotonic()
+        worker.ready_at = worker.last_used = time.monotonic()
         worker.concurrency = max(1, concurrency)
         app.spawn_failures = 0
         self.clear_failure(app)
@@ -261,7 +305,8 @@ class Core:
 
     def track(self, app: App, started: StartedProcess) -> None:
         worker = Worker(pid=started.pid, app=app.name, socket_path=started.socket_path,
-                        spawned_at=time.monotonic())
+                        spawned_at=time.monotonic(), generation=app.generation,
+                        max_requests=policy.request_budget(app, random.random()))
         app.workers[worker.pid] = worker
         self.handshakes[started.ready_fd] = (started.pid, bytearray())
         self.selector.register(started.ready_fd, selectors.EVENT_READ, self.on_handshake)
@@ -276,8 +321,46 @@ class Core:
         app.last_error = summary
         log.error("app %s could not start (%d in a row, next try in %.0f s): %s%s",
                   app.name, app.spawn_failures, delay, summary, "" if details == summary else "\n" + details)
-        self.engine.fail_app(app.id, startup_error_response(app.name, summary, details))
-        app.failure_shown = True
+        if app.restarting():
+            self.abandon_restart(app)
+        elif not app.serving_workers():
+            self.engine.fail_app(app.id, startup_error_response(app.name, summary, details))
+            app.failure_shown = True
+
+    # -- restarts --------------------------------------------------------------
+
+    def begin_restart(self, app: App, reason: str) -> None:
+        """Rolling: every serving worker is replaced, one at a time, each
+        only once its replacement is ready (policy.plan_restart)."""
+        for worker in app.starting_workers():
+            self.kill(worker, "restarting")
+        app.generation += 1
+        app.restart_target = len(app.serving_workers())
+        app.spawn_failures = 0
+        app.failed_until = 0.0
+        log.info("app %s: rolling restart of %d worker(s) (%s)", app.name, app.restart_target, reason)
+
+    def abandon_restart(self, app: App) -> None:
+        """The new code does not start: the old workers keep serving."""
+        old = app.outdated_workers()
+        for worker in old:
+            worker.generation = app.generation
+        log.error("app %s: rolling restart abandoned; %d old worker(s) keep serving", app.name, len(old))
+
+    def check_restart_files(self, now: float) -> None:
+        """tmp/restart.txt touched: a rolling restart. tmp/always_restart.txt
+        present: every worker serves one request, then is replaced."""
+        if now < self.next_restart_check:
+            return
+        self.next_restart_check = now + max(self.stat_throttle_rate, TICK)
+        for app in self.pool.apps.values():
+            if app.removed:
+                continue
+            mtime = restart_file_mtime(app.config)
+            if mtime is not None and mtime != app.restart_mtime:
+                self.begin_restart(app, "tmp/restart.txt touched")
+            app.restart_mtime = mtime
+            app.always_restart = (Path(app.config.app_root) / "tmp" / "always_restart.txt").exists()
 
     def clear_failure(self, app: App) -> None:
         if app.failure_shown:
@@ -358,23 +441,33 @@ class Core:
         fresh = now >= self.next_tick
         if fresh:
             self.refresh_stats()
+            self.check_restart_files(now)
             self.next_tick = now + TICK
-        actions = policy.plan(self.pool, now)
-        if not fresh and any(isinstance(a, policy.Spawn) for a in actions):
-            # Queue lengths from events may be stale: check before forking.
-            self.refresh_stats()
+        if now >= self.next_memory_sample:
+            self.sample_memory([w for w in self.pool.workers() if w.is_serving()])
+            self.next_memory_sample = now + MEMORY_SAMPLE_INTERVAL
+        for _ in range(3):  # a detach makes room that a spawn may use at once
             actions = policy.plan(self.pool, now)
-        for action in actions:
-            self.apply(action)
+            if not fresh and any(isinstance(a, policy.Spawn) for a in actions):
+                # Queue lengths from events may be stale: check before forking.
+                self.refresh_stats()
+                fresh = True
+                actions = policy.plan(self.pool, now)
+            for action in actions:
+                self.apply(action)
+            if not any(isinstance(a, policy.Detach) for a in actions):
+                break
         self.choose_notifications()
 
     def choose_notifications(self) -> None:
         """Hear of queued requests only for apps that could start a worker:
         at its bound an app's queue is the engine's business alone, and an
         event per request would wake this loop for nothing."""
-        room = self.pool.max_pool_size - self.pool.live_count()
+        room = self.pool.room()
         for app in self.pool.apps.values():
             wanted = NOTIFY_QUEUED if policy.may_grow(app, room) else 0
+            if policy.limits_each_request(app):
+                wanted |= NOTIFY_IDLE
             if self.notifying.get(app.id) != wanted:
                 self.engine.notify_app(app.id, wanted)
                 self.notifying[app.id] = wanted
@@ -382,6 +475,10 @@ class Core:
     def apply(self, action: policy.Action) -> None:
         if isinstance(action, policy.Spawn):
             self.spawn(self.pool.apps[action.app])
+        elif isinstance(action, policy.Detach):
+            found = self.pool.find_worker(action.pid)
+            if found is not None:
+                self.detach(*found, action.reason)
         elif isinstance(action, policy.ClearFailure):
             self.clear_failure(self.pool.apps[action.app])
         elif isinstance(action, policy.Stop):
@@ -394,6 +491,23 @@ class Core:
                 if found[1].is_starting():
                     self.spawn_failed(found[0], f"the worker {action.reason}", action.reason)
                 self.kill(found[1], action.reason)
+
+
+def private_memory(pid: int) -> int | None:
+    """Bytes only this process holds: its unique set size (what the kernel
+    gets back when it exits) plus its swapped-out pages."""
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    return int(info.uss + info.swap)
+
+
+def restart_file_mtime(config: AppConfig) -> float | None:
+    try:
+        return (Path(config.app_root) / "tmp" / "restart.txt").stat().st_mtime
+    except OSError:
+        return None
 
 
 def describe_exit(status: int) -> str:

@@ -24,6 +24,14 @@ class Spawn:
 
 
 @dataclass(frozen=True)
+class Detach:
+    """The engine stops giving the worker requests; it is stopped once idle."""
+
+    pid: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Stop:
     """SIGTERM: the worker finishes its request and exits."""
 
@@ -45,7 +53,7 @@ class ClearFailure:
     app: str
 
 
-Action = Spawn | Stop | Kill | ClearFailure
+Action = Spawn | Detach | Stop | Kill | ClearFailure
 
 
 def backoff_delay(failures: int) -> float:
@@ -61,34 +69,130 @@ def app_capacity(app: App) -> int:
     return bound if bound > 0 else 1 << 30
 
 
+def request_budget(app: App, draw: float) -> int:
+    """Requests a new worker may serve before it is replaced (0: no limit).
+    Each worker's budget is up to 10 % above agent_max_requests, drawn at
+    random, so that workers started together do not all recycle together."""
+    limit = app.config.max_requests
+    return limit + int(limit * 0.1 * draw) if limit > 0 else 0
+
+
+def limits_each_request(app: App) -> bool:
+    """The app's workers are checked after every request they serve."""
+    return bool(app.config.memory_limit_mb or app.config.max_requests or app.always_restart)
+
+
 def may_grow(app: App, room: int) -> bool:
     """The app could get another worker if requests waited: below its own
     bound, with room in the pool, and still configured."""
     return not app.removed and room > 0 and len(app.live_workers()) < app_capacity(app)
 
 
+def may_start(app: App, now: float) -> bool:
+    """One start at a time per app, none while it backs off after failures,
+    shows its error page, or is being removed."""
+    return not (app.removed or app.in_backoff(now) or app.failure_shown or app.starting_workers())
+
+
+# -- growing ----------------------------------------------------------------
+
+
 def wants_another_worker(app: App, now: float) -> bool:
-    """A request waits, or the app is below its minimum; one start at a time
-    per app, none while it backs off after failures or is being removed."""
-    if app.removed or app.in_backoff(now) or app.failure_shown or app.starting_workers():
+    """A request waits, or the app is below its minimum."""
+    if not may_start(app, now) or len(app.live_workers()) >= app_capacity(app):
         return False
-    live = len(app.live_workers())
-    if live >= app_capacity(app):
-        return False
-    below_minimum = app.activated and app.spawn_failures == 0 and live < app.config.min_instances
+    below_minimum = app.activated and app.spawn_failures == 0 and len(app.live_workers()) < app.config.min_instances
     return below_minimum or app.queue_length > 0
 
 
 def plan_spawns(pool: Pool, now: float) -> list[Action]:
-    room = pool.max_pool_size - pool.live_count()
+    room = pool.room()
     actions: list[Action] = []
     for app in pool.apps.values():
-        if room <= 0:
-            break
-        if wants_another_worker(app, now):
+        if room > 0 and not app.restarting() and wants_another_worker(app, now):
             actions.append(Spawn(app.name))
             room -= 1
     return actions
+
+
+def plan_eviction(pool: Pool, now: float) -> list[Action]:
+    """A full pool gives way to an app whose requests wait with no worker at
+    all: the least recently used idle worker of another app is detached."""
+    if pool.room() > 0:
+        return []
+    for app in pool.apps.values():
+        if app.queue_length > 0 and not app.live_workers() and may_start(app, now):
+            idle = [w for other in pool.apps.values() if other is not app
+                    for w in other.serving_workers() if w.is_idle()]
+            if idle:
+                victim = min(idle, key=lambda w: w.last_used)
+                return [Detach(victim.pid, f"the pool is full and {app.name} has no worker")]
+    return []
+
+
+# -- shrinking and recycling --------------------------------------------------
+
+
+def recycle_reason(app: App, worker: Worker) -> str | None:
+    """Why a serving worker should be replaced, if it should."""
+    if worker.over_memory_limit(app.config.memory_limit_mb):
+        assert worker.memory is not None
+        return f"memory limit: {worker.memory >> 20} MB > {app.config.memory_limit_mb} MB"
+    if worker.served_enough():
+        return f"served {worker.processed} requests (limit {worker.max_requests})"
+    if app.always_restart and worker.processed > 0:
+        return "tmp/always_restart.txt: one request per worker"
+    return None
+
+
+def plan_recycling(pool: Pool, now: float) -> list[Action]:
+    actions: list[Action] = []
+    for app in pool.apps.values():
+        for worker in app.serving_workers():
+            reason = recycle_reason(app, worker)
+            if reason is not None:
+                actions.append(Detach(worker.pid, reason))
+    return actions
+
+
+def plan_idle(pool: Pool, now: float) -> list[Action]:
+    """Workers idle longer than the pool idle time are stopped, least
+    recently used first, down to the app's minimum."""
+    if pool.pool_idle_time <= 0:
+        return []
+    actions: list[Action] = []
+    for app in pool.apps.values():
+        spare = len(app.live_workers()) - app.config.min_instances
+        idle = [w for w in app.serving_workers() if w.idle_for(now) > pool.pool_idle_time]
+        for worker in sorted(idle, key=lambda w: w.last_used)[:max(0, spare)]:
+            actions.append(Detach(worker.pid, f"idle for {worker.idle_for(now):.0f} s"))
+    return actions
+
+
+# -- restarting ---------------------------------------------------------------
+
+
+def plan_restart(app: App, now: float) -> list[Action]:
+    """A rolling restart: a new worker is ready before an old one is retired,
+    one at a time. The pool may hold one worker more than its bounds while
+    it happens."""
+    old = app.outdated_workers()
+    if not old:
+        return []
+    current = [w for w in app.serving_workers() if w.generation == app.generation]
+    target = max(app.restart_target, app.config.min_instances, 1)
+    if len(old) + len(current) > target:
+        return [Detach(old[0].pid, "rolling restart")]
+    if may_start(app, now):
+        return [Spawn(app.name)]
+    return []
+
+
+def plan_restarts(pool: Pool, now: float) -> list[Action]:
+    return [action for app in pool.apps.values() for action in plan_restart(app, now)]
+
+
+# -- failures and deadlines -----------------------------------------------------
 
 
 def plan_failures(pool: Pool, now: float) -> list[Action]:
@@ -102,7 +206,7 @@ def worker_deadline_actions(app: App, worker: Worker, now: float) -> list[Action
     if worker.is_detaching() and worker.is_idle():
         return [Stop(worker.pid)]
     if worker.is_stopping() and worker.stop_deadline is not None and now > worker.stop_deadline:
-        return [Kill(worker.pid, f"did not exit within {app.config.shutdown_timeout:g} s of SIGTERM")]
+        return [Kill(worker.pid, f"did not exit within {app.config.shutdown_timeout:g} s")]
     return []
 
 
@@ -112,5 +216,8 @@ def plan_deadlines(pool: Pool, now: float) -> list[Action]:
 
 
 def plan(pool: Pool, now: float) -> list[Action]:
-    """Every action the pool needs now, in the order they should happen."""
-    return plan_failures(pool, now) + plan_deadlines(pool, now) + plan_spawns(pool, now)
+    """Every action the pool needs now, in the order they should happen:
+    stops and detaches first, so that the spawns see the room they make."""
+    return (plan_failures(pool, now) + plan_deadlines(pool, now) + plan_recycling(pool, now)
+            + plan_idle(pool, now) + plan_restarts(pool, now) + plan_eviction(pool, now)
+            + plan_spawns(pool, now))

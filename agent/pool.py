@@ -32,6 +32,10 @@ class Worker:
     stop_deadline: float | None = None
     sessions: int = 0
     processed: int = 0
+    last_used: float = 0.0           # time.monotonic() of its last request's start or end
+    memory: int | None = None        # bytes it alone holds (USS + swap), at the last sample
+    generation: int = 0              # the app's generation it was started for
+    max_requests: int = 0            # recycled after this many requests (0: never)
     detach_reason: str = ""
 
     def is_starting(self) -> bool:
@@ -57,6 +61,15 @@ class Worker:
     def is_idle(self) -> bool:
         return self.sessions == 0
 
+    def idle_for(self, now: float) -> float:
+        return now - self.last_used if self.is_idle() else 0.0
+
+    def over_memory_limit(self, limit_mb: int) -> bool:
+        return limit_mb > 0 and self.memory is not None and self.memory > limit_mb << 20
+
+    def served_enough(self) -> bool:
+        return self.max_requests > 0 and self.processed >= self.max_requests
+
 
 @dataclass
 class App:
@@ -70,6 +83,10 @@ class App:
     failure_shown: bool = False      # the engine answers with the error page
     last_error: str = ""
     removed: bool = False            # gone from the app table; stops when drained
+    generation: int = 0              # bumped by a restart; older workers are replaced
+    restart_target: int = 0          # live workers when the current restart began
+    restart_mtime: float | None = None   # tmp/restart.txt's mtime when last seen
+    always_restart: bool = False     # tmp/always_restart.txt exists
 
     @property
     def name(self) -> str:
@@ -84,10 +101,22 @@ class App:
     def in_backoff(self, now: float) -> bool:
         return now < self.failed_until
 
+    def serving_workers(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.is_serving()]
+
+    def outdated_workers(self) -> list[Worker]:
+        """Serving workers started before the current restart, oldest first."""
+        old = [w for w in self.serving_workers() if w.generation < self.generation]
+        return sorted(old, key=lambda w: w.spawned_at)
+
+    def restarting(self) -> bool:
+        return bool(self.outdated_workers())
+
 
 @dataclass
 class Pool:
     max_pool_size: int
+    pool_idle_time: float = 300.0
     apps: dict[str, App] = field(default_factory=dict)
     _next_app_id: int = 0
 
@@ -110,3 +139,6 @@ class Pool:
 
     def live_count(self) -> int:
         return sum(1 for w in self.workers() if w.is_live())
+
+    def room(self) -> int:
+        return self.max_pool_size - self.live_count()

@@ -6,8 +6,18 @@
  * travels through it:
  *
  *   accept -> read the frame -> validate it -> find the app -> pick a worker
- *          (or wait in the app's queue) -> connect -> pump bytes both ways
- *          -> the worker closes -> end the session -> next queued request
+ *          (or wait in the app's queue) -> take an idle worker connection
+ *          or open one -> pump bytes both ways, stripping the response's
+ *          record headers -> the end record -> close nginx's connection,
+ *          keep the worker's -> end the session -> next queued request
+ *
+ * Worker connections
+ *   A worker connection (wconn) outlives the requests it carries: each
+ *   worker keeps a list of idle ones, and has at most its concurrency open.
+ *   A wconn is registered with epoll once, when it is opened. It is closed
+ *   instead of reused when its request did not end cleanly (see
+ *   response_complete), and when it turns readable while idle: the worker
+ *   closed it, or sent bytes nobody asked for.
  *
  * The loop
  *   One thread waits in epoll_wait() on the listening socket (level-
@@ -22,10 +32,11 @@
  *   wait for it (see watch_client), which a quick request never does.
  *
  * Cost
- *   A hello-world request costs the loop 12 system calls: accept4, read
- *   (the frame), socket, connect, epoll_ctl (worker), send (the frame),
- *   epoll_wait, read (the response and its end), send (the response), two
- *   close, and a share of epoll_wait for the accept. No allocation, no log.
+ *   A hello-world request on a kept worker connection costs the loop 7
+ *   system calls: accept4, read (the frame), send (the frame), epoll_wait,
+ *   read (the response and its end record), send (the response), close
+ *   (nginx's connection), and a share of epoll_wait for the accept. No
+ *   allocation, no log, and the worker is woken only by the frame.
  *
  * Locking
  *   One mutex guards everything. The loop holds it while it handles a batch
@@ -38,8 +49,9 @@
  *   A connection that ends is closed at once (which also removes its sockets
  *   from epoll) but its memory is recycled only after the current batch of
  *   events, because a later event of the same batch may still point at it.
- *   A worker removed while requests are in flight keeps serving them to the
- *   end; its record is freed by the last of them.
+ *   The same holds for worker connections. A worker removed while requests
+ *   are in flight keeps serving them to the end; its record is freed when
+ *   its last session has ended and its last connection is closed.
  *
  * Timers
  *   There is no timer per request. Every TICK_MS the loop scans the
@@ -115,9 +127,11 @@ typedef struct list_link {
 typedef enum { EP_LISTENER, EP_WAKE, EP_CLIENT, EP_WORKER } endpoint_kind;
 
 struct conn;
+struct wconn;
 typedef struct {
     endpoint_kind kind;
-    struct conn *conn;
+    struct conn *conn;          /* EP_CLIENT */
+    struct wconn *wconn;        /* EP_WORKER */
 } endpoint;
 
 /* A complete HTTP response given by agent_engine_app_fail(). Shared by
@@ -141,9 +155,25 @@ typedef struct worker {
     uint64_t last_use_seq;      /* finer than ms: orders workers for the LRU tie-break */
     struct sockaddr_un addr;
     socklen_t addr_len;
-    struct worker *next_orphan; /* removed workers with sessions still running */
+    struct worker *next_orphan; /* removed workers with sessions or connections left */
     uint64_t idle_event;        /* 1 + number of its last IDLE event, or 0 */
+    list_link idle;             /* wconns carrying no request, most recently used first */
+    int open;                   /* wconns open, idle or busy; at most concurrency */
+    bool close_idle;            /* detached or removed: the loop must close its idle wconns */
 } worker;
+
+/* A connection to a worker, kept across requests (docs/protocol.md §2). */
+typedef struct wconn {
+    endpoint ep;
+    int fd;
+    worker *worker;
+    struct conn *conn;          /* the request it carries, or NULL when idle */
+    list_link idle_link;        /* in worker->idle while idle */
+    /* What the kernel last said about the socket (edge-triggered). */
+    bool readable, writable, rdhup;
+    uint64_t served;            /* requests it completed: a reused wconn has served > 0 */
+    struct wconn *next_dead;
+} wconn;
 
 typedef struct app {
     int id;
@@ -175,21 +205,34 @@ typedef enum {
 typedef struct conn {
     conn_state state;
     endpoint client_ep;
-    endpoint worker_ep;
     int client_fd;
-    int worker_fd;
+    wconn *wc;                  /* the worker connection while forwarding */
     list_link all_link;         /* every live connection, for agent_engine_stop() */
     list_link wait_link;        /* the reading list or its app's queue */
     bool in_wait_list;
     bool client_watched;        /* the nginx socket is in the epoll set */
     struct conn *next_free;
 
-    /* What the kernel last said about each socket (edge-triggered). */
+    /* What the kernel last said about nginx's socket (edge-triggered). */
     bool client_readable, client_writable, client_hup;
-    bool worker_readable, worker_writable, worker_rdhup;
-    bool worker_eof;            /* the worker ended its response */
+    /* The session with the worker (reset by begin_session). */
     bool upstream_closed;       /* the worker refuses request bytes; keep reading its answer */
-    bool response_started;      /* at least one response byte came from the worker */
+    bool worker_closed;         /* end of file or an error on the wconn: nothing more will come */
+    int worker_error;           /* errno of that error, or 0 for end of file */
+    bool response_bytes;        /* a byte came from the worker, record headers included */
+    bool response_started;      /* the payload began with "HTTP/1.1 ": bytes may go to nginx */
+    bool response_end;          /* the end record came */
+    bool malformed;             /* the worker's bytes are not a response in records */
+    bool extra_bytes;           /* bytes came after the end record */
+    int upstream_error;         /* errno of the send that set upstream_closed */
+    bool retried;               /* sent to a worker again already (may_replay) */
+    bool draining;              /* nginx went away after the whole request was sent */
+    bool replayable;            /* the whole request is the frame in up: it can be sent again */
+    uint32_t request_len;       /* bytes of the request held in up when replayable */
+    /* The record being read: its header bytes so far, then its payload left. */
+    uint8_t rec_have;
+    unsigned char rec_header[4];
+    uint32_t rec_left;
 
     /* nginx -> worker: the frame, then the body. */
     char *up;
@@ -243,6 +286,7 @@ struct agent_engine {
     conn *free_conns;
     int free_conns_count;
     conn *dead_conns;
+    wconn *dead_wconns;         /* closed this batch; freed after it */
     char *free_buffers;         /* linked through their first bytes */
     int free_buffers_count;
 
@@ -440,10 +484,8 @@ static conn *conn_get(agent_engine *e)
         return NULL;
     }
     memset(c, 0, offsetof(conn, reply_inline));
-    c->client_ep = (endpoint){EP_CLIENT, c};
-    c->worker_ep = (endpoint){EP_WORKER, c};
+    c->client_ep = (endpoint){EP_CLIENT, c, NULL};
     c->client_fd = -1;
-    c->worker_fd = -1;
     c->app_id = -1;
     list_init(&c->all_link);
     list_init(&c->wait_link);
@@ -463,7 +505,8 @@ static void conn_leave_wait_list(agent_engine *e, conn *c)
     c->in_wait_list = false;
 }
 
-/* Closes both sockets and hands the record to the end of the batch. */
+/* Closes nginx's socket and hands the record to the end of the batch.
+ * The session, if any, has been ended by the caller (end_session). */
 static void conn_release(agent_engine *e, conn *c)
 {
     if (c->state == CONN_DONE)
@@ -471,7 +514,6 @@ static void conn_release(agent_engine *e, conn *c)
     conn_leave_wait_list(e, c);
     list_unlink(&c->all_link);
     close_fd(&c->client_fd);
-    close_fd(&c->worker_fd);
     buffer_put(e, c->up, c->up_cap);
     buffer_put(e, c->down, c->down_cap);
     c->up = c->down = NULL;
@@ -486,6 +528,11 @@ static void conn_release(agent_engine *e, conn *c)
 /* Called once the batch that may still mention them is over. */
 static void recycle_dead_conns(agent_engine *e)
 {
+    while (e->dead_wconns) {
+        wconn *wc = e->dead_wconns;
+        e->dead_wconns = wc->next_dead;
+        free(wc);
+    }
     while (e->dead_conns) {
         conn *c = e->dead_conns;
         e->dead_conns = c->next_free;
@@ -658,14 +705,15 @@ static void reject_frame(agent_engine *e, conn *c, const char *why)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Sessions: a request being served by a worker                             */
+/* Worker connections                                                       */
 
 static void dispatch_queue(agent_engine *e, app *a);
 static void pump(agent_engine *e, conn *c);
 
-static void worker_free_if_orphan_done(agent_engine *e, worker *w)
+/* Frees a removed worker once no session and no connection refers to it. */
+static void worker_free_if_unused(agent_engine *e, worker *w)
 {
-    if (!w->removed || w->sessions > 0)
+    if (!w->removed || w->sessions > 0 || w->open > 0)
         return;
     for (worker **p = &e->orphans; *p; p = &(*p)->next_orphan) {
         if (*p == w) {
@@ -676,12 +724,125 @@ static void worker_free_if_orphan_done(agent_engine *e, worker *w)
     free(w);
 }
 
-/* Closes the worker side of a session and settles the worker's counters.
- * counted: the worker served the request (it sent a response). */
-static void end_session(agent_engine *e, conn *c, bool counted)
+/* Closes a worker connection (which also takes it out of epoll) and hands
+ * its memory to the end of the batch. It never frees the worker: callers
+ * that may hold the last reference call worker_free_if_unused after, so
+ * that a walk over the worker's idle list never outlives the worker. */
+static void wconn_close(agent_engine *e, wconn *wc)
+{
+    if (wc->fd < 0)
+        return;
+    list_unlink(&wc->idle_link);  /* a no-op when it is not idle: the link points at itself */
+    close_fd(&wc->fd);
+    wc->worker->open--;
+    wc->conn = NULL;
+    wc->next_dead = e->dead_wconns;
+    e->dead_wconns = wc;
+}
+
+static void worker_close_idle(agent_engine *e, worker *w)
+{
+    while (!list_empty(&w->idle))
+        wconn_close(e, CONTAINER_OF(w->idle.next, wconn, idle_link));
+}
+
+/* An idle connection the kernel calls readable: the worker closed it
+ * (either side may close an idle connection at any time), reset it, or
+ * sent bytes nobody asked for; all end it. Only an empty socket (a stale
+ * edge) keeps it, which costs one read that returns EAGAIN. */
+static void idle_check(agent_engine *e, wconn *wc)
+{
+    worker *w = wc->worker;
+    if (!wc->rdhup) {
+        char byte;
+        ssize_t n;
+        do
+            n = recv(wc->fd, &byte, 1, 0);
+        while (n < 0 && errno == EINTR);
+        if (n < 0 && errno == EAGAIN) {
+            wc->readable = false;
+            return;
+        }
+        if (n > 0)
+            emit(e, AGENT_EV_LOG, w->app, w->pid, 0, "worker pid %d sent bytes on an idle connection; closed it", w->pid);
+    }
+    wconn_close(e, wc);
+    worker_free_if_unused(e, w);
+}
+
+/* Most recently used first: the connections used least age out when the
+ * worker closes idle ones, and a hot one stays warm. */
+static void wconn_make_idle(agent_engine *e, wconn *wc)
+{
+    list_prepend(&wc->worker->idle, &wc->idle_link);
+    if (wc->readable)  /* the last read filled the buffer exactly: look once */
+        idle_check(e, wc);
+}
+
+static wconn *worker_take_idle(worker *w)
+{
+    if (list_empty(&w->idle))
+        return NULL;
+    wconn *wc = CONTAINER_OF(w->idle.next, wconn, idle_link);
+    list_unlink(&wc->idle_link);
+    return wc;
+}
+
+enum connect_result { CONNECTED, WORKER_REFUSED, LOCAL_FAILURE };
+
+/* Opens a connection to the worker. WORKER_REFUSED means nothing was sent
+ * and the worker must be given up; LOCAL_FAILURE is the engine's own
+ * shortage (fds, memory) and says nothing about the worker. */
+static enum connect_result wconn_open(agent_engine *e, worker *w, wconn **out, int *err)
+{
+    wconn *wc = malloc(sizeof *wc);
+    if (!wc) {
+        *err = ENOMEM;
+        return LOCAL_FAILURE;
+    }
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        *err = errno;
+        free(wc);
+        return LOCAL_FAILURE;
+    }
+    int r;
+    do
+        r = connect(fd, (const struct sockaddr *)&w->addr, w->addr_len);
+    while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        *err = errno;
+        close(fd);
+        free(wc);
+        return (*err == ENOMEM || *err == ENOBUFS) ? LOCAL_FAILURE : WORKER_REFUSED;
+    }
+    /* A fresh connection has room for the frame; the worker has said nothing. */
+    *wc = (wconn){.ep = {EP_WORKER, NULL, wc}, .fd = fd, .worker = w, .writable = true};
+    list_init(&wc->idle_link);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &wc->ep};
+    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        *err = errno;
+        close(fd);
+        free(wc);
+        return LOCAL_FAILURE;
+    }
+    w->open++;
+    *out = wc;
+    return CONNECTED;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Sessions: a request being served by a worker                             */
+
+/* Ends the session and settles the worker's counters. counted: the worker
+ * served the request (it sent a response). reusable: the worker connection
+ * sits at a clean boundary between requests and may carry the next one;
+ * otherwise it is closed. */
+static void end_session(agent_engine *e, conn *c, bool counted, bool reusable)
 {
     worker *w = c->worker;
-    close_fd(&c->worker_fd);
+    wconn *wc = c->wc;
+    c->wc = NULL;
     if (!w)
         return;
     c->worker = NULL;
@@ -689,8 +850,18 @@ static void end_session(agent_engine *e, conn *c, bool counted)
     if (counted)
         w->processed++;
     worker_touch(e, w);
+    if (wc) {
+        wc->conn = NULL;
+        if (reusable)
+            wc->served++;
+        /* A worker that is not active gets no more requests, so it keeps no idle connection. */
+        if (reusable && w->state == AGENT_WORKER_ACTIVE && !e->stopping && !wc->rdhup)
+            wconn_make_idle(e, wc);
+        else
+            wconn_close(e, wc);
+    }
     if (w->removed) {
-        worker_free_if_orphan_done(e, w);
+        worker_free_if_unused(e, w);
         return;
     }
     app *a = app_by_id(e, w->app);
@@ -706,55 +877,31 @@ static void worker_failed(agent_engine *e, worker *w, int err)
 {
     char text[128];
     w->state = AGENT_WORKER_DETACHED;
+    worker_close_idle(e, w);
     emit(e, AGENT_EV_WORKER_FAILED, w->app, w->pid, err, "cannot connect to worker pid %d at %s: %s",
          w->pid, w->addr.sun_path, strerror_r(err, text, sizeof text));
 }
 
-enum connect_result { CONNECTED, WORKER_REFUSED, LOCAL_FAILURE };
-
-/* Opens a connection to the worker. WORKER_REFUSED means nothing was sent
- * and the worker must be given up; LOCAL_FAILURE is the engine's own
- * shortage (fds, memory) and says nothing about the worker. */
-static enum connect_result connect_worker(agent_engine *e, conn *c, worker *w, int *err)
-{
-    if (!c->down && !(c->down = buffer_get(e))) {
-        *err = ENOMEM;
-        return LOCAL_FAILURE;
-    }
-    c->down_cap = e->config.io_buffer_size;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        *err = errno;
-        return LOCAL_FAILURE;
-    }
-    int r;
-    do
-        r = connect(fd, (const struct sockaddr *)&w->addr, w->addr_len);
-    while (r < 0 && errno == EINTR);
-    if (r < 0) {
-        *err = errno;
-        close(fd);
-        return (*err == ENOMEM || *err == ENOBUFS) ? LOCAL_FAILURE : WORKER_REFUSED;
-    }
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &c->worker_ep};
-    if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        *err = errno;
-        close(fd);
-        return LOCAL_FAILURE;
-    }
-    c->worker_fd = fd;
-    return CONNECTED;
-}
-
-static void begin_session(agent_engine *e, conn *c, worker *w)
+static void begin_session(agent_engine *e, conn *c, worker *w, wconn *wc)
 {
     conn_leave_wait_list(e, c);
     c->state = CONN_FORWARDING;
     c->worker = w;
+    c->wc = wc;
+    wc->conn = c;
     w->sessions++;
     worker_touch(e, w);
-    c->worker_writable = true;   /* a fresh connection has room for the frame */
-    c->worker_readable = false;  /* the worker has not answered yet */
+    c->upstream_closed = c->worker_closed = c->response_bytes = false;
+    c->response_started = c->response_end = c->malformed = c->extra_bytes = false;
+    c->draining = false;
+    c->upstream_error = c->worker_error = 0;
+    c->rec_have = 0;
+    c->rec_left = 0;
+    c->down_pos = c->down_len = 0;
+    if (c->replayable) {  /* from the start, also when sent again */
+        c->up_pos = 0;
+        c->up_len = c->request_len;
+    }
     pump(e, c);
 }
 
@@ -794,9 +941,10 @@ static void enqueue(agent_engine *e, app *a, conn *c, bool at_head)
         emit_coalesced(e, &a->queued_event, AGENT_EV_QUEUED, a->id, 0, a->queue_length);
 }
 
-/* Hands a request to a worker of its app, trying the next worker when one
- * refuses the connection (the request was not sent, so it is not lost),
- * or queues it. at_head: it came from the head of the queue. */
+/* Hands a request to a worker of its app over an idle connection or a new
+ * one, trying the next worker when one refuses the connection (the request
+ * was not sent, so it is not lost), or queues it. at_head: it came from the
+ * head of the queue. */
 static void route(agent_engine *e, app *a, conn *c, bool at_head)
 {
     if (a->failure) {
@@ -809,10 +957,18 @@ static void route(agent_engine *e, app *a, conn *c, bool at_head)
             enqueue(e, a, c, at_head);
             return;
         }
+        if (!c->down && !(c->down = buffer_get(e))) {
+            reply_local_failure(e, c, a, ENOMEM);
+            return;
+        }
+        c->down_cap = e->config.io_buffer_size;
+        /* No idle connection means every open one carries a session, and
+         * pick_worker saw a free slot: opening one stays within concurrency. */
+        wconn *wc = worker_take_idle(w);
         int err = 0;
-        enum connect_result r = connect_worker(e, c, w, &err);
+        enum connect_result r = wc ? CONNECTED : wconn_open(e, w, &wc, &err);
         if (r == CONNECTED) {
-            begin_session(e, c, w);
+            begin_session(e, c, w, wc);
             return;
         }
         if (r == LOCAL_FAILURE) {
@@ -845,52 +1001,119 @@ static void answer_queue_with_failure(agent_engine *e, app *a)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Moving bytes                                                             */
+/* Ending a session                                                         */
 
+/* nginx went away. A worker that has the whole request is still busy
+ * with it: the session stays open, the rest of the response is read and
+ * dropped, and the worker gets no other request until its end record
+ * (otherwise a new request would wait behind the abandoned one, in the
+ * worker's backlog, out of the engine's sight). A worker still owed body
+ * bytes cannot finish cleanly: its connection is closed. */
 static void client_aborted(agent_engine *e, conn *c)
 {
-    end_session(e, c, c->response_started);
+    bool request_sent = !c->upstream_closed && c->body_remaining == 0 && c->up_pos == c->up_len;
+    if (request_sent && !c->worker_closed && !c->malformed) {
+        c->draining = true;
+        close_fd(&c->client_fd);
+        c->client_watched = false;
+        c->down_pos = c->down_len = 0;
+        return;
+    }
+    end_session(e, c, c->response_started, false);
     conn_release(e, c);
 }
 
-/* The worker closed its end. Either the response is complete, or it
- * failed before a byte of it: then nginx gets the engine's 502. */
-static void response_done(agent_engine *e, conn *c)
+/* The end record came and nginx has every byte. Closing nginx's
+ * connection ends the response for it; the worker connection is kept
+ * when it sits at a clean boundary: the worker got the whole request, sent
+ * nothing after the end record and did not close. */
+static void response_complete(agent_engine *e, conn *c)
 {
-    if (c->response_started) {
-        end_session(e, c, true);
+    bool clean = !c->upstream_closed && c->body_remaining == 0 && c->up_pos == c->up_len
+                 && !c->extra_bytes && !c->worker_closed;
+    if (c->extra_bytes)
+        emit(e, AGENT_EV_LOG, c->worker->app, c->worker->pid, 0,
+             "worker pid %d sent bytes after a response's end record; connection closed", c->worker->pid);
+    close_fd(&c->client_fd);
+    end_session(e, c, true, clean);
+    conn_release(e, c);
+}
+
+/* A worker that closes a connection without reading all that was sent on
+ * it makes the kernel report a reset (or EPIPE to the next send). When the
+ * request is the frame alone, the worker then never had all of it and
+ * cannot have acted on it, so it is sent again, once, over another
+ * connection. That covers the race of a worker closing an idle connection
+ * just as the engine hands it a request. A plain end of file means the
+ * worker read everything: never sent again. */
+static bool may_replay(const conn *c)
+{
+    bool unread = c->worker_error == ECONNRESET || c->upstream_error == EPIPE || c->upstream_error == ECONNRESET;
+    return unread && c->replayable && !c->retried && !c->response_bytes;
+}
+
+/* The worker's connection ended, or its bytes proved not to be records,
+ * before the end record. Before a byte of the response went to nginx the
+ * engine answers 502; after, nginx's connection is closed and nginx sees
+ * the response cut off. */
+static void response_failed(agent_engine *e, conn *c)
+{
+    worker *w = c->worker;
+    int pid = w->pid, app_id = w->app;
+    app *a = app_by_id(e, app_id);
+    if (c->draining) {  /* nobody waits for the answer */
+        end_session(e, c, true, false);
         conn_release(e, c);
         return;
     }
-    int pid = c->worker->pid;
-    app *a = app_by_id(e, c->worker->app);
+    if (a && may_replay(c)) {
+        c->retried = true;
+        end_session(e, c, false, false);
+        c->queued_ms = e->now_ms;  /* should it wait, it waits from now, first in line */
+        route(e, a, c, true);
+        return;
+    }
+    if (c->malformed)
+        emit(e, AGENT_EV_LOG, app_id, pid, 0, "worker pid %d sent bytes that are not response records; connection closed", pid);
+    if (c->response_started) {
+        emit(e, AGENT_EV_LOG, app_id, pid, c->worker_error, "worker pid %d closed a connection before the response's end record", pid);
+        end_session(e, c, true, false);
+        conn_release(e, c);
+        return;
+    }
     if (a)
         a->failed++;
-    emit(e, AGENT_EV_LOG, c->worker->app, pid, 0, "worker pid %d closed a request's connection without responding", pid);
-    end_session(e, c, false);
+    if (!c->malformed)
+        emit(e, AGENT_EV_LOG, app_id, pid, c->worker_error, "worker pid %d closed a request's connection without responding", pid);
+    end_session(e, c, false, false);
     reply_text(e, c, 502, "Bad Gateway", false, "the app worker (pid %d) failed before responding", pid);
 }
+
+/* ------------------------------------------------------------------------ */
+/* Moving bytes                                                             */
 
 /* nginx -> worker: the frame and body bytes held, then the rest of the
  * body, never more than one buffer. Returns true when a byte moved. */
 static bool pump_request(agent_engine *e, conn *c, bool *aborted)
 {
+    wconn *wc = c->wc;
     bool moved = false;
     if (c->upstream_closed)
         return false;
-    if (c->up_pos < c->up_len && c->worker_writable) {
-        ssize_t n = send(c->worker_fd, c->up + c->up_pos, c->up_len - c->up_pos, MSG_NOSIGNAL);
+    if (c->up_pos < c->up_len && wc->writable) {
+        ssize_t n = send(wc->fd, c->up + c->up_pos, c->up_len - c->up_pos, MSG_NOSIGNAL);
         if (n > 0) {
             c->up_pos += (uint32_t)n;
             if (c->up_pos == c->up_len)
                 c->up_pos = c->up_len = 0;
             moved = true;
         } else if (n < 0 && errno == EAGAIN) {
-            c->worker_writable = false;
+            wc->writable = false;
         } else if (!(n < 0 && errno == EINTR)) {
             /* The worker stopped reading (it may have answered early, e.g.
              * 413): drop the rest of the body and read what it said. */
             c->upstream_closed = true;
+            c->upstream_error = n < 0 ? errno : 0;
             return false;
         }
     }
@@ -913,36 +1136,115 @@ static bool pump_request(agent_engine *e, conn *c, bool *aborted)
     return moved;
 }
 
+/* Strips the record headers from the n bytes just read at down_len, so
+ * that [down_pos, down_len) holds payload only. A header with no payload
+ * waiting before it is skipped by moving down_pos past it, which is the
+ * whole of the work for a response that comes in one read; payload after a
+ * later header moves left over it.
+ *
+ * Any record length is valid: the protocol allows 1..2^32-1, and a worker
+ * may send a large file as one record. So a stream is judged by what it
+ * carries instead (check_status_line), and by what follows the end record:
+ * nothing may, since the worker has no request to answer. Bytes that are
+ * not records (a worker speaking another protocol: "HTTP" read as a length)
+ * fail the status line check at once; anything subtler ends in an end of
+ * file before the end record. */
+static void take_records(conn *c, uint32_t n)
+{
+    char *in = c->down + c->down_len;
+    char *end = in + n;
+    char *out = in;
+    while (in < end && !c->response_end) {
+        if (c->rec_left > 0) {
+            uint32_t k = (uint32_t)(end - in) < c->rec_left ? (uint32_t)(end - in) : c->rec_left;
+            if (out != in)
+                memmove(out, in, k);
+            out += k;
+            in += k;
+            c->rec_left -= k;
+            continue;
+        }
+        while (c->rec_have < 4 && in < end)
+            c->rec_header[c->rec_have++] = (unsigned char)*in++;
+        if (c->rec_have < 4)
+            break;  /* the rest of the header comes with the next read */
+        c->rec_have = 0;
+        c->rec_left = read_be32(c->rec_header);
+        c->response_end = c->rec_left == 0;
+        if (out == c->down + c->down_pos) {
+            out = in;
+            c->down_pos = (uint32_t)(in - c->down);
+        }
+    }
+    c->extra_bytes = in < end;
+    c->down_len = (uint32_t)(out - c->down);
+    if (c->down_pos == c->down_len)
+        c->down_pos = c->down_len = 0;
+}
+
+/* The payload is an HTTP/1.1 response: nothing goes to nginx until its
+ * first bytes say so, so that garbage from a worker gets the engine's 502
+ * rather than reaching the client. */
+static void check_status_line(conn *c)
+{
+    static const char prefix[] = "HTTP/1.1 ";
+    const uint32_t prefix_len = sizeof prefix - 1;
+    if (c->response_started || c->malformed)
+        return;
+    uint32_t have = c->down_len - c->down_pos;
+    uint32_t k = have < prefix_len ? have : prefix_len;
+    if (memcmp(c->down + c->down_pos, prefix, k) != 0)
+        c->malformed = true;
+    else if (k == prefix_len)
+        c->response_started = true;
+    else if (c->response_end)
+        c->malformed = true;  /* shorter than a status line */
+}
+
+/* Reads from the worker once; false when nothing could be read. */
+static bool read_response(conn *c)
+{
+    wconn *wc = c->wc;
+    if (c->response_end || c->worker_closed || c->malformed || c->down_len >= c->down_cap || !wc->readable)
+        return false;
+    size_t want = c->down_cap - c->down_len;
+    ssize_t n = read(wc->fd, c->down + c->down_len, want);
+    if (n > 0) {
+        c->response_bytes = true;
+        /* A short read emptied the socket: the next byte brings a new edge,
+         * so no read that only returns EAGAIN is needed. If the worker had
+         * already shut its end when the kernel told us, nothing more can
+         * come: skip the read that would only return 0. */
+        if ((size_t)n < want) {
+            if (wc->rdhup)
+                c->worker_closed = true;
+            else
+                wc->readable = false;
+        }
+        take_records(c, (uint32_t)n);
+        check_status_line(c);
+        return true;
+    }
+    if (n == 0) {
+        c->worker_closed = true;
+    } else if (errno == EAGAIN) {
+        wc->readable = false;
+    } else if (errno != EINTR) {
+        c->worker_closed = true;  /* reset by the worker: end as if closed */
+        c->worker_error = errno;
+    }
+    return false;
+}
+
 /* worker -> nginx. Returns true when a byte moved. */
 static bool pump_response(agent_engine *e, conn *c, bool *aborted)
 {
-    bool moved = false;
-    if (!c->worker_eof && c->down_len < c->down_cap && c->worker_readable) {
-        size_t want = c->down_cap - c->down_len;
-        ssize_t n = read(c->worker_fd, c->down + c->down_len, want);
-        if (n > 0) {
-            c->down_len += (uint32_t)n;
-            c->response_started = true;
-            moved = true;
-            /* A short read emptied the socket. If the worker had already
-             * shut its end when the kernel told us, nothing more can come:
-             * skip the read that would only return 0. Otherwise wait for
-             * the next edge. */
-            if ((size_t)n < want) {
-                if (c->worker_rdhup)
-                    c->worker_eof = true;
-                else
-                    c->worker_readable = false;
-            }
-        } else if (n == 0) {
-            c->worker_eof = true;
-        } else if (errno == EAGAIN) {
-            c->worker_readable = false;
-        } else if (errno != EINTR) {
-            c->worker_eof = true;  /* reset by the worker: end as if closed */
-        }
+    bool moved = read_response(c);
+    if (c->draining) {
+        c->down_pos = c->down_len = 0;  /* nobody to send it to */
+        return moved;
     }
-    if (c->down_pos < c->down_len && c->client_writable) {
+    if (c->response_started && c->down_pos < c->down_len && c->client_writable) {
         ssize_t n = send(c->client_fd, c->down + c->down_pos, c->down_len - c->down_pos, MSG_NOSIGNAL);
         if (n > 0) {
             c->down_pos += (uint32_t)n;
@@ -964,15 +1266,23 @@ static bool pump_response(agent_engine *e, conn *c, bool *aborted)
 static void pump(agent_engine *e, conn *c)
 {
     for (;;) {
-        bool aborted = c->client_hup;
+        bool aborted = c->client_hup && !c->draining;
         bool moved = pump_request(e, c, &aborted);
         moved |= pump_response(e, c, &aborted);
         if (aborted) {
             client_aborted(e, c);
+            if (!c->draining)
+                return;
+            continue;
+        }
+        bool flushed = c->down_pos == c->down_len;
+        if (c->response_end && !c->malformed && flushed) {
+            response_complete(e, c);
             return;
         }
-        if (c->worker_eof && c->down_pos == c->down_len) {
-            response_done(e, c);
+        /* Bytes of a cut-off response still go to nginx before it is closed. */
+        if ((c->worker_closed || c->malformed) && (flushed || !c->response_started)) {
+            response_failed(e, c);
             return;
         }
         if (!moved)
@@ -1114,6 +1424,8 @@ static void frame_complete(agent_engine *e, conn *c)
         c->up_len = c->frame_size + (uint32_t)held;
     }
     c->body_remaining = info.content_length - held;
+    c->replayable = info.content_length == 0;
+    c->request_len = c->up_len;
     conn_leave_wait_list(e, c);
 
     app *a = app_by_name(e, info.app, info.app_len);
@@ -1290,23 +1602,51 @@ static void on_client_event(agent_engine *e, conn *c, uint32_t events)
     }
 }
 
-static void on_worker_event(agent_engine *e, conn *c, uint32_t events)
+static void on_worker_event(agent_engine *e, wconn *wc, uint32_t events)
 {
-    if (c->state != CONN_FORWARDING || c->worker_fd < 0)
-        return;  /* a stale event of this batch */
+    if (wc->fd < 0)
+        return;  /* closed earlier in this batch */
     if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
-        c->worker_readable = true;
+        wc->readable = true;
     if (events & (EPOLLRDHUP | EPOLLHUP))
-        c->worker_rdhup = true;
+        wc->rdhup = true;
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
-        c->worker_writable = true;
-    pump(e, c);
+        wc->writable = true;
+    if (wc->conn)
+        pump(e, wc->conn);
+    else if (wc->readable)
+        idle_check(e, wc);
+}
+
+/* Detached and removed workers get no more requests: their idle
+ * connections are closed at once (busy ones when their request ends). */
+static void close_idle_of_stopped_workers(agent_engine *e)
+{
+    for (int i = 0; i < e->nworkers; i++) {
+        worker *w = e->workers[i];
+        if (w->close_idle) {
+            w->close_idle = false;
+            worker_close_idle(e, w);
+        }
+    }
+    worker **p = &e->orphans;
+    while (*p) {
+        worker *w = *p;
+        worker_close_idle(e, w);
+        if (w->sessions == 0 && w->open == 0) {
+            *p = w->next_orphan;
+            free(w);
+        } else {
+            p = &w->next_orphan;
+        }
+    }
 }
 
 /* API calls leave work behind the wake-up eventfd. */
 static void on_wake(agent_engine *e)
 {
     eventfd_drain(e->wake_fd);
+    close_idle_of_stopped_workers(e);
     while (e->removed_apps) {
         app *a = e->removed_apps;
         while (!list_empty(&a->queue)) {
@@ -1362,7 +1702,7 @@ static void on_tick(agent_engine *e)
      * walk over the list safe. */
     for (list_link *l = e->all_conns.next; l != &e->all_conns; l = l->next) {
         conn *c = CONTAINER_OF(l, conn, all_link);
-        if (c->state == CONN_FORWARDING && !c->client_watched)
+        if (c->state == CONN_FORWARDING && !c->client_watched && !c->draining)
             watch_client(e, c);
     }
     if (e->accept_paused)
@@ -1383,20 +1723,24 @@ static void handle_event(agent_engine *e, const struct epoll_event *ev)
         on_client_event(e, ep->conn, ev->events);
         break;
     case EP_WORKER:
-        on_worker_event(e, ep->conn, ev->events);
+        on_worker_event(e, ep->wconn, ev->events);
         break;
     }
 }
 
 /* Ends every connection when the loop stops. Sessions are settled as if
- * nginx had gone away; the queue is not dispatched any more. */
+ * nginx had gone away (stopping, their worker connections are closed);
+ * the queue is not dispatched any more. */
 static void close_all_connections(agent_engine *e)
 {
     while (!list_empty(&e->all_conns)) {
         conn *c = CONTAINER_OF(e->all_conns.next, conn, all_link);
-        end_session(e, c, false);
+        end_session(e, c, false, false);
         conn_release(e, c);
     }
+    for (int i = 0; i < e->nworkers; i++)
+        worker_close_idle(e, e->workers[i]);
+    close_idle_of_stopped_workers(e);  /* and frees the removed workers */
     recycle_dead_conns(e);
 }
 
@@ -1740,6 +2084,7 @@ int agent_engine_worker_add(agent_engine *e, int app_id, int pid, const char *so
     w->addr.sun_family = AF_UNIX;
     memcpy(w->addr.sun_path, socket_path, path_len + 1);
     w->addr_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + path_len + 1);
+    list_init(&w->idle);
 
     pthread_mutex_lock(&e->lock);
     int err = 0;
@@ -1771,17 +2116,27 @@ int agent_engine_worker_add(agent_engine *e, int app_id, int pid, const char *so
     return 0;
 }
 
+/* The loop closes the worker's idle connections (API calls do no socket
+ * work); it gets no request from now on either way. */
 int agent_engine_worker_detach(agent_engine *e, int pid)
 {
     pthread_mutex_lock(&e->lock);
     int i = worker_index(e, pid);
-    if (i >= 0)
-        e->workers[i]->state = AGENT_WORKER_DETACHED;
+    bool wake = false;
+    if (i >= 0) {
+        worker *w = e->workers[i];
+        w->state = AGENT_WORKER_DETACHED;
+        w->close_idle = wake = !list_empty(&w->idle);
+    }
     pthread_mutex_unlock(&e->lock);
+    if (wake)
+        wake_loop(e);
     return i >= 0 ? 0 : -ENOENT;
 }
 
-/* Sessions in flight run to completion; the record goes with the last. */
+/* Sessions in flight run to completion; the record goes with the last
+ * session or connection, whichever ends later (the loop closes the idle
+ * connections at once). */
 int agent_engine_worker_remove(agent_engine *e, int pid)
 {
     pthread_mutex_lock(&e->lock);
@@ -1793,7 +2148,8 @@ int agent_engine_worker_remove(agent_engine *e, int pid)
     worker *w = e->workers[i];
     e->workers[i] = e->workers[--e->nworkers];
     w->state = AGENT_WORKER_DETACHED;
-    if (w->sessions > 0) {
+    bool wake = !list_empty(&w->idle);
+    if (w->sessions > 0 || w->open > 0) {
         w->removed = true;
         w->next_orphan = e->orphans;
         e->orphans = w;
@@ -1801,6 +2157,8 @@ int agent_engine_worker_remove(agent_engine *e, int pid)
         free(w);
     }
     pthread_mutex_unlock(&e->lock);
+    if (wake)
+        wake_loop(e);
     return 0;
 }
 

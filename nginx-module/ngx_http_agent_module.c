@@ -52,6 +52,14 @@ typedef struct {
     ngx_str_t                  user;
     ngx_str_t                  group;
     ngx_str_t                  default_user;
+    ngx_int_t                  max_request_queue_size;
+    ngx_msec_t                 max_request_queue_time;
+    ngx_flag_t                 prestart;
+    ngx_int_t                  memory_limit;    /* megabytes */
+    ngx_int_t                  max_requests;
+    ngx_msec_t                 max_request_time;
+    ngx_msec_t                 shutdown_timeout;
+    ngx_msec_t                 start_timeout;
 
     ngx_str_t                  declared_in;
 } ngx_http_agent_app_t;
@@ -62,6 +70,8 @@ typedef struct {
     ngx_str_t                  instance_dir;
     ngx_str_t                  log_file;
     ngx_str_t                  core_python;
+    ngx_msec_t                 pool_idle_time;
+    ngx_msec_t                 stat_throttle_rate;
 
     ngx_array_t                apps;            /* ngx_http_agent_app_t * */
 
@@ -126,11 +136,18 @@ static ngx_int_t ngx_http_agent_describe_block(ngx_conf_t *cf,
     ngx_str_t *out);
 static char *ngx_http_agent_register_app(ngx_conf_t *cf,
     ngx_http_agent_loc_conf_t *alcf, ngx_http_agent_app_t *settings);
-static ngx_uint_t ngx_http_agent_same_settings(ngx_http_agent_app_t *a,
+static void ngx_http_agent_merge_limits(ngx_http_agent_app_t *conf,
+    ngx_http_agent_app_t *prev);
+static char *ngx_http_agent_differing_setting(ngx_http_agent_app_t *a,
     ngx_http_agent_app_t *b);
+static char *ngx_http_agent_differing_limit(ngx_http_agent_app_t *a,
+    ngx_http_agent_app_t *b);
+static ngx_uint_t ngx_http_agent_same_str(ngx_str_t *a, ngx_str_t *b);
 static ngx_uint_t ngx_http_agent_same_env(ngx_array_t *a, ngx_array_t *b);
 static char *ngx_http_agent_full_path(ngx_conf_t *cf, void *post, void *data);
 static char *ngx_http_agent_check_at_least_one(ngx_conf_t *cf, void *post,
+    void *data);
+static char *ngx_http_agent_check_nonzero_msec(ngx_conf_t *cf, void *post,
     void *data);
 static char *ngx_http_agent_app_type(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -148,6 +165,8 @@ static size_t ngx_http_agent_app_table_bound(ngx_http_agent_main_conf_t *amcf);
 static u_char *ngx_http_agent_json_app_table(u_char *p,
     ngx_http_agent_main_conf_t *amcf);
 static u_char *ngx_http_agent_json_app(u_char *p, ngx_http_agent_app_t *app);
+static u_char *ngx_http_agent_json_app_limits(u_char *p,
+    ngx_http_agent_app_t *app);
 static u_char *ngx_http_agent_json_string(u_char *p, ngx_str_t *s);
 static ngx_int_t ngx_http_agent_write_file_atomically(ngx_cycle_t *cycle,
     ngx_str_t *dir, char *name, u_char *data, size_t len);
@@ -180,6 +199,10 @@ static void ngx_http_agent_close_fd(ngx_cycle_t *cycle, int fd);
 
 static ngx_conf_post_t  ngx_http_agent_at_least_one = {
     ngx_http_agent_check_at_least_one
+};
+
+static ngx_conf_post_t  ngx_http_agent_nonzero_msec = {
+    ngx_http_agent_check_nonzero_msec
 };
 
 static ngx_conf_post_t  ngx_http_agent_full_path_post = {
@@ -220,6 +243,20 @@ static ngx_command_t  ngx_http_agent_commands[] = {
       ngx_conf_set_str_slot,
       NGX_HTTP_MAIN_CONF_OFFSET,
       offsetof(ngx_http_agent_main_conf_t, core_python),
+      NULL },
+
+    { ngx_string("agent_pool_idle_time"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_agent_main_conf_t, pool_idle_time),
+      NULL },
+
+    { ngx_string("agent_stat_throttle_rate"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_agent_main_conf_t, stat_throttle_rate),
       NULL },
 
     { ngx_string("agent_enabled"),
@@ -298,6 +335,62 @@ static ngx_command_t  ngx_http_agent_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_agent_loc_conf_t, settings.default_user),
       NULL },
+
+    { ngx_string("agent_max_request_queue_size"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_agent_loc_conf_t, settings.max_request_queue_size),
+      NULL },
+
+    { ngx_string("agent_max_request_queue_time"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_agent_loc_conf_t, settings.max_request_queue_time),
+      NULL },
+
+    { ngx_string("agent_prestart"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_agent_loc_conf_t, settings.prestart),
+      NULL },
+
+    { ngx_string("agent_memory_limit"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_agent_loc_conf_t, settings.memory_limit),
+      NULL },
+
+    { ngx_string("agent_max_requests"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_agent_loc_conf_t, settings.max_requests),
+      NULL },
+
+    { ngx_string("agent_max_request_time"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_agent_loc_conf_t, settings.max_request_time),
+      NULL },
+
+    { ngx_string("agent_shutdown_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_agent_loc_conf_t, settings.shutdown_timeout),
+      &ngx_http_agent_nonzero_msec },
+
+    { ngx_string("agent_start_timeout"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_agent_loc_conf_t, settings.start_timeout),
+      &ngx_http_agent_nonzero_msec },
 
     { ngx_string("agent_buffer_response"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
@@ -1147,6 +1240,8 @@ ngx_http_agent_create_main_conf(ngx_conf_t *cf)
     }
 
     amcf->max_pool_size = NGX_CONF_UNSET_UINT;
+    amcf->pool_idle_time = NGX_CONF_UNSET_MSEC;
+    amcf->stat_throttle_rate = NGX_CONF_UNSET_MSEC;
 
     if (ngx_array_init(&amcf->apps, cf->pool, 4,
                        sizeof(ngx_http_agent_app_t *))
@@ -1167,6 +1262,8 @@ ngx_http_agent_init_main_conf(ngx_conf_t *cf, void *conf)
     uint32_t  crc;
 
     ngx_conf_init_uint_value(amcf->max_pool_size, 6);
+    ngx_conf_init_msec_value(amcf->pool_idle_time, 300000);
+    ngx_conf_init_msec_value(amcf->stat_throttle_rate, 10000);
 
     if (amcf->core_python.data == NULL) {
         ngx_str_set(&amcf->core_python, NGX_HTTP_AGENT_CORE_PYTHON);
@@ -1258,6 +1355,14 @@ ngx_http_agent_create_loc_conf(ngx_conf_t *cf)
     conf->settings.env = NGX_CONF_UNSET_PTR;
     conf->settings.min_instances = NGX_CONF_UNSET;
     conf->settings.max_instances = NGX_CONF_UNSET;
+    conf->settings.max_request_queue_size = NGX_CONF_UNSET;
+    conf->settings.max_request_queue_time = NGX_CONF_UNSET_MSEC;
+    conf->settings.prestart = NGX_CONF_UNSET;
+    conf->settings.memory_limit = NGX_CONF_UNSET;
+    conf->settings.max_requests = NGX_CONF_UNSET;
+    conf->settings.max_request_time = NGX_CONF_UNSET_MSEC;
+    conf->settings.shutdown_timeout = NGX_CONF_UNSET_MSEC;
+    conf->settings.start_timeout = NGX_CONF_UNSET_MSEC;
 
     conf->upstream.buffering = NGX_CONF_UNSET;
     conf->upstream.connect_timeout = NGX_CONF_UNSET_MSEC;
@@ -1387,6 +1492,7 @@ ngx_http_agent_merge_settings(ngx_conf_t *cf, ngx_http_agent_app_t *conf,
     ngx_conf_merge_str_value(conf->group, prev->group, "");
     ngx_conf_merge_str_value(conf->default_user, prev->default_user,
                              "nobody");
+    ngx_http_agent_merge_limits(conf, prev);
 
     if (conf->max_instances > 0 && conf->min_instances > conf->max_instances)
     {
@@ -1398,6 +1504,28 @@ ngx_http_agent_merge_settings(ngx_conf_t *cf, ngx_http_agent_app_t *conf,
     }
 
     return NGX_CONF_OK;
+}
+
+
+/* 0 means "no limit" for each of these but the two timeouts */
+
+static void
+ngx_http_agent_merge_limits(ngx_http_agent_app_t *conf,
+    ngx_http_agent_app_t *prev)
+{
+    ngx_conf_merge_value(conf->max_request_queue_size,
+                         prev->max_request_queue_size, 100);
+    ngx_conf_merge_msec_value(conf->max_request_queue_time,
+                              prev->max_request_queue_time, 0);
+    ngx_conf_merge_value(conf->prestart, prev->prestart, 0);
+    ngx_conf_merge_value(conf->memory_limit, prev->memory_limit, 0);
+    ngx_conf_merge_value(conf->max_requests, prev->max_requests, 0);
+    ngx_conf_merge_msec_value(conf->max_request_time, prev->max_request_time,
+                              0);
+    ngx_conf_merge_msec_value(conf->shutdown_timeout, prev->shutdown_timeout,
+                              60000);
+    ngx_conf_merge_msec_value(conf->start_timeout, prev->start_timeout,
+                              90000);
 }
 
 
@@ -1526,6 +1654,7 @@ static char *
 ngx_http_agent_register_app(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf,
     ngx_http_agent_app_t *settings)
 {
+    char                        *directive;
     ngx_uint_t                   i;
     ngx_http_agent_app_t        *app, **apps, **slot;
     ngx_http_agent_main_conf_t  *amcf;
@@ -1552,13 +1681,15 @@ ngx_http_agent_register_app(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf,
             continue;
         }
 
-        if (!ngx_http_agent_same_settings(app, settings)) {
+        directive = ngx_http_agent_differing_setting(app, settings);
+
+        if (directive != NULL) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "agent: app \"%V\" has different settings in "
-                               "%V and in %V; every location of one app root "
-                               "must configure it alike",
+                               "%V and in %V (\"%s\"); every location of one "
+                               "app root must configure it alike",
                                &app->name, &app->declared_in,
-                               &settings->declared_in);
+                               &settings->declared_in, directive);
             return NGX_CONF_ERROR;
         }
 
@@ -1586,28 +1717,100 @@ ngx_http_agent_register_app(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf,
 }
 
 
-static ngx_uint_t
-ngx_http_agent_same_settings(ngx_http_agent_app_t *a, ngx_http_agent_app_t *b)
+/* the directive whose value differs between a and b, or NULL */
+
+static char *
+ngx_http_agent_differing_setting(ngx_http_agent_app_t *a,
+    ngx_http_agent_app_t *b)
 {
-    return a->app_type == b->app_type
-           && a->min_instances == b->min_instances
-           && a->max_instances == b->max_instances
-           && a->app_root.len == b->app_root.len
-           && ngx_strncmp(a->app_root.data, b->app_root.data,
-                          a->app_root.len) == 0
-           && a->startup_file.len == b->startup_file.len
-           && ngx_strncmp(a->startup_file.data, b->startup_file.data,
-                          a->startup_file.len) == 0
-           && a->python.len == b->python.len
-           && ngx_strncmp(a->python.data, b->python.data, a->python.len) == 0
-           && a->user.len == b->user.len
-           && ngx_strncmp(a->user.data, b->user.data, a->user.len) == 0
-           && a->group.len == b->group.len
-           && ngx_strncmp(a->group.data, b->group.data, a->group.len) == 0
-           && a->default_user.len == b->default_user.len
-           && ngx_strncmp(a->default_user.data, b->default_user.data,
-                          a->default_user.len) == 0
-           && ngx_http_agent_same_env(a->env, b->env);
+    if (!ngx_http_agent_same_str(&a->app_root, &b->app_root)) {
+        return "agent_app_root";
+    }
+
+    if (a->app_type != b->app_type) {
+        return "agent_app_type";
+    }
+
+    if (!ngx_http_agent_same_str(&a->startup_file, &b->startup_file)) {
+        return "agent_startup_file";
+    }
+
+    if (!ngx_http_agent_same_str(&a->python, &b->python)) {
+        return "agent_python";
+    }
+
+    if (!ngx_http_agent_same_env(a->env, b->env)) {
+        return "agent_env";
+    }
+
+    if (a->min_instances != b->min_instances) {
+        return "agent_min_instances";
+    }
+
+    if (a->max_instances != b->max_instances) {
+        return "agent_max_instances";
+    }
+
+    if (!ngx_http_agent_same_str(&a->user, &b->user)) {
+        return "agent_user";
+    }
+
+    if (!ngx_http_agent_same_str(&a->group, &b->group)) {
+        return "agent_group";
+    }
+
+    if (!ngx_http_agent_same_str(&a->default_user, &b->default_user)) {
+        return "agent_default_user";
+    }
+
+    return ngx_http_agent_differing_limit(a, b);
+}
+
+
+static char *
+ngx_http_agent_differing_limit(ngx_http_agent_app_t *a,
+    ngx_http_agent_app_t *b)
+{
+    if (a->max_request_queue_size != b->max_request_queue_size) {
+        return "agent_max_request_queue_size";
+    }
+
+    if (a->max_request_queue_time != b->max_request_queue_time) {
+        return "agent_max_request_queue_time";
+    }
+
+    if (a->prestart != b->prestart) {
+        return "agent_prestart";
+    }
+
+    if (a->memory_limit != b->memory_limit) {
+        return "agent_memory_limit";
+    }
+
+    if (a->max_requests != b->max_requests) {
+        return "agent_max_requests";
+    }
+
+    if (a->max_request_time != b->max_request_time) {
+        return "agent_max_request_time";
+    }
+
+    if (a->shutdown_timeout != b->shutdown_timeout) {
+        return "agent_shutdown_timeout";
+    }
+
+    if (a->start_timeout != b->start_timeout) {
+        return "agent_start_timeout";
+    }
+
+    return NULL;
+}
+
+
+static ngx_uint_t
+ngx_http_agent_same_str(ngx_str_t *a, ngx_str_t *b)
+{
+    return a->len == b->len && ngx_strncmp(a->data, b->data, a->len) == 0;
 }
 
 
@@ -1677,6 +1880,19 @@ ngx_http_agent_check_at_least_one(ngx_conf_t *cf, void *post, void *data)
 
     if (*np < 1) {
         return "must be at least 1";
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_agent_check_nonzero_msec(ngx_conf_t *cf, void *post, void *data)
+{
+    ngx_msec_t  *msp = data;
+
+    if (*msp == 0) {
+        return "must be more than 0";
     }
 
     return NGX_CONF_OK;
@@ -1909,13 +2125,13 @@ ngx_http_agent_app_table_bound(ngx_http_agent_main_conf_t *amcf)
     ngx_keyval_t           *kv;
     ngx_http_agent_app_t  **apps, *app;
 
-    size = 256 + NGX_INT_T_LEN;
+    size = 256 + NGX_INT_T_LEN + 2 * NGX_INT64_LEN;
     apps = amcf->apps.elts;
 
     for (i = 0; i < amcf->apps.nelts; i++) {
         app = apps[i];
 
-        size += 512 + 2 * NGX_INT_T_LEN
+        size += 1024 + 5 * NGX_INT_T_LEN + 4 * NGX_INT64_LEN
                 + 6 * (app->name.len + app->app_root.len
                        + app->startup_file.len + app->python.len
                        + app->user.len + app->group.len
@@ -1943,7 +2159,10 @@ ngx_http_agent_json_app_table(u_char *p, ngx_http_agent_main_conf_t *amcf)
     ngx_http_agent_app_t  **apps;
 
     p = ngx_sprintf(p, "{\n  \"version\": 1,\n  \"max_pool_size\": %ui,\n"
-                    "  \"apps\": [", amcf->max_pool_size);
+                    "  \"pool_idle_time_ms\": %M,\n"
+                    "  \"stat_throttle_rate_ms\": %M,\n"
+                    "  \"apps\": [", amcf->max_pool_size,
+                    amcf->pool_idle_time, amcf->stat_throttle_rate);
 
     apps = amcf->apps.elts;
 
@@ -1994,8 +2213,29 @@ ngx_http_agent_json_app(u_char *p, ngx_http_agent_app_t *app)
     p = ngx_http_agent_json_string(p, &app->group);
     p = ngx_sprintf(p, ",\n      \"default_user\": ");
     p = ngx_http_agent_json_string(p, &app->default_user);
+    p = ngx_http_agent_json_app_limits(p, app);
 
     return ngx_sprintf(p, "\n    }");
+}
+
+
+static u_char *
+ngx_http_agent_json_app_limits(u_char *p, ngx_http_agent_app_t *app)
+{
+    p = ngx_sprintf(p, ",\n      \"max_request_queue_size\": %i"
+                    ",\n      \"max_request_queue_time_ms\": %M"
+                    ",\n      \"prestart\": %s",
+                    app->max_request_queue_size, app->max_request_queue_time,
+                    app->prestart ? "true" : "false");
+
+    return ngx_sprintf(p, ",\n      \"memory_limit_mb\": %i"
+                       ",\n      \"max_requests\": %i"
+                       ",\n      \"max_request_time_ms\": %M"
+                       ",\n      \"shutdown_timeout_ms\": %M"
+                       ",\n      \"start_timeout_ms\": %M",
+                       app->memory_limit, app->max_requests,
+                       app->max_request_time, app->shutdown_timeout,
+                       app->start_timeout);
 }
 
 

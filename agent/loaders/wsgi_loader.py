@@ -3,8 +3,9 @@
 Started as ``PYTHON wsgi_loader.py`` by the agent core with the environment
 and file descriptors of docs/protocol.md section 3. It loads the app's
 startup file, reports readiness (or a structured error) on the handshake
-pipe, then serves one request per connection on the listening socket:
-request frames as in section 1, responses as in section 2.
+pipe, then accepts connections on the listening socket, one at a time
+(its concurrency is 1), and serves requests on each in sequence: request
+frames as in section 1, responses cut into records as in section 2.
 
 The core copies this file next to the other loaders and runs it under the
 app's own interpreter (often a virtualenv without the agent installed), so
@@ -53,15 +54,24 @@ MAX_VARS_SIZE = 16 * 1024 * 1024
 # Upper bound of one recv while reading the body, so that read() of a large
 # body grows in steps rather than reserving the whole size at once.
 BODY_RECV_SIZE = 1024 * 1024
-# Unread body up to this size is received and dropped before the
-# connection is closed (see InputStream.drain).
+# Unread body up to this size is received and dropped, so that the
+# connection can carry the next request; past it the connection is closed
+# after the response (section 2).
 DRAIN_LIMIT = 1024 * 1024
-# A body chunk up to this size is sent together with the response head in
-# one sendall; a larger one is not worth copying.
+# A body chunk up to this size is copied into the same send as its record
+# header (and the head, or the end record, where they go out with it); a
+# larger one is not worth copying and is sent on its own.
 COALESCE_LIMIT = 256 * 1024
+# Largest record the loader sends. Records of a large chunk or of a file
+# sent with sendfile() are cut to this size: a record length is 32 bits,
+# and a file's size is read once, before its first record is announced.
+MAX_RECORD_SIZE = 16 * 1024 * 1024
 
 _U32 = struct.Struct(">I")
 _unpack_u32 = _U32.unpack_from
+_pack_u32 = _U32.pack
+
+END_RECORD = b"\0\0\0\0"
 
 INTERNAL_ERROR_BODY = b"500 Internal Server Error: the app raised an exception\n"
 INTERNAL_ERROR_RESPONSE = (
@@ -70,6 +80,8 @@ INTERNAL_ERROR_RESPONSE = (
     b"Content-Length: %d\r\n"
     b"\r\n" % len(INTERNAL_ERROR_BODY)
 ) + INTERNAL_ERROR_BODY
+# The 500 response as one record and the end record, sent in one piece.
+INTERNAL_ERROR_RECORDS = _pack_u32(len(INTERNAL_ERROR_RESPONSE)) + INTERNAL_ERROR_RESPONSE + END_RECORD
 
 
 def log(message: str) -> None:
@@ -100,7 +112,8 @@ class LoadError(Exception):
 
 
 class _StopServing(BaseException):
-    """Raised by the SIGTERM handler to leave a blocking accept()."""
+    """Raised by the SIGTERM handler to leave a blocking accept() or the
+    wait for the next frame on an idle connection."""
 
 
 # --------------------------------------------------------------------------
@@ -247,32 +260,34 @@ class InputStream:
     readline, the rest of one recv), so a huge upload costs one buffer.
     """
 
-    __slots__ = ("_buffer", "_sock", "_unread")
+    __slots__ = ("_buffer", "_sock", "unread")
 
     def __init__(self, sock: _socket.socket, prefix: bytes, length: int) -> None:
         if len(prefix) > length:
-            prefix = prefix[:length]
+            # The engine sends the next frame only after the end record of
+            # this response: bytes past the body are no request of ours.
+            raise MalformedFrame("bytes past the end of the request body")
         self._sock = sock
         self._buffer = prefix
         # Body bytes still in the socket, not yet received.
-        self._unread = length - len(prefix)
+        self.unread = length - len(prefix)
 
     def _receive(self, size: int) -> bytes:
-        size = min(size, self._unread)
+        size = min(size, self.unread)
         size = min(size, BODY_RECV_SIZE)
         try:
             data = self._sock.recv(size)
         except OSError as exc:
             raise ClientDisconnected(f"reading the request body: {exc}") from exc
         if not data:
-            raise ClientDisconnected(f"the connection closed with {self._unread} body bytes unsent")
-        self._unread -= len(data)
+            raise ClientDisconnected(f"the connection closed with {self.unread} body bytes unsent")
+        self.unread -= len(data)
         return data
 
     def read(self, size: int | None = -1) -> bytes:
         buffered = self._buffer
         if size is None or size < 0:
-            size = len(buffered) + self._unread
+            size = len(buffered) + self.unread
         if size <= len(buffered):
             if size == len(buffered):
                 self._buffer = b""
@@ -281,7 +296,7 @@ class InputStream:
             return buffered[:size]
         self._buffer = b""
         parts = [buffered] if buffered else []
-        needed = min(size - len(buffered), self._unread)
+        needed = min(size - len(buffered), self.unread)
         while needed > 0:
             data = self._receive(needed)
             parts.append(data)
@@ -300,7 +315,7 @@ class InputStream:
             if limit is not None and len(buffered) >= limit:
                 end = limit
                 break
-            if self._unread == 0:
+            if self.unread == 0:
                 end = len(buffered)
                 break
             scanned = len(buffered)
@@ -329,17 +344,21 @@ class InputStream:
             raise StopIteration
         return line
 
-    def drain(self) -> None:
-        """Receive the body the app left unread, when it is small.
+    def drain(self) -> bool:
+        """Receive and drop the body the app left unread, when it is small.
 
-        Closing a Unix socket with unread data makes the peer's next read
-        fail with ECONNRESET instead of the clean end of file it expects.
-        A large remainder is not worth waiting for.
+        Returns whether the connection can carry another request: its next
+        bytes must be the next frame. A large remainder is not worth
+        waiting for; the caller closes the connection instead. The limit
+        counts all the body the app left, received or not, so that the
+        outcome does not depend on how the bytes happened to arrive.
         """
-        if 0 < self._unread <= DRAIN_LIMIT:
-            self._buffer = b""
-            while self._unread:
-                self._receive(BODY_RECV_SIZE)
+        if self.unread + len(self._buffer) > DRAIN_LIMIT:
+            return False
+        self._buffer = b""
+        while self.unread:
+            self._receive(BODY_RECV_SIZE)
+        return True
 
 
 # --------------------------------------------------------------------------
@@ -391,15 +410,25 @@ def content_length_of(headers: Iterable[tuple[str, str]]) -> int | None:
 
 
 class Response:
-    """One request's start_response/write state."""
+    """One request's start_response/write state, and its records on the
+    connection (section 2).
 
-    __slots__ = ("conn", "head", "headers", "sent")
+    ``sent`` turns true with the first byte of the response on the wire:
+    until then an error can still be answered with a 500. ``ended`` turns
+    true once the end record has left; ``keep`` false when the connection
+    must not carry another request (the app left a large body unread).
+    """
 
-    def __init__(self, conn: _socket.socket) -> None:
+    __slots__ = ("conn", "ended", "head", "headers", "keep", "sent", "stream")
+
+    def __init__(self, conn: _socket.socket, stream: InputStream) -> None:
         self.conn = conn
+        self.stream = stream
         self.head: bytes | None = None
         self.headers: list[tuple[str, str]] = []
         self.sent = False
+        self.ended = False
+        self.keep = True
 
     def start_response(
         self,
@@ -419,34 +448,88 @@ class Response:
         self.headers = headers
         return self.write
 
+    def _head(self) -> bytes:
+        head = self.head
+        if head is None:
+            raise RuntimeError("response body before start_response()")
+        return head
+
     def write(self, data: bytes) -> None:
+        """Send *data* as a record; the first one carries the head too."""
         try:
             if self.sent:
-                self.conn.sendall(data)
+                if not data:
+                    return  # a zero length would be the end record
+                if len(data) <= COALESCE_LIMIT:
+                    self.conn.sendall(_pack_u32(len(data)) + data)
+                else:
+                    self._send_large(data)
                 return
-            head = self.head
-            if head is None:
-                raise RuntimeError("response body before start_response()")
+            head = self._head()
             if len(data) <= COALESCE_LIMIT:
                 # Joined before `sent` is set: a body that is not bytes
                 # raises here, while a 500 can still be answered.
-                payload = head + data
+                payload = _pack_u32(len(head) + len(data)) + head + data
                 self.sent = True
                 self.conn.sendall(payload)
             else:
                 self.sent = True
-                self.conn.sendall(head)
-                self.conn.sendall(data)
+                self.conn.sendall(_pack_u32(len(head)) + head)
+                self._send_large(data)
         except OSError as exc:
             raise ClientDisconnected(f"sending the response: {exc}") from exc
 
-    def finish_head(self) -> None:
-        """Send the head of a response whose body was empty."""
-        if not self.sent:
-            self.write(b"")
+    def _send_large(self, data: bytes) -> None:
+        """Send a chunk too large to copy, in records of its own."""
+        view = memoryview(data).cast("B")
+        sendall = self.conn.sendall
+        for start in range(0, len(view), MAX_RECORD_SIZE):
+            piece = view[start : start + MAX_RECORD_SIZE]
+            sendall(_pack_u32(len(piece)))
+            sendall(piece)
+
+    def finish(self, last: bytes = b"") -> None:
+        """Send *last* (the final chunk, maybe empty), the head if it has not
+        left yet, and the end record, in one send when they are small.
+
+        The unread body is settled first: the engine may send the next
+        frame as soon as it has the end record.
+        """
+        if self.stream.unread:
+            self.settle_body()
+        if self.sent:
+            if not last:
+                payload = END_RECORD
+            elif len(last) <= COALESCE_LIMIT:
+                payload = _pack_u32(len(last)) + last + END_RECORD
+            else:
+                self.write(last)
+                payload = END_RECORD
+        elif len(last) <= COALESCE_LIMIT:
+            head = self._head()
+            payload = _pack_u32(len(head) + len(last)) + head + last + END_RECORD
+            self.sent = True
+        else:
+            self.write(last)
+            payload = END_RECORD
+        try:
+            self.conn.sendall(payload)
+        except OSError as exc:
+            raise ClientDisconnected(f"sending the response: {exc}") from exc
+        self.ended = True
+
+    def settle_body(self) -> None:
+        """Drop a small unread body; mark the connection to close on a large one."""
+        if not self.stream.drain():
+            self.keep = False
 
     def send_file(self, wrapper: FileWrapper) -> bool:
-        """Send a wrapped regular file with sendfile(); False if it is not one."""
+        """Send a wrapped regular file with sendfile(); False if it is not one.
+
+        Each record's length is announced before its bytes leave, so the
+        file must deliver all of them: one that shrinks meanwhile ends the
+        response with an error (the connection closes, no end record).
+        """
         filelike = wrapper.filelike
         if self.head is None or isinstance(filelike, io.TextIOBase):
             return False
@@ -462,22 +545,43 @@ class Response:
         declared = content_length_of(self.headers)
         if declared is not None and 0 <= declared < count:
             count = declared
-        self.write(b"")
-        out_fd = self.conn.fileno()
-        try:
-            while count > 0:
-                sent = os.sendfile(out_fd, file_fd, offset, count)
-                if sent == 0:  # the file shrank under us
-                    break
-                offset += sent
-                count -= sent
-        except OSError as exc:
-            raise ClientDisconnected(f"sending the response: {exc}") from exc
+        if count:
+            head = self.head
+            pending = _pack_u32(len(head)) + head
+            self.sent = True
+            out_fd = self.conn.fileno()
+            try:
+                while count > 0:
+                    size = min(count, MAX_RECORD_SIZE)
+                    self.conn.sendall(pending + _pack_u32(size))
+                    pending = b""
+                    count -= size
+                    while size > 0:
+                        sent = os.sendfile(out_fd, file_fd, offset, size)
+                        if sent == 0:
+                            raise RuntimeError(f"{filelike!r} ended before the {size} bytes announced")
+                        offset += sent
+                        size -= sent
+            except OSError as exc:
+                raise ClientDisconnected(f"sending the response: {exc}") from exc
+        self.finish()
         return True
 
 
 def run_app(app: WSGIApp, environ: dict[str, Any], response: Response) -> None:
+    """Call the app and send its whole response, end record included."""
     result = app(environ, response.start_response)
+    if type(result) is list and result:
+        # The common shape: the last chunk goes out with the end record
+        # (and for a single chunk with the head too), in one send. A list
+        # has no close() to call.
+        if len(result) > 1:
+            write = response.write
+            for chunk in result[:-1]:
+                if chunk:
+                    write(chunk)
+        response.finish(result[-1])
+        return
     try:
         if isinstance(result, FileWrapper) and response.send_file(result):
             return
@@ -485,8 +589,10 @@ def run_app(app: WSGIApp, environ: dict[str, Any], response: Response) -> None:
         for chunk in result:
             if chunk:
                 write(chunk)
-        response.finish_head()
+        response.finish()
     finally:
+        # After the end record, as other servers do: the app's cleanup
+        # does not delay the response.
         close = getattr(result, "close", None)
         if close is not None:
             close()
@@ -524,16 +630,21 @@ def wsgi_environ_base() -> dict[str, Any]:
     }
 
 
-def receive_frame(conn: _socket.socket, buf: bytearray, view: memoryview) -> tuple[memoryview, bytes]:
-    """Read a frame up to the end of its vars.
+def receive_frame(
+    conn: _socket.socket,
+    buf: bytearray,
+    view: memoryview,
+    received: int,
+) -> tuple[memoryview, bytes]:
+    """Read a frame up to the end of its vars; its first *received* bytes
+    are in *buf* already.
 
     Returns the vars and the body bytes that arrived with them.
     """
-    received = conn.recv_into(buf)
     while received < 4:
-        more = conn.recv_into(view[received:]) if received else 0
+        more = conn.recv_into(view[received:])
         if not more:
-            raise MalformedFrame("connection closed before a frame")
+            raise MalformedFrame("connection closed inside the vars size")
         received += more
     (vars_size,) = _unpack_u32(buf, 0)
     if vars_size == 0 or vars_size > MAX_VARS_SIZE:
@@ -661,9 +772,10 @@ def read_request(
     conn: _socket.socket,
     buf: bytearray,
     view: memoryview,
+    received: int,
     base: dict[str, Any],
 ) -> tuple[dict[str, Any], InputStream]:
-    data, body_prefix = receive_frame(conn, buf, view)
+    data, body_prefix = receive_frame(conn, buf, view, received)
     environ = environ_from_vars(data, base)
     if "REQUEST_METHOD" not in environ:
         raise MalformedFrame("no REQUEST_METHOD")
@@ -678,16 +790,70 @@ def read_request(
 # Serving
 
 
-def answer_app_error(response: Response) -> None:
-    """Log the app's exception; answer 500 if no byte of the response left."""
+def answer_app_error(response: Response) -> bool:
+    """Log the app's exception and end the response as far as it can be.
+
+    Returns whether the connection can carry another request. Before the
+    first byte of the response a 500 takes its place; after it the response
+    cannot be ended cleanly, and closing the connection without the end
+    record tells the engine to cut it off.
+    """
     log("the app raised an exception:")
     traceback.print_exc()
     sys.stderr.flush()
+    if response.ended:  # raised by the body's close(): the response is whole
+        return response.keep
     if response.sent:
-        return
+        return False
     response.sent = True
-    with contextlib.suppress(OSError):
-        response.conn.sendall(INTERNAL_ERROR_RESPONSE)
+    try:
+        if response.stream.unread:
+            response.settle_body()
+        response.conn.sendall(INTERNAL_ERROR_RECORDS)
+    except OSError:  # ClientDisconnected included
+        return False
+    return response.keep
+
+
+class ServeState:
+    """Shared between the serve loop, the SIGTERM handler and fork hooks.
+
+    An instance with slots rather than class attributes: the loop writes
+    ``idle`` twice per request, and writing a class attribute costs more.
+    """
+
+    __slots__ = ("forked", "idle", "stopping")
+
+    def __init__(self) -> None:
+        self.stopping = False
+        # True only while the worker blocks with no request in hand: in
+        # accept(), or waiting for the first bytes of a frame.
+        self.idle = False
+        # Set once the app has forked: a child may then hold a copy of the
+        # connection, and only shutdown() ends it for the peer.
+        self.forked = False
+
+
+STATE = ServeState()
+
+
+def note_fork() -> None:
+    STATE.forked = True
+
+
+def close_connection(conn: _socket.socket) -> None:
+    if STATE.forked:
+        try:  # noqa: SIM105 - contextlib.suppress costs more, and this runs often
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    conn.close()
+
+
+def handle_sigterm(signum: int, frame: FrameType | None) -> None:
+    STATE.stopping = True
+    if STATE.idle:
+        raise _StopServing
 
 
 def serve_connection(
@@ -697,58 +863,56 @@ def serve_connection(
     view: memoryview,
     base: dict[str, Any],
 ) -> None:
-    try:
-        environ, stream = read_request(conn, buf, view, base)
-    except MalformedFrame as exc:
-        log(f"malformed request frame ({exc}); connection closed")
-        return
-    except OSError as exc:
-        log(f"reading the request frame: {exc}")
-        return
-    response = Response(conn)
-    try:
-        run_app(app, environ, response)
-        stream.drain()
-    except ClientDisconnected as exc:
-        log(f"client went away: {exc}")
-    except Exception:
-        answer_app_error(response)
+    """Serve requests on one connection until it closes or must close.
 
-
-class ServeState:
-    """Shared between the serve loop, the SIGTERM handler and fork hooks."""
-
-    stopping = False
-    idle = False
-    # Set once the app has forked: a child may then hold a copy of the
-    # connection, and only shutdown() ends the response for the peer.
-    forked = False
-
-
-def note_fork() -> None:
-    ServeState.forked = True
-
-
-def close_connection(conn: _socket.socket) -> None:
-    if ServeState.forked:
-        try:  # noqa: SIM105 - contextlib.suppress costs too much per request
-            conn.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    conn.close()
-
-
-def handle_sigterm(signum: int, frame: FrameType | None) -> None:
-    ServeState.stopping = True
-    if ServeState.idle:
-        raise _StopServing
+    This loop runs once per request and is the worker's own main cost, so
+    it keeps to the least work: one recv for a frame that fits the buffer,
+    one send for a response of a single small chunk.
+    """
+    state = STATE
+    recv_into = conn.recv_into
+    while True:
+        # `idle` is set before `stopping` is read: a SIGTERM that lands in
+        # between then raises in the handler instead of going unnoticed.
+        state.idle = True
+        if state.stopping:
+            return
+        try:
+            received = recv_into(buf)
+        except OSError:  # reset by the peer while idle: an ordinary close
+            return
+        state.idle = False
+        if not received:  # the engine closed the idle connection
+            return
+        try:
+            environ, stream = read_request(conn, buf, view, received, base)
+        except MalformedFrame as exc:
+            log(f"malformed request frame ({exc}); connection closed")
+            return
+        except OSError as exc:
+            log(f"reading the request frame: {exc}")
+            return
+        response = Response(conn, stream)
+        try:
+            run_app(app, environ, response)
+        except ClientDisconnected as exc:
+            log(f"client went away: {exc}")
+            return
+        except Exception:
+            if not answer_app_error(response):
+                return
+            continue
+        if not response.keep:
+            return
 
 
 def serve(listener: socket.socket, app: WSGIApp) -> None:
     """Accept and serve one connection at a time until SIGTERM.
 
-    Connections are wrapped in the C socket type: the Python subclass in
-    the socket module adds a noticeable cost per request and nothing used.
+    Further connections wait in the listen backlog until the current one
+    closes. Connections are wrapped in the C socket type: the Python
+    subclass in the socket module adds a cost per connection and nothing
+    used.
     """
     accept = listener._accept  # type: ignore[attr-defined]
     family, kind = listener.family, listener.type
@@ -756,23 +920,26 @@ def serve(listener: socket.socket, app: WSGIApp) -> None:
     buf = bytearray(RECV_BUFFER_SIZE)
     view = memoryview(buf)
     base = wsgi_environ_base()
-    state = ServeState
-    while not state.stopping:
-        state.idle = True
-        try:
-            fd = accept()[0]
-        except _StopServing:
-            return
-        except OSError as exc:  # EMFILE, ECONNABORTED: try the next one
+    state = STATE
+    try:
+        while True:
+            state.idle = True
+            if state.stopping:
+                return
+            try:
+                fd = accept()[0]
+            except OSError as exc:  # EMFILE, ECONNABORTED: try the next one
+                state.idle = False
+                log(f"accept: {exc}")
+                continue
             state.idle = False
-            log(f"accept: {exc}")
-            continue
-        state.idle = False
-        conn = new_socket(family, kind, 0, fd)
-        try:
-            serve_connection(conn, app, buf, view, base)
-        finally:
-            close_connection(conn)
+            conn = new_socket(family, kind, 0, fd)
+            try:
+                serve_connection(conn, app, buf, view, base)
+            finally:
+                close_connection(conn)
+    except _StopServing:
+        return
 
 
 def open_listener(listen_fd: int) -> socket.socket:

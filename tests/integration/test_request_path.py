@@ -274,3 +274,26 @@ def test_raw_frame_is_served_like_nginx_would(stack: Stack) -> None:
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert b"hello from " in answer
 
+
+
+def test_client_abort_mid_request_leaves_the_worker_serving(stack: Stack) -> None:
+    assert stack.get("/victim/?0").status == 200
+    (worker,) = stack.worker_pids(VICTIM)
+    conn = stack.connection()
+    conn.request("GET", "/victim/?1")
+    wait_until(lambda: len(psutil.Process(worker).net_connections(kind="unix")) >= 2,
+               what="the request to reach the worker")
+    conn.close()  # the client goes away while the app works
+    after = stack.get("/victim/?0")
+    assert after.status == 200
+    assert stack.worker_pids(VICTIM) == {worker}
+
+
+def test_read_timeout_gives_504_from_nginx() -> None:
+    impatient = AppSpec("impatient", apps.SLOW, "/", directives={"agent_read_timeout": "1s"})
+    with running_stack([impatient]) as stack:
+        assert stack.get("/?0").status == 200
+        response = stack.get("/?3")
+        assert response.status == 504
+        assert "upstream timed out" in stack.error_log.read_text()
+        assert stack.get("/?0").status == 200

@@ -1,6 +1,7 @@
 """The engine's peers for its tests: an nginx side that writes request frames
-(docs/protocol.md section 1) and fake app workers that answer over their Unix
-sockets (section 2), plus a thin typed harness around agent._native."""
+(docs/protocol.md section 1) and fake app workers that answer in records over
+connections that carry many requests (section 2), plus a thin typed harness
+around agent._native."""
 
 from __future__ import annotations
 
@@ -107,26 +108,61 @@ class SeenRequest:
     body: bytes  # kept only when small
 
 
-Behavior = Callable[["FakeWorker", socket.socket, SeenRequest], None]
+# What a worker does with a request it has read. It returns whether the
+# connection carries on (the worker then waits for the next frame on it) or
+# is closed.
+Behavior = Callable[["FakeWorker", socket.socket, SeenRequest], bool]
+KEEP, CLOSE = True, False
+
+END_RECORD = b"\x00\x00\x00\x00"
 
 
-def answer_hello(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> None:
+def record(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def records(response: bytes, cut: int = 0) -> bytes:
+    """A whole response in records (cut: bytes per record, 0 for one) and the end record."""
+    step = cut or max(len(response), 1)
+    return b"".join(record(response[i : i + step]) for i in range(0, len(response), step)) + END_RECORD
+
+
+def hello(worker: FakeWorker) -> bytes:
     body = f"hello from {worker.pid}\n".encode()
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body) + body
 
 
-def answer_after_release(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> None:
+def answer_hello(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> bool:
+    conn.sendall(records(hello(worker)))
+    return KEEP
+
+
+def answer_after_release(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> bool:
     worker.release.wait(TIMEOUT)
+    return answer_hello(worker, conn, request)
+
+
+def close_without_answer(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> bool:
+    return CLOSE
+
+
+def answer_then_close(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> bool:
+    """A worker may close a connection after any end record."""
     answer_hello(worker, conn, request)
+    return CLOSE
 
 
-def close_without_answer(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> None:
-    return None
+def answer_in_two_parts(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> bool:
+    """Sends the head and a first part, then the rest once released."""
+    conn.sendall(record(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst part\n"))
+    worker.release.wait(TIMEOUT)
+    conn.sendall(record(b"second part\n") + END_RECORD)
+    return KEEP
 
 
-def answer_then_watch_for_close(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> None:
+def answer_then_watch_for_close(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> bool:
     """Starts a response that never ends and notes when the engine hangs up."""
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst part\n")
+    conn.sendall(record(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst part\n"))
     conn.settimeout(TIMEOUT)
     try:
         data = conn.recv(1)
@@ -134,6 +170,7 @@ def answer_then_watch_for_close(worker: FakeWorker, conn: socket.socket, request
         data = b""
     if data == b"":
         worker.saw_close.set()
+    return CLOSE
 
 
 @dataclass
@@ -146,10 +183,13 @@ class FakeWorker:
     requests: list[SeenRequest] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     saw_close: threading.Event = field(default_factory=threading.Event)
-    connections: int = 0
+    read_body: bool = True  # False: the behavior runs before the body is read
+    connections: int = 0  # accepted
+    engine_closes: int = 0  # connections the engine closed between requests
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.path)
@@ -174,15 +214,32 @@ class FakeWorker:
             thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
+        """Requests one after another, until the engine closes the connection
+        or the behavior does."""
+        with self._lock:
+            self._open.add(conn)
         with conn:
             conn.settimeout(TIMEOUT)
-            request = self._read_request(conn)
-            if request is None:
-                return
-            with self._lock:
-                self.requests.append(request)
-            with contextlib.suppress(OSError):
-                self.behavior(self, conn, request)
+            while not self._stopping.is_set():
+                try:
+                    request = self._read_request(conn)
+                except ConnectionResetError:  # closed with bytes of ours unread
+                    request = None
+                except OSError:
+                    break
+                if request is None:
+                    with self._lock:
+                        self.engine_closes += 1
+                    break
+                with self._lock:
+                    self.requests.append(request)
+                try:
+                    if not self.behavior(self, conn, request):
+                        break
+                except OSError:
+                    break
+        with self._lock:
+            self._open.discard(conn)
 
     @staticmethod
     def _read_exact(conn: socket.socket, n: int) -> bytes | None:
@@ -202,7 +259,7 @@ class FakeWorker:
         if vars_bytes is None:
             return None
         pairs = parse_pairs(vars_bytes)
-        remaining = int(pairs["CONTENT_LENGTH"])
+        remaining = int(pairs["CONTENT_LENGTH"]) if self.read_body else 0
         digest = hashlib.sha256()
         kept = bytearray()
         chunk = bytearray(1 << 16)
@@ -223,11 +280,20 @@ class FakeWorker:
         with self._lock:
             return len(self.requests)
 
+    def closes(self) -> int:
+        with self._lock:
+            return self.engine_closes
+
     def stop(self) -> None:
         self.release.set()
         self._stopping.set()
         self._acceptor.join(TIMEOUT)
         self._listener.close()
+        with self._lock:
+            still_open = list(self._open)
+        for conn in still_open:  # wakes a thread that waits for a frame
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         for thread in self._threads:
             thread.join(TIMEOUT)
 

@@ -18,16 +18,24 @@ import pytest
 from agent._native import lib  # type: ignore[import-not-found]
 
 from tests.unit.engine_peers import (
+    CLOSE,
+    END_RECORD,
+    KEEP,
     EngineHarness,
     FakeWorker,
     answer_after_release,
-    answer_then_watch_for_close,
+    answer_hello,
+    answer_in_two_parts,
+    answer_then_close,
     close_without_answer,
     connect,
     encode_pairs,
     engine_thread_cpu_seconds,
+    hello,
     raw_frame,
     read_all,
+    record,
+    records,
     request_frame,
     rss_bytes,
     split_response,
@@ -69,8 +77,9 @@ def start_request(engine: EngineHarness, uri: str = "/") -> socket.socket:
 def test_request_and_response_pass_through_byte_exact(engine: EngineHarness) -> None:
     raw_answer = b"HTTP/1.1 201 Created\r\nX-Bin: \x00\xff\r\n\r\n" + bytes(range(256)) * 50
 
-    def answer(worker: FakeWorker, conn: socket.socket, request: object) -> None:
-        conn.sendall(raw_answer)
+    def answer(worker: FakeWorker, conn: socket.socket, request: object) -> bool:
+        conn.sendall(records(raw_answer, cut=1000))  # boundaries mean nothing
+        return KEEP
 
     engine.app(1, APP)
     worker = engine.worker(1, 101, answer)
@@ -198,7 +207,7 @@ def test_queued_request_whose_client_left_never_reaches_the_worker(engine: Engin
     first.close()
     assert b"200 OK" in engine.request(request_frame(APP, "/after"))
     assert [r.vars["REQUEST_URI"] for r in worker.requests] == [b"/first", b"/after"]
-    assert worker.connections == 2
+    assert worker.connections == 1
 
 
 def test_connect_failure_detaches_the_worker_and_reroutes(engine: EngineHarness) -> None:
@@ -224,14 +233,34 @@ def test_worker_that_closes_without_answering_gives_502(engine: EngineHarness) -
     wait_until(lambda: engine.worker_stats()[107].sessions == 0)
 
 
-def test_client_abort_mid_response_closes_the_worker_connection(engine: EngineHarness) -> None:
+def test_client_abort_mid_response_keeps_the_worker_busy_until_its_end_record(engine: EngineHarness) -> None:
     engine.app(1, APP)
-    worker = engine.worker(1, 101, answer_then_watch_for_close)
+    worker = engine.worker(1, 101, answer_in_two_parts)
     sock = start_request(engine)
     assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
     sock.close()
-    assert worker.saw_close.wait(5)
+    time.sleep(0.3)  # the engine has seen the close by now; the worker still works
+    assert engine.worker_stats()[101].sessions == 1
+    worker.release.set()
     wait_until(lambda: engine.worker_stats()[101].sessions == 0)
+    assert engine.worker_stats()[101].processed == 1
+    worker.behavior = answer_hello
+    assert split_response(engine.request(request_frame(APP, "/next")))[2] == b"hello from 101\n"
+    assert worker.connections == 1  # the drained connection was kept
+
+
+def test_client_abort_before_the_body_is_sent_closes_the_worker_connection(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101)
+    sock = connect(engine.socket_path)
+    sock.sendall(request_frame(APP, "/upload", "POST", content_length=1 << 20) + b"x" * 1000)
+    wait_until(lambda: worker.connections == 1)
+    sock.close()
+    wait_until(lambda: worker.count() == 1)  # the worker saw its body cut off
+    wait_until(lambda: engine.worker_stats()[101].sessions == 0)
+    assert engine.worker_stats()[101].processed == 0
+    assert split_response(engine.request(request_frame(APP, "/next")))[2] == b"hello from 101\n"
+    assert worker.connections == 2  # the cut-off connection was not reused
 
 
 def test_removed_worker_finishes_its_requests(engine: EngineHarness) -> None:
@@ -244,6 +273,182 @@ def test_removed_worker_finishes_its_requests(engine: EngineHarness) -> None:
     worker.release.set()
     assert b"hello from 101" in read_all(sock)
     sock.close()
+
+
+# -- worker connections (protocol.md section 2) ------------------------------
+
+
+def test_sequential_requests_reuse_one_connection(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101)
+    for i in range(10):
+        assert split_response(engine.request(request_frame(APP, f"/{i}")))[2] == b"hello from 101\n"
+    assert worker.connections == 1
+    assert [r.vars["REQUEST_URI"] for r in worker.requests] == [f"/{i}".encode() for i in range(10)]
+    stats = engine.worker_stats()[101]
+    assert (stats.sessions, stats.processed) == (0, 10)
+
+
+def test_worker_closing_after_the_end_record_gets_a_new_connection(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_then_close)
+    for _ in range(10):
+        assert engine.request(request_frame(APP)) == hello(worker)
+    assert worker.connections == 10
+    assert engine.app_stats()[1].failed == 0
+    wait_until(lambda: engine.worker_stats()[101].processed == 10)
+
+
+def test_worker_eof_mid_response_closes_the_nginx_side(engine: EngineHarness) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+
+    def answer_part(worker: FakeWorker, conn: socket.socket, request: object) -> bool:
+        conn.sendall(record(head + b"first") + record(b" part"))
+        return CLOSE
+
+    engine.app(1, APP)
+    engine.worker(1, 101, answer_part)
+    assert engine.request(request_frame(APP)) == head + b"first part"
+    assert "before the response's end record" in engine.wait_event(lib.AGENT_EV_LOG).message
+    wait_until(lambda: engine.worker_stats()[101].sessions == 0)
+    assert engine.app_stats()[1].failed == 0  # nginx got a response, cut off
+
+
+def test_worker_eof_in_a_record_header_before_any_payload_gives_502(engine: EngineHarness) -> None:
+    def answer_half_header(worker: FakeWorker, conn: socket.socket, request: object) -> bool:
+        conn.sendall(b"\x00\x00")
+        return CLOSE
+
+    engine.app(1, APP)
+    engine.worker(1, 107, answer_half_header)
+    assert engine.request(request_frame(APP)) == engine_reply(
+        502, "Bad Gateway", "the app worker (pid 107) failed before responding"
+    )
+    assert engine.app_stats()[1].failed == 1
+
+
+def test_bytes_that_are_not_records_give_502_and_the_connection_is_dropped(engine: EngineHarness) -> None:
+    """A worker that answers raw HTTP (no records): "HTTP" reads as a length
+    and what follows is no status line."""
+    calls = itertools.count()
+
+    def answer_raw_then_records(worker: FakeWorker, conn: socket.socket, request: object) -> bool:
+        if next(calls) == 0:
+            conn.sendall(hello(worker))
+        else:
+            conn.sendall(records(hello(worker)))
+        return KEEP
+
+    engine.app(1, APP)
+    worker = engine.worker(1, 107, answer_raw_then_records)
+    assert engine.request(request_frame(APP)) == engine_reply(
+        502, "Bad Gateway", "the app worker (pid 107) failed before responding"
+    )
+    assert "not response records" in engine.wait_event(lib.AGENT_EV_LOG).message
+    wait_until(lambda: worker.closes() == 1)  # the engine dropped the connection
+    assert engine.request(request_frame(APP)) == hello(worker)
+    assert worker.connections == 2
+    assert engine.app_stats()[1].failed == 1
+
+
+def test_bytes_after_the_end_record_close_the_connection_after_the_response(engine: EngineHarness) -> None:
+    def answer_with_trailer(worker: FakeWorker, conn: socket.socket, request: object) -> bool:
+        conn.sendall(records(hello(worker)) + b"junk")
+        return KEEP
+
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_with_trailer)
+    assert engine.request(request_frame(APP)) == hello(worker)
+    assert "after a response's end record" in engine.wait_event(lib.AGENT_EV_LOG).message
+    wait_until(lambda: worker.closes() == 1)
+    assert engine.request(request_frame(APP)) == hello(worker)
+    assert worker.connections == 2
+
+
+def test_idle_connection_that_turns_readable_is_closed(engine: EngineHarness) -> None:
+    def answer_then_chatter(worker: FakeWorker, conn: socket.socket, request: object) -> bool:
+        conn.sendall(records(hello(worker)))
+        time.sleep(0.1)  # the connection is idle in the engine by now
+        conn.sendall(b"unasked")
+        return KEEP
+
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_then_chatter)
+    assert engine.request(request_frame(APP)) == hello(worker)
+    assert "on an idle connection" in engine.wait_event(lib.AGENT_EV_LOG).message
+    wait_until(lambda: worker.closes() == 1)
+    assert engine.request(request_frame(APP)) == hello(worker)
+    assert worker.connections == 2
+
+
+def test_worker_of_concurrency_two_gets_at_most_two_connections(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_after_release, concurrency=2)
+    held = [start_request(engine, f"/{i}") for i in range(4)]
+    wait_until(lambda: worker.count() == 2)
+    wait_until(lambda: engine.app_stats()[1].queue_length == 2)
+    assert worker.connections == 2
+    worker.release.set()
+    for sock in held:
+        assert b"hello from 101" in read_all(sock)
+        sock.close()
+    for i in range(6):
+        assert b"hello from 101" in engine.request(request_frame(APP, f"/more{i}"))
+    assert worker.connections == 2
+    assert worker.count() == 10
+
+
+@pytest.mark.parametrize("how", ["detach", "remove"])
+def test_stopping_a_worker_closes_its_idle_connections(engine: EngineHarness, how: str) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_after_release, concurrency=2)
+    other = engine.worker(1, 102, answer_after_release)
+    held = [start_request(engine) for _ in range(3)]  # 101 opens two connections
+    wait_until(lambda: (worker.count(), other.count()) == (2, 1))
+    worker.release.set()
+    other.release.set()
+    for sock in held:
+        assert b"200 OK" in read_all(sock)
+        sock.close()
+    assert worker.connections == 2
+    stop = lib.agent_engine_worker_detach if how == "detach" else lib.agent_engine_worker_remove
+    assert stop(engine.engine, 101) == 0
+    wait_until(lambda: worker.closes() == 2)
+    assert engine.request(request_frame(APP)) == hello(other)
+
+
+def test_detached_worker_closes_a_busy_connection_when_its_request_ends(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_after_release)
+    sock = start_request(engine)
+    wait_until(lambda: worker.count() == 1)
+    assert lib.agent_engine_worker_detach(engine.engine, 101) == 0
+    worker.release.set()
+    assert read_all(sock) == hello(worker)
+    sock.close()
+    wait_until(lambda: worker.closes() == 1)
+    assert engine.worker_stats()[101].processed == 1
+
+
+def test_answer_before_the_whole_body_does_not_reuse_the_connection(engine: EngineHarness) -> None:
+    """The worker answers before the body has arrived: the connection is not
+    at a request boundary, so the engine closes it after the response."""
+    too_large = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
+
+    def answer_early(worker: FakeWorker, conn: socket.socket, request: object) -> bool:
+        conn.sendall(records(too_large))
+        return KEEP
+
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_early)
+    worker.read_body = False
+    with connect(engine.socket_path) as sock:
+        sock.sendall(request_frame(APP, "/up", "POST", 10_000) + b"x" * 10)  # the rest never comes
+        assert read_all(sock) == too_large
+    wait_until(lambda: worker.closes() == 1)
+    assert engine.request(request_frame(APP)) == too_large
+    assert worker.connections == 2
+    assert engine.worker_stats()[101].processed == 2
 
 
 # -- bad input ---------------------------------------------------------------
@@ -427,10 +632,12 @@ def test_large_response_to_a_slow_reader_is_held_one_buffer_at_a_time(engine: En
     payload = os.urandom(1 << 20)
     count = 32
 
-    def answer_big(worker: FakeWorker, conn: socket.socket, request: object) -> None:
-        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+    def answer_big(worker: FakeWorker, conn: socket.socket, request: object) -> bool:
+        conn.sendall(record(b"HTTP/1.1 200 OK\r\n\r\n"))
         for _ in range(count):
-            conn.sendall(payload)
+            conn.sendall(record(payload))
+        conn.sendall(END_RECORD)
+        return KEEP
 
     engine.app(1, APP)
     engine.worker(1, 101, answer_big)

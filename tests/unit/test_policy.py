@@ -21,9 +21,10 @@ def config(name: str, **kwargs: object) -> AppConfig:
 
 
 def add_worker(app: App, pid: int, state: WorkerState = WorkerState.SERVING, sessions: int = 0,
-               spawned_at: float = NOW - 5) -> Worker:
+               spawned_at: float = NOW - 5, last_used: float = NOW - 1, **kwargs: object) -> Worker:
     worker = Worker(pid=pid, app=app.name, socket_path=f"/tmp/{pid}.sock", spawned_at=spawned_at,
-                    state=state, sessions=sessions)
+                    state=state, sessions=sessions, last_used=last_used,
+                    generation=app.generation, **kwargs)  # type: ignore[arg-type]
     app.workers[pid] = worker
     return worker
 
@@ -146,4 +147,123 @@ def test_a_removed_app_gets_no_new_worker() -> None:
     pool = make_pool(a=config("a"))
     pool.apps["a"].queue_length = 1
     pool.apps["a"].removed = True
+    assert policy.plan(pool, NOW) == []
+
+
+# -- recycling ------------------------------------------------------------------
+
+
+def test_a_worker_over_its_memory_limit_is_detached() -> None:
+    pool = make_pool(a=config("a", memory_limit_mb=100))
+    app = pool.apps["a"]
+    add_worker(app, 10, memory=99 << 20)
+    add_worker(app, 11, memory=101 << 20)
+    assert policy.plan(pool, NOW) == [policy.Detach(11, "memory limit: 101 MB > 100 MB")]
+
+
+def test_a_detached_worker_is_replaced_to_keep_the_minimum() -> None:
+    pool = make_pool(a=config("a", min_instances=1, memory_limit_mb=100))
+    app = pool.apps["a"]
+    app.activated = True
+    add_worker(app, 10, WorkerState.DETACHING, sessions=1)
+    assert policy.plan(pool, NOW) == [policy.Spawn("a")]
+
+
+def test_a_worker_that_served_its_budget_is_detached() -> None:
+    pool = make_pool(a=config("a", max_requests=100))
+    app = pool.apps["a"]
+    add_worker(app, 10, processed=99, max_requests=105)
+    add_worker(app, 11, processed=105, max_requests=105)
+    assert [a.pid for a in policy.plan(pool, NOW) if isinstance(a, policy.Detach)] == [11]
+
+
+def test_request_budgets_spread_over_ten_percent() -> None:
+    app = App(id=1, config=config("a", max_requests=1000))
+    budgets = {policy.request_budget(app, draw / 10) for draw in range(10)}
+    assert min(budgets) == 1000 and max(budgets) == 1090 and len(budgets) == 10
+    assert policy.request_budget(App(id=2, config=config("b")), 0.5) == 0
+
+
+def test_always_restart_recycles_after_one_request() -> None:
+    pool = make_pool(a=config("a"))
+    app = pool.apps["a"]
+    app.always_restart = True
+    add_worker(app, 10, processed=0)
+    add_worker(app, 11, processed=1)
+    assert [a.pid for a in policy.plan(pool, NOW) if isinstance(a, policy.Detach)] == [11]
+
+
+def test_idle_workers_stop_down_to_the_minimum_least_recently_used_first() -> None:
+    pool = make_pool(a=config("a", min_instances=1))
+    pool.pool_idle_time = 300
+    app = pool.apps["a"]
+    add_worker(app, 10, last_used=NOW - 400)
+    add_worker(app, 11, last_used=NOW - 500)
+    add_worker(app, 12, last_used=NOW - 10)
+    detached = [a.pid for a in policy.plan(pool, NOW) if isinstance(a, policy.Detach)]
+    assert detached == [11, 10]
+    add_worker(app, 13, last_used=NOW - 10, sessions=1)
+    pool.pool_idle_time = 0
+    assert policy.plan(pool, NOW) == []
+
+
+def test_idle_workers_keep_the_minimum() -> None:
+    pool = make_pool(a=config("a", min_instances=2))
+    app = pool.apps["a"]
+    add_worker(app, 10, last_used=NOW - 4000)
+    add_worker(app, 11, last_used=NOW - 5000)
+    assert policy.plan(pool, NOW) == []
+
+
+def test_a_full_pool_gives_way_to_an_app_with_waiting_requests() -> None:
+    pool = make_pool(2, a=config("a"), b=config("b"))
+    add_worker(pool.apps["a"], 10, last_used=NOW - 5)
+    add_worker(pool.apps["a"], 11, last_used=NOW - 50)
+    pool.apps["b"].queue_length = 1
+    assert policy.plan(pool, NOW) == [policy.Detach(11, "the pool is full and b has no worker")]
+
+
+def test_a_busy_pool_does_not_give_way() -> None:
+    pool = make_pool(1, a=config("a"), b=config("b"))
+    add_worker(pool.apps["a"], 10, sessions=1)
+    pool.apps["b"].queue_length = 1
+    assert policy.plan(pool, NOW) == []
+
+
+# -- rolling restarts -------------------------------------------------------------
+
+
+def restart(app: App) -> None:
+    app.generation += 1
+    app.restart_target = len(app.serving_workers())
+
+
+def test_a_rolling_restart_starts_a_new_worker_before_retiring_an_old_one() -> None:
+    pool = make_pool(a=config("a", max_instances=2))
+    app = pool.apps["a"]
+    add_worker(app, 10, spawned_at=NOW - 20)
+    add_worker(app, 11, spawned_at=NOW - 10)
+    restart(app)
+    assert policy.plan(pool, NOW) == [policy.Spawn("a")]   # beyond max_instances by one
+    add_worker(app, 20, WorkerState.STARTING)
+    assert policy.plan(pool, NOW) == []
+    app.workers[20].state = WorkerState.SERVING
+    assert policy.plan(pool, NOW) == [policy.Detach(10, "rolling restart")]
+    app.workers[10].state = WorkerState.DETACHING
+    app.workers[10].sessions = 1
+    assert policy.plan(pool, NOW) == [policy.Spawn("a")]
+    add_worker(app, 21)
+    assert policy.plan(pool, NOW) == [policy.Detach(11, "rolling restart")]
+    app.workers[11].state = WorkerState.DETACHING
+    app.workers[11].sessions = 1
+    assert policy.plan(pool, NOW) == []
+    assert not app.restarting()
+
+
+def test_a_restart_waits_out_a_back_off() -> None:
+    pool = make_pool(a=config("a"))
+    app = pool.apps["a"]
+    add_worker(app, 10)
+    restart(app)
+    app.failed_until = NOW + 5
     assert policy.plan(pool, NOW) == []

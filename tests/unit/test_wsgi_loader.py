@@ -103,6 +103,11 @@ class Reply:
     reason: str
     headers: list[tuple[str, str]]
     body: bytes
+    # The end record arrived (section 2); false when the connection closed
+    # before it, which cuts the response off.
+    ended: bool = True
+    # The lengths of the records the response came in.
+    records: tuple[int, ...] = ()
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -111,23 +116,84 @@ class Reply:
         return None
 
 
-def parse_reply(raw: bytes) -> Reply:
+def parse_reply(raw: bytes, ended: bool = True, records: Sequence[int] = ()) -> Reply:
     head, separator, body = raw.partition(b"\r\n\r\n")
     assert separator, f"no end of head in {raw[:200]!r}"
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     version, code, reason = status_line.split(" ", 2)
     assert version == "HTTP/1.1"
     headers = [tuple(line.split(": ", 1)) for line in header_lines]
-    return Reply(int(code), reason, headers, body)  # type: ignore[arg-type]
+    return Reply(int(code), reason, headers, body, ended, tuple(records))  # type: ignore[arg-type]
 
 
 def receive_all(conn: socket.socket) -> bytes:
+    """Raw bytes until the worker closes the connection."""
     chunks: list[bytes] = []
     while True:
         chunk = conn.recv(65536)
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+def receive_exactly(conn: socket.socket, size: int) -> bytes:
+    """*size* bytes, or fewer if the connection closes first."""
+    chunks: list[bytes] = []
+    while size:
+        chunk = conn.recv(min(size, 1024 * 1024))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def receive_record(conn: socket.socket) -> bytes | None:
+    """One record's bytes: b"" for the end record, None for a close
+    between records. A close inside a record is a framing error."""
+    header = receive_exactly(conn, 4)
+    if not header:
+        return None
+    assert len(header) == 4, f"the connection closed inside a record length: {header!r}"
+    (size,) = struct.unpack(">I", header)
+    data = receive_exactly(conn, size)
+    assert len(data) == size, f"the connection closed {len(data)} bytes into a record of {size}"
+    return data
+
+
+def receive_reply(conn: socket.socket) -> Reply:
+    """Read records up to the end record, or up to a close that cuts the
+    response off, and parse the bytes they carry."""
+    parts: list[bytes] = []
+    while True:
+        record = receive_record(conn)
+        if not record:
+            break
+        parts.append(record)
+    return parse_reply(b"".join(parts), record is not None, [len(part) for part in parts])
+
+
+def receive_reply_tail(conn: socket.socket) -> bytes:
+    """The bytes of the remaining records, up to the end record."""
+    parts: list[bytes] = []
+    while (record := receive_record(conn)) is not None:
+        if not record:
+            return b"".join(parts)
+        parts.append(record)
+    raise AssertionError("the connection closed before the end record")
+
+
+def assert_closed(conn: socket.socket) -> None:
+    """The worker closed the connection: end of file, or a reset when it
+    left bytes unread, and nothing before it."""
+    with contextlib.suppress(ConnectionResetError):
+        assert conn.recv(65536) == b""
+
+
+def assert_open(conn: socket.socket, wait: float = 0.2) -> None:
+    """Nothing arrives on the connection, and it does not close."""
+    ready, _, _ = select.select([conn], [], [], wait)
+    assert not ready, conn.recv(65536, socket.MSG_PEEK)
 
 
 def connect(sock_path: Path) -> socket.socket:
@@ -138,9 +204,26 @@ def connect(sock_path: Path) -> socket.socket:
 
 
 def exchange(sock_path: Path, data: bytes) -> bytes:
+    """Send *data*, then read raw bytes until the worker closes."""
     with connect(sock_path) as conn:
         conn.sendall(data)
         return receive_all(conn)
+
+
+def request_frame(
+    uri: str = "/hello",
+    method: str = "GET",
+    body: bytes = b"",
+    headers: Sequence[tuple[str, str]] = (),
+    https: bool = False,
+) -> bytes:
+    return build_frame(request_pairs(uri, method, len(body), headers, https)) + body
+
+
+def request_on(conn: socket.socket, uri: str = "/hello", method: str = "GET", body: bytes = b"") -> Reply:
+    """One request on an open connection, which stays open."""
+    conn.sendall(request_frame(uri, method, body))
+    return receive_reply(conn)
 
 
 def request(
@@ -150,9 +233,15 @@ def request(
     body: bytes = b"",
     headers: Sequence[tuple[str, str]] = (),
     https: bool = False,
+    ended: bool = True,
 ) -> Reply:
-    frame = build_frame(request_pairs(uri, method, len(body), headers, https))
-    return parse_reply(exchange(sock_path, frame + body))
+    """One request on a connection of its own; the response must end with
+    the end record (or must not, when *ended* is false)."""
+    with connect(sock_path) as conn:
+        conn.sendall(request_frame(uri, method, body, headers, https))
+        reply = receive_reply(conn)
+    assert reply.ended == ended, reply
+    return reply
 
 
 # --------------------------------------------------------------------------
@@ -284,11 +373,61 @@ def test_hello(worker: Worker) -> None:
     assert (reply.status, reply.reason) == (200, "OK")
     assert reply.headers == [("Content-Type", "text/plain"), ("Content-Length", "13")]
     assert reply.body == b"Hello, world!"
+    # A small response is one record: head and body leave together.
+    assert len(reply.records) == 1
 
 
 def test_many_requests_one_worker(worker: Worker) -> None:
     for _ in range(200):
         assert request(worker.sock_path, "/hello").body == b"Hello, world!"
+
+
+# --------------------------------------------------------------------------
+# Connections that carry many requests (section 2)
+
+
+def test_many_requests_on_one_connection(worker: Worker) -> None:
+    with connect(worker.sock_path) as conn:
+        for number in range(10):
+            reply = request_on(conn, f"/echo?mode=read&n={number}", "POST", f"request {number}".encode())
+            assert (reply.status, reply.body, reply.ended) == (200, f"request {number}".encode(), True)
+        # Nothing follows the end record until the next frame.
+        assert_open(conn, wait=0.05)
+
+
+def test_idle_connection_closed_by_the_peer(worker: Worker) -> None:
+    """The engine may close an idle connection at any time: the worker
+    goes back to accept()."""
+    for _ in range(3):
+        with connect(worker.sock_path) as conn:
+            assert request_on(conn).ended
+    assert request(worker.sock_path).body == b"Hello, world!"
+
+
+def test_idle_connection_reset_by_the_peer(worker: Worker) -> None:
+    """A peer that closes with response bytes unread resets the connection
+    (on Unix sockets): the worker treats it as a close."""
+    with connect(worker.sock_path) as conn:
+        conn.sendall(request_frame())
+        time.sleep(0.1)  # the response now waits, unread, on the peer's side
+    assert request(worker.sock_path).body == b"Hello, world!"
+
+
+def test_second_connection_waits_for_the_first(worker: Worker) -> None:
+    """With concurrency 1 a second connection waits in the listen backlog
+    while the first is open, and is served once it closes."""
+    first = connect(worker.sock_path)
+    try:
+        assert request_on(first).ended
+        with connect(worker.sock_path) as second:
+            second.sendall(request_frame())
+            assert_open(second, wait=0.3)
+            assert request_on(first).ended
+            first.close()
+            reply = receive_reply(second)
+            assert (reply.body, reply.ended) == (b"Hello, world!", True)
+    finally:
+        first.close()
 
 
 def test_environ(worker: Worker) -> None:
@@ -340,7 +479,10 @@ def test_environ_https_and_fallbacks(worker: Worker) -> None:
         ("CONTENT_LENGTH", "0"),
         ("HTTPS", "on"),
     ]
-    reply = parse_reply(exchange(worker.sock_path, build_frame(pairs)))
+    with connect(worker.sock_path) as conn:
+        conn.sendall(build_frame(pairs))
+        reply = receive_reply(conn)
+    assert reply.ended
     environ = json.loads(reply.body)
     assert environ["wsgi.url_scheme"] == "https"
     assert environ["PATH_INFO"] == "/environ"
@@ -416,7 +558,8 @@ def test_body_sent_after_the_frame(worker: Worker) -> None:
         for start in range(0, len(body), 7001):
             time.sleep(0.001)
             conn.sendall(body[start : start + 7001])
-        reply = parse_reply(receive_all(conn))
+        reply = receive_reply(conn)
+    assert reply.ended
     assert reply.body == body.replace(b"\n", b"\n|")[:-1]
 
 
@@ -432,7 +575,8 @@ def test_large_upload_is_streamed(tmp_path: Path) -> None:
             for _ in range(size // len(block)):
                 conn.sendall(block)
                 expected.update(block)
-            reply = parse_reply(receive_all(conn))
+            reply = receive_reply(conn)
+        assert reply.ended
         assert reply.body == f"{size} {expected.hexdigest()}".encode()
         # The whole body never sits in the worker: its peak RSS stays far
         # below the upload's size.
@@ -447,13 +591,13 @@ def test_streamed_response(worker: Worker) -> None:
         started = time.monotonic()
         first = b""
         while b"first;" not in first:
-            chunk = conn.recv(65536)
-            assert chunk
-            first += chunk
+            record = receive_record(conn)
+            assert record, "the response ended before its first chunk"
+            first += record
         # The head and the first chunk leave before the app pauses.
         assert time.monotonic() - started < 1.2
-        raw = first + receive_all(conn)
-    reply = parse_reply(raw)
+        rest = receive_reply_tail(conn)
+    reply = parse_reply(first + rest)
     assert reply.status == 200
     assert reply.body == b"first;chunk-0;chunk-1;chunk-2;"
 
@@ -473,6 +617,35 @@ def test_file_wrapper(worker: Worker, tmp_path: Path) -> None:
     assert request(worker.sock_path, uri + "&offset=1000").body == content[1000:]
     limited = request(worker.sock_path, uri + "&offset=10&length=100")
     assert limited.body == content[10:110]
+    path.write_bytes(b"")
+    assert request(worker.sock_path, uri).body == b""
+
+
+def test_file_wrapper_larger_than_a_record(worker: Worker, tmp_path: Path) -> None:
+    """A file is sent in records of at most 16 MiB, each announced before
+    sendfile() sends its bytes."""
+    block = os.urandom(1024 * 1024)
+    path = tmp_path / "large.bin"
+    path.write_bytes(block * 17 + block[:123])
+    with connect(worker.sock_path) as conn:
+        reply = request_on(conn, f"/file?path={quote(str(path))}")
+        assert reply.ended
+        assert reply.body == path.read_bytes()
+        assert max(reply.records) <= 16 * 1024 * 1024
+        assert request_on(conn).body == b"Hello, world!"
+
+
+@pytest.mark.parametrize(
+    ("size", "parts"),
+    [(300_000, 1), (300_000, 3), (100, 3), (20 * 1024 * 1024, 1)],
+)
+def test_large_chunks(worker: Worker, size: int, parts: int) -> None:
+    with connect(worker.sock_path) as conn:
+        reply = request_on(conn, f"/big?size={size}&parts={parts}")
+        assert reply.ended
+        expected = b"".join(bytes([ord("a") + number]) * size for number in range(parts))
+        assert reply.body == expected
+        assert request_on(conn).body == b"Hello, world!"
 
 
 def test_empty_body_sends_the_head(worker: Worker) -> None:
@@ -494,10 +667,21 @@ def test_exception_before_headers_is_500(worker: Worker) -> None:
     assert request(worker.sock_path, "/hello").status == 200
 
 
-def test_exception_after_headers_truncates(worker: Worker) -> None:
-    reply = request(worker.sock_path, "/error-after")
-    assert reply.status == 200
-    assert reply.body == b"partial;"
+def test_exception_before_headers_keeps_the_connection(worker: Worker) -> None:
+    with connect(worker.sock_path) as conn:
+        reply = request_on(conn, "/error-before")
+        assert (reply.status, reply.ended) == (500, True)
+        for _ in range(3):
+            assert request_on(conn).body == b"Hello, world!"
+
+
+def test_exception_after_headers_cuts_the_response_off(worker: Worker) -> None:
+    """No end record: the connection closes, and the engine cuts off the
+    response it was forwarding."""
+    with connect(worker.sock_path) as conn:
+        reply = request_on(conn, "/error-after")
+        assert (reply.status, reply.body, reply.ended) == (200, b"partial;", False)
+        assert_closed(conn)
     assert "RuntimeError: raised after the head was sent" in worker.log()
     assert request(worker.sock_path, "/hello").status == 200
 
@@ -508,7 +692,7 @@ def test_exc_info_replaces_unsent_headers(worker: Worker) -> None:
 
 
 def test_exc_info_after_headers_sent_reraises(worker: Worker) -> None:
-    reply = request(worker.sock_path, "/exc-info-after-sent")
+    reply = request(worker.sock_path, "/exc-info-after-sent", ended=False)
     assert reply.status == 200
     assert reply.body == b"sent;"
     assert "ValueError: too late" in worker.log()
@@ -518,24 +702,26 @@ def test_body_that_is_not_bytes_is_500(worker: Worker) -> None:
     assert request(worker.sock_path, "/str-body").status == 500
 
 
-def test_unread_body_still_ends_with_a_clean_close(worker: Worker) -> None:
-    """A small body the app ignores is drained: the peer reads the whole
-    response and then end of file, not ECONNRESET."""
-    for size in (10, 100_000, 1_000_000):
-        body = b"b" * size
-        frame = build_frame(request_pairs("/hello", "POST", len(body)))
-        with connect(worker.sock_path) as conn:
-            conn.sendall(frame + body)
-            reply = parse_reply(receive_all(conn))
-        assert reply.body == b"Hello, world!"
+@pytest.mark.parametrize("size", [10, 100_000, 1024 * 1024])
+def test_unread_small_body_is_drained(worker: Worker, size: int) -> None:
+    """A body of at most 1 MiB the app ignores is read and dropped: the
+    connection then carries the next request."""
+    with connect(worker.sock_path) as conn:
+        reply = request_on(conn, "/hello", "POST", b"b" * size)
+        assert (reply.body, reply.ended) == (b"Hello, world!", True)
+        reply = request_on(conn, "/echo?mode=read", "POST", b"next")
+        assert (reply.body, reply.ended) == (b"next", True)
 
 
-def test_large_unread_body_does_not_stop_the_worker(worker: Worker) -> None:
-    size = 8 * 1024 * 1024
+@pytest.mark.parametrize("size", [1024 * 1024 + 1, 8 * 1024 * 1024])
+def test_unread_large_body_closes_after_the_end_record(worker: Worker, size: int) -> None:
     with connect(worker.sock_path) as conn:
         conn.sendall(build_frame(request_pairs("/hello", "POST", size)))
-        with contextlib.suppress(OSError):  # the worker may close mid-upload
+        with contextlib.suppress(OSError):  # the worker closes mid-upload
             conn.sendall(b"u" * size)
+        reply = receive_reply(conn)
+        assert (reply.body, reply.ended) == (b"Hello, world!", True)
+        assert_closed(conn)
     assert request(worker.sock_path, "/hello").status == 200
 
 
@@ -549,9 +735,27 @@ def test_header_injection_is_refused(worker: Worker) -> None:
 def test_close_is_always_called(worker: Worker, tmp_path: Path, fail: bool) -> None:
     marker = tmp_path / "closed"
     uri = f"/close?marker={quote(str(marker))}&fail={int(fail)}"
-    reply = request(worker.sock_path, uri)
-    assert reply.body == b"body;"
+    with connect(worker.sock_path) as conn:
+        reply = request_on(conn, uri)
+        assert reply.body == b"body;"
+        assert reply.ended is not fail
+        if fail:
+            assert_closed(conn)
+        else:
+            # close() runs after the end record; the worker serves the next
+            # request only once it has returned.
+            assert request_on(conn).status == 200
     assert marker.read_text() == "closed"
+
+
+def test_close_raising_after_the_end_record_keeps_the_connection(worker: Worker, tmp_path: Path) -> None:
+    marker = tmp_path / "closed"
+    with connect(worker.sock_path) as conn:
+        reply = request_on(conn, f"/close?marker={quote(str(marker))}&close_fails=1")
+        assert (reply.body, reply.ended) == (b"body;", True)
+        assert request_on(conn).body == b"Hello, world!"
+    assert marker.read_text() == "closed"
+    assert "RuntimeError: failing close" in worker.log()
 
 
 def test_client_gone_before_reading(worker: Worker) -> None:
@@ -608,6 +812,34 @@ def test_malformed_frame_closes_and_keeps_serving(worker: Worker, data: bytes) -
         conn.sendall(data)
         conn.shutdown(socket.SHUT_WR)
         assert receive_all(conn) == b""
+    assert request(worker.sock_path, "/hello").status == 200
+
+
+def test_malformed_frame_after_a_request(worker: Worker) -> None:
+    with connect(worker.sock_path) as conn:
+        assert request_on(conn).ended
+        conn.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert_closed(conn)
+    assert request(worker.sock_path, "/hello").status == 200
+
+
+def test_connection_closed_inside_a_frame(worker: Worker) -> None:
+    with connect(worker.sock_path) as conn:
+        assert request_on(conn).ended
+        conn.sendall(request_frame()[:20])
+        conn.shutdown(socket.SHUT_WR)
+        assert receive_all(conn) == b""
+    assert "malformed request frame" in worker.log()
+    assert request(worker.sock_path, "/hello").status == 200
+
+
+def test_bytes_past_the_body_are_refused(worker: Worker) -> None:
+    """The engine sends a frame only after the end record of the previous
+    response; bytes past a body are no request, and the connection closes."""
+    with connect(worker.sock_path) as conn:
+        conn.sendall(request_frame("/hello", "POST", b"abc") + request_frame())
+        assert receive_all(conn) == b""
+    assert "bytes past the end of the request body" in worker.log()
     assert request(worker.sock_path, "/hello").status == 200
 
 
@@ -725,21 +957,38 @@ def test_absolute_startup_file(tmp_path: Path) -> None:
 
 
 def test_sigterm_when_idle_exits_promptly(tmp_path: Path) -> None:
+    """Idle in accept(): no connection open."""
     started = start_worker(tmp_path, "loader_app.py")
     assert request(started.sock_path, "/hello").status == 200
+    time.sleep(0.1)  # the worker is back in accept()
     began = time.monotonic()
     assert started.stop() == 0
     assert time.monotonic() - began < 2
 
 
+def test_sigterm_when_idle_on_an_open_connection(tmp_path: Path) -> None:
+    """Idle waiting for the next frame: the worker closes and exits."""
+    started = start_worker(tmp_path, "loader_app.py")
+    with connect(started.sock_path) as conn:
+        assert request_on(conn).ended
+        time.sleep(0.1)  # the worker waits for the next frame
+        began = time.monotonic()
+        assert started.stop() == 0
+        assert time.monotonic() - began < 2
+        assert_closed(conn)
+
+
 def test_sigterm_during_request_finishes_it(tmp_path: Path) -> None:
     started = start_worker(tmp_path, "loader_app.py")
     with connect(started.sock_path) as conn:
-        conn.sendall(build_frame(request_pairs("/slow?seconds=1")))
+        assert request_on(conn).ended
+        conn.sendall(request_frame("/slow?seconds=1"))
         time.sleep(0.3)
         started.process.send_signal(signal.SIGTERM)
-        reply = parse_reply(receive_all(conn))
-    assert (reply.status, reply.body) == (200, b"slept")
+        reply = receive_reply(conn)
+        assert (reply.status, reply.body, reply.ended) == (200, b"slept", True)
+        # Then the connection closes: the worker takes no further request.
+        assert_closed(conn)
     assert started.process.wait(timeout=10) == 0
 
 

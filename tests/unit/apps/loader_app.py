@@ -158,11 +158,13 @@ def exc_info_after_sent(environ: Environ, start_response: StartResponse) -> Body
 
 
 class ClosingBody:
-    """An iterable whose close() leaves a marker file behind."""
+    """An iterable whose close() leaves a marker file behind (and raises,
+    when asked to, after leaving it)."""
 
-    def __init__(self, marker: str, fail: bool) -> None:
+    def __init__(self, marker: str, fail: bool, close_fails: bool = False) -> None:
         self.marker = marker
         self.fail = fail
+        self.close_fails = close_fails
 
     def __iter__(self) -> Iterator[bytes]:
         yield b"body;"
@@ -172,11 +174,25 @@ class ClosingBody:
     def close(self) -> None:
         with open(self.marker, "w") as handle:
             handle.write("closed")
+        if self.close_fails:
+            raise RuntimeError("failing close")
 
 
 def closing(environ: Environ, start_response: StartResponse) -> Body:
     start_response("200 OK", TEXT)
-    return ClosingBody(query(environ, "marker"), query(environ, "fail") == "1")
+    return ClosingBody(
+        query(environ, "marker"),
+        query(environ, "fail") == "1",
+        query(environ, "close_fails") == "1",
+    )
+
+
+def big(environ: Environ, start_response: StartResponse) -> Body:
+    """`parts` chunks of `size` bytes each, returned as a list."""
+    size = int(query(environ, "size", "1000000"))
+    parts = int(query(environ, "parts", "1"))
+    start_response("200 OK", TEXT)
+    return [bytes([ord("a") + number % 26]) * size for number in range(parts)]
 
 
 def slow(environ: Environ, start_response: StartResponse) -> Body:
@@ -216,6 +232,7 @@ ROUTES: dict[str, Callable[[Environ, StartResponse], Body]] = {
     "/exc-info": exc_info_replace,
     "/exc-info-after-sent": exc_info_after_sent,
     "/close": closing,
+    "/big": big,
     "/slow": slow,
     "/empty": empty,
     "/header-injection": header_injection,
