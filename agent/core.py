@@ -32,8 +32,10 @@ from agent.logs import OutputCapture, log
 from agent.native import (
     EV_LOG,
     EV_QUEUED,
+    EV_REQUEST_TIMEOUT,
     EV_WORKER_FAILED,
     EV_WORKER_IDLE,
+    NOTIFY_HOLD,
     NOTIFY_IDLE,
     NOTIFY_QUEUED,
     Engine,
@@ -183,6 +185,7 @@ class Core:
             app.activated = True
         self.engine.set_app(app.id, config.name, config.max_request_queue_size,
                             int(config.max_request_queue_time * 1000))
+        self.engine.set_request_time(app.id, int(config.max_request_time * 1000))
 
     # -- engine events ----------------------------------------------------
 
@@ -203,21 +206,39 @@ class Core:
                 self.detach(*found, "refused a connection")
         elif event.type == EV_WORKER_IDLE:
             self.worker_finished_requests(event.pid, int(event.value))
+        elif event.type == EV_REQUEST_TIMEOUT:
+            self.request_timed_out(event.pid, event.message)
         elif event.type == EV_LOG:
             log.warning("%s", event.message)
 
+    def request_timed_out(self, pid: int, message: str) -> None:
+        """The engine cut off a request that ran too long and detached its
+        worker; the worker may be stuck for good, so it is killed, not asked
+        to stop. Other requests it was serving end with it."""
+        found = self.pool.find_worker(pid)
+        if found is None:
+            return
+        app, worker = found
+        log.warning("app %s: %s", app.name, message)
+        self.kill(worker, "request time limit")
+
     def worker_finished_requests(self, pid: int, processed: int) -> None:
-        """Apps with per-worker limits hear of every finished request, so that
-        a worker that leaks or has served enough is caught at once."""
+        """Apps with per-worker limits hear of every finished request, and
+        the engine holds the worker until it is checked: one that leaks or
+        has served enough never starts another request."""
         found = self.pool.find_worker(pid)
         if found is None:
             return
         app, worker = found
         worker.processed = max(worker.processed, processed)
-        worker.sessions = 0
         worker.last_used = time.monotonic()
         if app.config.memory_limit_mb:
             self.sample_memory([worker])
+        reason = policy.recycle_reason(app, worker) if worker.is_serving() else None
+        if reason is not None:
+            self.detach(app, worker, reason)
+        elif worker.in_engine():
+            self.engine.release_worker(pid)
 
     def refresh_stats(self) -> None:
         app_stats = self.engine.app_stats()
@@ -467,7 +488,7 @@ class Core:
         for app in self.pool.apps.values():
             wanted = NOTIFY_QUEUED if policy.may_grow(app, room) else 0
             if policy.limits_each_request(app):
-                wanted |= NOTIFY_IDLE
+                wanted |= NOTIFY_IDLE | NOTIFY_HOLD
             if self.notifying.get(app.id) != wanted:
                 self.engine.notify_app(app.id, wanted)
                 self.notifying[app.id] = wanted

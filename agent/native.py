@@ -16,8 +16,10 @@ EV_QUEUED = lib.AGENT_EV_QUEUED
 EV_WORKER_FAILED = lib.AGENT_EV_WORKER_FAILED
 EV_WORKER_IDLE = lib.AGENT_EV_WORKER_IDLE
 EV_LOG = lib.AGENT_EV_LOG
+EV_REQUEST_TIMEOUT = lib.AGENT_EV_REQUEST_TIMEOUT
 NOTIFY_QUEUED = lib.AGENT_NOTIFY_QUEUED
 NOTIFY_IDLE = lib.AGENT_NOTIFY_IDLE
+NOTIFY_HOLD = lib.AGENT_NOTIFY_HOLD
 
 _ERROR_SIZE = 512
 
@@ -54,6 +56,7 @@ class AppStats:
     queue_full: int
     queue_timeouts: int
     failed: int
+    request_timeouts: int
 
 
 def _check(result: int, what: str) -> int:
@@ -102,6 +105,9 @@ class Engine:
         _check(lib.agent_engine_app_set(self._engine, app, name.encode(), max_queue, queue_timeout_ms),
                f"configuring app {name}")
 
+    def set_request_time(self, app: int, max_request_time_ms: int) -> None:
+        _check(lib.agent_engine_app_request_time(self._engine, app, max_request_time_ms), "setting a request time limit")
+
     def remove_app(self, app: int) -> None:
         _check(lib.agent_engine_app_remove(self._engine, app), "removing an app")
 
@@ -122,6 +128,9 @@ class Engine:
     def detach_worker(self, pid: int) -> None:
         _check(lib.agent_engine_worker_detach(self._engine, pid), f"detaching worker {pid}")
 
+    def release_worker(self, pid: int) -> None:
+        _check(lib.agent_engine_worker_release(self._engine, pid), f"releasing worker {pid}")
+
     def remove_worker(self, pid: int) -> None:
         _check(lib.agent_engine_worker_remove(self._engine, pid), f"removing worker {pid}")
 
@@ -138,7 +147,8 @@ class Engine:
         out = ffi.new("agent_app_stats[]", capacity)
         count = lib.agent_engine_app_stats(self._engine, out, capacity)
         return {
-            s.app: AppStats(s.app, s.queue_length, s.requests, s.queue_full, s.queue_timeouts, s.failed)
+            s.app: AppStats(s.app, s.queue_length, s.requests, s.queue_full, s.queue_timeouts, s.failed,
+                            s.request_timeouts)
             for s in (out[i] for i in range(count))
         }
 

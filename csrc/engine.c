@@ -160,6 +160,7 @@ typedef struct worker {
     list_link idle;             /* wconns carrying no request, most recently used first */
     int open;                   /* wconns open, idle or busy; at most concurrency */
     bool close_idle;            /* detached or removed: the loop must close its idle wconns */
+    bool held;                  /* waits for the policy's check after a request (AGENT_NOTIFY_HOLD) */
 } worker;
 
 /* A connection to a worker, kept across requests (docs/protocol.md §2). */
@@ -181,6 +182,7 @@ typedef struct app {
     size_t name_len;
     int max_queue;
     uint32_t queue_timeout_ms;
+    uint32_t request_time_ms;   /* a session running longer is cut off; 0: no limit */
     list_link queue;            /* conns in state CONN_QUEUED, oldest first */
     int queue_length;
     shared_reply *failure;      /* set: every request gets this response */
@@ -191,6 +193,7 @@ typedef struct app {
     uint64_t requests;
     uint64_t queue_full;
     uint64_t queue_timeouts;
+    uint64_t request_timeouts;
     uint64_t failed;
 } app;
 
@@ -248,6 +251,7 @@ typedef struct conn {
     struct app *queued_in;      /* the app whose queue holds it (CONN_QUEUED) */
     worker *worker;
     int64_t started_ms;
+    int64_t session_ms;         /* when the worker got it */
     int64_t queued_ms;
 
     /* A response the engine makes itself. */
@@ -585,7 +589,7 @@ static worker *pick_worker(agent_engine *e, int app_id)
     worker *best = NULL;
     for (int i = 0; i < e->nworkers; i++) {
         worker *w = e->workers[i];
-        if (w->app != app_id || w->state != AGENT_WORKER_ACTIVE || w->sessions >= w->concurrency)
+        if (w->app != app_id || w->state != AGENT_WORKER_ACTIVE || w->held || w->sessions >= w->concurrency)
             continue;
         if (!best || w->sessions < best->sessions
             || (w->sessions == best->sessions && w->last_use_seq < best->last_use_seq))
@@ -865,8 +869,12 @@ static void end_session(agent_engine *e, conn *c, bool counted, bool reusable)
         return;
     }
     app *a = app_by_id(e, w->app);
-    if (w->sessions == 0 && a && (a->notify & AGENT_NOTIFY_IDLE))
+    if (counted && a && (a->notify & AGENT_NOTIFY_HOLD) && w->state == AGENT_WORKER_ACTIVE) {
+        w->held = true;  /* until agent_engine_worker_release() */
         emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed);
+    } else if (w->sessions == 0 && a && (a->notify & AGENT_NOTIFY_IDLE)) {
+        emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed);
+    }
     if (w->state == AGENT_WORKER_ACTIVE && !e->stopping) {
         if (a && a->queue_length > 0)
             dispatch_queue(e, a);
@@ -894,6 +902,7 @@ static void begin_session(agent_engine *e, conn *c, worker *w, wconn *wc)
     c->upstream_closed = c->worker_closed = c->response_bytes = false;
     c->response_started = c->response_end = c->malformed = c->extra_bytes = false;
     c->draining = false;
+    c->session_ms = e->now_ms;
     c->upstream_error = c->worker_error = 0;
     c->rec_have = 0;
     c->rec_left = 0;
@@ -1668,8 +1677,43 @@ static void on_wake(agent_engine *e)
     }
 }
 
-/* Every TICK_MS: frame timeouts, queue timeouts, sessions to watch, a
- * paused accept. */
+/* A request ran past its app's request time limit. Its worker may be stuck
+ * for good, so it gets no more requests and the policy hears of it (and
+ * kills it); nginx gets a 504 when no byte of the response went out yet,
+ * else its connection is closed and it sees the response cut off. */
+static void request_timed_out(agent_engine *e, conn *c, app *a)
+{
+    worker *w = c->worker;
+    int pid = w->pid;
+    bool answer = !c->draining && !c->response_started;
+    a->request_timeouts++;
+    w->state = AGENT_WORKER_DETACHED;
+    worker_close_idle(e, w);
+    emit(e, AGENT_EV_REQUEST_TIMEOUT, a->id, pid, e->now_ms - c->session_ms,
+         "a request to worker pid %d ran longer than %" PRIu32 " ms", pid, a->request_time_ms);
+    end_session(e, c, false, false);
+    if (answer)
+        reply_text(e, c, 504, "Gateway Timeout", false, "the app took longer than %" PRIu32 " ms", a->request_time_ms);
+    else
+        conn_release(e, c);
+}
+
+static void check_request_times(agent_engine *e)
+{
+    list_link *l = e->all_conns.next;
+    while (l != &e->all_conns) {
+        conn *c = CONTAINER_OF(l, conn, all_link);
+        l = l->next;  /* c may leave the list */
+        if (c->state != CONN_FORWARDING || !c->worker)
+            continue;
+        app *a = app_by_id(e, c->worker->app);
+        if (a && a->request_time_ms && e->now_ms - c->session_ms >= (int64_t)a->request_time_ms)
+            request_timed_out(e, c, a);
+    }
+}
+
+/* Every TICK_MS: frame timeouts, queue timeouts, request time limits,
+ * sessions to watch, a paused accept. */
 static void on_tick(agent_engine *e)
 {
     while (!list_empty(&e->reading_conns)) {
@@ -1696,6 +1740,7 @@ static void on_tick(agent_engine *e)
             }
         }
     }
+    check_request_times(e);
     /* Sessions that outlive a tick get their nginx side watched, so that
      * nginx going away ends them (see watch_client). Registering ends no
      * connection (a failure is retried on the next tick), which keeps this
@@ -2045,11 +2090,30 @@ int agent_engine_app_notify(agent_engine *e, int app_id, unsigned events)
         return -ENOENT;
     }
     bool queued_on = (events & AGENT_NOTIFY_QUEUED) && !(a->notify & AGENT_NOTIFY_QUEUED);
+    bool hold_off = !(events & AGENT_NOTIFY_HOLD) && (a->notify & AGENT_NOTIFY_HOLD);
     a->notify = events;
     if (queued_on && a->queue_length > 0)
         emit_coalesced(e, &a->queued_event, AGENT_EV_QUEUED, a->id, 0, a->queue_length);
+    if (hold_off) {  /* nobody will release them now */
+        for (int i = 0; i < e->nworkers; i++)
+            if (e->workers[i]->app == app_id)
+                e->workers[i]->held = false;
+        a->needs_dispatch = true;
+    }
     pthread_mutex_unlock(&e->lock);
+    if (hold_off)
+        wake_loop(e);
     return 0;
+}
+
+int agent_engine_app_request_time(agent_engine *e, int app_id, uint32_t max_request_time_ms)
+{
+    pthread_mutex_lock(&e->lock);
+    app *a = app_by_id(e, app_id);
+    if (a)
+        a->request_time_ms = max_request_time_ms;
+    pthread_mutex_unlock(&e->lock);
+    return a ? 0 : -ENOENT;
 }
 
 int agent_engine_app_clear_failure(agent_engine *e, int app_id)
@@ -2137,6 +2201,24 @@ int agent_engine_worker_detach(agent_engine *e, int pid)
 /* Sessions in flight run to completion; the record goes with the last
  * session or connection, whichever ends later (the loop closes the idle
  * connections at once). */
+int agent_engine_worker_release(agent_engine *e, int pid)
+{
+    pthread_mutex_lock(&e->lock);
+    int i = worker_index(e, pid);
+    bool wake = false;
+    if (i >= 0 && e->workers[i]->held) {
+        worker *w = e->workers[i];
+        app *a = app_by_id(e, w->app);
+        w->held = false;
+        if (a && a->queue_length > 0)
+            a->needs_dispatch = wake = true;
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (wake)
+        wake_loop(e);
+    return i >= 0 ? 0 : -ENOENT;
+}
+
 int agent_engine_worker_remove(agent_engine *e, int pid)
 {
     pthread_mutex_lock(&e->lock);
@@ -2184,7 +2266,7 @@ int agent_engine_app_stats(agent_engine *e, agent_app_stats *out, int max)
         if (!a)
             continue;
         out[n++] = (agent_app_stats){a->id, a->queue_length, a->requests,
-                                     a->queue_full, a->queue_timeouts, a->failed};
+                                     a->queue_full, a->queue_timeouts, a->failed, a->request_timeouts};
     }
     pthread_mutex_unlock(&e->lock);
     return n;

@@ -31,6 +31,8 @@ typedef struct {
 #define AGENT_EV_WORKER_FAILED 2  /* connecting to worker pid failed; it gets no more requests */
 #define AGENT_EV_WORKER_IDLE 3    /* worker pid finished a request and has no session; value = processed */
 #define AGENT_EV_LOG 4            /* message is a line for the agent's log */
+#define AGENT_EV_REQUEST_TIMEOUT 5 /* a request to worker pid passed its app's time limit; value = ms it ran.
+                                     The worker is detached; the request got 504 (or was cut off). */
 
 typedef struct {
     int type;
@@ -61,6 +63,7 @@ typedef struct {
     uint64_t queue_full;         /* answered 503 because the queue was full */
     uint64_t queue_timeouts;     /* answered 504 */
     uint64_t failed;             /* answered 502 */
+    uint64_t request_timeouts;   /* cut off by the request time limit */
 } agent_app_stats;
 
 /* Creation and the loop thread. Return 0 or -errno unless stated. */
@@ -76,12 +79,19 @@ int agent_engine_poll(agent_engine *engine, agent_engine_event *out, int max);  
 int agent_engine_app_set(agent_engine *engine, int app, const char *name,
                          int max_queue, uint32_t queue_timeout_ms);  /* max_queue 0: unbounded */
 int agent_engine_app_remove(agent_engine *engine, int app);
+/* A request that a worker has had longer than this is cut off (0: no limit);
+ * see AGENT_EV_REQUEST_TIMEOUT. */
+int agent_engine_app_request_time(agent_engine *engine, int app, uint32_t max_request_time_ms);
 /* Which per-request events the policy wants for an app (both by default).
  * Each event wakes the policy, so a policy that cannot act on one (the app
  * is at its bound) turns it off rather than paying a wake-up per request.
  * Unread QUEUED and WORKER_IDLE events are updated in place, not repeated. */
 #define AGENT_NOTIFY_QUEUED 1
 #define AGENT_NOTIFY_IDLE 2
+/* With HOLD, a worker that finishes a request gets no new one until the
+ * policy has looked at it (WORKER_IDLE, then agent_engine_worker_release()
+ * or _detach()): a limit checked after each request is then exact. */
+#define AGENT_NOTIFY_HOLD 4
 int agent_engine_app_notify(agent_engine *engine, int app, unsigned int events);
 /* Answer the app's waiting requests, and new ones until cleared, with this
  * complete HTTP response (status line, headers and body). */
@@ -91,6 +101,7 @@ int agent_engine_app_clear_failure(agent_engine *engine, int app);
 int agent_engine_worker_add(agent_engine *engine, int app, int pid,
                             const char *socket_path, int concurrency);
 int agent_engine_worker_detach(agent_engine *engine, int pid);
+int agent_engine_worker_release(agent_engine *engine, int pid);  /* ends a HOLD */
 int agent_engine_worker_remove(agent_engine *engine, int pid);
 
 /* Snapshots; return the number of entries written. */
