@@ -90,7 +90,7 @@ lint: python-deps
 sanitize: deps module
 	AGENT_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
 	rm -f agent/.native-built
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: deps build

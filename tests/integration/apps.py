@@ -94,11 +94,15 @@ def application(environ, start_response):
 """
 
 # Sleeps for the number of seconds in the query string, then names its pid.
+# "SECONDS:PATH" first creates the file PATH, to show the request has begun.
 SLOW = """
 import os, time
 
 def application(environ, start_response):
-    time.sleep(float(environ["QUERY_STRING"] or 0))
+    seconds, _, marker = environ["QUERY_STRING"].partition(":")
+    if marker:
+        open(marker, "w").close()
+    time.sleep(float(seconds or 0))
     body = str(os.getpid()).encode()
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [body]

@@ -143,9 +143,16 @@ http {{
 }}
 """
 
+    @property
+    def scratch(self) -> Path:
+        """A directory every worker user may write to (marker files)."""
+        return self.root / "scratch"
+
     def write_config(self) -> Path:
         self.write_apps()
         (self.root / "tmp").mkdir(exist_ok=True)
+        self.scratch.mkdir(exist_ok=True)
+        os.chmod(self.scratch, 0o1777)
         config = self.root / "nginx.conf"
         config.write_text(self.config_text())
         return config

@@ -195,11 +195,10 @@ def test_failing_app_does_not_cause_a_spawn_storm(stack: Stack) -> None:
 def test_killed_worker_fails_only_its_own_request(stack: Stack) -> None:
     assert stack.get("/victim/?0").status == 200
     (victim,) = stack.worker_pids(VICTIM)
+    marker = stack.scratch / "victim-began"
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(stack.get, "/victim/?5")
-        # The listening socket plus the request's connection.
-        wait_until(lambda: len(psutil.Process(victim).net_connections(kind="unix")) >= 2,
-                   what="the request to reach the worker")
+        slow = pool.submit(stack.get, f"/victim/?5:{marker}")
+        wait_until(marker.exists, what="the request to reach the worker")
         os.kill(victim, signal.SIGKILL)
         assert slow.result().status == 502
     after = stack.get("/victim/?0")
@@ -279,10 +278,10 @@ def test_raw_frame_is_served_like_nginx_would(stack: Stack) -> None:
 def test_client_abort_mid_request_leaves_the_worker_serving(stack: Stack) -> None:
     assert stack.get("/victim/?0").status == 200
     (worker,) = stack.worker_pids(VICTIM)
+    marker = stack.scratch / "abort-began"
     conn = stack.connection()
-    conn.request("GET", "/victim/?1")
-    wait_until(lambda: len(psutil.Process(worker).net_connections(kind="unix")) >= 2,
-               what="the request to reach the worker")
+    conn.request("GET", f"/victim/?1:{marker}")
+    wait_until(marker.exists, what="the request to reach the worker")
     conn.close()  # the client goes away while the app works
     after = stack.get("/victim/?0")
     assert after.status == 200
