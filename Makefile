@@ -11,8 +11,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST_PYTHON ?= python3
-APT_PACKAGES := nginx nginx-dev build-essential python3 python3-venv python3-dev wrk
-PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil
+APT_PACKAGES := nginx nginx-dev build-essential python3 python3-venv python3-dev wrk chromium chromium-driver
+PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
 MODULE_SRC := nginx-module/config nginx-module/ngx_http_agent_module.c
@@ -40,9 +40,10 @@ system-deps:
 
 python-deps: $(VENV)/.deps-done
 
-$(VENV)/.deps-done:
+# Made again when this Makefile changes (its package list may have grown).
+$(VENV)/.deps-done: Makefile
 	@command -v $(HOST_PYTHON) >/dev/null || { echo "no $(HOST_PYTHON) found: run 'make deps' as root"; exit 1; }
-	$(HOST_PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(HOST_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_PACKAGES)
 	touch $@

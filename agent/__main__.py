@@ -25,6 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     core = roles.add_parser("core", help="the engine and the pool policy")
     core.add_argument("--instance-dir", type=Path, required=True)
     core.add_argument("--listen-fd", type=int, required=True)
+    core.add_argument("--status-fd", type=int, help="the status socket, listening")
     core.add_argument("--log-file")
     return parser.parse_args(argv)
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return watchdog.run(args.instance_dir, args.nginx_fd, args.ready_fd, args.log_file, args.socket_owner)
     from agent import core
 
-    return core.run(args.instance_dir, args.listen_fd)
+    return core.run(args.instance_dir, args.listen_fd, args.status_fd)
 
 
 if __name__ == "__main__":

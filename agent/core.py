@@ -21,11 +21,13 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from agent import policy
+from agent import logs, policy
 from agent.config import AppConfig, AppTable, ConfigError, load_table
+from agent.core_status import CoreStatus
 from agent.error_page import startup_error_response
 from agent.instance import Instance
 from agent.logs import OutputCapture, log
@@ -41,8 +43,9 @@ from agent.native import (
     Engine,
     EngineEvent,
 )
-from agent.pool import App, Pool, Worker, WorkerState
+from agent.pool import App, Pool, ProcessUsage, Worker, WorkerState
 from agent.spawner import SpawnError, StartedProcess, install_loaders, start_worker
+from agent.status import StatusServer
 
 TICK = 1.0
 MEMORY_SAMPLE_INTERVAL = 1.0
@@ -50,8 +53,10 @@ HANDSHAKE_LIMIT = 65536
 
 
 class Core:
-    def __init__(self, instance: Instance, listen_fd: int) -> None:
+    def __init__(self, instance: Instance, listen_fd: int, status_fd: int | None = None) -> None:
         self.instance = instance
+        self.status_fd = status_fd
+        self.status: StatusServer | None = None
         self.engine = Engine(listen_fd)
         self.pool = Pool(max_pool_size=6)
         self.selector = selectors.DefaultSelector()
@@ -65,6 +70,7 @@ class Core:
         self.next_restart_check = 0.0
         self.stat_throttle_rate = 10.0
         self.notifying: dict[int, int] = {}                        # app id -> NOTIFY_* asked for
+        self.restart_waiters: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
 
     # -- the loop ---------------------------------------------------------
 
@@ -90,6 +96,9 @@ class Core:
         install_loaders(self.instance.loaders_dir)
         self.instance.core_pid_file.write_text(f"{os.getpid()}\n")
         self.install_signal_wakeup()
+        if self.status_fd is not None:
+            listener = socket.socket(fileno=self.status_fd)
+            self.status = StatusServer(listener, self.selector, CoreStatus(self), self.instance.root)
         self.selector.register(self.engine.notify_fd(), selectors.EVENT_READ, self.on_engine_notify)
 
     def install_signal_wakeup(self) -> None:
@@ -220,6 +229,7 @@ class Core:
             return
         app, worker = found
         log.warning("app %s: %s", app.name, message)
+        app.replaced["request_time"] += 1
         self.kill(worker, "request time limit")
 
     def worker_finished_requests(self, pid: int, processed: int) -> None:
@@ -234,9 +244,10 @@ class Core:
         worker.last_used = time.monotonic()
         if app.config.memory_limit_mb:
             self.sample_memory([worker])
-        reason = policy.recycle_reason(app, worker) if worker.is_serving() else None
-        if reason is not None:
-            self.detach(app, worker, reason)
+        recycle = policy.recycle_reason(app, worker) if worker.is_serving() else None
+        if recycle is not None:
+            cause, reason = recycle
+            self.detach(app, worker, reason, cause)
         elif worker.in_engine():
             self.engine.release_worker(pid)
 
@@ -255,8 +266,11 @@ class Core:
                 worker.last_used = max(worker.last_used, ws.last_used_ms / 1000.0)
 
     def sample_memory(self, workers: list[Worker]) -> None:
+        now = time.monotonic()
         for worker in workers:
-            worker.memory = private_memory(worker.pid)
+            usage = sample_usage(worker.pid, worker.usage, now - worker.sampled_at)
+            if usage is not None:
+                worker.usage, worker.memory, worker.sampled_at = usage, usage.private, now
 
     # -- handshakes and output ---------------------------------------------
 
@@ -300,9 +314,13 @@ class Core:
         worker.state = WorkerState.SERVING
         worker.ready_at = worker.last_used = time.monotonic()
         worker.concurrency = max(1, concurrency)
+        app.spawn_durations.observe(worker.ready_at - worker.spawned_at)
         app.spawn_failures = 0
         self.clear_failure(app)
         self.engine.add_worker(app.id, worker.pid, worker.socket_path, worker.concurrency)
+        # The engine hands it waiting requests at once; a count read before
+        # it did must not start yet another worker for them.
+        app.queue_length = max(0, app.queue_length - worker.concurrency)
         log.info("app %s: worker %d ready in %.0f ms", app.name, worker.pid,
                  (worker.ready_at - worker.spawned_at) * 1000)
 
@@ -326,8 +344,9 @@ class Core:
 
     def track(self, app: App, started: StartedProcess) -> None:
         worker = Worker(pid=started.pid, app=app.name, socket_path=started.socket_path,
-                        spawned_at=time.monotonic(), generation=app.generation,
+                        spawned_at=time.monotonic(), started_at=time.time(), generation=app.generation,
                         max_requests=policy.request_budget(app, random.random()))
+        app.spawns += 1
         app.workers[worker.pid] = worker
         self.handshakes[started.ready_fd] = (started.pid, bytearray())
         self.selector.register(started.ready_fd, selectors.EVENT_READ, self.on_handshake)
@@ -340,6 +359,8 @@ class Core:
         delay = policy.backoff_delay(app.spawn_failures)
         app.failed_until = time.monotonic() + delay
         app.last_error = summary
+        app.last_error_at = time.time()
+        app.spawn_failures_total += 1
         log.error("app %s could not start (%d in a row, next try in %.0f s): %s%s",
                   app.name, app.spawn_failures, delay, summary, "" if details == summary else "\n" + details)
         if app.restarting():
@@ -356,6 +377,7 @@ class Core:
         for worker in app.starting_workers():
             self.kill(worker, "restarting")
         app.generation += 1
+        app.restarts += 1
         app.restart_target = len(app.serving_workers())
         app.spawn_failures = 0
         app.failed_until = 0.0
@@ -367,6 +389,39 @@ class Core:
         for worker in old:
             worker.generation = app.generation
         log.error("app %s: rolling restart abandoned; %d old worker(s) keep serving", app.name, len(old))
+        self.finish_restart(app, ok=False)
+
+    def when_restarted(self, app: App, done: Callable[[dict[str, Any]], None]) -> None:
+        """done is called once the app's restart has ended, or been abandoned."""
+        self.restart_waiters.setdefault(app.name, []).append(done)
+
+    def finish_restart(self, app: App, ok: bool) -> None:
+        pids = sorted(w.pid for w in app.serving_workers())
+        for done in self.restart_waiters.pop(app.name, []):
+            done({"ok": ok, "app": app.name, "pids": pids,
+                  **({} if ok else {"error": f"the new workers did not start: {app.last_error}"})})
+
+    def check_restarts_finished(self) -> None:
+        for name in list(self.restart_waiters):
+            app = self.pool.apps.get(name)
+            if app is None:
+                for done in self.restart_waiters.pop(name):
+                    done({"ok": False, "app": name, "error": "the app was removed"})
+            elif not app.restarting() and not app.starting_workers():
+                self.finish_restart(app, ok=True)
+
+    def find_app(self, name: str) -> App | None:
+        """By name, or by a path that resolves to an app's root."""
+        app = self.pool.apps.get(name)
+        if app is None and name.startswith("/"):
+            resolved = os.path.realpath(name)
+            app = next((a for a in self.pool.apps.values()
+                        if os.path.realpath(a.config.app_root) == resolved), None)
+        return app if app is not None and not app.removed else None
+
+    def reopen_logs(self) -> None:
+        logs.reopen()
+        log.info("log file reopened")
 
     def check_restart_files(self, now: float) -> None:
         """tmp/restart.txt touched: a rolling restart. tmp/always_restart.txt
@@ -394,13 +449,15 @@ class Core:
         for worker in list(app.workers.values()):
             self.detach(app, worker, reason)
 
-    def detach(self, app: App, worker: Worker, reason: str) -> None:
+    def detach(self, app: App, worker: Worker, reason: str, cause: str = "") -> None:
         if worker.is_starting():
             self.kill(worker, reason)
         elif worker.is_serving():
             self.engine.detach_worker(worker.pid)
             worker.state = WorkerState.DETACHING
             worker.detach_reason = reason
+            if cause:
+                app.replaced[cause] += 1
             log.info("app %s: detached worker %d (%s)", app.name, worker.pid, reason)
 
     def stop(self, worker: Worker) -> None:
@@ -443,6 +500,7 @@ class Core:
             log.info("app %s: worker %d stopped (%s)", app.name, pid, description)
         else:
             log.warning("app %s: worker %d %s unexpectedly", app.name, pid, description)
+            app.replaced["crash"] += 1
         if worker.in_engine():
             self.engine.remove_worker(pid)
         for fd, (handshake_pid, _) in list(self.handshakes.items()):
@@ -463,6 +521,8 @@ class Core:
         if fresh:
             self.refresh_stats()
             self.check_restart_files(now)
+            if self.status is not None:
+                self.status.tick(now)
             self.next_tick = now + TICK
         if now >= self.next_memory_sample:
             self.sample_memory([w for w in self.pool.workers() if w.is_serving()])
@@ -478,6 +538,7 @@ class Core:
                 self.apply(action)
             if not any(isinstance(a, policy.Detach) for a in actions):
                 break
+        self.check_restarts_finished()
         self.choose_notifications()
 
     def choose_notifications(self) -> None:
@@ -499,7 +560,7 @@ class Core:
         elif isinstance(action, policy.Detach):
             found = self.pool.find_worker(action.pid)
             if found is not None:
-                self.detach(*found, action.reason)
+                self.detach(*found, action.reason, action.cause)
         elif isinstance(action, policy.ClearFailure):
             self.clear_failure(self.pool.apps[action.app])
         elif isinstance(action, policy.Stop):
@@ -514,14 +575,20 @@ class Core:
                 self.kill(found[1], action.reason)
 
 
-def private_memory(pid: int) -> int | None:
-    """Bytes only this process holds: its unique set size (what the kernel
-    gets back when it exits) plus its swapped-out pages."""
+def sample_usage(pid: int, previous: ProcessUsage | None, elapsed: float) -> ProcessUsage | None:
+    """A worker's memory and CPU. Its private memory is its unique set size
+    (what the kernel gets back when it exits) plus its swapped-out pages."""
     try:
-        info = psutil.Process(pid).memory_full_info()
+        process = psutil.Process(pid)
+        with process.oneshot():
+            memory = process.memory_full_info()
+            times = process.cpu_times()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
-    return int(info.uss + info.swap)
+    cpu = times.user + times.system
+    percent = 100.0 * (cpu - previous.cpu_seconds) / elapsed if previous and elapsed > 0 else 0.0
+    return ProcessUsage(rss=memory.rss, pss=memory.pss, uss=memory.uss, swap=memory.swap,
+                        cpu_seconds=cpu, cpu_percent=max(0.0, percent))
 
 
 def restart_file_mtime(config: AppConfig) -> float | None:
@@ -546,9 +613,9 @@ def unlink_quietly(path: str) -> None:
             log.warning("cannot remove %s: %s", path, e.strerror)
 
 
-def run(instance_dir: Path, listen_fd: int) -> int:
+def run(instance_dir: Path, listen_fd: int, status_fd: int | None = None) -> int:
     try:
-        return Core(Instance(instance_dir), listen_fd).run()
+        return Core(Instance(instance_dir), listen_fd, status_fd).run()
     except Exception:
         # The watchdog restarts the core; the log must say why it died.
         log.exception("core failed")

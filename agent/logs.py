@@ -39,6 +39,21 @@ def setup(role: str, log_file: str | None, level: int = logging.INFO) -> None:
     log.propagate = False
 
 
+def reopen() -> None:
+    """Closes and reopens the log file, so that after logrotate moved it the
+    agent writes to a new file at the configured path."""
+    for handler in log.handlers:
+        if isinstance(handler, WatchedFileHandler):
+            handler.acquire()
+            try:
+                if handler.stream:
+                    handler.stream.close()
+                handler.stream = handler._open()
+                handler._statstream()
+            finally:
+                handler.release()
+
+
 class OutputCapture:
     """Collects one worker's stdout/stderr from a nonblocking pipe and logs
     complete lines, prefixed with the worker's app and pid."""

@@ -21,6 +21,11 @@ NOTIFY_QUEUED = lib.AGENT_NOTIFY_QUEUED
 NOTIFY_IDLE = lib.AGENT_NOTIFY_IDLE
 NOTIFY_HOLD = lib.AGENT_NOTIFY_HOLD
 
+# Upper bounds of the request duration buckets, in seconds; the last bucket
+# is +Inf (csrc/engine_api.h, agent_app_durations).
+DURATION_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+assert len(DURATION_BOUNDS) == lib.AGENT_DURATION_BUCKETS
+
 _ERROR_SIZE = 512
 
 
@@ -57,6 +62,41 @@ class AppStats:
     queue_timeouts: int
     failed: int
     request_timeouts: int
+
+
+@dataclass(frozen=True)
+class AppDurations:
+    """Request durations of one app, from the frame read to the response's end.
+
+    buckets[i] counts the requests with DURATION_BOUNDS[i-1] < duration <=
+    DURATION_BOUNDS[i]: per bucket, not cumulative (see cumulative()).
+    """
+
+    app: int
+    buckets: tuple[int, ...]
+    count: int
+    sum_seconds: float
+
+    def cumulative(self) -> tuple[int, ...]:
+        """Running sums of the buckets: Prometheus's le buckets, the last equal to count."""
+        total = 0
+        sums: list[int] = []
+        for n in self.buckets:
+            total += n
+            sums.append(total)
+        return tuple(sums)
+
+
+@dataclass(frozen=True)
+class RequestInfo:
+    """A request the engine holds: queued, or with a worker."""
+
+    app: int
+    pid: int | None  # None while queued
+    state: str  # 'queued' | 'forwarding'
+    age: float  # seconds since the engine read the frame
+    method: str
+    path: str  # REQUEST_URI, cut at 511 bytes
 
 
 def _check(result: int, what: str) -> int:
@@ -106,7 +146,8 @@ class Engine:
                f"configuring app {name}")
 
     def set_request_time(self, app: int, max_request_time_ms: int) -> None:
-        _check(lib.agent_engine_app_request_time(self._engine, app, max_request_time_ms), "setting a request time limit")
+        _check(lib.agent_engine_app_request_time(self._engine, app, max_request_time_ms),
+               "setting a request time limit")
 
     def remove_app(self, app: int) -> None:
         _check(lib.agent_engine_app_remove(self._engine, app), "removing an app")
@@ -151,6 +192,34 @@ class Engine:
                             s.request_timeouts)
             for s in (out[i] for i in range(count))
         }
+
+    def app_durations(self, capacity: int = 256) -> dict[int, AppDurations]:
+        out = ffi.new("agent_app_durations[]", capacity)
+        count = lib.agent_engine_app_durations(self._engine, out, capacity)
+        return {
+            d.app: AppDurations(d.app, tuple(d.buckets), d.count, d.sum_us / 1e6)
+            for d in (out[i] for i in range(count))
+        }
+
+    def requests(self, capacity: int = 256) -> list[RequestInfo]:
+        """Queued and in-flight requests, oldest first."""
+        while True:
+            out = ffi.new("agent_request_info[]", capacity)
+            count = lib.agent_engine_requests(self._engine, out, capacity)
+            if count < capacity:
+                break
+            capacity *= 2  # there may be more: ask again with room for them
+        return [
+            RequestInfo(
+                r.app,
+                r.pid if r.state == lib.AGENT_REQUEST_FORWARDING else None,
+                "forwarding" if r.state == lib.AGENT_REQUEST_FORWARDING else "queued",
+                r.age_ms / 1000,
+                ffi.string(r.method).decode("utf-8", "replace"),
+                ffi.string(r.path).decode("utf-8", "replace"),
+            )
+            for r in (out[i] for i in range(count))
+        ]
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,12 @@ class Spawn:
 
 @dataclass(frozen=True)
 class Detach:
-    """The engine stops giving the worker requests; it is stopped once idle."""
+    """The engine stops giving the worker requests; it is stopped once idle.
+    cause names the rule, for the restart counters (docs/status-api.md)."""
 
     pid: int
     reason: str
+    cause: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,22 +128,22 @@ def plan_eviction(pool: Pool, now: float) -> list[Action]:
                     for w in other.serving_workers() if w.is_idle()]
             if idle:
                 victim = min(idle, key=lambda w: w.last_used)
-                return [Detach(victim.pid, f"the pool is full and {app.name} has no worker")]
+                return [Detach(victim.pid, f"the pool is full and {app.name} has no worker", "pool_full")]
     return []
 
 
 # -- shrinking and recycling --------------------------------------------------
 
 
-def recycle_reason(app: App, worker: Worker) -> str | None:
-    """Why a serving worker should be replaced, if it should."""
+def recycle_reason(app: App, worker: Worker) -> tuple[str, str] | None:
+    """Why a serving worker should be replaced, if it should: (cause, reason)."""
     if worker.over_memory_limit(app.config.memory_limit_mb):
         assert worker.memory is not None
-        return f"memory limit: {worker.memory >> 20} MB > {app.config.memory_limit_mb} MB"
+        return "memory_limit", f"memory limit: {worker.memory >> 20} MB > {app.config.memory_limit_mb} MB"
     if worker.served_enough():
-        return f"served {worker.processed} requests (limit {worker.max_requests})"
+        return "max_requests", f"served {worker.processed} requests (limit {worker.max_requests})"
     if app.always_restart and worker.processed > 0:
-        return "tmp/always_restart.txt: one request per worker"
+        return "always_restart", "tmp/always_restart.txt: one request per worker"
     return None
 
 
@@ -149,9 +151,9 @@ def plan_recycling(pool: Pool, now: float) -> list[Action]:
     actions: list[Action] = []
     for app in pool.apps.values():
         for worker in app.serving_workers():
-            reason = recycle_reason(app, worker)
-            if reason is not None:
-                actions.append(Detach(worker.pid, reason))
+            found = recycle_reason(app, worker)
+            if found is not None:
+                actions.append(Detach(worker.pid, found[1], found[0]))
     return actions
 
 
@@ -165,7 +167,7 @@ def plan_idle(pool: Pool, now: float) -> list[Action]:
         spare = len(app.live_workers()) - app.config.min_instances
         idle = [w for w in app.serving_workers() if w.idle_for(now) > pool.pool_idle_time]
         for worker in sorted(idle, key=lambda w: w.last_used)[:max(0, spare)]:
-            actions.append(Detach(worker.pid, f"idle for {worker.idle_for(now):.0f} s"))
+            actions.append(Detach(worker.pid, f"idle for {worker.idle_for(now):.0f} s", "idle"))
     return actions
 
 
@@ -182,7 +184,7 @@ def plan_restart(app: App, now: float) -> list[Action]:
     current = [w for w in app.serving_workers() if w.generation == app.generation]
     target = max(app.restart_target, app.config.min_instances, 1)
     if len(old) + len(current) > target:
-        return [Detach(old[0].pid, "rolling restart")]
+        return [Detach(old[0].pid, "rolling restart", "rolling_restart")]
     if may_start(app, now):
         return [Spawn(app.name)]
     return []

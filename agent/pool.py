@@ -8,6 +8,7 @@ its workers and its spawn state. Nothing here performs I/O: the core
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import dataclass, field
 
 from agent.config import AppConfig
@@ -18,6 +19,43 @@ class WorkerState(enum.Enum):
     SERVING = "serving"       # in the engine's routing table
     DETACHING = "detaching"   # gets no new requests, finishing its sessions
     STOPPING = "stopping"     # sent SIGTERM, waiting for it to exit
+
+
+SPAWN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Observations:
+    """Values counted per bucket (upper bounds; one more for the rest), as
+    metrics.Histogram shows them."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, bound in enumerate(self.bounds) if value <= bound), len(self.bounds))
+        self.counts[index] += 1
+        self.total += value
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    """One sample of a worker's memory (bytes) and CPU."""
+
+    rss: int
+    pss: int
+    uss: int
+    swap: int
+    cpu_seconds: float
+    cpu_percent: float
+
+    @property
+    def private(self) -> int:
+        return self.uss + self.swap
 
 
 @dataclass
@@ -34,6 +72,9 @@ class Worker:
     processed: int = 0
     last_used: float = 0.0           # time.monotonic() of its last request's start or end
     memory: int | None = None        # bytes it alone holds (USS + swap), at the last sample
+    usage: ProcessUsage | None = None  # the last full sample (status, metrics)
+    sampled_at: float = 0.0          # time.monotonic() of that sample
+    started_at: float = 0.0          # time.time() when forked, for display
     generation: int = 0              # the app's generation it was started for
     max_requests: int = 0            # recycled after this many requests (0: never)
     detach_reason: str = ""
@@ -87,6 +128,12 @@ class App:
     restart_target: int = 0          # live workers when the current restart began
     restart_mtime: float | None = None   # tmp/restart.txt's mtime when last seen
     always_restart: bool = False     # tmp/always_restart.txt exists
+    last_error_at: float | None = None   # time.time() of the last failed start
+    spawns: int = 0
+    spawn_failures_total: int = 0
+    restarts: int = 0                # rolling restarts begun
+    replaced: Counter[str] = field(default_factory=Counter)   # workers replaced, by cause
+    spawn_durations: Observations = field(default_factory=lambda: Observations(SPAWN_BUCKETS))
 
     @property
     def name(self) -> str:

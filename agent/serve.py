@@ -38,6 +38,8 @@ class ServeOptions:
     python: str = "/usr/bin/python3"
     user: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    directives: dict[str, str] = field(default_factory=dict)       # more agent_* for the app's location
+    http_directives: dict[str, str] = field(default_factory=dict)  # more agent_* for the http block
     run_dir: Path | None = None
     module: Path | None = None
     nginx: str = "nginx"
@@ -75,6 +77,8 @@ def render_config(options: ServeOptions, module: Path) -> str:
     temp = run_dir / "tmp"
     env_lines = "".join(f"            agent_env {quote(k)} {quote(v)};\n" for k, v in options.env.items())
     user_line = f"            agent_user {quote(options.user)};\n" if options.user else ""
+    extra_lines = "".join(f"            {k} {v};\n" for k, v in options.directives.items())
+    http_lines = "".join(f"    {k} {v};\n" for k, v in options.http_directives.items())
     mime = "    include /etc/nginx/mime.types;\n" if Path("/etc/nginx/mime.types").exists() else ""
     return f"""# Written by agentctl serve for {app_dir}
 load_module {quote(str(module))};
@@ -103,7 +107,7 @@ http {{
     agent_core_python {quote(sys.executable)};
     agent_instance_dir {quote(str(run_dir / 'instance'))};
     agent_max_pool_size {options.max_pool_size};
-
+{http_lines}
     server {{
         listen {options.host}:{options.port};
         server_name _;
@@ -116,7 +120,7 @@ http {{
             agent_python {quote(options.python)};
             agent_min_instances {options.min_instances};
             agent_max_instances {options.max_instances};
-{user_line}{env_lines}        }}
+{user_line}{env_lines}{extra_lines}        }}
     }}
 }}
 """

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from agent.instance import Instance
 from agent.logs import log
+from agent.status import ensure_tokens
 
 CORE_STOP_TIMEOUT = 75.0       # the core's own shutdown timeout, plus margin
 RESTART_DELAY_MAX = 5.0
@@ -52,6 +53,7 @@ class Watchdog:
         """Everything that must hold before nginx is told the agent is ready."""
         self.lock_pid_file()
         self.listener = self.bind_agent_socket()
+        self.status_listener = self.bind_status_socket()
         self.install_signal_wakeup()
         if self.nginx_fd is not None:
             os.set_blocking(self.nginx_fd, False)
@@ -98,6 +100,19 @@ class Watchdog:
         listener.listen(socket.SOMAXCONN)
         return listener
 
+    def bind_status_socket(self) -> socket.socket:
+        """Anyone may connect and read; the core decides who may act, from
+        the peer's credentials or a token (docs/status-api.md)."""
+        path = self.instance.status_socket
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        os.chmod(path, 0o666)
+        listener.listen(64)
+        ensure_tokens(self.instance.root)
+        return listener
+
     def install_signal_wakeup(self) -> None:
         reader, writer = socket.socketpair()
         reader.setblocking(False)
@@ -137,12 +152,19 @@ class Watchdog:
     # -- the core ------------------------------------------------------
 
     def start_core(self) -> None:
-        fd = self.listener.fileno()
+        fd, status_fd = self.listener.fileno(), self.status_listener.fileno()
         argv = [sys.executable, "-m", "agent", "core", "--instance-dir", str(self.instance.root),
-                "--listen-fd", str(fd)]
+                "--listen-fd", str(fd), "--status-fd", str(status_fd)]
         if self.log_file:
             argv += ["--log-file", self.log_file]
-        self.core = subprocess.Popen(argv, pass_fds=[fd], start_new_session=False)
+        # What the core prints before its logging is set up (an import that
+        # fails) belongs in the same log.
+        output = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
+        try:
+            self.core = subprocess.Popen(argv, pass_fds=[fd, status_fd], stdout=output, stderr=output)
+        finally:
+            if output is not None:
+                output.close()
         self.core_started_at = time.monotonic()
         log.info("started core %d", self.core.pid)
 
@@ -177,7 +199,7 @@ class Watchdog:
             core.wait()
 
     def cleanup(self) -> None:
-        for path in (self.instance.agent_socket, self.instance.core_pid_file):
+        for path in (self.instance.agent_socket, self.instance.status_socket, self.instance.core_pid_file):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         os.ftruncate(self.pid_fd, 0)

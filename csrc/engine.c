@@ -195,6 +195,9 @@ typedef struct app {
     uint64_t queue_timeouts;
     uint64_t request_timeouts;
     uint64_t failed;
+    uint64_t duration_buckets[AGENT_DURATION_BUCKETS];  /* per bucket, see agent_app_durations */
+    uint64_t duration_count;
+    uint64_t duration_sum_us;
 } app;
 
 typedef enum {
@@ -251,6 +254,7 @@ typedef struct conn {
     struct app *queued_in;      /* the app whose queue holds it (CONN_QUEUED) */
     worker *worker;
     int64_t started_ms;
+    int64_t frame_us;           /* when the frame was complete: durations and ages count from here */
     int64_t session_ms;         /* when the worker got it */
     int64_t queued_ms;
 
@@ -259,6 +263,12 @@ typedef struct conn {
     size_t reply_len, reply_pos;
     shared_reply *reply_shared;
     char reply_inline[640];
+
+    /* For agent_engine_requests(), copied when the frame is complete.
+     * They sit past the part conn_get() clears, so that a request pays
+     * only for the bytes it copies; nothing reads them before. */
+    char method[sizeof ((agent_request_info *)0)->method];
+    char path[sizeof ((agent_request_info *)0)->path];
 } conn;
 
 struct agent_engine {
@@ -275,6 +285,7 @@ struct agent_engine {
     bool stopping;
     bool accept_paused;         /* out of fds or memory: retry on the tick */
     int64_t now_ms;
+    int64_t now_us;             /* the same instant, for durations */
     int64_t next_tick_ms;
     uint64_t use_seq;
 
@@ -334,6 +345,32 @@ static int64_t monotonic_ms(void)
     /* CLOCK_MONOTONIC cannot fail on Linux; the vDSO makes this cheap. */
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t monotonic_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* The loop's clock, read once per batch: ms for timeouts, us for
+ * request durations, from one reading. */
+static void engine_clock_read(agent_engine *e)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    e->now_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    e->now_us = (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Copies at most size - 1 bytes and always terminates, for a C string
+ * made from a length-prefixed value. */
+static void copy_truncated(char *dst, size_t size, const char *src, uint32_t len)
+{
+    size_t n = len < size - 1 ? len : size - 1;
+    memcpy(dst, src, n);
+    dst[n] = '\0';
 }
 
 static uint32_t read_be32(const void *p)
@@ -636,12 +673,43 @@ static bool watch_client(agent_engine *e, conn *c)
     return true;
 }
 
+/* Upper bounds of the duration buckets but the last (+Inf), in us. */
+static const int64_t duration_bounds_us[AGENT_DURATION_BUCKETS - 1] = {
+    5000, 10000, 25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000,
+};
+
+_Static_assert(sizeof ((agent_app_durations *)0)->buckets == AGENT_DURATION_BUCKETS * sizeof(uint64_t),
+               "engine_api.h spells the bucket count out for cffi: keep it equal to AGENT_DURATION_BUCKETS");
+
+/* The response to c ended for nginx: counts it in its app's histogram
+ * (engine_api.h says which responses count). Both times come from the
+ * loop's clock, read once per batch, so this costs no system call; the
+ * scan is short because most requests stop at the first bucket or two. */
+static void record_duration(agent_engine *e, const conn *c)
+{
+    app *a = app_by_id(e, c->app_id);
+    if (!a)
+        return;
+    int64_t d = e->now_us - c->frame_us;  /* never negative: one monotonic clock, one thread */
+    int i = 0;
+    while (i < AGENT_DURATION_BUCKETS - 1 && d > duration_bounds_us[i])
+        i++;
+    a->duration_buckets[i]++;
+    a->duration_count++;
+    a->duration_sum_us += (uint64_t)d;
+}
+
 static void continue_reply(agent_engine *e, conn *c);
 
 /* Starts sending a response held by the conn or shared by an app. Any
  * worker connection has been ended by the caller. */
 static void start_reply(agent_engine *e, conn *c, const char *data, size_t len, shared_reply *shared)
 {
+    /* An answer for an app ends the request's duration now: the rest is
+     * one send that the socket buffer takes whole. Without an app (a
+     * malformed frame, an unknown app) there is no histogram to count in. */
+    if (c->app_id >= 0)
+        record_duration(e, c);
     conn_leave_wait_list(e, c);
     c->state = CONN_REPLYING;
     c->reply = data;
@@ -1043,6 +1111,8 @@ static void response_complete(agent_engine *e, conn *c)
     if (c->extra_bytes)
         emit(e, AGENT_EV_LOG, c->worker->app, c->worker->pid, 0,
              "worker pid %d sent bytes after a response's end record; connection closed", c->worker->pid);
+    if (!c->draining)  /* else nobody got the response */
+        record_duration(e, c);
     close_fd(&c->client_fd);
     end_session(e, c, true, clean);
     conn_release(e, c);
@@ -1086,6 +1156,7 @@ static void response_failed(agent_engine *e, conn *c)
         emit(e, AGENT_EV_LOG, app_id, pid, 0, "worker pid %d sent bytes that are not response records; connection closed", pid);
     if (c->response_started) {
         emit(e, AGENT_EV_LOG, app_id, pid, c->worker_error, "worker pid %d closed a connection before the response's end record", pid);
+        record_duration(e, c);  /* cut off, but nginx got a response */
         end_session(e, c, true, false);
         conn_release(e, c);
         return;
@@ -1305,6 +1376,8 @@ static void pump(agent_engine *e, conn *c)
 typedef struct {
     const char *app;
     uint32_t app_len;
+    const char *method, *uri;   /* for agent_engine_requests() */
+    uint32_t method_len, uri_len;
     uint64_t content_length;
 } frame_info;
 
@@ -1391,6 +1464,12 @@ static bool parse_vars(const char *vars, uint32_t size, frame_info *out, char *w
         if (flag == SEEN_APP) {
             out->app = value;
             out->app_len = vlen;
+        } else if (flag == SEEN_METHOD) {
+            out->method = value;
+            out->method_len = vlen;
+        } else if (flag == SEEN_URI) {
+            out->uri = value;
+            out->uri_len = vlen;
         } else if (flag == SEEN_LENGTH) {
             length_value = value;
             length_len = vlen;
@@ -1437,6 +1516,9 @@ static void frame_complete(agent_engine *e, conn *c)
     c->request_len = c->up_len;
     conn_leave_wait_list(e, c);
 
+    c->frame_us = e->now_us;
+    copy_truncated(c->method, sizeof c->method, info.method, info.method_len);
+    copy_truncated(c->path, sizeof c->path, info.uri, info.uri_len);
     app *a = app_by_name(e, info.app, info.app_len);
     if (!a) {
         reply_text(e, c, 503, "Service Unavailable", false, "unknown app %.*s",
@@ -1660,6 +1742,7 @@ static void on_wake(agent_engine *e)
         app *a = e->removed_apps;
         while (!list_empty(&a->queue)) {
             conn *c = CONTAINER_OF(a->queue.next, conn, wait_link);
+            c->app_id = -1;  /* the id may name a new app already: this answer is not one of its */
             reply_text(e, c, 503, "Service Unavailable", false, "unknown app %.*s", REPLY_DETAIL_MAX, a->name);
         }
         e->removed_apps = a->next_removed;
@@ -1692,10 +1775,13 @@ static void request_timed_out(agent_engine *e, conn *c, app *a)
     emit(e, AGENT_EV_REQUEST_TIMEOUT, a->id, pid, e->now_ms - c->session_ms,
          "a request to worker pid %d ran longer than %" PRIu32 " ms", pid, a->request_time_ms);
     end_session(e, c, false, false);
-    if (answer)
+    if (answer) {
         reply_text(e, c, 504, "Gateway Timeout", false, "the app took longer than %" PRIu32 " ms", a->request_time_ms);
-    else
-        conn_release(e, c);
+        return;
+    }
+    if (!c->draining)  /* cut off, but nginx got a response */
+        record_duration(e, c);
+    conn_release(e, c);
 }
 
 static void check_request_times(agent_engine *e)
@@ -1806,7 +1892,7 @@ static void *engine_loop(void *arg)
             break;
         }
         pthread_mutex_lock(&e->lock);
-        e->now_ms = monotonic_ms();
+        engine_clock_read(e);
         for (int i = 0; i < n; i++)
             handle_event(e, &events[i]);
         if (e->now_ms >= e->next_tick_ms) {
@@ -1889,7 +1975,7 @@ int agent_engine_start(agent_engine *e)
     int flags = fcntl(e->config.listen_fd, F_GETFL);
     if (flags < 0 || fcntl(e->config.listen_fd, F_SETFL, flags | O_NONBLOCK) < 0)
         return -errno;
-    e->now_ms = monotonic_ms();
+    engine_clock_read(e);
     e->next_tick_ms = e->now_ms + TICK_MS;
 
     /* Signals are for the Python thread: the engine thread blocks them all
@@ -2267,6 +2353,48 @@ int agent_engine_app_stats(agent_engine *e, agent_app_stats *out, int max)
             continue;
         out[n++] = (agent_app_stats){a->id, a->queue_length, a->requests,
                                      a->queue_full, a->queue_timeouts, a->failed, a->request_timeouts};
+    }
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+int agent_engine_app_durations(agent_engine *e, agent_app_durations *out, int max)
+{
+    pthread_mutex_lock(&e->lock);
+    int n = 0;
+    for (int i = 0; i < e->apps_cap && n < max; i++) {
+        const app *a = e->apps[i];
+        if (!a)
+            continue;
+        agent_app_durations *d = &out[n++];
+        d->app = a->id;
+        memcpy(d->buckets, a->duration_buckets, sizeof d->buckets);
+        d->count = a->duration_count;
+        d->sum_us = a->duration_sum_us;
+    }
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+/* Ages come from a fresh clock reading: the loop's own clock stands still
+ * while it sleeps, up to a tick. */
+int agent_engine_requests(agent_engine *e, agent_request_info *out, int max)
+{
+    int64_t now_us = monotonic_us();
+    pthread_mutex_lock(&e->lock);
+    int n = 0;
+    for (list_link *l = e->all_conns.next; l != &e->all_conns && n < max; l = l->next) {
+        const conn *c = CONTAINER_OF(l, conn, all_link);
+        if (c->state != CONN_QUEUED && c->state != CONN_FORWARDING)
+            continue;
+        agent_request_info *r = &out[n++];
+        r->app = c->app_id;
+        r->pid = c->state == CONN_FORWARDING && c->worker ? c->worker->pid : 0;
+        r->state = c->state == CONN_QUEUED ? AGENT_REQUEST_QUEUED : AGENT_REQUEST_FORWARDING;
+        r->age_ms = (now_us - c->frame_us) / 1000;
+        /* Up to the NUL only: what follows is a previous request's. */
+        memcpy(r->method, c->method, strlen(c->method) + 1);
+        memcpy(r->path, c->path, strlen(c->path) + 1);
     }
     pthread_mutex_unlock(&e->lock);
     return n;

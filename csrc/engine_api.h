@@ -66,6 +66,44 @@ typedef struct {
     uint64_t request_timeouts;   /* cut off by the request time limit */
 } agent_app_stats;
 
+/* Request durations per app: from when the engine has read a request's
+ * frame to when its response ended for nginx. A response ends when the
+ * worker's end record came and nginx has every byte; when the worker's
+ * connection ended after the response began (nginx sees it cut off); or
+ * when the engine answered for the app itself (503 queue full, 504 queue or
+ * request time, 502 worker failed, the app's error page). Not counted:
+ * requests whose nginx side went away first, frames rejected before their
+ * app was known (400), requests for an unknown or removed app. The clock is
+ * read once per batch of events, so a duration is exact to the batch.
+ *
+ * buckets[i] counts the durations d with bound[i-1] < d <= bound[i], for the
+ * upper bounds in ms 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000
+ * and +Inf: per bucket, not cumulative (Prometheus's le buckets are the
+ * running sums). count is the sum of the buckets. */
+#define AGENT_DURATION_BUCKETS 12
+
+typedef struct {
+    int app;
+    uint64_t buckets[12];        /* AGENT_DURATION_BUCKETS */
+    uint64_t count;
+    uint64_t sum_us;             /* microseconds */
+} agent_app_durations;
+
+/* A request the engine holds: waiting in its app's queue, or with a
+ * worker (including one whose nginx side went away while the worker
+ * finishes it). */
+#define AGENT_REQUEST_QUEUED 0
+#define AGENT_REQUEST_FORWARDING 1
+
+typedef struct {
+    int app;
+    int pid;                     /* the worker's, or 0 while queued */
+    int state;                   /* AGENT_REQUEST_* */
+    int64_t age_ms;              /* since the engine read the frame */
+    char method[16];             /* REQUEST_METHOD, NUL-terminated, truncated to fit */
+    char path[512];              /* REQUEST_URI, NUL-terminated, truncated to fit */
+} agent_request_info;
+
 /* Creation and the loop thread. Return 0 or -errno unless stated. */
 agent_engine *agent_engine_new(const agent_engine_config *config);
 int agent_engine_start(agent_engine *engine);
@@ -107,3 +145,6 @@ int agent_engine_worker_remove(agent_engine *engine, int pid);
 /* Snapshots; return the number of entries written. */
 int agent_engine_worker_stats(agent_engine *engine, agent_worker_stats *out, int max);
 int agent_engine_app_stats(agent_engine *engine, agent_app_stats *out, int max);
+int agent_engine_app_durations(agent_engine *engine, agent_app_durations *out, int max);
+/* Oldest first (in arrival order). */
+int agent_engine_requests(agent_engine *engine, agent_request_info *out, int max);

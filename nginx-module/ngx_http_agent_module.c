@@ -77,6 +77,9 @@ typedef struct {
 
     struct sockaddr_un         socket_addr;
     ngx_str_t                  socket_name;
+
+    struct sockaddr_un         status_addr;
+    ngx_str_t                  status_name;
 } ngx_http_agent_main_conf_t;
 
 
@@ -84,6 +87,7 @@ typedef struct {
     ngx_http_upstream_conf_t   upstream;
 
     ngx_flag_t                 enabled;
+    ngx_flag_t                 status;          /* agent_status */
     ngx_http_agent_app_t       settings;
     ngx_http_agent_app_t      *app;
 } ngx_http_agent_loc_conf_t;
@@ -97,7 +101,13 @@ typedef struct {
 
 static ngx_int_t ngx_http_agent_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_agent_is_static_file(ngx_http_request_t *r);
-static ngx_int_t ngx_http_agent_pass(ngx_http_request_t *r);
+static ngx_int_t ngx_http_agent_status_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_agent_pass(ngx_http_request_t *r,
+    ngx_uint_t to_status);
+static ngx_int_t ngx_http_agent_create_status_request(ngx_http_request_t *r);
+static ngx_int_t ngx_http_agent_status_path(ngx_http_request_t *r,
+    ngx_str_t *path);
+static ngx_uint_t ngx_http_agent_status_header_is_sent(ngx_table_elt_t *h);
 static ngx_int_t ngx_http_agent_create_request(ngx_http_request_t *r);
 static off_t ngx_http_agent_body_length(ngx_http_request_t *r);
 static ngx_int_t ngx_http_agent_collect_cgi_vars(ngx_http_request_t *r,
@@ -119,6 +129,9 @@ static void ngx_http_agent_finalize_request(ngx_http_request_t *r,
 
 static void *ngx_http_agent_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_agent_init_main_conf(ngx_conf_t *cf, void *conf);
+static ngx_int_t ngx_http_agent_set_unix_addr(ngx_conf_t *cf,
+    ngx_str_t *dir, char *file, size_t file_size, struct sockaddr_un *addr,
+    ngx_str_t *name);
 static ngx_int_t ngx_http_agent_set_socket_addr(ngx_conf_t *cf,
     ngx_http_agent_main_conf_t *amcf);
 static void *ngx_http_agent_create_loc_conf(ngx_conf_t *cf);
@@ -150,6 +163,8 @@ static char *ngx_http_agent_check_at_least_one(ngx_conf_t *cf, void *post,
 static char *ngx_http_agent_check_nonzero_msec(ngx_conf_t *cf, void *post,
     void *data);
 static char *ngx_http_agent_app_type(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_agent_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_agent_env(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
@@ -264,6 +279,13 @@ static ngx_command_t  ngx_http_agent_commands[] = {
       ngx_conf_set_flag_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_agent_loc_conf_t, enabled),
+      NULL },
+
+    { ngx_string("agent_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_FLAG,
+      ngx_http_agent_status,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_agent_loc_conf_t, status),
       NULL },
 
     { ngx_string("agent_app_root"),
@@ -503,7 +525,16 @@ ngx_http_agent_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    return ngx_http_agent_pass(r);
+    return ngx_http_agent_pass(r, 0);
+}
+
+
+/* a location with "agent_status on": every request goes to status.sock */
+
+static ngx_int_t
+ngx_http_agent_status_handler(ngx_http_request_t *r)
+{
+    return ngx_http_agent_pass(r, 1);
 }
 
 
@@ -566,8 +597,14 @@ ngx_http_agent_is_static_file(ngx_http_request_t *r)
 }
 
 
+/*
+ * The app's requests travel as request frames to agent.sock; a status
+ * location's as plain HTTP to status.sock.  Both answer with an HTTP status
+ * line and headers, so the response side is shared.
+ */
+
 static ngx_int_t
-ngx_http_agent_pass(ngx_http_request_t *r)
+ngx_http_agent_pass(ngx_http_request_t *r, ngx_uint_t to_status)
 {
     ngx_int_t                    rc;
     ngx_http_status_t           *status;
@@ -591,7 +628,6 @@ ngx_http_agent_pass(ngx_http_request_t *r)
 
     u = r->upstream;
 
-    ngx_str_set(&u->schema, "agent://");
     u->output.tag = (ngx_buf_tag_t) &ngx_http_agent_module;
     u->conf = &alcf->upstream;
 
@@ -600,14 +636,25 @@ ngx_http_agent_pass(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    u->resolved->sockaddr = (struct sockaddr *) &amcf->socket_addr;
     u->resolved->socklen = sizeof(struct sockaddr_un);
     u->resolved->naddrs = 1;
-    u->resolved->name = amcf->socket_name;
-    u->resolved->host = amcf->socket_name;
     u->resolved->no_port = 1;
 
-    u->create_request = ngx_http_agent_create_request;
+    if (to_status) {
+        ngx_str_set(&u->schema, "agent-status://");
+        u->resolved->sockaddr = (struct sockaddr *) &amcf->status_addr;
+        u->resolved->name = amcf->status_name;
+        u->resolved->host = amcf->status_name;
+        u->create_request = ngx_http_agent_create_status_request;
+
+    } else {
+        ngx_str_set(&u->schema, "agent://");
+        u->resolved->sockaddr = (struct sockaddr *) &amcf->socket_addr;
+        u->resolved->name = amcf->socket_name;
+        u->resolved->host = amcf->socket_name;
+        u->create_request = ngx_http_agent_create_request;
+    }
+
     u->reinit_request = ngx_http_agent_reinit_request;
     u->process_header = ngx_http_agent_process_status_line;
     u->abort_request = ngx_http_agent_abort_request;
@@ -628,7 +675,10 @@ ngx_http_agent_pass(ngx_http_request_t *r)
     u->input_filter = ngx_http_upstream_non_buffered_filter;
     u->input_filter_ctx = r;
 
-    /* the frame states the body's length, so the whole body is read first */
+    /*
+     * The frame (or the status request's Content-Length) states the body's
+     * length, so the whole body is read first.
+     */
     rc = ngx_http_read_client_request_body(r, ngx_http_upstream_init);
 
     if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
@@ -748,6 +798,215 @@ ngx_http_agent_create_request(ngx_http_request_t *r)
     cl->buf = b;
 
     return ngx_http_agent_append_body(r, cl);
+}
+
+
+/*
+ * "METHOD /path?args HTTP/1.0" with the few headers the status socket reads
+ * (docs/status-api.md): HTTP/1.0, so that the status socket closes the
+ * connection when its response is done and nginx needs no keep-alive state.
+ */
+
+static ngx_int_t
+ngx_http_agent_create_status_request(ngx_http_request_t *r)
+{
+    off_t             content_length;
+    size_t            len;
+    u_char           *p;
+    ngx_buf_t        *b;
+    ngx_str_t         path;
+    ngx_uint_t        i, escape;
+    ngx_chain_t      *cl;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    if (ngx_http_agent_status_path(r, &path) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    /* r->uri is decoded; the request line needs it encoded again */
+    escape = 2 * ngx_escape_uri(NULL, path.data, path.len, NGX_ESCAPE_URI);
+
+    content_length = ngx_http_agent_body_length(r);
+
+    len = r->method_name.len + 1 + path.len + escape
+          + (r->args.len ? 1 + r->args.len : 0)
+          + sizeof(" HTTP/1.0" CRLF) - 1
+          + sizeof("Content-Length: " CRLF) - 1 + NGX_OFF_T_LEN
+          + sizeof(CRLF) - 1;
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (ngx_http_agent_status_header_is_sent(&h[i])) {
+            len += h[i].key.len + sizeof(": " CRLF) - 1 + h[i].value.len;
+        }
+    }
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_cpymem(b->last, r->method_name.data, r->method_name.len);
+    *p++ = ' ';
+
+    if (escape) {
+        p = (u_char *) ngx_escape_uri(p, path.data, path.len,
+                                      NGX_ESCAPE_URI);
+
+    } else {
+        p = ngx_cpymem(p, path.data, path.len);
+    }
+
+    if (r->args.len) {
+        *p++ = '?';
+        p = ngx_cpymem(p, r->args.data, r->args.len);
+    }
+
+    p = ngx_cpymem(p, " HTTP/1.0" CRLF, sizeof(" HTTP/1.0" CRLF) - 1);
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (ngx_http_agent_status_header_is_sent(&h[i])) {
+            p = ngx_cpymem(p, h[i].key.data, h[i].key.len);
+            *p++ = ':'; *p++ = ' ';
+            p = ngx_cpymem(p, h[i].value.data, h[i].value.len);
+            *p++ = CR; *p++ = LF;
+        }
+    }
+
+    /* stated by nginx, not passed through: a chunked body arrives decoded */
+    p = ngx_sprintf(p, "Content-Length: %O" CRLF CRLF, content_length);
+
+    b->last = p;
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = b;
+
+    return ngx_http_agent_append_body(r, cl);
+}
+
+
+/*
+ * The path the status socket sees: the URI without the location's prefix,
+ * so that "location /agent/" serves /agent/pool as /pool.  A regex or a
+ * named location has no prefix to strip, nor has a URI a rewrite moved out
+ * of the prefix; those go as they are.
+ */
+
+static ngx_int_t
+ngx_http_agent_status_path(ngx_http_request_t *r, ngx_str_t *path)
+{
+    ngx_str_t                  rest;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    rest = r->uri;
+
+    if (!clcf->named
+#if (NGX_PCRE)
+        && clcf->regex == NULL
+#endif
+        && clcf->name.len <= r->uri.len
+        && ngx_strncmp(r->uri.data, clcf->name.data, clcf->name.len) == 0)
+    {
+        rest.data += clcf->name.len;
+        rest.len -= clcf->name.len;
+    }
+
+    if (rest.len && rest.data[0] == '/') {
+        *path = rest;
+        return NGX_OK;
+    }
+
+    path->len = rest.len + 1;
+
+    path->data = ngx_pnalloc(r->pool, path->len);
+    if (path->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    path->data[0] = '/';
+    ngx_memcpy(path->data + 1, rest.data, rest.len);
+
+    return NGX_OK;
+}
+
+
+/*
+ * Authorization carries the status tokens; Accept picks JSON or msgpack;
+ * Host is harmless.  Nothing else reaches the status socket: it neither
+ * needs nor should see the client's cookies.  Only a Bearer Authorization
+ * is passed: any other scheme (auth_basic's credentials) is nginx's own
+ * business, and the status socket would answer it as a wrong token.
+ */
+
+static ngx_uint_t
+ngx_http_agent_status_header_is_sent(ngx_table_elt_t *h)
+{
+    static ngx_str_t  names[] = {
+        ngx_string("Host"),
+        ngx_string("Accept"),
+        ngx_string("Authorization"),
+        ngx_null_string
+    };
+
+    ngx_str_t  *name;
+
+    if (h->hash == 0) {
+        return 0;
+    }
+
+    for (name = names; name->len; name++) {
+        if (h->key.len == name->len
+            && ngx_strncasecmp(h->key.data, name->data, name->len) == 0)
+        {
+            break;
+        }
+    }
+
+    if (name->len == 0) {
+        return 0;
+    }
+
+    if (name == &names[2]) {
+        return h->value.len > sizeof("Bearer ") - 1
+               && ngx_strncasecmp(h->value.data, (u_char *) "Bearer ",
+                                  sizeof("Bearer ") - 1) == 0;
+    }
+
+    return 1;
 }
 
 
@@ -1297,34 +1556,53 @@ static ngx_int_t
 ngx_http_agent_set_socket_addr(ngx_conf_t *cf,
     ngx_http_agent_main_conf_t *amcf)
 {
+    if (ngx_http_agent_set_unix_addr(cf, &amcf->instance_dir, "/agent.sock",
+                                     sizeof("/agent.sock"),
+                                     &amcf->socket_addr, &amcf->socket_name)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_agent_set_unix_addr(cf, &amcf->instance_dir,
+                                        "/status.sock",
+                                        sizeof("/status.sock"),
+                                        &amcf->status_addr,
+                                        &amcf->status_name);
+}
+
+
+/* addr and name ("unix:PATH") of the socket "file" in the directory "dir" */
+
+static ngx_int_t
+ngx_http_agent_set_unix_addr(ngx_conf_t *cf, ngx_str_t *dir, char *file,
+    size_t file_size, struct sockaddr_un *addr, ngx_str_t *name)
+{
     u_char  *p;
     size_t   len;
 
-    len = amcf->instance_dir.len + sizeof("/agent.sock") - 1;
+    len = dir->len + file_size - 1;
 
-    if (len >= sizeof(amcf->socket_addr.sun_path)) {
+    if (len >= sizeof(addr->sun_path)) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "agent: \"agent_instance_dir\" \"%V\" is too long "
-                           "for a socket path (at most %uz bytes)",
-                           &amcf->instance_dir,
-                           sizeof(amcf->socket_addr.sun_path)
-                           - sizeof("/agent.sock"));
+                           "for the socket path \"%V%s\" (at most %uz "
+                           "bytes)", dir, dir, file,
+                           sizeof(addr->sun_path) - 1);
         return NGX_ERROR;
     }
 
-    amcf->socket_addr.sun_family = AF_UNIX;
-    p = ngx_cpymem(amcf->socket_addr.sun_path, amcf->instance_dir.data,
-                   amcf->instance_dir.len);
-    (void) ngx_cpystrn(p, (u_char *) "/agent.sock", sizeof("/agent.sock"));
+    addr->sun_family = AF_UNIX;
+    p = ngx_cpymem(addr->sun_path, dir->data, dir->len);
+    (void) ngx_cpystrn(p, (u_char *) file, file_size);
 
-    amcf->socket_name.data = ngx_pnalloc(cf->pool, sizeof("unix:") + len);
-    if (amcf->socket_name.data == NULL) {
+    name->data = ngx_pnalloc(cf->pool, sizeof("unix:") + len);
+    if (name->data == NULL) {
         return NGX_ERROR;
     }
 
-    amcf->socket_name.len = ngx_sprintf(amcf->socket_name.data, "unix:%s%Z",
-                                        amcf->socket_addr.sun_path)
-                            - amcf->socket_name.data - 1;
+    name->len = ngx_sprintf(name->data, "unix:%s%Z", addr->sun_path)
+                - name->data - 1;
 
     return NGX_OK;
 }
@@ -1350,6 +1628,7 @@ ngx_http_agent_create_loc_conf(ngx_conf_t *cf)
      */
 
     conf->enabled = NGX_CONF_UNSET;
+    conf->status = NGX_CONF_UNSET;
 
     conf->settings.app_type = NGX_CONF_UNSET_UINT;
     conf->settings.env = NGX_CONF_UNSET_PTR;
@@ -1932,6 +2211,51 @@ ngx_http_agent_app_type(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                        "only \"wsgi\" is supported", &value[1], &cmd->name);
 
     return NGX_CONF_ERROR;
+}
+
+
+/*
+ * "agent_status on" makes the location a door to the status socket, as
+ * proxy_pass makes one to a proxied server: the location's handler is set
+ * here, once, and agent_enabled inherited into the location then stands
+ * aside (ngx_http_agent_enable_location).
+ */
+
+static char *
+ngx_http_agent_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_agent_loc_conf_t *alcf = conf;
+
+    char                      *rv;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    rv = ngx_conf_set_flag_slot(cf, cmd, conf);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    if (!alcf->status) {
+        return NGX_CONF_OK;
+    }
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler != NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "agent: \"agent_status\" cannot share a location "
+                           "with another content handler (proxy_pass and "
+                           "the like)");
+        return NGX_CONF_ERROR;
+    }
+
+    clcf->handler = ngx_http_agent_status_handler;
+
+    /* as with proxy_pass: "/agent" is redirected to "location /agent/" */
+    if (clcf->name.len && clcf->name.data[clcf->name.len - 1] == '/') {
+        clcf->auto_redirect = 1;
+    }
+
+    return NGX_CONF_OK;
 }
 
 

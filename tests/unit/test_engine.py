@@ -13,16 +13,20 @@ import struct
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 from agent._native import lib  # type: ignore[import-not-found]
 
+from agent.native import DURATION_BOUNDS, Engine
 from tests.unit.engine_peers import (
     CLOSE,
     END_RECORD,
     KEEP,
+    Behavior,
     EngineHarness,
     FakeWorker,
+    SeenRequest,
     answer_after_release,
     answer_hello,
     answer_in_two_parts,
@@ -38,6 +42,7 @@ from tests.unit.engine_peers import (
     records,
     request_frame,
     rss_bytes,
+    send_request,
     split_response,
     wait_until,
 )
@@ -676,3 +681,139 @@ def test_idle_and_queued_events_are_coalesced_while_unread(engine: EngineHarness
     # Everything read: the notify fd is quiet again.
     with pytest.raises(BlockingIOError):
         os.read(lib.agent_engine_notify_fd(engine.engine), 8)
+
+
+# -- what the status socket reads: durations and requests in flight ----------
+
+
+@dataclass
+class NativeEngine:
+    """agent.native.Engine, the typed wrapper the policy uses, on a fresh socket."""
+
+    directory: str
+    engine: Engine
+    listener: socket.socket
+    workers: list[FakeWorker]
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.directory, "agent.sock")
+
+    def worker(self, app_id: int, pid: int, behavior: Behavior = answer_hello) -> FakeWorker:
+        worker = FakeWorker(os.path.join(self.directory, f"w{pid}.sock"), pid, behavior)
+        self.workers.append(worker)
+        self.engine.add_worker(app_id, pid, worker.path, 1)
+        return worker
+
+    def request(self, uri: str = "/", method: str = "GET", app: str = APP) -> bytes:
+        return send_request(self.socket_path, request_frame(app, uri, method))
+
+    def start_request(self, uri: str, method: str = "GET") -> socket.socket:
+        sock = connect(self.socket_path)
+        sock.sendall(request_frame(APP, uri, method))
+        return sock
+
+
+@pytest.fixture
+def native_engine() -> Iterator[NativeEngine]:
+    with tempfile.TemporaryDirectory(prefix="engine-") as directory:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(os.path.join(directory, "agent.sock"))
+        listener.listen(64)
+        engine = Engine(listener.fileno())
+        engine.start()
+        harness = NativeEngine(directory, engine, listener, [])
+        try:
+            yield harness
+        finally:
+            engine.close()
+            listener.close()
+            for worker in harness.workers:
+                worker.stop()
+
+
+SLOW_S = 0.3  # lands in the (250 ms, 500 ms] bucket with 200 ms to spare
+
+
+def answer_after_a_while(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> bool:
+    if request.vars["REQUEST_URI"] == b"/slow":
+        time.sleep(SLOW_S)
+    return answer_hello(worker, conn, request)
+
+
+def test_durations_are_counted_in_the_bucket_of_the_response_time(native_engine: NativeEngine) -> None:
+    native_engine.engine.set_app(1, APP, 0, 0)
+    native_engine.worker(1, 101, answer_after_a_while)
+    for _ in range(3):
+        assert b"200 OK" in native_engine.request("/fast")
+    for _ in range(2):
+        assert b"200 OK" in native_engine.request("/slow")
+    durations = native_engine.engine.app_durations()[1]
+    slow_bucket = DURATION_BOUNDS.index(0.5)
+    assert len(durations.buckets) == len(DURATION_BOUNDS) == 12
+    assert durations.buckets[slow_bucket] == 2
+    assert sum(durations.buckets[: DURATION_BOUNDS.index(0.1) + 1]) == 3  # fast, on any machine
+    assert durations.count == 5 == sum(durations.buckets)
+    assert durations.cumulative()[-1] == durations.count
+    assert 2 * SLOW_S <= durations.sum_seconds < 2 * SLOW_S + 1.0
+
+
+def test_engine_answers_for_an_app_are_counted_and_others_are_not(native_engine: NativeEngine) -> None:
+    native_engine.engine.set_app(1, APP, 1, 0)  # a queue of one
+    worker = native_engine.worker(1, 101, answer_after_release)
+    held = native_engine.start_request("/held")
+    wait_until(lambda: worker.count() == 1)
+    queued = native_engine.start_request("/queued")
+    wait_until(lambda: native_engine.engine.app_stats()[1].queue_length == 1)
+    assert b"503 Service Unavailable" in native_engine.request("/refused")  # queue full: counted
+    assert b"503 Service Unavailable" in native_engine.request(app="/srv/none")  # no app: not counted
+    with connect(native_engine.socket_path) as sock:  # malformed: not counted
+        sock.sendall(raw_frame(b"garbage"))
+        assert b"400 Bad Request" in read_all(sock)
+    assert native_engine.engine.app_durations()[1].count == 1
+    worker.release.set()
+    for sock in (held, queued):
+        assert b"200 OK" in read_all(sock)
+        sock.close()
+    wait_until(lambda: native_engine.engine.app_durations()[1].count == 3)
+
+
+def test_requests_shows_one_in_flight_and_one_queued(native_engine: NativeEngine) -> None:
+    native_engine.engine.set_app(1, APP, 0, 0)
+    worker = native_engine.worker(1, 101, answer_after_release)
+    assert native_engine.engine.requests() == []
+    slow = native_engine.start_request("/report?year=2024", "GET")
+    wait_until(lambda: worker.count() == 1)
+    waiting = native_engine.start_request("/upload", "POST")
+    wait_until(lambda: native_engine.engine.app_stats()[1].queue_length == 1)
+    time.sleep(0.05)
+    first, second = native_engine.engine.requests()  # oldest first
+    assert (first.app, first.pid, first.state, first.method, first.path) == (
+        1,
+        101,
+        "forwarding",
+        "GET",
+        "/report?year=2024",
+    )
+    assert (second.app, second.pid, second.state, second.method, second.path) == (1, None, "queued", "POST", "/upload")
+    assert first.age >= second.age >= 0.04
+    worker.release.set()
+    for sock in (slow, waiting):
+        assert b"200 OK" in read_all(sock)
+        sock.close()
+    wait_until(lambda: native_engine.engine.requests() == [])
+
+
+def test_requests_truncates_a_long_method_and_path(native_engine: NativeEngine) -> None:
+    native_engine.engine.set_app(1, APP, 0, 0)
+    worker = native_engine.worker(1, 101, answer_after_release)
+    path = "/" + "p" * 2000
+    sock = native_engine.start_request(path, "M" * 40)
+    wait_until(lambda: worker.count() == 1)
+    (request,) = native_engine.engine.requests()
+    assert request.method == "M" * 15
+    assert request.path == path[:511]
+    assert worker.requests[0].vars["REQUEST_URI"] == path.encode()  # the worker gets it whole
+    worker.release.set()
+    read_all(sock)
+    sock.close()

@@ -158,7 +158,7 @@ def test_a_worker_over_its_memory_limit_is_detached() -> None:
     app = pool.apps["a"]
     add_worker(app, 10, memory=99 << 20)
     add_worker(app, 11, memory=101 << 20)
-    assert policy.plan(pool, NOW) == [policy.Detach(11, "memory limit: 101 MB > 100 MB")]
+    assert policy.plan(pool, NOW) == [policy.Detach(11, "memory limit: 101 MB > 100 MB", "memory_limit")]
 
 
 def test_a_detached_worker_is_replaced_to_keep_the_minimum() -> None:
@@ -220,7 +220,7 @@ def test_a_full_pool_gives_way_to_an_app_with_waiting_requests() -> None:
     add_worker(pool.apps["a"], 10, last_used=NOW - 5)
     add_worker(pool.apps["a"], 11, last_used=NOW - 50)
     pool.apps["b"].queue_length = 1
-    assert policy.plan(pool, NOW) == [policy.Detach(11, "the pool is full and b has no worker")]
+    assert policy.plan(pool, NOW) == [policy.Detach(11, "the pool is full and b has no worker", "pool_full")]
 
 
 def test_a_busy_pool_does_not_give_way() -> None:
@@ -248,12 +248,12 @@ def test_a_rolling_restart_starts_a_new_worker_before_retiring_an_old_one() -> N
     add_worker(app, 20, WorkerState.STARTING)
     assert policy.plan(pool, NOW) == []
     app.workers[20].state = WorkerState.SERVING
-    assert policy.plan(pool, NOW) == [policy.Detach(10, "rolling restart")]
+    assert policy.plan(pool, NOW) == [policy.Detach(10, "rolling restart", "rolling_restart")]
     app.workers[10].state = WorkerState.DETACHING
     app.workers[10].sessions = 1
     assert policy.plan(pool, NOW) == [policy.Spawn("a")]
     add_worker(app, 21)
-    assert policy.plan(pool, NOW) == [policy.Detach(11, "rolling restart")]
+    assert policy.plan(pool, NOW) == [policy.Detach(11, "rolling restart", "rolling_restart")]
     app.workers[11].state = WorkerState.DETACHING
     app.workers[11].sessions = 1
     assert policy.plan(pool, NOW) == []

@@ -1,0 +1,218 @@
+"""A client for the agent's status socket (docs/status-api.md) and the
+discovery of running agents.
+
+The status socket speaks HTTP/1.1 over a Unix stream socket, so the client
+is http.client with a connection whose connect() opens AF_UNIX. Every
+failure becomes a StatusError whose exit_code is the one agentctl exits
+with (docs/agentctl.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import http.client
+import json
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.instance import Instance
+
+EXIT_FAILED = 1
+EXIT_NO_AGENT = 3
+EXIT_NO_RIGHTS = 4
+EXIT_NOT_FOUND = 5
+
+DEFAULT_TIMEOUT = 30.0
+INSTANCE_DIR_ENV = "AGENT_INSTANCE_DIR"
+# The module's default instance directories and those of `agentctl serve`.
+DISCOVERY_GLOBS = ("agent-*", "agent-serve-*/instance")
+DISCOVERY_ROOT = Path("/tmp")
+
+
+class StatusError(Exception):
+    """A status request failed; exit_code says how, for agentctl."""
+
+    exit_code = EXIT_FAILED
+
+
+class NoAgentError(StatusError):
+    exit_code = EXIT_NO_AGENT
+
+
+class NoRightsError(StatusError):
+    exit_code = EXIT_NO_RIGHTS
+
+
+class NotFoundError(StatusError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket: the host name only fills the Host header."""
+
+    def __init__(self, path: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.socket_path))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class StatusClient:
+    """GET and POST on one agent's status socket, answers decoded from JSON."""
+
+    def __init__(self, socket_path: Path, token: str | None = None) -> None:
+        self.socket_path = socket_path
+        self.token = token
+
+    def get(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        return self.request("GET", path, timeout)
+
+    def post(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        return self.request("POST", path, timeout)
+
+    def request(self, method: str, path: str, timeout: float) -> Any:
+        status, body = self._exchange(method, path, timeout)
+        document = self._decode(body, status)
+        if status >= 400:
+            raise error_for_status(status, method, path, document)
+        return document
+
+    def _exchange(self, method: str, path: str, timeout: float) -> tuple[int, bytes]:
+        conn = UnixHTTPConnection(self.socket_path, timeout)
+        headers = {"Accept": "application/json", "Connection": "close"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            conn.request(method, path, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise NoAgentError(f"no agent answers on {self.socket_path} ({e.strerror})") from e
+        except PermissionError as e:
+            raise NoRightsError(f"cannot connect to {self.socket_path}: {e.strerror}") from e
+        except TimeoutError as e:
+            raise StatusError(f"the agent did not answer {method} {path} within {timeout:g} s") from e
+        except (OSError, http.client.HTTPException) as e:
+            raise StatusError(f"{method} {path} on {self.socket_path} failed: {e}") from e
+        finally:
+            conn.close()
+
+    def _decode(self, body: bytes, status: int) -> Any:
+        try:
+            return json.loads(body) if body else {}
+        except ValueError as e:
+            if status >= 400:
+                # An error page that is not JSON still says what went wrong.
+                return {"error": body.decode("utf-8", "replace").strip()}
+            raise StatusError(f"the agent answered with something that is not JSON: {e}") from e
+
+
+def error_for_status(status: int, method: str, path: str, document: Any) -> StatusError:
+    message = document.get("error") if isinstance(document, dict) else None
+    detail = message or http.client.responses.get(status, "error")
+    if status == 403:
+        return NoRightsError(f"no rights to {method} {path}: {detail} "
+                             "(actions need root, the agent's user or the admin token)")
+    if status == 404:
+        return NotFoundError(f"{detail}")
+    return StatusError(f"{method} {path}: {status} {detail}")
+
+
+# -- instances ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """One agent's instance directory, as found on disk."""
+
+    root: Path
+    watchdog_pid: int | None
+    running: bool
+
+    @property
+    def status_socket(self) -> Path:
+        return Instance(self.root).status_socket
+
+
+def watchdog_locked(pid_file: Path) -> bool:
+    """The watchdog holds an exclusive flock on its pid file for its whole
+    life, so a lock we cannot share means it runs (a stale file does not)."""
+    try:
+        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError as e:
+        return e.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+    return False
+
+
+def read_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def inspect_instance(root: Path) -> InstanceInfo:
+    instance = Instance(root)
+    running = watchdog_locked(instance.watchdog_pid_file) and instance.status_socket.exists()
+    return InstanceInfo(root, read_pid(instance.watchdog_pid_file), running)
+
+
+def candidate_dirs(environ: Mapping[str, str] | None = None, tmp: Path = DISCOVERY_ROOT) -> list[Path]:
+    """Directories that may hold an agent: $AGENT_INSTANCE_DIR, then the
+    default places, each once."""
+    env = os.environ if environ is None else environ
+    found: list[Path] = []
+    if env.get(INSTANCE_DIR_ENV):
+        found.append(Path(env[INSTANCE_DIR_ENV]))
+    for pattern in DISCOVERY_GLOBS:
+        found += sorted(p for p in tmp.glob(pattern) if (p / "watchdog.pid").exists())
+    unique: list[Path] = []
+    for path in found:
+        if path.resolve() not in {u.resolve() for u in unique}:
+            unique.append(path)
+    return unique
+
+
+def running_instances(environ: Mapping[str, str] | None = None, tmp: Path = DISCOVERY_ROOT) -> list[InstanceInfo]:
+    return [info for info in map(inspect_instance, candidate_dirs(environ, tmp)) if info.running]
+
+
+def choose_instance(explicit: Path | None, environ: Mapping[str, str] | None = None,
+                    tmp: Path = DISCOVERY_ROOT) -> Path:
+    """The instance a command talks to: --instance, else $AGENT_INSTANCE_DIR,
+    else the one running agent. An explicit choice is used as given, so that
+    the error names the socket that did not answer."""
+    env = os.environ if environ is None else environ
+    if explicit is not None:
+        return explicit
+    if env.get(INSTANCE_DIR_ENV):
+        return Path(env[INSTANCE_DIR_ENV])
+    running = running_instances(env, tmp)
+    if not running:
+        raise NoAgentError(f"no running agent found (looked in {tmp}/agent-*); "
+                           "is nginx running with agent_enabled? Use --instance DIR to name one")
+    if len(running) > 1:
+        listing = "\n".join(f"  {info.root}" for info in running)
+        raise NoAgentError(f"{len(running)} agents are running; choose one with --instance DIR:\n{listing}")
+    return running[0].root

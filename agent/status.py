@@ -1,0 +1,703 @@
+"""The status socket: HTTP/1.1 over a Unix stream socket (docs/status-api.md).
+
+The server lives inside the core's policy loop, which is single-threaded:
+it registers its listening socket and every connection on the core's
+selector, with a callback `data(fd)`, and never blocks. Reads and writes
+are nonblocking and buffered; a request is at most MAX_REQUEST bytes; a
+connection that stays silent for IDLE_LIMIT seconds is closed by tick().
+
+Everything the server reports or does goes through a Provider, the small
+interface the core implements; the server itself knows HTTP, rights and
+formats, and nothing of pools or processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import os
+import re
+import secrets
+import selectors
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import msgpack  # type: ignore[import-untyped]
+
+from agent import metrics
+from agent.logs import log
+
+MAX_REQUEST = 65536            # request line, headers and body together
+MAX_HEADERS = 100
+IDLE_LIMIT = 30.0              # seconds a connection may wait between requests
+LINGER = 2.0                   # seconds a closing connection waits for the client to close first
+MAX_CONNECTIONS = 128
+ACCEPTS_PER_WAKEUP = 32        # so that a flood of clients cannot starve the core's other work
+READS_PER_WAKEUP = 16
+REQUESTS_PER_WAKEUP = 32
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+READ_TOKEN_FILE = "read.token"
+ADMIN_TOKEN_FILE = "admin.token"
+
+JSON_TYPE = "application/json"
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+HTML_TYPE = "text/html; charset=utf-8"
+TOKEN_CHARS = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+Details = dict[str, Any]
+
+
+class Provider(Protocol):
+    """What the status socket asks of the core. Every method is called on
+    the core's loop thread and must return at once; the data returned is
+    plain (dicts, lists, str, int, float, bool, None), shaped as the
+    matching resource in docs/status-api.md. Any method may raise
+    StatusError to answer with that status; any other exception answers
+    500 and is logged."""
+
+    def server_info(self) -> Details:
+        """The body of GET /server."""
+
+    def pool_info(self) -> Details:
+        """The body of GET /pool."""
+
+    def requests_info(self) -> Details:
+        """The body of GET /requests: {"requests": [...]}."""
+
+    def metrics_snapshot(self) -> metrics.MetricsSnapshot:
+        """The counters rendered at GET /metrics."""
+
+    def restart_app(self, name: str, blocking: bool, done: Callable[[Details], None]) -> None:
+        """Begin a rolling restart of the app called `name`; raise KeyError
+        (or StatusError 404) when there is none. Call `done(details)` exactly once, on the loop
+        thread: at once when not blocking (it may be called before this
+        method returns), else when the restart has finished or been
+        abandoned. The answer is {"ok": true, **details}; details with
+        "ok": false (and an "error") answer 409."""
+
+    def detach_process(self, pid: int) -> Details:
+        """Detach the worker `pid`; raise KeyError (or StatusError 404) when
+        no worker has that pid, ValueError (with the reason, or StatusError
+        409) when it cannot be detached now.
+        Returns details for the answer {"ok": true, **details}."""
+
+    def reopen_logs(self) -> Details:
+        """Close and reopen the agent's log file; returns details."""
+
+
+# -- tokens ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tokens:
+    read: bytes | None
+    admin: bytes | None
+
+
+def ensure_tokens(instance_dir: Path) -> Tokens:
+    """Make INSTANCE_DIR/read.token and admin.token when missing (32 random
+    bytes, hex, mode 0600) and return both. A token that exists is kept, so
+    that clients keep working across core and watchdog restarts."""
+    for name in (READ_TOKEN_FILE, ADMIN_TOKEN_FILE):
+        create_token_file(instance_dir / name)
+    return read_tokens(instance_dir)
+
+
+def create_token_file(path: Path) -> None:
+    """Write the token to a private temporary file, then link it into
+    place: a reader never sees a partial token, and of two agents racing
+    to create it, both end up using the one that won."""
+    if path.exists():
+        return
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secrets.token_hex(32).encode("ascii") + b"\n")
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(temporary)
+
+
+def read_tokens(instance_dir: Path) -> Tokens:
+    return Tokens(read=read_token(instance_dir / READ_TOKEN_FILE), admin=read_token(instance_dir / ADMIN_TOKEN_FILE))
+
+
+def read_token(path: Path) -> bytes | None:
+    """A missing or empty token file means no client can use that token."""
+    try:
+        token = path.read_bytes().strip()
+    except FileNotFoundError:
+        return None
+    return token or None
+
+
+# -- HTTP messages ------------------------------------------------------------
+
+
+class StatusError(Exception):
+    """An answer of `status` with {"error": message}.
+
+    A provider may raise it from any method to answer 400, 403, 404 or 409
+    with its own message. `close` (for the server's own use) when the
+    connection's framing is lost and it cannot carry another request;
+    `allow` fills the Allow header of a 405."""
+
+    def __init__(self, status: int, message: str, *, close: bool = False, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+        self.allow = allow
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+    body: bytes
+    path: str = ""
+    query: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.target)
+        self.path = parts.path
+        try:
+            self.query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+        except ValueError as error:
+            raise StatusError(400, f"bad query string: {error}") from None
+
+    @property
+    def keep_alive(self) -> bool:
+        tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
+        if "close" in tokens:
+            return False
+        return self.version == "HTTP/1.1" or "keep-alive" in tokens
+
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
+        if values is None:
+            return None
+        if len(values) != 1:
+            raise StatusError(400, f"query parameter {name!r} given more than once")
+        return values[0]
+
+
+@dataclass
+class Response:
+    status: int
+    content_type: str
+    body: bytes
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_request(buffer: bytearray | bytes) -> tuple[Request, int] | None:
+    """The first complete request in `buffer` and the bytes it took, or
+    None while it is incomplete. Raises StatusError for a malformed or
+    oversized request."""
+    # Empty lines before a request line are ignored (RFC 9112, 2.2).
+    start = len(buffer) - len(bytes(buffer).lstrip(b"\r\n"))
+    if start:
+        parsed = parse_request(buffer[start:])
+        return None if parsed is None else (parsed[0], start + parsed[1])
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) >= MAX_REQUEST:
+            raise StatusError(400, f"request headers exceed {MAX_REQUEST} bytes", close=True)
+        return None
+    head = bytes(buffer[:end]).decode("latin-1")
+    lines = head.split("\r\n")
+    method, target, version = parse_request_line(lines[0])
+    headers = parse_headers(lines[1:])
+    length = content_length(headers)
+    total = end + 4 + length
+    if total > MAX_REQUEST:
+        raise StatusError(400, f"request exceeds {MAX_REQUEST} bytes", close=True)
+    if len(buffer) < total:
+        return None
+    return Request(method, target, version, headers, bytes(buffer[end + 4:total])), total
+
+
+def parse_request_line(line: str) -> tuple[str, str, str]:
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise StatusError(400, "malformed request line", close=True)
+    method, target, version = parts
+    if not TOKEN_CHARS.match(method.encode("latin-1")):
+        raise StatusError(400, "malformed method", close=True)
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise StatusError(400, f"unsupported protocol version {version!r}", close=True)
+    if not target.startswith("/"):
+        raise StatusError(400, "the request target must be a path", close=True)
+    return method, target, version
+
+
+def parse_headers(lines: list[str]) -> dict[str, str]:
+    if len(lines) > MAX_HEADERS:
+        raise StatusError(400, f"more than {MAX_HEADERS} headers", close=True)
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not TOKEN_CHARS.match(name.encode("latin-1")):
+            raise StatusError(400, "malformed header line", close=True)
+        key = name.lower()
+        value = value.strip(" \t")
+        if key in headers and key == "content-length" and headers[key] != value:
+            raise StatusError(400, "conflicting Content-Length headers", close=True)
+        # Repeated headers are joined, as RFC 9110 allows for list-valued ones.
+        headers[key] = f"{headers[key]}, {value}" if key in headers and key != "content-length" else value
+    return headers
+
+
+def content_length(headers: dict[str, str]) -> int:
+    if "transfer-encoding" in headers:
+        raise StatusError(400, "chunked request bodies are not supported; send Content-Length", close=True)
+    value = headers.get("content-length", "0")
+    if not value.isdigit() or len(value) > 12:
+        raise StatusError(400, "malformed Content-Length", close=True)
+    return int(value)
+
+
+def prefers_msgpack(accept: str | None) -> bool:
+    """msgpack when it is the first media type the client names."""
+    if not accept:
+        return False
+    first = accept.split(",", 1)[0].split(";", 1)[0].strip().lower()
+    return first in MSGPACK_TYPES
+
+
+def encode_data(data: Any, request: Request) -> Response:
+    if prefers_msgpack(request.headers.get("accept")):
+        return Response(200, MSGPACK_TYPES[0], msgpack.packb(data, use_bin_type=True))
+    return Response(200, JSON_TYPE, json.dumps(data, separators=(",", ":")).encode("utf-8"))
+
+
+def error_response(status: int, message: str, allow: str | None = None) -> Response:
+    body = json.dumps({"error": message}).encode("utf-8")
+    headers = [("Allow", allow)] if allow else []
+    return Response(status, JSON_TYPE, body, headers)
+
+
+def serialize_response(response: Response, *, keep_alive: bool, head_only: bool) -> bytes:
+    reason = HTTPStatus(response.status).phrase
+    lines = [
+        f"HTTP/1.1 {response.status} {reason}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Cache-Control: no-store",
+        f"Connection: {'keep-alive' if keep_alive else 'close'}",
+        *(f"{name}: {value}" for name, value in response.headers),
+    ]
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
+
+
+# -- connections -----------------------------------------------------------------
+
+
+class Rights(Enum):
+    READ = "read"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+PEERCRED = struct.Struct("3i")
+UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    try:
+        pid, uid, gid = PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size))
+    except OSError:
+        return UNKNOWN_PEER
+    return Peer(pid, uid, gid)
+
+
+@dataclass(eq=False)
+class Connection:
+    sock: socket.socket
+    peer: Peer
+    last_activity: float
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytearray = field(default_factory=bytearray)
+    awaiting: bool = False      # a blocking action holds the answer
+    closing: bool = False       # no more requests: flush, then close
+    eof: bool = False           # the client sent everything it will send
+    backlog: bool = False       # buffered requests left for the next wakeup
+    closed: bool = False
+    events: int = 0             # the selector interest currently registered
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+    def wants_read(self) -> bool:
+        if self.eof or self.closed:
+            return False
+        # A closing connection keeps reading, to discard what the client
+        # still sends: closing with unread data would reset the connection
+        # and could destroy the answer before the client reads it.
+        return self.closing or len(self.inbuf) < MAX_REQUEST
+
+    def wants_write(self) -> bool:
+        return bool(self.outbuf) or self.backlog
+
+    def can_take_request(self) -> bool:
+        return not (self.awaiting or self.closing or self.outbuf or self.closed)
+
+
+# -- the server -------------------------------------------------------------------
+
+
+Handler = Callable[[Connection, Request], Response | None]
+
+
+class StatusServer:
+    def __init__(
+        self,
+        listener: socket.socket,
+        selector: selectors.BaseSelector,
+        provider: Provider,
+        instance_dir: Path,
+        *,
+        dashboard: Path = DASHBOARD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.listener = listener
+        self.selector = selector
+        self.provider = provider
+        self.tokens = read_tokens(instance_dir)
+        self.dashboard = dashboard
+        self.clock = clock
+        self.admin_uids = {0, os.geteuid()}
+        self.connections: dict[int, Connection] = {}
+        self.reads: dict[str, Callable[[Request], Response]] = {
+            "/server": lambda r: encode_data(self.provider.server_info(), r),
+            "/pool": lambda r: encode_data(self.provider.pool_info(), r),
+            "/requests": lambda r: encode_data(self.provider.requests_info(), r),
+            "/metrics": self.get_metrics,
+            "/dashboard": self.get_dashboard,
+        }
+        listener.setblocking(False)
+        selector.register(listener, selectors.EVENT_READ, self.on_listener_ready)
+
+    def close(self) -> None:
+        """Stop serving: forget the listener (its owner closes it) and close every connection."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(self.listener)
+        for conn in list(self.connections.values()):
+            self.drop(conn)
+
+    def tick(self, now: float) -> None:
+        """Called by the core about once a second with time.monotonic()."""
+        for conn in list(self.connections.values()):
+            if conn.awaiting:
+                continue
+            limit = LINGER if conn.closing and not conn.outbuf else IDLE_LIMIT
+            if now - conn.last_activity > limit:
+                self.drop(conn)
+
+    # -- accepting ----------------------------------------------------------
+
+    def on_listener_ready(self, fd: int) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                # Out of fds, or a client gone before accept: try again on the next wakeup.
+                log.warning("status socket: accept failed: %s", error)
+                return
+            self.admit(sock)
+
+    def admit(self, sock: socket.socket) -> None:
+        if len(self.connections) >= MAX_CONNECTIONS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = Connection(sock=sock, peer=peer_of(sock), last_activity=self.clock())
+        self.connections[conn.fd] = conn
+        self.update_interest(conn)
+
+    # -- one connection's I/O -------------------------------------------------
+
+    def on_connection_ready(self, fd: int) -> None:
+        conn = self.connections.get(fd)
+        if conn is None:
+            return
+        try:
+            self.flush(conn)
+            if conn.wants_read():
+                self.receive(conn)
+            self.serve_buffered(conn)
+            self.flush(conn)
+        except OSError:
+            self.drop(conn)
+            return
+        except Exception:
+            # A fault in this server must cost one connection, never the core's loop.
+            log.exception("status socket: connection failed")
+            self.drop(conn)
+            return
+        self.settle(conn)
+
+    def receive(self, conn: Connection) -> None:
+        for _ in range(READS_PER_WAKEUP):
+            room = 65536 if conn.closing else MAX_REQUEST - len(conn.inbuf)
+            if room <= 0:
+                return
+            try:
+                chunk = conn.sock.recv(room)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not chunk:
+                conn.eof = True
+                return
+            conn.last_activity = self.clock()
+            if not conn.closing:
+                conn.inbuf += chunk
+
+    def flush(self, conn: Connection) -> None:
+        while conn.outbuf:
+            try:
+                sent = conn.sock.send(conn.outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            del conn.outbuf[:sent]
+            conn.last_activity = self.clock()
+        if conn.closing:
+            # Everything is sent: tell the client, then wait (LINGER) for it to close.
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+
+    def settle(self, conn: Connection) -> None:
+        """Close the connection when it is done, else register what it waits for."""
+        if conn.closed:
+            return
+        done_reading = conn.eof and not conn.awaiting and not conn.outbuf and not conn.backlog
+        if done_reading or (conn.eof and conn.closing and not conn.outbuf):
+            self.drop(conn)
+            return
+        self.update_interest(conn)
+
+    def update_interest(self, conn: Connection) -> None:
+        events = (selectors.EVENT_READ if conn.wants_read() else 0) | (
+            selectors.EVENT_WRITE if conn.wants_write() else 0)
+        if events == conn.events:
+            return
+        if conn.events == 0:
+            self.selector.register(conn.sock, events, self.on_connection_ready)
+        elif events == 0:
+            self.selector.unregister(conn.sock)
+        else:
+            self.selector.modify(conn.sock, events, self.on_connection_ready)
+        conn.events = events
+
+    def drop(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        if conn.events:
+            self.selector.unregister(conn.sock)
+            conn.events = 0
+        self.connections.pop(conn.fd, None)
+        conn.closed = True
+        conn.sock.close()
+
+    # -- requests -------------------------------------------------------------
+
+    def serve_buffered(self, conn: Connection) -> None:
+        """Answer the complete requests in the buffer, one at a time: the
+        next is parsed only once the previous answer is sent."""
+        conn.backlog = False
+        for _ in range(REQUESTS_PER_WAKEUP):
+            if not conn.can_take_request():
+                return
+            try:
+                parsed = parse_request(conn.inbuf)
+            except StatusError as error:
+                self.answer_error(conn, error, keep_alive=False, head_only=False)
+                return
+            if parsed is None:
+                return
+            request, used = parsed
+            del conn.inbuf[:used]
+            self.handle(conn, request)
+            self.flush(conn)
+        # The budget ran out with requests still buffered: the write
+        # interest wakes this connection again on the next loop turn.
+        conn.backlog = bool(conn.inbuf)
+
+    def handle(self, conn: Connection, request: Request) -> None:
+        head_only = request.method == "HEAD"
+        try:
+            response = self.dispatch(conn, request)
+        except StatusError as error:
+            self.answer_error(conn, error, keep_alive=request.keep_alive, head_only=head_only)
+            return
+        except Exception as error:
+            log.exception("status socket: %s %s failed", request.method, request.path)
+            self.answer_error(conn, StatusError(500, f"internal error: {type(error).__name__}"),
+                              keep_alive=request.keep_alive, head_only=head_only)
+            return
+        if response is not None:
+            self.answer(conn, response, keep_alive=request.keep_alive, head_only=head_only)
+
+    def answer(self, conn: Connection, response: Response, *, keep_alive: bool, head_only: bool) -> None:
+        conn.outbuf += serialize_response(response, keep_alive=keep_alive, head_only=head_only)
+        if not keep_alive:
+            conn.closing = True
+            conn.inbuf.clear()
+
+    def answer_error(self, conn: Connection, error: StatusError, *, keep_alive: bool, head_only: bool) -> None:
+        response = error_response(error.status, error.message, error.allow)
+        self.answer(conn, response, keep_alive=keep_alive and not error.close, head_only=head_only)
+
+    def dispatch(self, conn: Connection, request: Request) -> Response | None:
+        """The answer, or None when an action answers later."""
+        rights = self.rights_of(conn, request)
+        read = self.reads.get(request.path)
+        if read is not None:
+            if request.method not in ("GET", "HEAD"):
+                raise StatusError(405, f"{request.path} takes GET", allow="GET, HEAD")
+            return read(request)
+        action = self.find_action(request.path)
+        if action is None:
+            raise StatusError(404, f"no resource {request.path}")
+        if request.method != "POST":
+            raise StatusError(405, f"{request.path} takes POST", allow="POST")
+        if rights is not Rights.ADMIN:
+            raise StatusError(403, "actions need the agent's user, root or the admin token")
+        return action(conn, request)
+
+    def rights_of(self, conn: Connection, request: Request) -> Rights:
+        """A token, when given, decides alone: a wrong one is refused, never
+        taken as the peer's own rights."""
+        authorization = request.headers.get("authorization")
+        if authorization is None:
+            return Rights.ADMIN if conn.peer.uid in self.admin_uids else Rights.READ
+        scheme, _, token = authorization.partition(" ")
+        given = token.strip().encode("latin-1")
+        if scheme.lower() == "bearer" and given:
+            if self.tokens.admin is not None and hmac.compare_digest(given, self.tokens.admin):
+                return Rights.ADMIN
+            if self.tokens.read is not None and hmac.compare_digest(given, self.tokens.read):
+                return Rights.READ
+        raise StatusError(403, "wrong token")
+
+    def find_action(self, path: str) -> Handler | None:
+        if path == "/apps/restart":
+            return self.restart_app
+        if path == "/logs/reopen":
+            return lambda conn, request: self.action_response(request, self.provider.reopen_logs())
+        parts = path.split("/")
+        if len(parts) == 4 and parts[1] == "processes" and parts[3] == "detach":
+            pid = parts[2]
+            return lambda conn, request: self.detach_process(request, pid)
+        return None
+
+    # -- resources -------------------------------------------------------------
+
+    def get_metrics(self, request: Request) -> Response:
+        text = metrics.render(self.provider.metrics_snapshot())
+        return Response(200, metrics.CONTENT_TYPE, text.encode("utf-8"))
+
+    def get_dashboard(self, request: Request) -> Response:
+        try:
+            page = self.dashboard.read_bytes()
+        except FileNotFoundError:
+            raise StatusError(404, "no dashboard is installed") from None
+        return Response(200, HTML_TYPE, page)
+
+    def restart_app(self, conn: Connection, request: Request) -> None:
+        name = request.param("app")
+        if not name:
+            raise StatusError(400, "restart needs ?app=NAME")
+        blocking = parse_flag(request.param("blocking"), "blocking")
+        answered = False
+
+        def done(details: Details) -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            self.deliver_held(conn, request, self.action_response(request, details))
+
+        conn.awaiting = True
+        try:
+            self.provider.restart_app(name, blocking, done)
+        except Exception as error:
+            if answered:
+                # done() has answered already: a second answer would corrupt the stream.
+                log.exception("status socket: restart of %s failed after answering", name)
+                return
+            answered = True
+            conn.awaiting = False
+            if isinstance(error, KeyError):
+                raise StatusError(404, f"no app {name}") from None
+            raise
+
+    def deliver_held(self, conn: Connection, request: Request, response: Response) -> None:
+        """Send an answer that a blocking action held. It may come from any
+        callback of the core's loop, or from within the action itself."""
+        conn.awaiting = False
+        if conn.closed:
+            return
+        self.answer(conn, response, keep_alive=request.keep_alive, head_only=False)
+        try:
+            self.flush(conn)
+        except OSError:
+            self.drop(conn)
+            return
+        conn.backlog = bool(conn.inbuf)  # pipelined requests wait for the next wakeup
+        self.settle(conn)
+
+    def detach_process(self, request: Request, pid_text: str) -> Response:
+        if not pid_text.isdigit():
+            raise StatusError(400, f"not a pid: {pid_text!r}")
+        pid = int(pid_text)
+        try:
+            details = self.provider.detach_process(pid)
+        except KeyError:
+            raise StatusError(404, f"no process {pid}") from None
+        except ValueError as error:
+            raise StatusError(409, str(error) or f"process {pid} cannot be detached now") from None
+        return self.action_response(request, details)
+
+    def action_response(self, request: Request, details: Details) -> Response:
+        body = {"ok": True, **details}
+        response = encode_data(body, request)
+        if body["ok"] is False:
+            response.status = 409
+        return response
+
+
+def parse_flag(value: str | None, name: str) -> bool:
+    if value is None or value in ("", "0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    raise StatusError(400, f"{name} must be 0 or 1")
