@@ -460,6 +460,14 @@ class Core:
                 app.replaced[cause] += 1
             log.info("app %s: detached worker %d (%s)", app.name, worker.pid, reason)
 
+    def has_no_requests(self, worker: Worker) -> bool:
+        """Asks the engine, not the last snapshot: a detached worker gets no
+        new request, so once the engine counts none it is safe to stop."""
+        stats = self.engine.worker_stats().get(worker.pid)
+        if stats is not None:
+            worker.sessions = stats.sessions
+        return worker.sessions == 0
+
     def stop(self, worker: Worker) -> None:
         app = self.pool.apps[worker.app]
         worker.state = WorkerState.STOPPING
@@ -565,7 +573,7 @@ class Core:
             self.clear_failure(self.pool.apps[action.app])
         elif isinstance(action, policy.Stop):
             found = self.pool.find_worker(action.pid)
-            if found is not None:
+            if found is not None and self.has_no_requests(found[1]):
                 self.stop(found[1])
         elif isinstance(action, policy.Kill):
             found = self.pool.find_worker(action.pid)

@@ -107,10 +107,18 @@ def wants_another_worker(app: App, now: float) -> bool:
     return below_minimum or app.queue_length > 0
 
 
+def spawn_priority(app: App) -> int:
+    """Who gets the pool's room first: an app whose requests wait with no
+    worker at all, then one whose requests wait, then one below its minimum."""
+    if app.queue_length > 0:
+        return 0 if not app.live_workers() else 1
+    return 2
+
+
 def plan_spawns(pool: Pool, now: float) -> list[Action]:
     room = pool.room()
     actions: list[Action] = []
-    for app in pool.apps.values():
+    for app in sorted(pool.apps.values(), key=spawn_priority):
         if room > 0 and not app.restarting() and wants_another_worker(app, now):
             actions.append(Spawn(app.name))
             room -= 1

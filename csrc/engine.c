@@ -546,6 +546,27 @@ static void conn_leave_wait_list(agent_engine *e, conn *c)
     c->in_wait_list = false;
 }
 
+/* Takes fd out of the epoll set, then closes it. close() alone is not
+ * enough: epoll forgets a socket only when its last descriptor closes, and
+ * a worker being forked holds copies of every descriptor until it execs.
+ * A socket closed here in that window would stay in the set and report its
+ * hang-up through an endpoint that a new connection may already reuse. */
+static void unwatch_and_close(agent_engine *e, int *fd)
+{
+    if (*fd >= 0 && epoll_ctl(e->epoll_fd, EPOLL_CTL_DEL, *fd, NULL) < 0 && errno != ENOENT)
+        emit(e, AGENT_EV_LOG, -1, 0, errno, "epoll_ctl(EPOLL_CTL_DEL): %s", strerror(errno));
+    close_fd(fd);
+}
+
+static void close_client(agent_engine *e, conn *c)
+{
+    if (c->client_watched)
+        unwatch_and_close(e, &c->client_fd);
+    else
+        close_fd(&c->client_fd);
+    c->client_watched = false;
+}
+
 /* Closes nginx's socket and hands the record to the end of the batch.
  * The session, if any, has been ended by the caller (end_session). */
 static void conn_release(agent_engine *e, conn *c)
@@ -554,7 +575,7 @@ static void conn_release(agent_engine *e, conn *c)
         return;
     conn_leave_wait_list(e, c);
     list_unlink(&c->all_link);
-    close_fd(&c->client_fd);
+    close_client(e, c);
     buffer_put(e, c->up, c->up_cap);
     buffer_put(e, c->down, c->down_cap);
     c->up = c->down = NULL;
@@ -805,7 +826,7 @@ static void wconn_close(agent_engine *e, wconn *wc)
     if (wc->fd < 0)
         return;
     list_unlink(&wc->idle_link);  /* a no-op when it is not idle: the link points at itself */
-    close_fd(&wc->fd);
+    unwatch_and_close(e, &wc->fd);  /* always in the epoll set */
     wc->worker->open--;
     wc->conn = NULL;
     wc->next_dead = e->dead_wconns;
@@ -1091,8 +1112,7 @@ static void client_aborted(agent_engine *e, conn *c)
     bool request_sent = !c->upstream_closed && c->body_remaining == 0 && c->up_pos == c->up_len;
     if (request_sent && !c->worker_closed && !c->malformed) {
         c->draining = true;
-        close_fd(&c->client_fd);
-        c->client_watched = false;
+        close_client(e, c);
         c->down_pos = c->down_len = 0;
         return;
     }
@@ -1113,7 +1133,7 @@ static void response_complete(agent_engine *e, conn *c)
              "worker pid %d sent bytes after a response's end record; connection closed", c->worker->pid);
     if (!c->draining)  /* else nobody got the response */
         record_duration(e, c);
-    close_fd(&c->client_fd);
+    close_client(e, c);
     end_session(e, c, true, clean);
     conn_release(e, c);
 }

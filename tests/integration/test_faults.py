@@ -60,7 +60,9 @@ def pid_header(headers: dict[str, str]) -> int:
 
 
 def test_rolling_restart_under_load_fails_no_request() -> None:
-    app = AppSpec("rolling", fault_apps.PID_SLEEP, "/", directives={"agent_min_instances": "2"})
+    # max 2 as well: under load the pool would otherwise grow past 2.
+    app = AppSpec("rolling", fault_apps.PID_SLEEP, "/",
+                  directives={"agent_min_instances": "2", "agent_max_instances": "2"})
     with running_stack([app], CHECK_RESTART_OFTEN) as stack:
         original = warm_up(stack, app, "/", 2)
         with Load(stack.port, "/?sleep=0.005", threads=4, max_requests=100_000, duration=90) as load:
@@ -346,7 +348,8 @@ def test_prestart_starts_the_minimum_without_a_request() -> None:
 
 
 def test_failed_deploy_keeps_the_old_workers_serving() -> None:
-    app = AppSpec("deploy", fault_apps.PID_SLEEP, "/", directives={"agent_min_instances": "2"})
+    app = AppSpec("deploy", fault_apps.PID_SLEEP, "/",
+                  directives={"agent_min_instances": "2", "agent_max_instances": "2"})
     with running_stack([app], CHECK_RESTART_OFTEN) as stack:
         original = warm_up(stack, app, "/", 2)
         with Load(stack.port, "/?sleep=0.005", threads=4, max_requests=100_000, duration=90) as load:

@@ -73,7 +73,7 @@ def test_max_pool_size_bounds_every_app_together() -> None:
     add_worker(pool.apps["a"], 10)
     pool.apps["a"].queue_length = 3
     pool.apps["b"].queue_length = 3
-    assert policy.plan(pool, NOW) == [policy.Spawn("a")]
+    assert policy.plan(pool, NOW) == [policy.Spawn("b")]  # b has no worker at all: it goes first
     add_worker(pool.apps["b"], 11)
     assert policy.plan(pool, NOW) == []
 
@@ -267,3 +267,12 @@ def test_a_restart_waits_out_a_back_off() -> None:
     restart(app)
     app.failed_until = NOW + 5
     assert policy.plan(pool, NOW) == []
+
+
+def test_room_made_by_an_eviction_goes_to_the_app_that_waits() -> None:
+    pool = make_pool(1, a=config("a"), b=config("b"))
+    a = pool.apps["a"]
+    a.activated = True          # below its minimum once its worker goes
+    add_worker(a, 10, WorkerState.DETACHING)
+    pool.apps["b"].queue_length = 1
+    assert policy.plan(pool, NOW) == [policy.Stop(10), policy.Spawn("b")]
