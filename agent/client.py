@@ -9,8 +9,6 @@ with (docs/agentctl.md).
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import http.client
 import json
 import os
@@ -147,24 +145,6 @@ class InstanceInfo:
         return Instance(self.root).status_socket
 
 
-def watchdog_locked(pid_file: Path) -> bool:
-    """The watchdog holds an exclusive flock on its pid file for its whole
-    life, so a lock we cannot share means it runs (a stale file does not)."""
-    try:
-        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError as e:
-        return e.errno in (errno.EAGAIN, errno.EACCES)
-    finally:
-        os.close(fd)
-    return False
-
-
 def read_pid(pid_file: Path) -> int | None:
     try:
         return int(pid_file.read_text().strip())
@@ -174,7 +154,7 @@ def read_pid(pid_file: Path) -> int | None:
 
 def inspect_instance(root: Path) -> InstanceInfo:
     instance = Instance(root)
-    running = watchdog_locked(instance.watchdog_pid_file) and instance.status_socket.exists()
+    running = instance.watchdog_running() and instance.status_socket.exists()
     return InstanceInfo(root, read_pid(instance.watchdog_pid_file), running)
 
 

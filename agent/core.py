@@ -44,6 +44,7 @@ from agent.native import (
     EngineEvent,
 )
 from agent.pool import App, Pool, ProcessUsage, Worker, WorkerState
+from agent.signals import SignalInbox
 from agent.spawner import SpawnError, StartedProcess, install_loaders, start_worker
 from agent.status import StatusServer
 
@@ -60,7 +61,6 @@ class Core:
         self.engine = Engine(listen_fd)
         self.pool = Pool(max_pool_size=6)
         self.selector = selectors.DefaultSelector()
-        self.signals: list[int] = []
         self.stopping = False
         self.handshakes: dict[int, tuple[int, bytearray]] = {}   # fd -> (pid, data)
         self.captures: dict[int, OutputCapture] = {}              # fd -> capture
@@ -95,36 +95,16 @@ class Core:
         self.instance.workers_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         install_loaders(self.instance.loaders_dir)
         self.instance.core_pid_file.write_text(f"{os.getpid()}\n")
-        self.install_signal_wakeup()
+        self.signals = SignalInbox(self.selector, (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
         if self.status_fd is not None:
             listener = socket.socket(fileno=self.status_fd)
             self.status = StatusServer(listener, self.selector, CoreStatus(self), self.instance.root)
         self.selector.register(self.engine.notify_fd(), selectors.EVENT_READ, self.on_engine_notify)
 
-    def install_signal_wakeup(self) -> None:
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
-        writer.setblocking(False)
-        self._wakeup = (reader, writer)
-        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._note_signal)
-        self.selector.register(reader, selectors.EVENT_READ, self.on_wakeup)
-
-    def _note_signal(self, signum: int, frame: object) -> None:
-        self.signals.append(signum)
-
     def wait_for_events(self) -> None:
         for key, _ in self.selector.select(timeout=TICK):
             callback: Callable[[int], None] = key.data
             callback(key.fd)
-
-    def on_wakeup(self, fd: int) -> None:
-        try:
-            while self._wakeup[0].recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def on_engine_notify(self, fd: int) -> None:
         """Events are drained in handle_engine_events; nothing to do here."""
@@ -132,8 +112,7 @@ class Core:
     # -- signals ----------------------------------------------------------
 
     def handle_signals(self) -> None:
-        while self.signals:
-            signum = self.signals.pop(0)
+        for signum in self.signals.take():
             if signum == signal.SIGHUP:
                 log.info("SIGHUP: reloading the app table")
                 self.load_apps()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,3 +40,20 @@ class Instance:
     @property
     def workers_dir(self) -> Path:
         return self.root / "workers"
+
+    def watchdog_running(self) -> bool:
+        """The watchdog holds an exclusive flock on its pid file for its whole
+        life, so a lock we cannot share means it runs (a stale file does not)."""
+        try:
+            fd = os.open(self.watchdog_pid_file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError as e:
+            return e.errno in (errno.EAGAIN, errno.EACCES)
+        finally:
+            os.close(fd)
+        return False

@@ -8,7 +8,6 @@ agent and every worker; serve returns once they are all gone.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
@@ -17,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from agent.instance import Instance
 
 MODULE_NAME = "ngx_http_agent_module.so"
 AGENT_STOP_WAIT = 90.0
@@ -159,7 +160,7 @@ def serve(options: ServeOptions) -> int:
     process = subprocess.Popen(command)
     forward_signals(process)
     status = process.wait()
-    wait_for_agent_exit(run_dir / "instance" / "watchdog.pid")
+    wait_for_agent_exit(Instance(run_dir / "instance"))
     return status if status >= 0 else 128 - status
 
 
@@ -173,26 +174,12 @@ def forward_signals(process: subprocess.Popen[bytes]) -> None:
         signal.signal(sig, forward)
 
 
-def wait_for_agent_exit(pid_file: Path) -> None:
+def wait_for_agent_exit(instance: Instance) -> None:
     """nginx is gone; the agent follows. Return once its lock is free."""
     deadline = time.monotonic() + AGENT_STOP_WAIT
     while time.monotonic() < deadline:
-        if not agent_running(pid_file):
+        if not instance.watchdog_running():
             return
         time.sleep(0.05)
-    print(f"agentctl: the agent ({pid_file.parent}) is still running after {AGENT_STOP_WAIT:.0f} s",
+    print(f"agentctl: the agent ({instance.root}) is still running after {AGENT_STOP_WAIT:.0f} s",
           file=sys.stderr)
-
-
-def agent_running(pid_file: Path) -> bool:
-    try:
-        fd = os.open(pid_file, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False

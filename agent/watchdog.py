@@ -23,6 +23,7 @@ from pathlib import Path
 
 from agent.instance import Instance
 from agent.logs import log
+from agent.signals import SignalInbox
 from agent.status import ensure_tokens
 
 CORE_STOP_TIMEOUT = 75.0       # the core's own shutdown timeout, plus margin
@@ -41,7 +42,6 @@ class Watchdog:
         self.log_file = log_file
         self.socket_owner = socket_owner
         self.core: subprocess.Popen[bytes] | None = None
-        self.signals: list[int] = []
         self.stopping = False
         self.restarts = 0
         self.core_started_at = 0.0
@@ -54,19 +54,16 @@ class Watchdog:
         self.lock_pid_file()
         self.listener = self.bind_agent_socket()
         self.status_listener = self.bind_status_socket()
-        self.install_signal_wakeup()
+        self.signals = SignalInbox(self.selector, (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
         if self.nginx_fd is not None:
             os.set_blocking(self.nginx_fd, False)
-            self.selector.register(self.nginx_fd, selectors.EVENT_READ, "nginx")
+            self.selector.register(self.nginx_fd, selectors.EVENT_READ, self.check_nginx)
         self.start_core()
 
     def run(self) -> int:
         while not self.stopping:
             for key, _ in self.selector.select(timeout=1.0):
-                if key.data == "nginx":
-                    self.check_nginx()
-                else:
-                    self.drain_wakeup()
+                key.data(key.fd)
             self.handle_signals()
             self.reap_core()
         self.stop_core()
@@ -113,24 +110,7 @@ class Watchdog:
         ensure_tokens(self.instance.root)
         return listener
 
-    def install_signal_wakeup(self) -> None:
-        reader, writer = socket.socketpair()
-        reader.setblocking(False)
-        writer.setblocking(False)
-        self._wakeup = (reader, writer)
-        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: self.signals.append(signum))
-        self.selector.register(reader, selectors.EVENT_READ, "wakeup")
-
-    def drain_wakeup(self) -> None:
-        try:
-            while self._wakeup[0].recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def check_nginx(self) -> None:
+    def check_nginx(self, fd: int) -> None:
         assert self.nginx_fd is not None
         try:
             data = os.read(self.nginx_fd, 64)
@@ -141,8 +121,7 @@ class Watchdog:
             self.stopping = True
 
     def handle_signals(self) -> None:
-        while self.signals:
-            signum = self.signals.pop(0)
+        for signum in self.signals.take():
             if signum == signal.SIGHUP and self.core is not None:
                 self.core.send_signal(signal.SIGHUP)
             elif signum in (signal.SIGTERM, signal.SIGINT):

@@ -9,7 +9,6 @@ read the apps.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.client
 import os
 import shutil
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from agent.instance import Instance
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "build" / "ngx_http_agent_module.so"
@@ -209,18 +210,7 @@ http {{
         return [p.pid for p in self.master().children() if "nginx" in p.name()]
 
     def agent_running(self) -> bool:
-        pid_file = self.instance / "watchdog.pid"
-        try:
-            fd = os.open(pid_file, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return Instance(self.instance).watchdog_running()
 
     def watchdog_pid(self) -> int:
         return int((self.instance / "watchdog.pid").read_text())
