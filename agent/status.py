@@ -18,11 +18,9 @@ import hmac
 import json
 import os
 import re
-import secrets
 import selectors
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ import msgpack  # type: ignore[import-untyped]
 
 from agent import metrics
 from agent.logs import log
+from agent.tokens import read_tokens
 
 MAX_REQUEST = 65536            # request line, headers and body together
 MAX_HEADERS = 100
@@ -46,8 +45,6 @@ ACCEPTS_PER_WAKEUP = 32        # so that a flood of clients cannot starve the co
 READS_PER_WAKEUP = 16
 REQUESTS_PER_WAKEUP = 32
 DASHBOARD = Path(__file__).with_name("dashboard.html")
-READ_TOKEN_FILE = "read.token"
-ADMIN_TOKEN_FILE = "admin.token"
 
 JSON_TYPE = "application/json"
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
@@ -93,58 +90,6 @@ class Provider(Protocol):
 
     def reopen_logs(self) -> Details:
         """Close and reopen the agent's log file; returns details."""
-
-
-# -- tokens ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Tokens:
-    read: bytes | None
-    admin: bytes | None
-
-
-def ensure_tokens(instance_dir: Path) -> Tokens:
-    """Make INSTANCE_DIR/read.token and admin.token when missing (32 random
-    bytes, hex, mode 0600) and return both. A token that exists is kept, so
-    that clients keep working across core and watchdog restarts."""
-    for name in (READ_TOKEN_FILE, ADMIN_TOKEN_FILE):
-        create_token_file(instance_dir / name)
-    return read_tokens(instance_dir)
-
-
-def create_token_file(path: Path) -> None:
-    """Write the token to a private temporary file, then link it into
-    place: a reader never sees a partial token, and of two agents racing
-    to create it, both end up using the one that won."""
-    if path.exists():
-        return
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, secrets.token_hex(32).encode("ascii") + b"\n")
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(temporary)
-
-
-def read_tokens(instance_dir: Path) -> Tokens:
-    return Tokens(read=read_token(instance_dir / READ_TOKEN_FILE), admin=read_token(instance_dir / ADMIN_TOKEN_FILE))
-
-
-def read_token(path: Path) -> bytes | None:
-    """A missing or empty token file means no client can use that token."""
-    try:
-        token = path.read_bytes().strip()
-    except FileNotFoundError:
-        return None
-    return token or None
 
 
 # -- HTTP messages ------------------------------------------------------------

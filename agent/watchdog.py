@@ -24,7 +24,7 @@ from pathlib import Path
 from agent.instance import Instance
 from agent.logs import log
 from agent.signals import SignalInbox
-from agent.status import ensure_tokens
+from agent.tokens import ensure_tokens
 
 CORE_STOP_TIMEOUT = 75.0       # the core's own shutdown timeout, plus margin
 RESTART_DELAY_MAX = 5.0

@@ -26,7 +26,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import metrics, status
-from agent.status import StatusError, StatusServer, ensure_tokens, read_tokens
+from agent.status import StatusError, StatusServer
+from agent.tokens import ensure_tokens, read_tokens
 
 NOBODY = 65534
 SERVER_INFO = {"version": "0.1.0", "pid": 1234, "watchdog_pid": 1233, "uptime": 1.5, "apps": 1}
