@@ -234,7 +234,7 @@ class Core:
         app_stats = self.engine.app_stats()
         for app in self.pool.apps.values():
             stats = app_stats.get(app.id)
-            app.queue_length = stats.queue_length if stats else 0
+            app.queue_length = stats.unserved if stats else 0
         worker_stats = self.engine.worker_stats()
         for worker in self.pool.workers():
             ws = worker_stats.get(worker.pid)
@@ -297,8 +297,8 @@ class Core:
         app.spawn_failures = 0
         self.clear_failure(app)
         self.engine.add_worker(app.id, worker.pid, worker.socket_path, worker.concurrency)
-        # The engine hands it waiting requests at once; a count read before
-        # it did must not start yet another worker for them.
+        # The engine hands it waiting requests at once; a count from an
+        # event before it did must not start yet another worker for them.
         app.queue_length = max(0, app.queue_length - worker.concurrency)
         log.info("app %s: worker %d ready in %.0f ms", app.name, worker.pid,
                  (worker.ready_at - worker.spawned_at) * 1000)

@@ -62,6 +62,12 @@ class AppStats:
     queue_timeouts: int
     failed: int
     request_timeouts: int
+    free_slots: int
+
+    @property
+    def unserved(self) -> int:
+        """Queued requests that no free worker is about to take."""
+        return max(0, self.queue_length - self.free_slots)
 
 
 @dataclass(frozen=True)
@@ -189,7 +195,7 @@ class Engine:
         count = lib.agent_engine_app_stats(self._engine, out, capacity)
         return {
             s.app: AppStats(s.app, s.queue_length, s.requests, s.queue_full, s.queue_timeouts, s.failed,
-                            s.request_timeouts)
+                            s.request_timeouts, s.free_slots)
             for s in (out[i] for i in range(count))
         }
 

@@ -2363,6 +2363,20 @@ int agent_engine_worker_stats(agent_engine *e, agent_worker_stats *out, int max)
     return n;
 }
 
+/* Requests the app's workers could take now. A queue read together with
+ * them tells the policy how many requests really lack a worker: a worker
+ * just added has not yet taken the queue's head when the policy looks. */
+static int free_slots(const agent_engine *e, int app_id)
+{
+    int slots = 0;
+    for (int i = 0; i < e->nworkers; i++) {
+        const worker *w = e->workers[i];
+        if (w->app == app_id && w->state == AGENT_WORKER_ACTIVE && !w->held && w->sessions < w->concurrency)
+            slots += w->concurrency - w->sessions;
+    }
+    return slots;
+}
+
 int agent_engine_app_stats(agent_engine *e, agent_app_stats *out, int max)
 {
     pthread_mutex_lock(&e->lock);
@@ -2372,7 +2386,8 @@ int agent_engine_app_stats(agent_engine *e, agent_app_stats *out, int max)
         if (!a)
             continue;
         out[n++] = (agent_app_stats){a->id, a->queue_length, a->requests,
-                                     a->queue_full, a->queue_timeouts, a->failed, a->request_timeouts};
+                                     a->queue_full, a->queue_timeouts, a->failed, a->request_timeouts,
+                                     free_slots(e, a->id)};
     }
     pthread_mutex_unlock(&e->lock);
     return n;

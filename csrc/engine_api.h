@@ -64,6 +64,7 @@ typedef struct {
     uint64_t queue_timeouts;     /* answered 504 */
     uint64_t failed;             /* answered 502 */
     uint64_t request_timeouts;   /* cut off by the request time limit */
+    int free_slots;              /* requests its active workers could take at once */
 } agent_app_stats;
 
 /* Request durations per app: from when the engine has read a request's
