@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from agent._native import lib  # type: ignore[import-not-found]
+from agent._native import ffi, lib  # type: ignore[import-not-found]
 
 from agent.native import DURATION_BOUNDS, Engine
 from tests.unit.engine_peers import (
@@ -817,3 +817,25 @@ def test_requests_truncates_a_long_method_and_path(native_engine: NativeEngine) 
     worker.release.set()
     read_all(sock)
     sock.close()
+
+
+def free_slots(engine: EngineHarness, app_id: int) -> int:
+    out = ffi.new("agent_app_stats[]", 8)
+    count = lib.agent_engine_app_stats(engine.engine, out, 8)
+    return next(out[i].free_slots for i in range(count) if out[i].app == app_id)
+
+
+def test_free_slots_count_what_active_workers_can_take(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_after_release, concurrency=2)
+    engine.worker(1, 102)
+    assert free_slots(engine, 1) == 3
+    sock = start_request(engine)
+    wait_until(lambda: worker.count() == 1)
+    assert free_slots(engine, 1) == 2
+    assert lib.agent_engine_worker_detach(engine.engine, 102) == 0
+    assert free_slots(engine, 1) == 1
+    worker.release.set()
+    assert b"hello from 101" in read_all(sock)
+    sock.close()
+    wait_until(lambda: free_slots(engine, 1) == 2)
