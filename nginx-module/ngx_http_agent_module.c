@@ -118,7 +118,7 @@ static ngx_int_t ngx_http_agent_header_is_sent(ngx_table_elt_t *h);
 static u_char *ngx_http_agent_put_u32(u_char *p, uint32_t n);
 static u_char *ngx_http_agent_put_header_pair(u_char *p, ngx_table_elt_t *h);
 static ngx_int_t ngx_http_agent_append_body(ngx_http_request_t *r,
-    ngx_chain_t *cl);
+    ngx_buf_t *head);
 static ngx_int_t ngx_http_agent_reinit_request(ngx_http_request_t *r);
 static ngx_int_t ngx_http_agent_process_status_line(ngx_http_request_t *r);
 static ngx_int_t ngx_http_agent_process_header(ngx_http_request_t *r);
@@ -698,7 +698,6 @@ ngx_http_agent_create_request(ngx_http_request_t *r)
     ngx_buf_t                  *b;
     ngx_uint_t                  i;
     ngx_array_t                 vars;
-    ngx_chain_t                *cl;
     ngx_list_part_t            *part;
     ngx_table_elt_t            *h;
     ngx_http_agent_var_t       *var;
@@ -790,14 +789,7 @@ ngx_http_agent_create_request(ngx_http_request_t *r)
 
     b->last = p;
 
-    cl = ngx_alloc_chain_link(r->pool);
-    if (cl == NULL) {
-        return NGX_ERROR;
-    }
-
-    cl->buf = b;
-
-    return ngx_http_agent_append_body(r, cl);
+    return ngx_http_agent_append_body(r, b);
 }
 
 
@@ -816,7 +808,6 @@ ngx_http_agent_create_status_request(ngx_http_request_t *r)
     ngx_buf_t        *b;
     ngx_str_t         path;
     ngx_uint_t        i, escape;
-    ngx_chain_t      *cl;
     ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
 
@@ -906,14 +897,7 @@ ngx_http_agent_create_status_request(ngx_http_request_t *r)
 
     b->last = p;
 
-    cl = ngx_alloc_chain_link(r->pool);
-    if (cl == NULL) {
-        return NGX_ERROR;
-    }
-
-    cl->buf = b;
-
-    return ngx_http_agent_append_body(r, cl);
+    return ngx_http_agent_append_body(r, b);
 }
 
 
@@ -1241,16 +1225,24 @@ ngx_http_agent_put_header_pair(u_char *p, ngx_table_elt_t *h)
 
 
 /*
- * The body buffers are described anew, not shared: sending moves their
- * positions, and the originals must stay intact should the request be
- * sent again.
+ * The request to send: head (the frame, or the status request's head)
+ * followed by the body.  The body buffers are described anew, not shared:
+ * sending moves their positions, and the originals must stay intact should
+ * the request be sent again.
  */
 
 static ngx_int_t
-ngx_http_agent_append_body(ngx_http_request_t *r, ngx_chain_t *cl)
+ngx_http_agent_append_body(ngx_http_request_t *r, ngx_buf_t *head)
 {
     ngx_buf_t    *b;
-    ngx_chain_t  *body;
+    ngx_chain_t  *body, *cl;
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl->buf = head;
 
     body = r->upstream->request_bufs;
     r->upstream->request_bufs = cl;
