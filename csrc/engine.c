@@ -2304,9 +2304,8 @@ int agent_engine_worker_detach(agent_engine *e, int pid)
     return i >= 0 ? 0 : -ENOENT;
 }
 
-/* Sessions in flight run to completion; the record goes with the last
- * session or connection, whichever ends later (the loop closes the idle
- * connections at once). */
+/* Ends a HOLD (AGENT_NOTIFY_HOLD): the worker takes requests again, the
+ * app's queue first. */
 int agent_engine_worker_release(agent_engine *e, int pid)
 {
     pthread_mutex_lock(&e->lock);
@@ -2325,6 +2324,9 @@ int agent_engine_worker_release(agent_engine *e, int pid)
     return i >= 0 ? 0 : -ENOENT;
 }
 
+/* Sessions in flight run to completion; the record goes with the last
+ * session or connection, whichever ends later (the loop closes the idle
+ * connections at once). */
 int agent_engine_worker_remove(agent_engine *e, int pid)
 {
     pthread_mutex_lock(&e->lock);
