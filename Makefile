@@ -76,7 +76,7 @@ $(MODULE): $(MODULE_SRC)
 # who may not be able to read a checkout under /root.
 run: deps build
 	rm -rf $(RUN_DIR) && mkdir -p $(RUN_DIR) && cp -r examples/hello $(RUN_DIR)/hello && chmod -R a+rX $(RUN_DIR)
-	$(PY) -m agent.cli serve $(RUN_DIR)/hello --port $(RUN_PORT) --run-dir $(RUN_DIR)/serve --min-instances 2
+	$(PY) -m agent.cli serve $(RUN_DIR)/hello --port $(RUN_PORT) --min-instances 2
 
 # -- checks ------------------------------------------------------------------
 
