@@ -40,6 +40,7 @@ from agent.native import (
     NOTIFY_HOLD,
     NOTIFY_IDLE,
     NOTIFY_QUEUED,
+    AppStats,
     Engine,
     EngineEvent,
 )
@@ -230,7 +231,9 @@ class Core:
         elif worker.in_engine():
             self.engine.release_worker(pid)
 
-    def refresh_stats(self) -> None:
+    def refresh_stats(self) -> dict[int, AppStats]:
+        """Reads the engine's counters into the pool; returns the apps' stats
+        as read, for a caller that shows them."""
         app_stats = self.engine.app_stats()
         for app in self.pool.apps.values():
             stats = app_stats.get(app.id)
@@ -243,6 +246,7 @@ class Core:
                 worker.processed = ws.processed
                 # The engine's clock is CLOCK_MONOTONIC too.
                 worker.last_used = max(worker.last_used, ws.last_used_ms / 1000.0)
+        return app_stats
 
     def sample_memory(self, workers: list[Worker]) -> None:
         now = time.monotonic()

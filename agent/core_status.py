@@ -81,8 +81,7 @@ class CoreStatus:
 
     def pool_info(self) -> dict[str, Any]:
         core = self.core
-        core.refresh_stats()
-        app_stats = core.engine.app_stats()
+        app_stats = core.refresh_stats()
         now = time.monotonic()
         return {
             "max_pool_size": core.pool.max_pool_size,
