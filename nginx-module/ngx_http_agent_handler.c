@@ -30,6 +30,8 @@ static ngx_int_t ngx_http_agent_status_path(ngx_http_request_t *r,
     ngx_str_t *path);
 static ngx_uint_t ngx_http_agent_status_header_is_sent(ngx_table_elt_t *h);
 static ngx_int_t ngx_http_agent_create_request(ngx_http_request_t *r);
+static ngx_table_elt_t *ngx_http_agent_next_header(ngx_list_part_t **part,
+    ngx_uint_t *i);
 static off_t ngx_http_agent_body_length(ngx_http_request_t *r);
 static ngx_int_t ngx_http_agent_collect_cgi_vars(ngx_http_request_t *r,
     ngx_http_agent_loc_conf_t *alcf, off_t content_length, ngx_array_t *vars);
@@ -267,23 +269,12 @@ ngx_http_agent_create_request(ngx_http_request_t *r)
     }
 
     part = &r->headers_in.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (ngx_http_agent_header_is_sent(&h[i])) {
-            vars_size += 4 + sizeof("HTTP_") - 1 + h[i].key.len
-                         + 4 + h[i].value.len;
+    while ((h = ngx_http_agent_next_header(&part, &i)) != NULL) {
+        if (ngx_http_agent_header_is_sent(h)) {
+            vars_size += 4 + sizeof("HTTP_") - 1 + h->key.len
+                         + 4 + h->value.len;
         }
     }
 
@@ -308,22 +299,11 @@ ngx_http_agent_create_request(ngx_http_request_t *r)
     }
 
     part = &r->headers_in.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (ngx_http_agent_header_is_sent(&h[i])) {
-            p = ngx_http_agent_put_header_pair(p, &h[i]);
+    while ((h = ngx_http_agent_next_header(&part, &i)) != NULL) {
+        if (ngx_http_agent_header_is_sent(h)) {
+            p = ngx_http_agent_put_header_pair(p, h);
         }
     }
 
@@ -367,22 +347,11 @@ ngx_http_agent_create_status_request(ngx_http_request_t *r)
           + sizeof(CRLF) - 1;
 
     part = &r->headers_in.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (ngx_http_agent_status_header_is_sent(&h[i])) {
-            len += h[i].key.len + sizeof(": " CRLF) - 1 + h[i].value.len;
+    while ((h = ngx_http_agent_next_header(&part, &i)) != NULL) {
+        if (ngx_http_agent_status_header_is_sent(h)) {
+            len += h->key.len + sizeof(": " CRLF) - 1 + h->value.len;
         }
     }
 
@@ -410,24 +379,13 @@ ngx_http_agent_create_status_request(ngx_http_request_t *r)
     p = ngx_cpymem(p, " HTTP/1.0" CRLF, sizeof(" HTTP/1.0" CRLF) - 1);
 
     part = &r->headers_in.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (ngx_http_agent_status_header_is_sent(&h[i])) {
-            p = ngx_cpymem(p, h[i].key.data, h[i].key.len);
+    while ((h = ngx_http_agent_next_header(&part, &i)) != NULL) {
+        if (ngx_http_agent_status_header_is_sent(h)) {
+            p = ngx_cpymem(p, h->key.data, h->key.len);
             *p++ = ':'; *p++ = ' ';
-            p = ngx_cpymem(p, h[i].value.data, h[i].value.len);
+            p = ngx_cpymem(p, h->value.data, h->value.len);
             *p++ = CR; *p++ = LF;
         }
     }
@@ -531,6 +489,31 @@ ngx_http_agent_status_header_is_sent(ngx_table_elt_t *h)
     }
 
     return 1;
+}
+
+
+/*
+ * The request header at (*part, *i), which then move on to the next one;
+ * NULL past the last.  Walks the parts of nginx's list as nginx does.
+ */
+
+static ngx_table_elt_t *
+ngx_http_agent_next_header(ngx_list_part_t **part, ngx_uint_t *i)
+{
+    ngx_table_elt_t  *h;
+
+    while (*i >= (*part)->nelts) {
+        if ((*part)->next == NULL) {
+            return NULL;
+        }
+
+        *part = (*part)->next;
+        *i = 0;
+    }
+
+    h = (*part)->elts;
+
+    return &h[(*i)++];
 }
 
 
