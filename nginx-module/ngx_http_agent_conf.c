@@ -65,7 +65,8 @@
 #define NGX_HTTP_AGENT_UNSET_STR             (ngx_str_t) ngx_null_string
 #define NGX_HTTP_AGENT_MERGE_STR(cf, c, p, d)                                 \
     ngx_http_agent_merge_str(&(c), &(p), d)
-#define NGX_HTTP_AGENT_SAME_STR(a, b)        ngx_http_agent_same_str(&(a), &(b))
+#define NGX_HTTP_AGENT_SAME_STR(a, b)                                         \
+    ngx_http_agent_same_str(&(a), &(b))
 
 #define NGX_HTTP_AGENT_ARGS_PATH             NGX_HTTP_AGENT_ARGS_STR
 #define NGX_HTTP_AGENT_SET_PATH              ngx_http_agent_set_path
@@ -82,7 +83,8 @@
 #define NGX_HTTP_AGENT_ARGS_ENV(where)       (where|NGX_CONF_TAKE2)
 #define NGX_HTTP_AGENT_SET_ENV               ngx_http_agent_set_env
 #define NGX_HTTP_AGENT_UNSET_ENV             NGX_CONF_UNSET_PTR
-#define NGX_HTTP_AGENT_MERGE_ENV(cf, c, p, d)   ngx_conf_merge_ptr_value(c, p, d)
+#define NGX_HTTP_AGENT_MERGE_ENV(cf, c, p, d)                                 \
+    ngx_conf_merge_ptr_value(c, p, d)
 #define NGX_HTTP_AGENT_SAME_ENV(a, b)        ngx_http_agent_same_env(a, b)
 
 /* a content handler, as proxy_pass: in location blocks, not inherited */
@@ -369,6 +371,7 @@ ngx_http_agent_set_unix_addr(ngx_conf_t *cf, ngx_str_t *dir, char *file,
 
     return NGX_OK;
 }
+
 
 static void *
 ngx_http_agent_create_loc_conf(ngx_conf_t *cf)
