@@ -15,7 +15,7 @@ APT_PACKAGES := nginx nginx-dev build-essential python3 python3-venv python3-dev
 PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
-MODULE_SRC := nginx-module/config nginx-module/ngx_http_agent_module.c
+MODULE_SRC := nginx-module/config $(wildcard nginx-module/*.c nginx-module/*.h)
 NATIVE_SRC := $(wildcard csrc/*.c csrc/*.h) csrc/native_build.py
 RUN_PORT ?= 8080
 RUN_DIR ?= /tmp/agent-demo

@@ -1,0 +1,941 @@
+
+/*
+ * The configuration: the directives (generated from the settings table,
+ * ngx_http_agent_settings.h), create/merge, and the registry of apps that
+ * the locations name.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_agent_module.h"
+
+
+#if defined NGX_HTTP_PROXY_TEMP_PATH
+/* shares nginx's proxy temp directory, which packaged nginx already creates */
+#define NGX_HTTP_AGENT_TEMP_PATH  NGX_HTTP_PROXY_TEMP_PATH
+#else
+#define NGX_HTTP_AGENT_TEMP_PATH  "agent_temp"
+#endif
+
+
+/* the blocks where each SCOPE's directives may stand */
+#define NGX_HTTP_AGENT_WHERE_HTTP      NGX_HTTP_MAIN_CONF
+#define NGX_HTTP_AGENT_WHERE_APP                                              \
+    (NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF)
+#define NGX_HTTP_AGENT_WHERE_LOCATION  NGX_HTTP_AGENT_WHERE_APP
+
+/* a row whose default is computed (or empty) has none to merge with */
+#define NONE  NULL
+
+/*
+ * What each KIND is to nginx: the directive's arguments (given where it may
+ * stand), its set handler, the unset value, the merge of c with its parent
+ * p and default d, and whether two apps' values are the same.
+ */
+#define NGX_HTTP_AGENT_ARGS_FLAG(where)      (where|NGX_CONF_FLAG)
+#define NGX_HTTP_AGENT_SET_FLAG              ngx_conf_set_flag_slot
+#define NGX_HTTP_AGENT_UNSET_FLAG            NGX_CONF_UNSET
+#define NGX_HTTP_AGENT_MERGE_FLAG(cf, c, p, d)  ngx_conf_merge_value(c, p, d)
+#define NGX_HTTP_AGENT_SAME_FLAG(a, b)       ((a) == (b))
+
+#define NGX_HTTP_AGENT_ARGS_NUM(where)       (where|NGX_CONF_TAKE1)
+#define NGX_HTTP_AGENT_SET_NUM               ngx_conf_set_num_slot
+#define NGX_HTTP_AGENT_UNSET_NUM             NGX_CONF_UNSET
+#define NGX_HTTP_AGENT_MERGE_NUM(cf, c, p, d)   ngx_conf_merge_value(c, p, d)
+#define NGX_HTTP_AGENT_SAME_NUM(a, b)        ((a) == (b))
+
+#define NGX_HTTP_AGENT_ARGS_MSEC(where)      (where|NGX_CONF_TAKE1)
+#define NGX_HTTP_AGENT_SET_MSEC              ngx_conf_set_msec_slot
+#define NGX_HTTP_AGENT_UNSET_MSEC            NGX_CONF_UNSET_MSEC
+#define NGX_HTTP_AGENT_MERGE_MSEC(cf, c, p, d)                                \
+    ngx_conf_merge_msec_value(c, p, d)
+#define NGX_HTTP_AGENT_SAME_MSEC(a, b)       ((a) == (b))
+
+#define NGX_HTTP_AGENT_ARGS_SIZE_MB          NGX_HTTP_AGENT_ARGS_NUM
+#define NGX_HTTP_AGENT_SET_SIZE_MB           NGX_HTTP_AGENT_SET_NUM
+#define NGX_HTTP_AGENT_UNSET_SIZE_MB         NGX_HTTP_AGENT_UNSET_NUM
+#define NGX_HTTP_AGENT_MERGE_SIZE_MB         NGX_HTTP_AGENT_MERGE_NUM
+#define NGX_HTTP_AGENT_SAME_SIZE_MB          NGX_HTTP_AGENT_SAME_NUM
+
+#define NGX_HTTP_AGENT_ARGS_STR(where)       (where|NGX_CONF_TAKE1)
+#define NGX_HTTP_AGENT_SET_STR               ngx_conf_set_str_slot
+#define NGX_HTTP_AGENT_UNSET_STR             (ngx_str_t) ngx_null_string
+#define NGX_HTTP_AGENT_MERGE_STR(cf, c, p, d)                                 \
+    ngx_http_agent_merge_str(&(c), &(p), d)
+#define NGX_HTTP_AGENT_SAME_STR(a, b)                                         \
+    ngx_http_agent_same_str(&(a), &(b))
+
+#define NGX_HTTP_AGENT_ARGS_PATH             NGX_HTTP_AGENT_ARGS_STR
+#define NGX_HTTP_AGENT_SET_PATH              ngx_http_agent_set_path
+#define NGX_HTTP_AGENT_UNSET_PATH            NGX_HTTP_AGENT_UNSET_STR
+#define NGX_HTTP_AGENT_MERGE_PATH            NGX_HTTP_AGENT_MERGE_STR
+#define NGX_HTTP_AGENT_SAME_PATH             NGX_HTTP_AGENT_SAME_STR
+
+#define NGX_HTTP_AGENT_ARGS_ENUM             NGX_HTTP_AGENT_ARGS_STR
+#define NGX_HTTP_AGENT_SET_ENUM              ngx_http_agent_set_enum
+#define NGX_HTTP_AGENT_UNSET_ENUM            NGX_HTTP_AGENT_UNSET_STR
+#define NGX_HTTP_AGENT_MERGE_ENUM            NGX_HTTP_AGENT_MERGE_STR
+#define NGX_HTTP_AGENT_SAME_ENUM             NGX_HTTP_AGENT_SAME_STR
+
+#define NGX_HTTP_AGENT_ARGS_ENV(where)       (where|NGX_CONF_TAKE2)
+#define NGX_HTTP_AGENT_SET_ENV               ngx_http_agent_set_env
+#define NGX_HTTP_AGENT_UNSET_ENV             NGX_CONF_UNSET_PTR
+#define NGX_HTTP_AGENT_MERGE_ENV(cf, c, p, d)                                 \
+    ngx_conf_merge_ptr_value(c, p, d)
+#define NGX_HTTP_AGENT_SAME_ENV(a, b)        ngx_http_agent_same_env(a, b)
+
+/* a content handler, as proxy_pass: in location blocks, not inherited */
+#define NGX_HTTP_AGENT_ARGS_STATUS(where)    (NGX_HTTP_LOC_CONF|NGX_CONF_FLAG)
+#define NGX_HTTP_AGENT_SET_STATUS            ngx_http_agent_set_status
+#define NGX_HTTP_AGENT_UNSET_STATUS          NGX_CONF_UNSET
+#define NGX_HTTP_AGENT_MERGE_STATUS(cf, c, p, d)
+
+#define NGX_HTTP_AGENT_ARGS_TEMP_PATH(where) (where|NGX_CONF_TAKE1234)
+#define NGX_HTTP_AGENT_SET_TEMP_PATH         ngx_conf_set_path_slot
+#define NGX_HTTP_AGENT_UNSET_TEMP_PATH       NULL
+#define NGX_HTTP_AGENT_MERGE_TEMP_PATH(cf, c, p, d)                           \
+    if (ngx_conf_merge_path_value(cf, &(c), p, &ngx_http_agent_temp_path)     \
+        != NGX_CONF_OK)                                                       \
+    {                                                                         \
+        return NGX_CONF_ERROR;                                                \
+    }
+
+
+/* what the module makes of each row of the settings tables */
+
+#define NGX_HTTP_AGENT_COMMAND(name, kind, scope, post, conf, offset)         \
+    { ngx_string("agent_" #name),                                             \
+      NGX_HTTP_AGENT_ARGS_##kind(NGX_HTTP_AGENT_WHERE_##scope),               \
+      NGX_HTTP_AGENT_SET_##kind, conf, offset, post },
+
+#define NGX_HTTP_AGENT_MAIN_COMMAND(name, kind, scope, dflt, post)            \
+    NGX_HTTP_AGENT_COMMAND(name, kind, scope, post, NGX_HTTP_MAIN_CONF_OFFSET,\
+        offsetof(ngx_http_agent_main_conf_t, name))
+#define NGX_HTTP_AGENT_APP_COMMAND(name, kind, scope, dflt, post)             \
+    NGX_HTTP_AGENT_COMMAND(name, kind, scope, post, NGX_HTTP_LOC_CONF_OFFSET, \
+        offsetof(ngx_http_agent_loc_conf_t, settings.name))
+#define NGX_HTTP_AGENT_LOC_COMMAND(name, kind, scope, dflt, post, field)      \
+    NGX_HTTP_AGENT_COMMAND(name, kind, scope, post, NGX_HTTP_LOC_CONF_OFFSET, \
+        offsetof(ngx_http_agent_loc_conf_t, field))
+
+#define NGX_HTTP_AGENT_MAIN_UNSET(name, kind, ...)                            \
+    amcf->name = NGX_HTTP_AGENT_UNSET_##kind;
+#define NGX_HTTP_AGENT_APP_UNSET(name, kind, ...)                             \
+    conf->settings.name = NGX_HTTP_AGENT_UNSET_##kind;
+#define NGX_HTTP_AGENT_LOC_UNSET(name, kind, scope, dflt, post, field)        \
+    conf->field = NGX_HTTP_AGENT_UNSET_##kind;
+
+/* the main conf has no parent: merged with itself, it takes the default */
+#define NGX_HTTP_AGENT_MAIN_MERGE(name, kind, scope, dflt, post)              \
+    NGX_HTTP_AGENT_MERGE_##kind(cf, amcf->name, amcf->name, dflt);
+#define NGX_HTTP_AGENT_APP_MERGE(name, kind, scope, dflt, post)               \
+    NGX_HTTP_AGENT_MERGE_##kind(cf, conf->name, prev->name, dflt);
+#define NGX_HTTP_AGENT_LOC_MERGE(name, kind, scope, dflt, post, field)        \
+    NGX_HTTP_AGENT_MERGE_##kind(cf, conf->field, prev->field, dflt);
+
+#define NGX_HTTP_AGENT_APP_DIFFERS(name, kind, ...)                           \
+    if (!NGX_HTTP_AGENT_SAME_##kind(a->name, b->name)) {                      \
+        return "agent_" #name;                                                \
+    }
+
+
+static void *ngx_http_agent_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_agent_init_main_conf(ngx_conf_t *cf, void *conf);
+static ngx_int_t ngx_http_agent_set_unix_addr(ngx_conf_t *cf,
+    ngx_str_t *dir, char *file, size_t file_size, struct sockaddr_un *addr,
+    ngx_str_t *name);
+static ngx_int_t ngx_http_agent_set_socket_addr(ngx_conf_t *cf,
+    ngx_http_agent_main_conf_t *amcf);
+static void *ngx_http_agent_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_agent_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static char *ngx_http_agent_merge_settings(ngx_conf_t *cf,
+    ngx_http_agent_app_t *conf, ngx_http_agent_app_t *prev);
+static void ngx_http_agent_merge_str(ngx_str_t *conf, ngx_str_t *prev,
+    char *dflt);
+static char *ngx_http_agent_enable_location(ngx_conf_t *cf,
+    ngx_http_agent_loc_conf_t *alcf);
+static ngx_int_t ngx_http_agent_parent_dir(ngx_conf_t *cf, ngx_str_t *path,
+    ngx_str_t *parent);
+static ngx_int_t ngx_http_agent_describe_block(ngx_conf_t *cf,
+    ngx_str_t *out);
+static char *ngx_http_agent_register_app(ngx_conf_t *cf,
+    ngx_http_agent_loc_conf_t *alcf, ngx_http_agent_app_t *settings);
+static char *ngx_http_agent_differing_setting(ngx_http_agent_app_t *a,
+    ngx_http_agent_app_t *b);
+static ngx_uint_t ngx_http_agent_same_str(ngx_str_t *a, ngx_str_t *b);
+static ngx_uint_t ngx_http_agent_same_env(ngx_array_t *a, ngx_array_t *b);
+static char *ngx_http_agent_set_path(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static void ngx_http_agent_strip_trailing_slashes(ngx_str_t *path);
+static char *ngx_http_agent_check_at_least_one(ngx_conf_t *cf, void *post,
+    void *data);
+static char *ngx_http_agent_check_nonzero_msec(ngx_conf_t *cf, void *post,
+    void *data);
+static char *ngx_http_agent_set_enum(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_agent_set_status(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_agent_set_env(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+
+static ngx_conf_post_t  ngx_http_agent_at_least_one = {
+    ngx_http_agent_check_at_least_one
+};
+
+static ngx_conf_post_t  ngx_http_agent_nonzero_msec = {
+    ngx_http_agent_check_nonzero_msec
+};
+
+static ngx_str_t  ngx_http_agent_app_types[] = {
+    ngx_string("wsgi"),
+    ngx_null_string
+};
+
+
+static ngx_command_t  ngx_http_agent_commands[] = {
+
+    NGX_HTTP_AGENT_POOL_SETTINGS(NGX_HTTP_AGENT_MAIN_COMMAND)
+    NGX_HTTP_AGENT_START_SETTINGS(NGX_HTTP_AGENT_MAIN_COMMAND)
+    NGX_HTTP_AGENT_APP_SETTINGS(NGX_HTTP_AGENT_APP_COMMAND)
+    NGX_HTTP_AGENT_LOCATION_SETTINGS(NGX_HTTP_AGENT_LOC_COMMAND)
+
+    ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_agent_module_ctx = {
+    NULL,                                  /* preconfiguration */
+    NULL,                                  /* postconfiguration */
+
+    ngx_http_agent_create_main_conf,       /* create main configuration */
+    ngx_http_agent_init_main_conf,         /* init main configuration */
+
+    NULL,                                  /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_agent_create_loc_conf,        /* create location configuration */
+    ngx_http_agent_merge_loc_conf          /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_agent_module = {
+    NGX_MODULE_V1,
+    &ngx_http_agent_module_ctx,            /* module context */
+    ngx_http_agent_commands,               /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    ngx_http_agent_init_module,            /* init module */
+    ngx_http_agent_init_process,           /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+static ngx_str_t  ngx_http_agent_hide_headers[] = {
+    ngx_string("Status"),
+    ngx_string("X-Accel-Expires"),
+    ngx_string("X-Accel-Redirect"),
+    ngx_string("X-Accel-Limit-Rate"),
+    ngx_string("X-Accel-Buffering"),
+    ngx_string("X-Accel-Charset"),
+    ngx_null_string
+};
+
+
+static ngx_path_init_t  ngx_http_agent_temp_path = {
+    ngx_string(NGX_HTTP_AGENT_TEMP_PATH), { 1, 2, 0 }
+};
+
+
+static void *
+ngx_http_agent_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_agent_main_conf_t  *amcf;
+
+    amcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_agent_main_conf_t));
+    if (amcf == NULL) {
+        return NULL;
+    }
+
+    NGX_HTTP_AGENT_POOL_SETTINGS(NGX_HTTP_AGENT_MAIN_UNSET)
+    NGX_HTTP_AGENT_START_SETTINGS(NGX_HTTP_AGENT_MAIN_UNSET)
+
+    if (ngx_array_init(&amcf->apps, cf->pool, 4,
+                       sizeof(ngx_http_agent_app_t *))
+        != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return amcf;
+}
+
+
+static char *
+ngx_http_agent_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_agent_main_conf_t  *amcf = conf;
+
+    uint32_t  crc;
+
+    NGX_HTTP_AGENT_POOL_SETTINGS(NGX_HTTP_AGENT_MAIN_MERGE)
+    NGX_HTTP_AGENT_START_SETTINGS(NGX_HTTP_AGENT_MAIN_MERGE)
+
+    if (amcf->core_python.data == NULL) {
+        ngx_str_set(&amcf->core_python, NGX_HTTP_AGENT_CORE_PYTHON);
+    }
+
+    if (amcf->instance_dir.data == NULL) {
+        /* one instance per nginx configuration file */
+        crc = ngx_crc32_short(cf->cycle->conf_file.data,
+                              cf->cycle->conf_file.len);
+
+        amcf->instance_dir.data = ngx_pnalloc(cf->pool,
+                                              sizeof("/tmp/agent-12345678"));
+        if (amcf->instance_dir.data == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        amcf->instance_dir.len = ngx_sprintf(amcf->instance_dir.data,
+                                             "/tmp/agent-%08xD%Z", crc)
+                                 - amcf->instance_dir.data - 1;
+    }
+
+    if (ngx_http_agent_set_socket_addr(cf, amcf) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_agent_set_socket_addr(ngx_conf_t *cf,
+    ngx_http_agent_main_conf_t *amcf)
+{
+    if (ngx_http_agent_set_unix_addr(cf, &amcf->instance_dir, "/agent.sock",
+                                     sizeof("/agent.sock"),
+                                     &amcf->socket_addr, &amcf->socket_name)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_agent_set_unix_addr(cf, &amcf->instance_dir,
+                                        "/status.sock",
+                                        sizeof("/status.sock"),
+                                        &amcf->status_addr,
+                                        &amcf->status_name);
+}
+
+
+/* addr and name ("unix:PATH") of the socket "file" in the directory "dir" */
+
+static ngx_int_t
+ngx_http_agent_set_unix_addr(ngx_conf_t *cf, ngx_str_t *dir, char *file,
+    size_t file_size, struct sockaddr_un *addr, ngx_str_t *name)
+{
+    u_char  *p;
+    size_t   len;
+
+    len = dir->len + file_size - 1;
+
+    if (len >= sizeof(addr->sun_path)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "agent: \"agent_instance_dir\" \"%V\" is too long "
+                           "for the socket path \"%V%s\" (at most %uz "
+                           "bytes)", dir, dir, file,
+                           sizeof(addr->sun_path) - 1);
+        return NGX_ERROR;
+    }
+
+    addr->sun_family = AF_UNIX;
+    p = ngx_cpymem(addr->sun_path, dir->data, dir->len);
+    (void) ngx_cpystrn(p, (u_char *) file, file_size);
+
+    name->data = ngx_pnalloc(cf->pool, sizeof("unix:") + len);
+    if (name->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    name->len = ngx_sprintf(name->data, "unix:%s%Z", addr->sun_path)
+                - name->data - 1;
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_agent_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_agent_loc_conf_t  *conf;
+
+    conf = ngx_pcalloc(cf->pool, sizeof(ngx_http_agent_loc_conf_t));
+    if (conf == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     conf->upstream.hide_headers_hash = { NULL, 0 };
+     *     conf->app = NULL;
+     */
+
+    NGX_HTTP_AGENT_APP_SETTINGS(NGX_HTTP_AGENT_APP_UNSET)
+    NGX_HTTP_AGENT_LOCATION_SETTINGS(NGX_HTTP_AGENT_LOC_UNSET)
+
+    conf->upstream.hide_headers = NGX_CONF_UNSET_PTR;
+    conf->upstream.pass_headers = NGX_CONF_UNSET_PTR;
+
+    /* the upstream settings not offered as directives */
+    conf->upstream.store = 0;
+    conf->upstream.next_upstream_tries = 0;
+    conf->upstream.request_buffering = 1;
+    conf->upstream.ignore_client_abort = 0;
+    conf->upstream.force_ranges = 0;
+    conf->upstream.local = NULL;
+    conf->upstream.socket_keepalive = 0;
+    conf->upstream.next_upstream_timeout = 0;
+    conf->upstream.send_lowat = 0;
+    conf->upstream.limit_rate = 0;
+    conf->upstream.buffer_size = 8 * 1024;
+    conf->upstream.bufs.num = 8;
+    conf->upstream.bufs.size = 8 * 1024;
+    conf->upstream.busy_buffers_size = 16 * 1024;
+    conf->upstream.temp_file_write_size = 16 * 1024;
+    conf->upstream.max_temp_file_size = 1024 * 1024 * 1024;
+    conf->upstream.ignore_headers = NGX_CONF_BITMASK_SET;
+    conf->upstream.next_upstream = NGX_CONF_BITMASK_SET
+                                   |NGX_HTTP_UPSTREAM_FT_ERROR
+                                   |NGX_HTTP_UPSTREAM_FT_TIMEOUT;
+    conf->upstream.pass_request_headers = 1;
+    conf->upstream.pass_request_body = 1;
+    conf->upstream.intercept_errors = 0;
+    conf->upstream.cyclic_temp_file = 0;
+    conf->upstream.change_buffering = 1;
+
+    ngx_str_set(&conf->upstream.module, "agent");
+
+    return conf;
+}
+
+
+static char *
+ngx_http_agent_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    ngx_http_agent_loc_conf_t  *prev = parent;
+    ngx_http_agent_loc_conf_t  *conf = child;
+
+    ngx_hash_init_t  hash;
+
+    NGX_HTTP_AGENT_LOCATION_SETTINGS(NGX_HTTP_AGENT_LOC_MERGE)
+
+    hash.max_size = 512;
+    hash.bucket_size = ngx_align(64, ngx_cacheline_size);
+    hash.name = "agent_hide_headers_hash";
+
+    if (ngx_http_upstream_hide_headers_hash(cf, &conf->upstream,
+            &prev->upstream, ngx_http_agent_hide_headers, &hash)
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_http_agent_merge_settings(cf, &conf->settings, &prev->settings)
+        != NGX_CONF_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->enabled) {
+        return ngx_http_agent_enable_location(cf, conf);
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* an unset app root stays unset: it is derived per location from root */
+
+static char *
+ngx_http_agent_merge_settings(ngx_conf_t *cf, ngx_http_agent_app_t *conf,
+    ngx_http_agent_app_t *prev)
+{
+    NGX_HTTP_AGENT_APP_SETTINGS(NGX_HTTP_AGENT_APP_MERGE)
+
+    if (conf->max_instances > 0 && conf->min_instances > conf->max_instances)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "agent: \"agent_min_instances\" %i is greater "
+                           "than \"agent_max_instances\" %i",
+                           conf->min_instances, conf->max_instances);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* as ngx_conf_merge_str_value, but a NULL default leaves the value unset */
+
+static void
+ngx_http_agent_merge_str(ngx_str_t *conf, ngx_str_t *prev, char *dflt)
+{
+    if (conf->data != NULL) {
+        return;
+    }
+
+    if (prev->data != NULL) {
+        *conf = *prev;
+
+    } else if (dflt != NULL) {
+        conf->len = ngx_strlen(dflt);
+        conf->data = (u_char *) dflt;
+    }
+}
+
+
+static char *
+ngx_http_agent_enable_location(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf)
+{
+    ngx_http_agent_app_t       settings;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler != NULL && clcf->handler != ngx_http_agent_handler) {
+        /* proxy_pass and the like in this location take precedence */
+        return NGX_CONF_OK;
+    }
+
+    /*
+     * A derived app root goes into a copy: blocks nested in this one derive
+     * theirs from their own root.
+     */
+    settings = alcf->settings;
+
+    if (settings.app_root.data == NULL) {
+
+        if (clcf->root_lengths != NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "agent: \"root\" \"%V\" contains variables, "
+                               "so \"agent_app_root\" must be set where "
+                               "\"agent_enabled\" is on", &clcf->root);
+            return NGX_CONF_ERROR;
+        }
+
+        if (ngx_http_agent_parent_dir(cf, &clcf->root, &settings.app_root)
+            != NGX_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (ngx_http_agent_register_app(cf, alcf, &settings) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    clcf->handler = ngx_http_agent_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+/* "/srv/shop/public/" gives "/srv/shop"; "/public" gives "/" */
+
+static ngx_int_t
+ngx_http_agent_parent_dir(ngx_conf_t *cf, ngx_str_t *path, ngx_str_t *parent)
+{
+    size_t     len;
+    ngx_str_t  dir;
+
+    dir = *path;
+    ngx_http_agent_strip_trailing_slashes(&dir);
+
+    len = dir.len;
+
+    while (len > 0 && dir.data[len - 1] != '/') {
+        len--;
+    }
+
+    while (len > 1 && dir.data[len - 1] == '/') {
+        len--;
+    }
+
+    if (len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "agent: cannot derive the app root from \"root\" "
+                           "\"%V\"; set \"agent_app_root\"", path);
+        return NGX_ERROR;
+    }
+
+    parent->data = ngx_pnalloc(cf->pool, len + 1);
+    if (parent->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    parent->len = len;
+    (void) ngx_cpystrn(parent->data, dir.data, len + 1);
+
+    return NGX_OK;
+}
+
+
+/* names the block being merged, for messages about conflicting settings */
+
+static ngx_int_t
+ngx_http_agent_describe_block(ngx_conf_t *cf, ngx_str_t *out)
+{
+    size_t                     len;
+    ngx_http_core_loc_conf_t  *clcf;
+    ngx_http_core_srv_conf_t  *cscf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+    cscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_core_module);
+
+    len = sizeof("location \"\" in server \"\"") - 1 + clcf->name.len
+          + cscf->server_name.len;
+
+    out->data = ngx_pnalloc(cf->pool, len);
+    if (out->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (clcf->name.len) {
+        out->len = ngx_sprintf(out->data, "location \"%V\" in server \"%V\"",
+                               &clcf->name, &cscf->server_name)
+                   - out->data;
+
+    } else {
+        out->len = ngx_sprintf(out->data, "server \"%V\"",
+                               &cscf->server_name)
+                   - out->data;
+    }
+
+    return NGX_OK;
+}
+
+
+static char *
+ngx_http_agent_register_app(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf,
+    ngx_http_agent_app_t *settings)
+{
+    char                        *directive;
+    ngx_uint_t                   i;
+    ngx_http_agent_app_t        *app, **apps, **slot;
+    ngx_http_agent_main_conf_t  *amcf;
+
+    amcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_agent_module);
+
+    settings->name = settings->app_root;
+
+    if (ngx_http_agent_describe_block(cf, &settings->declared_in)
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    apps = amcf->apps.elts;
+
+    for (i = 0; i < amcf->apps.nelts; i++) {
+        app = apps[i];
+
+        if (app->name.len != settings->name.len
+            || ngx_strncmp(app->name.data, settings->name.data,
+                           app->name.len) != 0)
+        {
+            continue;
+        }
+
+        directive = ngx_http_agent_differing_setting(app, settings);
+
+        if (directive != NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "agent: app \"%V\" has different settings in "
+                               "%V and in %V (\"%s\"); every location of one "
+                               "app root must configure it alike",
+                               &app->name, &app->declared_in,
+                               &settings->declared_in, directive);
+            return NGX_CONF_ERROR;
+        }
+
+        alcf->app = app;
+
+        return NGX_CONF_OK;
+    }
+
+    app = ngx_palloc(cf->pool, sizeof(ngx_http_agent_app_t));
+    if (app == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *app = *settings;
+
+    slot = ngx_array_push(&amcf->apps);
+    if (slot == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *slot = app;
+    alcf->app = app;
+
+    return NGX_CONF_OK;
+}
+
+
+/* the directive whose value differs between a and b, or NULL */
+
+static char *
+ngx_http_agent_differing_setting(ngx_http_agent_app_t *a,
+    ngx_http_agent_app_t *b)
+{
+    NGX_HTTP_AGENT_APP_SETTINGS(NGX_HTTP_AGENT_APP_DIFFERS)
+
+    return NULL;
+}
+
+
+static ngx_uint_t
+ngx_http_agent_same_str(ngx_str_t *a, ngx_str_t *b)
+{
+    /* an unset string (NULL) is the empty one */
+    return a->len == b->len
+           && (a->len == 0 || ngx_strncmp(a->data, b->data, a->len) == 0);
+}
+
+
+static ngx_uint_t
+ngx_http_agent_same_env(ngx_array_t *a, ngx_array_t *b)
+{
+    ngx_uint_t     i, na, nb;
+    ngx_keyval_t  *ka, *kb;
+
+    na = a ? a->nelts : 0;
+    nb = b ? b->nelts : 0;
+
+    if (na != nb) {
+        return 0;
+    }
+
+    for (i = 0; i < na; i++) {
+        ka = (ngx_keyval_t *) a->elts + i;
+        kb = (ngx_keyval_t *) b->elts + i;
+
+        if (ka->key.len != kb->key.len || ka->value.len != kb->value.len
+            || ngx_strncmp(ka->key.data, kb->key.data, ka->key.len) != 0
+            || ngx_strncmp(ka->value.data, kb->value.data, ka->value.len) != 0)
+        {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+/*
+ * A PATH: relative paths are taken from nginx's prefix, as nginx does for
+ * its own, and trailing slashes are taken off.
+ */
+
+static char *
+ngx_http_agent_set_path(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char  *p = conf;
+
+    char       *rv;
+    ngx_str_t  *path;
+
+    rv = ngx_conf_set_str_slot(cf, cmd, conf);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    path = (ngx_str_t *) (p + cmd->offset);
+
+    if (path->len == 0) {
+        return "must not be empty";
+    }
+
+    if (ngx_conf_full_name(cf->cycle, path, 0) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_http_agent_strip_trailing_slashes(path);
+
+    return NGX_CONF_OK;
+}
+
+
+static void
+ngx_http_agent_strip_trailing_slashes(ngx_str_t *path)
+{
+    while (path->len > 1 && path->data[path->len - 1] == '/') {
+        path->len--;
+    }
+}
+
+
+static char *
+ngx_http_agent_check_at_least_one(ngx_conf_t *cf, void *post, void *data)
+{
+    ngx_int_t  *np = data;
+
+    if (*np < 1) {
+        return "must be at least 1";
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_agent_check_nonzero_msec(ngx_conf_t *cf, void *post, void *data)
+{
+    ngx_msec_t  *msp = data;
+
+    if (*msp == 0) {
+        return "must be more than 0";
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * An ENUM takes one of the names its post lists, in any case, and keeps the
+ * listed spelling.  nginx's enum slot would not name the directive in its
+ * message; this one names the only value there is for now.
+ */
+
+static char *
+ngx_http_agent_set_enum(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char  *p = conf;
+
+    ngx_str_t  *value, *field, *name;
+
+    field = (ngx_str_t *) (p + cmd->offset);
+
+    if (field->data != NULL) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    for (name = cmd->post; name->len != 0; name++) {
+        if (name->len == value[1].len
+            && ngx_strncasecmp(name->data, value[1].data, name->len) == 0)
+        {
+            *field = *name;
+            return NGX_CONF_OK;
+        }
+    }
+
+    name = cmd->post;
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid value \"%V\" in \"%V\" directive, "
+                       "only \"%V\" is supported", &value[1], &cmd->name,
+                       name);
+
+    return NGX_CONF_ERROR;
+}
+
+
+/*
+ * "agent_status on" makes the location a door to the status socket, as
+ * proxy_pass makes one to a proxied server: the location's handler is set
+ * here, once, and agent_enabled inherited into the location then stands
+ * aside (ngx_http_agent_enable_location).
+ */
+
+static char *
+ngx_http_agent_set_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_agent_loc_conf_t *alcf = conf;
+
+    char                      *rv;
+    ngx_http_core_loc_conf_t  *clcf;
+
+    rv = ngx_conf_set_flag_slot(cf, cmd, conf);
+    if (rv != NGX_CONF_OK) {
+        return rv;
+    }
+
+    if (!alcf->status) {
+        return NGX_CONF_OK;
+    }
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler != NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "agent: \"agent_status\" cannot share a location "
+                           "with another content handler (proxy_pass and "
+                           "the like)");
+        return NGX_CONF_ERROR;
+    }
+
+    clcf->handler = ngx_http_agent_status_handler;
+
+    /* as with proxy_pass: "/agent" is redirected to "location /agent/" */
+    if (clcf->name.len && clcf->name.data[clcf->name.len - 1] == '/') {
+        clcf->auto_redirect = 1;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* a location that sets any agent_env replaces the inherited list */
+
+static char *
+ngx_http_agent_set_env(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char  *p = conf;
+
+    ngx_str_t      *value;
+    ngx_array_t   **env;
+    ngx_keyval_t   *kv;
+
+    env = (ngx_array_t **) (p + cmd->offset);
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0 || ngx_strlchr(value[1].data,
+                                         value[1].data + value[1].len, '=')
+                             != NULL)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid variable name \"%V\" in \"%V\" directive",
+                           &value[1], &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (*env == NGX_CONF_UNSET_PTR || *env == NULL) {
+        *env = ngx_array_create(cf->pool, 4, sizeof(ngx_keyval_t));
+        if (*env == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    kv = ngx_array_push(*env);
+    if (kv == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    kv->key = value[1];
+    kv->value = value[2];
+
+    return NGX_CONF_OK;
+}

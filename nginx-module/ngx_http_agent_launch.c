@@ -1,0 +1,1034 @@
+
+/*
+ * Starting the agent (docs/protocol.md, section 4): the instance directory,
+ * apps.json, and finding, starting or signalling the watchdog.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <sys/file.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <poll.h>
+
+#include "ngx_http_agent_module.h"
+
+
+#define NGX_HTTP_AGENT_START_TIMEOUT   10000      /* milliseconds */
+#define NGX_HTTP_AGENT_READY_LINE_MAX  1024
+
+
+/*
+ * apps.json's form of each KIND (ngx_http_agent_settings.h): sep, then
+ * "key": value, the key carrying the unit of times and sizes.
+ */
+#define NGX_HTTP_AGENT_JSON_FLAG(p, sep, key, v)                              \
+    ngx_sprintf(p, sep "\"" key "\": %s", (v) ? "true" : "false")
+#define NGX_HTTP_AGENT_JSON_NUM(p, sep, key, v)                               \
+    ngx_sprintf(p, sep "\"" key "\": %i", v)
+#define NGX_HTTP_AGENT_JSON_MSEC(p, sep, key, v)                              \
+    ngx_sprintf(p, sep "\"" key "_ms\": %M", v)
+#define NGX_HTTP_AGENT_JSON_SIZE_MB(p, sep, key, v)                           \
+    ngx_sprintf(p, sep "\"" key "_mb\": %i", v)
+#define NGX_HTTP_AGENT_JSON_STR(p, sep, key, v)                               \
+    ngx_http_agent_json_string(ngx_sprintf(p, sep "\"" key "\": "), &(v))
+#define NGX_HTTP_AGENT_JSON_PATH      NGX_HTTP_AGENT_JSON_STR
+#define NGX_HTTP_AGENT_JSON_ENUM      NGX_HTTP_AGENT_JSON_STR
+#define NGX_HTTP_AGENT_JSON_ENV(p, sep, key, v)                               \
+    ngx_http_agent_json_env(ngx_sprintf(p, sep "\"" key "\": "), v)
+
+/* the most each KIND's value can take */
+#define NGX_HTTP_AGENT_JSON_LEN_FLAG(v)      (sizeof("false") - 1)
+#define NGX_HTTP_AGENT_JSON_LEN_NUM(v)       NGX_INT64_LEN
+#define NGX_HTTP_AGENT_JSON_LEN_MSEC(v)      NGX_INT64_LEN
+#define NGX_HTTP_AGENT_JSON_LEN_SIZE_MB(v)   NGX_INT64_LEN
+#define NGX_HTTP_AGENT_JSON_LEN_STR(v)       (2 + 6 * (v).len)
+#define NGX_HTTP_AGENT_JSON_LEN_PATH         NGX_HTTP_AGENT_JSON_LEN_STR
+#define NGX_HTTP_AGENT_JSON_LEN_ENUM         NGX_HTTP_AGENT_JSON_LEN_STR
+#define NGX_HTTP_AGENT_JSON_LEN_ENV(v)       ngx_http_agent_json_env_len(v)
+
+/* a row of the settings tables as a line of apps.json, and its most length */
+#define NGX_HTTP_AGENT_JSON_POOL_ROW(name, kind, ...)                         \
+    p = NGX_HTTP_AGENT_JSON_##kind(p, ",\n  ", #name, amcf->name);
+#define NGX_HTTP_AGENT_JSON_APP_ROW(name, kind, ...)                          \
+    p = NGX_HTTP_AGENT_JSON_##kind(p, ",\n      ", #name, app->name);
+#define NGX_HTTP_AGENT_JSON_POOL_LEN(name, kind, ...)                         \
+    + sizeof(#name) + 16 + NGX_HTTP_AGENT_JSON_LEN_##kind(amcf->name)
+#define NGX_HTTP_AGENT_JSON_APP_LEN(name, kind, ...)                          \
+    + sizeof(#name) + 16 + NGX_HTTP_AGENT_JSON_LEN_##kind(app->name)
+
+
+static ngx_int_t ngx_http_agent_make_dirs(ngx_cycle_t *cycle,
+    ngx_str_t *dir);
+static ngx_int_t ngx_http_agent_write_app_table(ngx_cycle_t *cycle,
+    ngx_http_agent_main_conf_t *amcf);
+static size_t ngx_http_agent_app_table_bound(ngx_http_agent_main_conf_t *amcf);
+static u_char *ngx_http_agent_json_app_table(u_char *p,
+    ngx_http_agent_main_conf_t *amcf);
+static u_char *ngx_http_agent_json_app(u_char *p, ngx_http_agent_app_t *app);
+static size_t ngx_http_agent_json_env_len(ngx_array_t *env);
+static u_char *ngx_http_agent_json_env(u_char *p, ngx_array_t *env);
+static u_char *ngx_http_agent_json_string(u_char *p, ngx_str_t *s);
+static ngx_int_t ngx_http_agent_write_file_atomically(ngx_cycle_t *cycle,
+    ngx_str_t *dir, char *name, u_char *data, size_t len);
+static char *ngx_http_agent_file_path(ngx_pool_t *pool, ngx_str_t *dir,
+    char *name);
+static ngx_pid_t ngx_http_agent_running_watchdog(ngx_cycle_t *cycle,
+    ngx_str_t *dir);
+static ngx_pid_t ngx_http_agent_read_pid(ngx_cycle_t *cycle, ngx_fd_t fd,
+    char *path);
+static ngx_int_t ngx_http_agent_signal_watchdog(ngx_cycle_t *cycle,
+    ngx_pid_t pid);
+static ngx_int_t ngx_http_agent_start_watchdog(ngx_cycle_t *cycle,
+    ngx_http_agent_main_conf_t *amcf);
+static char **ngx_http_agent_watchdog_argv(ngx_cycle_t *cycle,
+    ngx_http_agent_main_conf_t *amcf);
+static char *ngx_http_agent_cstring(ngx_pool_t *pool, ngx_str_t *s);
+static void ngx_http_agent_exec_watchdog(char **argv, int nginx_fd,
+    int ready_fd);
+static int ngx_http_agent_move_fd(int fd, int target);
+static void ngx_http_agent_close_fds_from(int first);
+static void ngx_http_agent_report_exec_failure(int ready_fd, char *file);
+static ngx_int_t ngx_http_agent_wait_ready(ngx_cycle_t *cycle, int fd,
+    ngx_pid_t pid);
+static ngx_int_t ngx_http_agent_read_ready_line(ngx_cycle_t *cycle, int fd,
+    u_char *line, size_t size);
+static ngx_msec_int_t ngx_http_agent_now(void);
+static u_char *ngx_http_agent_stop_child(ngx_cycle_t *cycle, ngx_pid_t pid);
+static void ngx_http_agent_close_fd(ngx_cycle_t *cycle, int fd);
+
+
+/*
+ * The write end of the pipe whose other end is the watchdog's fd 3.  Only
+ * the master keeps it: its close, when nginx stops, tells the agent to stop.
+ */
+static int  ngx_http_agent_nginx_fd = -1;
+
+
+ngx_int_t
+ngx_http_agent_init_module(ngx_cycle_t *cycle)
+{
+    ngx_pid_t                    pid;
+    ngx_http_agent_main_conf_t  *amcf;
+
+    if (ngx_test_config || ngx_process == NGX_PROCESS_SIGNALLER) {
+        return NGX_OK;
+    }
+
+    amcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_agent_module);
+
+    if (amcf == NULL || amcf->apps.nelts == 0) {
+        return NGX_OK;
+    }
+
+    if (ngx_http_agent_make_dirs(cycle, &amcf->instance_dir) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_agent_write_app_table(cycle, amcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    pid = ngx_http_agent_running_watchdog(cycle, &amcf->instance_dir);
+
+    if (pid == NGX_INVALID_PID) {
+        return NGX_ERROR;
+    }
+
+    if (pid > 0) {
+        return ngx_http_agent_signal_watchdog(cycle, pid);
+    }
+
+    return ngx_http_agent_start_watchdog(cycle, amcf);
+}
+
+
+/*
+ * Workers drop the master's end of the pipe so that only the master's exit
+ * is seen by the agent as nginx stopping.  Without a master (master_process
+ * off) the single process keeps it.
+ */
+
+ngx_int_t
+ngx_http_agent_init_process(ngx_cycle_t *cycle)
+{
+    if (ngx_process == NGX_PROCESS_WORKER && ngx_http_agent_nginx_fd != -1) {
+        ngx_http_agent_close_fd(cycle, ngx_http_agent_nginx_fd);
+        ngx_http_agent_nginx_fd = -1;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_agent_make_dirs(ngx_cycle_t *cycle, ngx_str_t *dir)
+{
+    u_char           *path, *p;
+    ngx_err_t         err;
+    ngx_file_info_t   fi;
+
+    path = (u_char *) ngx_http_agent_cstring(cycle->pool, dir);
+    if (path == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (p = path + 1; /* void */; p++) {
+
+        if (*p != '/' && *p != '\0') {
+            continue;
+        }
+
+        if (*p == '/') {
+            *p = '\0';
+            err = (mkdir((char *) path, 0755) == -1) ? ngx_errno : 0;
+            *p = '/';
+
+        } else {
+            err = (mkdir((char *) path, 0755) == -1) ? ngx_errno : 0;
+        }
+
+        if (err && err != NGX_EEXIST) {
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, err,
+                          "agent: cannot create the instance directory "
+                          "\"%s\"", path);
+            return NGX_ERROR;
+        }
+
+        if (*p == '\0') {
+            break;
+        }
+    }
+
+    if (ngx_file_info(path, &fi) == NGX_FILE_ERROR) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: " ngx_file_info_n " \"%s\" failed", path);
+        return NGX_ERROR;
+    }
+
+    if (!ngx_is_dir(&fi)) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "agent: the instance directory \"%s\" is not "
+                      "a directory", path);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_agent_write_app_table(ngx_cycle_t *cycle,
+    ngx_http_agent_main_conf_t *amcf)
+{
+    u_char     *json, *last;
+    ngx_int_t   rc;
+
+    json = ngx_alloc(ngx_http_agent_app_table_bound(amcf), cycle->log);
+    if (json == NULL) {
+        return NGX_ERROR;
+    }
+
+    last = ngx_http_agent_json_app_table(json, amcf);
+
+    rc = ngx_http_agent_write_file_atomically(cycle, &amcf->instance_dir,
+                                              "apps.json", json, last - json);
+    ngx_free(json);
+
+    return rc;
+}
+
+
+/* the most the JSON can take: every byte of a string may become \u00XX */
+
+static size_t
+ngx_http_agent_app_table_bound(ngx_http_agent_main_conf_t *amcf)
+{
+    size_t                  size;
+    ngx_uint_t              i;
+    ngx_http_agent_app_t  **apps, *app;
+
+    size = 256 NGX_HTTP_AGENT_POOL_SETTINGS(NGX_HTTP_AGENT_JSON_POOL_LEN);
+    apps = amcf->apps.elts;
+
+    for (i = 0; i < amcf->apps.nelts; i++) {
+        app = apps[i];
+
+        size += 64 + NGX_HTTP_AGENT_JSON_LEN_STR(app->name)
+                NGX_HTTP_AGENT_APP_SETTINGS(NGX_HTTP_AGENT_JSON_APP_LEN);
+    }
+
+    return size;
+}
+
+
+static size_t
+ngx_http_agent_json_env_len(ngx_array_t *env)
+{
+    size_t         size;
+    ngx_uint_t     i;
+    ngx_keyval_t  *kv;
+
+    size = sizeof("{}") - 1;
+
+    if (env == NULL) {
+        return size;
+    }
+
+    kv = env->elts;
+
+    for (i = 0; i < env->nelts; i++) {
+        size += sizeof(", : ") - 1 + NGX_HTTP_AGENT_JSON_LEN_STR(kv[i].key)
+                + NGX_HTTP_AGENT_JSON_LEN_STR(kv[i].value);
+    }
+
+    return size;
+}
+
+
+static u_char *
+ngx_http_agent_json_app_table(u_char *p, ngx_http_agent_main_conf_t *amcf)
+{
+    ngx_uint_t              i;
+    ngx_http_agent_app_t  **apps;
+
+    p = ngx_sprintf(p, "{\n  \"version\": 1");
+
+    NGX_HTTP_AGENT_POOL_SETTINGS(NGX_HTTP_AGENT_JSON_POOL_ROW)
+
+    p = ngx_sprintf(p, ",\n  \"apps\": [");
+
+    apps = amcf->apps.elts;
+
+    for (i = 0; i < amcf->apps.nelts; i++) {
+        p = ngx_cpymem(p, i ? ",\n" : "\n", i ? 2 : 1);
+        p = ngx_http_agent_json_app(p, apps[i]);
+    }
+
+    return ngx_cpymem(p, "\n  ]\n}\n", sizeof("\n  ]\n}\n") - 1);
+}
+
+
+static u_char *
+ngx_http_agent_json_app(u_char *p, ngx_http_agent_app_t *app)
+{
+    p = ngx_sprintf(p, "    {\n      \"name\": ");
+    p = ngx_http_agent_json_string(p, &app->name);
+
+    NGX_HTTP_AGENT_APP_SETTINGS(NGX_HTTP_AGENT_JSON_APP_ROW)
+
+    return ngx_sprintf(p, "\n    }");
+}
+
+
+static u_char *
+ngx_http_agent_json_env(u_char *p, ngx_array_t *env)
+{
+    ngx_uint_t     i;
+    ngx_keyval_t  *kv;
+
+    *p++ = '{';
+
+    if (env) {
+        kv = env->elts;
+
+        for (i = 0; i < env->nelts; i++) {
+            p = ngx_cpymem(p, i ? ", " : "", i ? 2 : 0);
+            p = ngx_http_agent_json_string(p, &kv[i].key);
+            *p++ = ':';
+            *p++ = ' ';
+            p = ngx_http_agent_json_string(p, &kv[i].value);
+        }
+    }
+
+    *p++ = '}';
+
+    return p;
+}
+
+
+static u_char *
+ngx_http_agent_json_string(u_char *p, ngx_str_t *s)
+{
+    u_char      ch;
+    ngx_uint_t  i;
+
+    static u_char  hex[] = "0123456789abcdef";
+
+    *p++ = '"';
+
+    for (i = 0; i < s->len; i++) {
+        ch = s->data[i];
+
+        switch (ch) {
+
+        case '"':
+        case '\\':
+            *p++ = '\\';
+            *p++ = ch;
+            break;
+
+        case '\n':
+            *p++ = '\\';
+            *p++ = 'n';
+            break;
+
+        case '\r':
+            *p++ = '\\';
+            *p++ = 'r';
+            break;
+
+        case '\t':
+            *p++ = '\\';
+            *p++ = 't';
+            break;
+
+        default:
+            if (ch < 0x20 || ch == 0x7f) {
+                p = ngx_cpymem(p, "\\u00", 4);
+                *p++ = hex[ch >> 4];
+                *p++ = hex[ch & 0xf];
+
+            } else {
+                *p++ = ch;
+            }
+        }
+    }
+
+    *p++ = '"';
+
+    return p;
+}
+
+
+/* readers never see a half-written file: write a temporary one, rename it */
+
+static ngx_int_t
+ngx_http_agent_write_file_atomically(ngx_cycle_t *cycle, ngx_str_t *dir,
+    char *name, u_char *data, size_t len)
+{
+    char      *path, *temp;
+    size_t     done;
+    ssize_t    n;
+    ngx_fd_t   fd;
+
+    path = ngx_http_agent_file_path(cycle->pool, dir, name);
+    temp = ngx_http_agent_file_path(cycle->pool, dir, "apps.json.tmp");
+
+    if (path == NULL || temp == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* the app table carries agent_env values, which may be secrets */
+    fd = open(temp, O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0600);
+    if (fd == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot create \"%s\"", temp);
+        return NGX_ERROR;
+    }
+
+    for (done = 0; done < len; done += n) {
+        n = write(fd, data + done, len - done);
+
+        if (n == -1) {
+            if (ngx_errno == NGX_EINTR) {
+                n = 0;
+                continue;
+            }
+
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                          "agent: cannot write \"%s\"", temp);
+            ngx_http_agent_close_fd(cycle, fd);
+            return NGX_ERROR;
+        }
+    }
+
+    if (close(fd) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot write \"%s\"", temp);
+        return NGX_ERROR;
+    }
+
+    if (rename(temp, path) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot rename \"%s\" to \"%s\"", temp, path);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static char *
+ngx_http_agent_file_path(ngx_pool_t *pool, ngx_str_t *dir, char *name)
+{
+    u_char  *path;
+
+    path = ngx_pnalloc(pool, dir->len + 1 + ngx_strlen(name) + 1);
+    if (path == NULL) {
+        return NULL;
+    }
+
+    (void) ngx_sprintf(path, "%V/%s%Z", dir, name);
+
+    return (char *) path;
+}
+
+
+/*
+ * Returns the pid of the watchdog that holds the lock on watchdog.pid, 0
+ * when none does, NGX_INVALID_PID on error.
+ */
+
+static ngx_pid_t
+ngx_http_agent_running_watchdog(ngx_cycle_t *cycle, ngx_str_t *dir)
+{
+    char       *path;
+    ngx_fd_t    fd;
+    ngx_err_t   err;
+    ngx_pid_t   pid;
+
+    path = ngx_http_agent_file_path(cycle->pool, dir, "watchdog.pid");
+    if (path == NULL) {
+        return NGX_INVALID_PID;
+    }
+
+    fd = open(path, O_RDONLY|O_CLOEXEC);
+
+    if (fd == -1) {
+        if (ngx_errno == NGX_ENOENT) {
+            return 0;
+        }
+
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot open \"%s\"", path);
+        return NGX_INVALID_PID;
+    }
+
+    if (flock(fd, LOCK_EX|LOCK_NB) == 0) {
+        /* closing the file releases the lock just taken */
+        ngx_http_agent_close_fd(cycle, fd);
+        return 0;
+    }
+
+    err = ngx_errno;
+
+    if (err != EWOULDBLOCK) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, err,
+                      "agent: flock(\"%s\") failed", path);
+        ngx_http_agent_close_fd(cycle, fd);
+        return NGX_INVALID_PID;
+    }
+
+    pid = ngx_http_agent_read_pid(cycle, fd, path);
+
+    ngx_http_agent_close_fd(cycle, fd);
+
+    return pid;
+}
+
+
+static ngx_pid_t
+ngx_http_agent_read_pid(ngx_cycle_t *cycle, ngx_fd_t fd, char *path)
+{
+    u_char     buf[NGX_INT64_LEN + 2];
+    size_t     len;
+    ssize_t    n;
+    ngx_int_t  pid;
+
+    n = read(fd, buf, sizeof(buf) - 1);
+
+    if (n == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot read \"%s\"", path);
+        return NGX_INVALID_PID;
+    }
+
+    len = n;
+
+    while (len > 0 && (buf[len - 1] == '\n' || buf[len - 1] == ' ')) {
+        len--;
+    }
+
+    pid = ngx_atoi(buf, len);
+
+    if (pid == NGX_ERROR || pid <= 0) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "agent: \"%s\" is locked but holds no pid", path);
+        return NGX_INVALID_PID;
+    }
+
+    return (ngx_pid_t) pid;
+}
+
+
+static ngx_int_t
+ngx_http_agent_signal_watchdog(ngx_cycle_t *cycle, ngx_pid_t pid)
+{
+    if (kill(pid, SIGHUP) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: kill(%P, SIGHUP) failed", pid);
+        return NGX_ERROR;
+    }
+
+    ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                  "agent: told the agent (pid %P) to reload the app table",
+                  pid);
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_agent_start_watchdog(ngx_cycle_t *cycle,
+    ngx_http_agent_main_conf_t *amcf)
+{
+    int         nginx_pipe[2], ready_pipe[2];
+    char      **argv;
+    ngx_pid_t   pid;
+
+    argv = ngx_http_agent_watchdog_argv(cycle, amcf);
+    if (argv == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (pipe2(nginx_pipe, O_CLOEXEC) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: pipe2() failed");
+        return NGX_ERROR;
+    }
+
+    if (pipe2(ready_pipe, O_CLOEXEC) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: pipe2() failed");
+        ngx_http_agent_close_fd(cycle, nginx_pipe[0]);
+        ngx_http_agent_close_fd(cycle, nginx_pipe[1]);
+        return NGX_ERROR;
+    }
+
+    pid = fork();
+
+    if (pid == 0) {
+        ngx_http_agent_exec_watchdog(argv, nginx_pipe[0], ready_pipe[1]);
+    }
+
+    if (pid == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: fork() failed");
+    }
+
+    ngx_http_agent_close_fd(cycle, nginx_pipe[0]);
+    ngx_http_agent_close_fd(cycle, ready_pipe[1]);
+
+    if (pid == -1
+        || ngx_http_agent_wait_ready(cycle, ready_pipe[0], pid) != NGX_OK)
+    {
+        ngx_http_agent_close_fd(cycle, ready_pipe[0]);
+        ngx_http_agent_close_fd(cycle, nginx_pipe[1]);
+        return NGX_ERROR;
+    }
+
+    ngx_http_agent_close_fd(cycle, ready_pipe[0]);
+
+    /* a watchdog that died since the last load left this end behind */
+    if (ngx_http_agent_nginx_fd != -1) {
+        ngx_http_agent_close_fd(cycle, ngx_http_agent_nginx_fd);
+    }
+
+    ngx_http_agent_nginx_fd = nginx_pipe[1];
+
+    ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                  "agent: started the agent (pid %P) in \"%V\"",
+                  pid, &amcf->instance_dir);
+
+    return NGX_OK;
+}
+
+
+static char **
+ngx_http_agent_watchdog_argv(ngx_cycle_t *cycle,
+    ngx_http_agent_main_conf_t *amcf)
+{
+    char             **argv;
+    u_char            *owner;
+    ngx_uint_t         n;
+    ngx_core_conf_t   *ccf;
+
+    argv = ngx_pcalloc(cycle->pool, 16 * sizeof(char *));
+    if (argv == NULL) {
+        return NULL;
+    }
+
+    n = 0;
+    argv[n++] = ngx_http_agent_cstring(cycle->pool, &amcf->core_python);
+    argv[n++] = "-m";
+    argv[n++] = "agent";
+    argv[n++] = "watchdog";
+    argv[n++] = "--instance-dir";
+    argv[n++] = ngx_http_agent_cstring(cycle->pool, &amcf->instance_dir);
+    argv[n++] = "--nginx-fd";
+    argv[n++] = "3";
+    argv[n++] = "--ready-fd";
+    argv[n++] = "4";
+
+    if (argv[0] == NULL || argv[5] == NULL) {
+        return NULL;
+    }
+
+    if (amcf->log_file.len) {
+        argv[n++] = "--log-file";
+        argv[n] = ngx_http_agent_cstring(cycle->pool, &amcf->log_file);
+
+        if (argv[n++] == NULL) {
+            return NULL;
+        }
+    }
+
+    ccf = (ngx_core_conf_t *) ngx_get_conf(cycle->conf_ctx, ngx_core_module);
+
+    if (geteuid() == 0 && ccf->user != (ngx_uid_t) NGX_CONF_UNSET_UINT) {
+        owner = ngx_pnalloc(cycle->pool, 2 * NGX_INT64_LEN + 2);
+        if (owner == NULL) {
+            return NULL;
+        }
+
+        (void) ngx_sprintf(owner, "%uL:%uL%Z", (uint64_t) ccf->user,
+                           (uint64_t) ccf->group);
+
+        argv[n++] = "--socket-owner";
+        argv[n++] = (char *) owner;
+    }
+
+    argv[n] = NULL;
+
+    return argv;
+}
+
+
+static char *
+ngx_http_agent_cstring(ngx_pool_t *pool, ngx_str_t *s)
+{
+    u_char  *p;
+
+    p = ngx_pnalloc(pool, s->len + 1);
+    if (p == NULL) {
+        return NULL;
+    }
+
+    (void) ngx_cpystrn(p, s->data, s->len + 1);
+
+    return (char *) p;
+}
+
+
+/*
+ * Runs in the forked child and never returns.  The child must not keep
+ * nginx's listening sockets or log files, nor the signal mask the master
+ * blocks while it reloads.
+ */
+
+static void
+ngx_http_agent_exec_watchdog(char **argv, int nginx_fd, int ready_fd)
+{
+    int       null_fd;
+    sigset_t  none;
+
+    /* first above 4, so that moving one cannot overwrite the other */
+    nginx_fd = fcntl(nginx_fd, F_DUPFD_CLOEXEC, 5);
+    ready_fd = (nginx_fd == -1) ? -1 : fcntl(ready_fd, F_DUPFD_CLOEXEC, 5);
+
+    if (ready_fd == -1
+        || ngx_http_agent_move_fd(nginx_fd, 3) == -1
+        || ngx_http_agent_move_fd(ready_fd, 4) == -1)
+    {
+        _exit(127);
+    }
+
+    ngx_http_agent_close_fds_from(5);
+
+    null_fd = open("/dev/null", O_RDONLY);
+
+    if (null_fd == -1
+        || (null_fd != STDIN_FILENO && dup2(null_fd, STDIN_FILENO) == -1)
+        || setsid() == -1
+        || sigemptyset(&none) == -1
+        || sigprocmask(SIG_SETMASK, &none, NULL) == -1
+        || signal(SIGPIPE, SIG_DFL) == SIG_ERR
+        || signal(SIGSYS, SIG_DFL) == SIG_ERR)
+    {
+        ngx_http_agent_report_exec_failure(4, "the child setup");
+        _exit(127);
+    }
+
+    if (null_fd != STDIN_FILENO) {
+        (void) close(null_fd);
+    }
+
+    execvp(argv[0], argv);
+
+    ngx_http_agent_report_exec_failure(4, argv[0]);
+    _exit(127);
+}
+
+
+static int
+ngx_http_agent_move_fd(int fd, int target)
+{
+    /* dup2() leaves the new descriptor open across exec */
+    if (dup2(fd, target) == -1) {
+        return -1;
+    }
+
+    return close(fd);
+}
+
+
+static void
+ngx_http_agent_close_fds_from(int first)
+{
+    long  fd, max;
+
+#if defined SYS_close_range
+    if (syscall(SYS_close_range, (unsigned int) first, ~0U, 0) == 0) {
+        return;
+    }
+#endif
+
+    max = sysconf(_SC_OPEN_MAX);
+
+    if (max == -1) {
+        max = 65536;
+    }
+
+    for (fd = first; fd < max; fd++) {
+        /* EBADF for the many numbers that are not open is expected */
+        (void) close((int) fd);
+    }
+}
+
+
+static void
+ngx_http_agent_report_exec_failure(int ready_fd, char *file)
+{
+    int      err;
+    char     line[NGX_HTTP_AGENT_READY_LINE_MAX];
+    ssize_t  n;
+
+    err = errno;
+
+    n = snprintf(line, sizeof(line), "error: cannot run %s: %s\n",
+                 file, strerror(err));
+
+    if (n > 0 && (size_t) n < sizeof(line)) {
+        /* the parent reports a missing line as the child's exit anyway */
+        (void) !write(ready_fd, line, n);
+    }
+}
+
+
+static ngx_int_t
+ngx_http_agent_wait_ready(ngx_cycle_t *cycle, int fd, ngx_pid_t pid)
+{
+    u_char     line[NGX_HTTP_AGENT_READY_LINE_MAX];
+    u_char    *status;
+    ngx_int_t  rc;
+
+    rc = ngx_http_agent_read_ready_line(cycle, fd, line, sizeof(line));
+
+    if (rc == NGX_OK && ngx_strcmp(line, "ok") == 0) {
+        return NGX_OK;
+    }
+
+    status = ngx_http_agent_stop_child(cycle, pid);
+
+    if (rc == NGX_OK) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "agent: the agent failed to start: %s (%s)",
+                      line, status);
+
+    } else if (rc == NGX_DONE) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "agent: the agent stopped before it was ready (%s)",
+                      status);
+
+    } else if (rc == NGX_AGAIN) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "agent: the agent was not ready within %d s (%s)",
+                      NGX_HTTP_AGENT_START_TIMEOUT / 1000, status);
+    }
+
+    return NGX_ERROR;
+}
+
+
+/*
+ * Reads one line into "line" (NUL-terminated, without the newline).
+ * Returns NGX_OK, NGX_DONE on end of file before a line, NGX_AGAIN on
+ * timeout, NGX_ERROR on a failed call.
+ */
+
+static ngx_int_t
+ngx_http_agent_read_ready_line(ngx_cycle_t *cycle, int fd, u_char *line,
+    size_t size)
+{
+    int             ready;
+    size_t          len;
+    ssize_t         n;
+    u_char         *nl;
+    ngx_msec_int_t  deadline, left;
+    struct pollfd   pfd;
+
+    len = 0;
+    deadline = ngx_http_agent_now() + NGX_HTTP_AGENT_START_TIMEOUT;
+
+    for ( ;; ) {
+        left = deadline - ngx_http_agent_now();
+
+        if (left <= 0) {
+            return NGX_AGAIN;
+        }
+
+        pfd.fd = fd;
+        pfd.events = POLLIN;
+        pfd.revents = 0;
+
+        ready = poll(&pfd, 1, (int) left);
+
+        if (ready == -1) {
+            if (ngx_errno == NGX_EINTR) {
+                continue;
+            }
+
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                          "agent: poll() failed");
+            return NGX_ERROR;
+        }
+
+        if (ready == 0) {
+            return NGX_AGAIN;
+        }
+
+        n = read(fd, line + len, size - 1 - len);
+
+        if (n == -1) {
+            if (ngx_errno == NGX_EINTR) {
+                continue;
+            }
+
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                          "agent: cannot read the agent's readiness");
+            return NGX_ERROR;
+        }
+
+        if (n == 0) {
+            if (len == 0) {
+                return NGX_DONE;
+            }
+
+            line[len] = '\0';
+            return NGX_OK;
+        }
+
+        len += n;
+        line[len] = '\0';
+
+        nl = (u_char *) ngx_strchr(line, '\n');
+
+        if (nl) {
+            *nl = '\0';
+            return NGX_OK;
+        }
+
+        if (len == size - 1) {
+            /* an overlong line is shown cut short */
+            return NGX_OK;
+        }
+    }
+}
+
+
+static ngx_msec_int_t
+ngx_http_agent_now(void)
+{
+    struct timespec  ts;
+
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) == -1) {
+        /* cannot fail with a valid clock; a zero time only cuts the wait */
+        return 0;
+    }
+
+    return (ngx_msec_int_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+
+/*
+ * Gives a child that failed to start a moment to exit on its own, so that
+ * its exit code can be reported, then kills it.  Returns how it ended, as
+ * text for the caller's message.
+ */
+
+static u_char *
+ngx_http_agent_stop_child(ngx_cycle_t *cycle, ngx_pid_t pid)
+{
+    int         status;
+    ngx_pid_t   done;
+    ngx_uint_t  tries;
+
+    static u_char  text[64];
+
+    done = 0;
+
+    for (tries = 0; tries < 50 && done == 0; tries++) {
+        done = waitpid(pid, &status, WNOHANG);
+
+        if (done == 0) {
+            ngx_msleep(10);
+
+        } else if (done == -1 && ngx_errno == NGX_EINTR) {
+            done = 0;
+        }
+    }
+
+    if (done == 0) {
+        if (kill(pid, SIGKILL) == -1 && ngx_errno != NGX_ESRCH) {
+            ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno,
+                          "agent: kill(%P, SIGKILL) failed", pid);
+            return (u_char *) "pid left running";
+        }
+
+        do {
+            done = waitpid(pid, &status, 0);
+        } while (done == -1 && ngx_errno == NGX_EINTR);
+    }
+
+    if (done == -1) {
+        /* ECHILD: nginx's own SIGCHLD handler reaped it already */
+        (void) ngx_sprintf(text, "pid %P%Z", pid);
+
+    } else if (WIFEXITED(status)) {
+        (void) ngx_sprintf(text, "pid %P exited with code %d%Z",
+                           pid, WEXITSTATUS(status));
+
+    } else if (WIFSIGNALED(status)) {
+        (void) ngx_sprintf(text, "pid %P killed by signal %d%Z",
+                           pid, WTERMSIG(status));
+
+    } else {
+        (void) ngx_sprintf(text, "pid %P%Z", pid);
+    }
+
+    return text;
+}
+
+
+static void
+ngx_http_agent_close_fd(ngx_cycle_t *cycle, int fd)
+{
+    if (close(fd) == -1) {
+        ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno,
+                      "agent: close(%d) failed", fd);
+    }
+}
