@@ -35,6 +35,7 @@ class Kind(enum.Enum):
     ENUM = "enum"          # one of choices
     ENV = "env"            # NAME VALUE pairs (agent_env, repeatable)
     TEMP_PATH = "temp_path"  # nginx's PATH [L1 [L2 [L3]]]
+    STATUS = "status"      # on | off: the location is a door to the status socket
 
 
 class Scope(enum.Enum):
@@ -83,7 +84,7 @@ SETTINGS: tuple[Setting, ...] = (
             "passenger_instance_registry_dir", serve=False),
     Setting("log_file", P, HTTP, None, "the agent's log, worker output included (default: nginx's stderr)",
             "passenger_log_file", serve=False),
-    Setting("core_python", P, HTTP, None, "the Python that runs the agent itself",
+    Setting("core_python", S, HTTP, None, "the Python that runs the agent itself",
             "passenger_root", serve=False),
     Setting("pool_idle_time", T, HTTP, 300_000, "a worker idle this long is stopped; 0: never",
             "passenger_pool_idle_time"),
@@ -127,7 +128,7 @@ SETTINGS: tuple[Setting, ...] = (
     # -- nginx's side only --------------------------------------------------------------
     Setting("enabled", F, LOC, False, "hand this location's dynamic requests to the agent",
             "passenger_enabled", serve=False),
-    Setting("status", F, LOC, False, "this location is a door to the agent's status socket", serve=False),
+    Setting("status", Kind.STATUS, LOC, False, "this location is a door to the agent's status socket", serve=False),
     Setting("buffer_response", F, LOC, True, "nginx buffers the app's response", "passenger_buffer_response"),
     Setting("read_timeout", T, LOC, 600_000, "how long nginx waits for the app's response between two reads",
             "passenger_read_timeout"),

@@ -65,7 +65,7 @@ def c_default(setting_kind: Kind, literal: str) -> object:
         return None
     if literal.startswith('"'):
         return literal[1:-1]
-    if setting_kind is Kind.FLAG:
+    if setting_kind in (Kind.FLAG, Kind.STATUS):
         return bool(int(literal))
     return int(literal)
 
@@ -80,8 +80,7 @@ def test_the_module_row_agrees_with_the_registry(setting: object) -> None:
     s = BY_NAME[setting.name]  # type: ignore[attr-defined]
     kind, scope, default = c_rows()[s.name]
     assert scope == s.scope.name
-    if s.kind in (Kind.FLAG, Kind.NUM, Kind.MSEC, Kind.SIZE_MB, Kind.ENV, Kind.TEMP_PATH):
-        assert kind == s.kind.name
+    assert kind == s.kind.name
     expected = s.default if s.default not in ("", {}) else None
     assert c_default(s.kind, default) in (expected, s.default)
 
