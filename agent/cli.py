@@ -39,6 +39,7 @@ from agent.client import (
 from agent.instance import Instance
 from agent.serve import ServeError, find_module, render_config, serve
 from agent.serve_config import ServeConfigError, build_options, load
+from agent.settings import SERVE_SETTINGS, Kind, Scope, Setting, check_value, render_directive_value
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -288,9 +289,7 @@ def apps_count(status_socket: Path, token: str | None) -> str:
 
 def command_serve(args: argparse.Namespace, out: TextIO) -> int:
     settings = load(args.config) if args.config else None
-    overrides = {name: getattr(args, name) for name in
-                 ("host", "port", "min_instances", "max_instances", "max_pool_size", "startup_file", "python",
-                  "user")}
+    overrides = {setting.name: getattr(args, setting.name) for setting in SERVE_SETTINGS}
     overrides["env"] = dict(args.env) if args.env else None
     options = build_options(args.app_dir, settings, overrides)
     options.run_dir, options.module, options.nginx = args.run_dir, args.module, args.nginx
@@ -308,6 +307,36 @@ def env_pair(text: str) -> tuple[str, str]:
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
     return name, value
+
+
+def setting_value(setting: Setting) -> Callable[[str], Any]:
+    """argparse's type for a setting's flag: the value checked against the
+    setting's row, as a YAML value is."""
+    def convert(text: str) -> Any:
+        value: Any = text
+        if setting.kind in (Kind.NUM, Kind.SIZE_MB):
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+        try:
+            return check_value(setting, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def add_setting_flag(parser: argparse.ArgumentParser, setting: Setting) -> None:
+    """--NAME for a row of agent.settings; its help names the directive."""
+    shown = "none" if setting.default in (None, "", {}) else render_directive_value(setting, setting.default)
+    what = setting.directive if setting.scope is not Scope.SERVE else setting.name
+    help_text = f"{what}: {setting.help} ({shown})"
+    if setting.kind is Kind.ENV:
+        parser.add_argument(setting.flag, type=env_pair, action="append", default=[], metavar="NAME=VALUE",
+                            help=f"{help_text}; may be repeated")
+        return
+    metavar = {Kind.FLAG: "on|off", Kind.MSEC: "TIME", Kind.NUM: "N", Kind.SIZE_MB: "MB"}.get(setting.kind)
+    parser.add_argument(setting.flag, type=setting_value(setting), metavar=metavar, help=help_text)
 
 
 def positive(text: str) -> int:
@@ -410,16 +439,8 @@ def add_serve_command(commands: Any) -> None:
     add("app_dir", type=Path, metavar="APP_DIR",
         help="the app root: holds the startup file, and public/ for static files")
     add("--config", type=Path, metavar="FILE", help="YAML settings: directives without the agent_ prefix")
-    add("--host", help="address to listen on (127.0.0.1)")
-    add("--port", type=int, help="port to listen on (8080)")
-    add("--min-instances", type=positive, help="agent_min_instances (1)")
-    add("--max-instances", type=positive, help="agent_max_instances (0: no bound)")
-    add("--max-pool-size", type=positive, help="agent_max_pool_size (6)")
-    add("--startup-file", help="agent_startup_file (wsgi.py)")
-    add("--python", help="agent_python, the app's interpreter (/usr/bin/python3)")
-    add("--user", help="agent_user: run workers as this user")
-    add("--env", type=env_pair, action="append", default=[], metavar="NAME=VALUE",
-        help="agent_env, may be repeated")
+    for setting in SERVE_SETTINGS:
+        add_setting_flag(serve_parser, setting)
     add("--run-dir", type=Path, help="where the config, pid and sockets go (/tmp/agent-serve-PORT)")
     add("--module", type=Path, help="path to ngx_http_agent_module.so")
     add("--nginx", default="nginx", help="the nginx binary (nginx)")

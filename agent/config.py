@@ -1,13 +1,17 @@
-"""The app table that nginx hands the agent (apps.json, docs/protocol.md §4)."""
+"""The app table that nginx hands the agent (apps.json, docs/protocol.md §4).
+
+Every key, its type, bounds and default come from agent.settings; this
+module only reads them. Durations stay integer milliseconds (`*_ms`).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-APP_TYPES = ("wsgi",)
+from agent.settings import APP_SETTINGS, HTTP_SETTINGS, Kind, Setting, default
 
 
 class ConfigError(ValueError):
@@ -16,27 +20,28 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AppConfig:
-    """One app's settings (docs/directives.md)."""
+    """One app's settings (docs/directives.md); the fields are the keys of
+    the APP rows of agent.settings, a unit test holds them together."""
 
     name: str
     app_root: str
-    app_type: str = "wsgi"
-    startup_file: str = "wsgi.py"
-    python: str = "/usr/bin/python3"
+    app_type: str = default("app_type")
+    startup_file: str = default("startup_file")
+    python: str = default("python")
     env: tuple[tuple[str, str], ...] = ()
-    user: str = ""
-    group: str = ""
-    default_user: str = "nobody"
-    min_instances: int = 1
-    max_instances: int = 0
-    max_request_queue_size: int = 100
-    max_request_queue_time: float = 0.0
-    prestart: bool = False
-    memory_limit_mb: int = 0
-    max_requests: int = 0
-    max_request_time: float = 0.0
-    shutdown_timeout: float = 60.0
-    start_timeout: float = 90.0
+    user: str = default("user")
+    group: str = default("group")
+    default_user: str = default("default_user")
+    min_instances: int = default("min_instances")
+    max_instances: int = default("max_instances")
+    max_request_queue_size: int = default("max_request_queue_size")
+    max_request_queue_time_ms: int = default("max_request_queue_time")
+    prestart: bool = default("prestart")
+    memory_limit_mb: int = default("memory_limit")
+    max_requests: int = default("max_requests")
+    max_request_time_ms: int = default("max_request_time")
+    shutdown_timeout_ms: int = default("shutdown_timeout")
+    start_timeout_ms: int = default("start_timeout")
 
     @property
     def startup_path(self) -> Path:
@@ -52,72 +57,52 @@ class AppConfig:
 
 @dataclass(frozen=True)
 class AppTable:
-    max_pool_size: int = 6
-    pool_idle_time: float = 300.0
-    stat_throttle_rate: float = 10.0
+    max_pool_size: int = default("max_pool_size")
+    pool_idle_time_ms: int = default("pool_idle_time")
+    stat_throttle_rate_ms: int = default("stat_throttle_rate")
     apps: tuple[AppConfig, ...] = field(default_factory=tuple)
 
 
-def _int(entry: dict[str, Any], key: str, default: int, minimum: int, where: str) -> int:
-    value = entry.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"{where}: {key} must be an integer >= {minimum}, not {value!r}")
-    return value
-
-
-def _seconds(entry: dict[str, Any], key: str, default_ms: int, where: str) -> float:
-    """A time the module wrote in milliseconds (key ends in _ms), in seconds."""
-    return _int(entry, key, default_ms, 0, where) / 1000.0
-
-
-def _bool(entry: dict[str, Any], key: str, default: bool, where: str) -> bool:
-    value = entry.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be true or false, not {value!r}")
-    return value
-
-
-def _str(entry: dict[str, Any], key: str, default: str, where: str) -> str:
-    value = entry.get(key, default)
-    if not isinstance(value, str):
+def read_value(entry: dict[str, Any], setting: Setting, where: str) -> Any:
+    """One key of apps.json, checked against its row."""
+    key = setting.key
+    value = entry.get(key, setting.default)
+    if value is None and setting.default is None:
+        return None                      # computed by nginx, and nginx left it out
+    kind = setting.kind
+    if kind in (Kind.NUM, Kind.MSEC, Kind.SIZE_MB):
+        if not isinstance(value, int) or isinstance(value, bool) or value < setting.minimum:
+            raise ConfigError(f"{where}: {key} must be an integer >= {setting.minimum}, not {value!r}")
+    elif kind is Kind.FLAG:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, not {value!r}")
+    elif kind is Kind.ENV:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in value.items()):
+            raise ConfigError(f"{where}: {key} must map names to strings")
+        value = tuple(sorted(value.items()))
+    elif not isinstance(value, str):
         raise ConfigError(f"{where}: {key} must be a string, not {value!r}")
+    elif kind is Kind.ENUM and value not in setting.choices:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(setting.choices)}, not {value!r}")
     return value
+
+
+APP_FIELDS = frozenset(f.name for f in fields(AppConfig))
+TABLE_FIELDS = frozenset(f.name for f in fields(AppTable))
 
 
 def parse_app(entry: dict[str, Any], where: str) -> AppConfig:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: an app must be an object")
-    name = _str(entry, "name", "", where)
-    app_root = _str(entry, "app_root", name, where)
-    if not app_root.startswith("/"):
-        raise ConfigError(f"{where}: app_root must be an absolute path, not {app_root!r}")
-    app_type = _str(entry, "app_type", "wsgi", where)
-    if app_type not in APP_TYPES:
-        raise ConfigError(f"{where}: app_type must be one of {', '.join(APP_TYPES)}, not {app_type!r}")
-    env = entry.get("env", {})
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise ConfigError(f"{where}: env must map names to strings")
-    config = AppConfig(
-        name=name or app_root,
-        app_root=app_root,
-        app_type=app_type,
-        startup_file=_str(entry, "startup_file", "wsgi.py", where),
-        python=_str(entry, "python", "/usr/bin/python3", where),
-        env=tuple(sorted(env.items())),
-        min_instances=_int(entry, "min_instances", 1, 0, where),
-        max_instances=_int(entry, "max_instances", 0, 0, where),
-        user=_str(entry, "user", "", where),
-        group=_str(entry, "group", "", where),
-        default_user=_str(entry, "default_user", "nobody", where),
-        max_request_queue_size=_int(entry, "max_request_queue_size", 100, 0, where),
-        max_request_queue_time=_seconds(entry, "max_request_queue_time_ms", 0, where),
-        prestart=_bool(entry, "prestart", False, where),
-        memory_limit_mb=_int(entry, "memory_limit_mb", 0, 0, where),
-        max_requests=_int(entry, "max_requests", 0, 0, where),
-        max_request_time=_seconds(entry, "max_request_time_ms", 0, where),
-        shutdown_timeout=_seconds(entry, "shutdown_timeout_ms", 60_000, where),
-        start_timeout=_seconds(entry, "start_timeout_ms", 90_000, where),
-    )
+    name = entry.get("name", "")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: name must be a string, not {name!r}")
+    values = {s.key: read_value(entry, s, where) for s in APP_SETTINGS if s.key in APP_FIELDS}
+    values["app_root"] = values.get("app_root") or name
+    if not values["app_root"].startswith("/"):
+        raise ConfigError(f"{where}: app_root must be an absolute path, not {values['app_root']!r}")
+    config = AppConfig(name=name or values["app_root"], **values)
     if config.max_instances and config.min_instances > config.max_instances:
         raise ConfigError(f"{where}: min_instances ({config.min_instances}) exceeds "
                           f"max_instances ({config.max_instances})")
@@ -135,12 +120,8 @@ def parse_table(data: Any) -> AppTable:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"app named twice: {', '.join(duplicates)}")
-    return AppTable(
-        max_pool_size=_int(data, "max_pool_size", 6, 1, "app table"),
-        pool_idle_time=_seconds(data, "pool_idle_time_ms", 300_000, "app table"),
-        stat_throttle_rate=_seconds(data, "stat_throttle_rate_ms", 10_000, "app table"),
-        apps=apps,
-    )
+    values = {s.key: read_value(data, s, "app table") for s in HTTP_SETTINGS if s.key in TABLE_FIELDS}
+    return AppTable(apps=apps, **values)
 
 
 def load_table(path: Path) -> AppTable:

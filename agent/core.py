@@ -26,6 +26,7 @@ from typing import Any
 import psutil
 
 from agent import logs, policy
+from agent.clock import monotonic_ms, seconds_text
 from agent.config import AppConfig, AppTable, ConfigError, load_table
 from agent.core_status import CoreStatus
 from agent.error_page import startup_error_response
@@ -45,12 +46,13 @@ from agent.native import (
     EngineEvent,
 )
 from agent.pool import App, Pool, ProcessUsage, Worker, WorkerState
+from agent.settings import default
 from agent.signals import SignalInbox
 from agent.spawner import SpawnError, StartedProcess, install_loaders, start_worker
 from agent.status import StatusServer
 
-TICK = 1.0
-MEMORY_SAMPLE_INTERVAL = 1.0
+TICK_MS = 1000
+MEMORY_SAMPLE_INTERVAL_MS = 1000
 HANDSHAKE_LIMIT = 65536
 
 
@@ -66,10 +68,10 @@ class Core:
         self.handshakes: dict[int, tuple[int, bytearray]] = {}   # fd -> (pid, data)
         self.captures: dict[int, OutputCapture] = {}              # fd -> capture
         self.socket_numbers = itertools.count(1)
-        self.next_tick = 0.0
-        self.next_memory_sample = 0.0
-        self.next_restart_check = 0.0
-        self.stat_throttle_rate = 10.0
+        self.next_tick = 0
+        self.next_memory_sample = 0
+        self.next_restart_check = 0
+        self.stat_throttle_rate_ms = default("stat_throttle_rate")
         self.notifying: dict[int, int] = {}                        # app id -> NOTIFY_* asked for
         self.restart_waiters: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
 
@@ -103,7 +105,7 @@ class Core:
         self.selector.register(self.engine.notify_fd(), selectors.EVENT_READ, self.on_engine_notify)
 
     def wait_for_events(self) -> None:
-        for key, _ in self.selector.select(timeout=TICK):
+        for key, _ in self.selector.select(timeout=TICK_MS / 1000):
             callback: Callable[[int], None] = key.data
             callback(key.fd)
 
@@ -141,8 +143,8 @@ class Core:
 
     def apply_table(self, table: AppTable) -> None:
         self.pool.max_pool_size = table.max_pool_size
-        self.pool.pool_idle_time = table.pool_idle_time
-        self.stat_throttle_rate = table.stat_throttle_rate
+        self.pool.pool_idle_time_ms = table.pool_idle_time_ms
+        self.stat_throttle_rate_ms = table.stat_throttle_rate_ms
         wanted = {config.name: config for config in table.apps}
         for name, app in self.pool.apps.items():
             if name not in wanted and not app.removed:
@@ -164,7 +166,7 @@ class Core:
             app.config = config
             app.removed = False
             app.spawn_failures = 0
-            app.failed_until = 0.0
+            app.failed_until = 0
             self.clear_failure(app)
             self.begin_restart(app, "settings changed")
         elif app.config != config:
@@ -172,9 +174,8 @@ class Core:
             app.config = config
         if config.prestart:
             app.activated = True
-        self.engine.set_app(app.id, config.name, config.max_request_queue_size,
-                            int(config.max_request_queue_time * 1000))
-        self.engine.set_request_time(app.id, int(config.max_request_time * 1000))
+        self.engine.set_app(app.id, config.name, config.max_request_queue_size, config.max_request_queue_time_ms)
+        self.engine.set_request_time(app.id, config.max_request_time_ms)
 
     # -- engine events ----------------------------------------------------
 
@@ -221,7 +222,7 @@ class Core:
             return
         app, worker = found
         worker.processed = max(worker.processed, processed)
-        worker.last_used = time.monotonic()
+        worker.last_used = monotonic_ms()
         if app.config.memory_limit_mb:
             self.sample_memory([worker])
         recycle = policy.recycle_reason(app, worker) if worker.is_serving() else None
@@ -244,14 +245,14 @@ class Core:
             if ws is not None:
                 worker.sessions = ws.sessions
                 worker.processed = ws.processed
-                # The engine's clock is CLOCK_MONOTONIC too.
-                worker.last_used = max(worker.last_used, ws.last_used_ms / 1000.0)
+                # The engine's clock is CLOCK_MONOTONIC in milliseconds too.
+                worker.last_used = max(worker.last_used, ws.last_used_ms)
         return app_stats
 
     def sample_memory(self, workers: list[Worker]) -> None:
-        now = time.monotonic()
+        now = monotonic_ms()
         for worker in workers:
-            usage = sample_usage(worker.pid, worker.usage, now - worker.sampled_at)
+            usage = sample_usage(worker.pid, worker.usage, (now - worker.sampled_at) / 1000)
             if usage is not None:
                 worker.usage, worker.memory, worker.sampled_at = usage, usage.private, now
 
@@ -295,17 +296,16 @@ class Core:
 
     def worker_ready(self, app: App, worker: Worker, concurrency: int) -> None:
         worker.state = WorkerState.SERVING
-        worker.ready_at = worker.last_used = time.monotonic()
+        worker.ready_at = worker.last_used = monotonic_ms()
         worker.concurrency = max(1, concurrency)
-        app.spawn_durations.observe(worker.ready_at - worker.spawned_at)
+        app.spawn_durations.observe((worker.ready_at - worker.spawned_at) / 1000)
         app.spawn_failures = 0
         self.clear_failure(app)
         self.engine.add_worker(app.id, worker.pid, worker.socket_path, worker.concurrency)
         # The engine hands it waiting requests at once; a count from an
         # event before it did must not start yet another worker for them.
         app.queue_length = max(0, app.queue_length - worker.concurrency)
-        log.info("app %s: worker %d ready in %.0f ms", app.name, worker.pid,
-                 (worker.ready_at - worker.spawned_at) * 1000)
+        log.info("app %s: worker %d ready in %d ms", app.name, worker.pid, worker.ready_at - worker.spawned_at)
 
     def on_output(self, fd: int) -> None:
         capture = self.captures[fd]
@@ -327,7 +327,7 @@ class Core:
 
     def track(self, app: App, started: StartedProcess) -> None:
         worker = Worker(pid=started.pid, app=app.name, socket_path=started.socket_path,
-                        spawned_at=time.monotonic(), started_at=time.time(), generation=app.generation,
+                        spawned_at=monotonic_ms(), started_at=time.time(), generation=app.generation,
                         max_requests=policy.request_budget(app, random.random()))
         app.spawns += 1
         app.workers[worker.pid] = worker
@@ -339,13 +339,13 @@ class Core:
 
     def spawn_failed(self, app: App, summary: str, details: str) -> None:
         app.spawn_failures += 1
-        delay = policy.backoff_delay(app.spawn_failures)
-        app.failed_until = time.monotonic() + delay
+        delay = policy.backoff_delay_ms(app.spawn_failures)
+        app.failed_until = monotonic_ms() + delay
         app.last_error = summary
         app.last_error_at = time.time()
         app.spawn_failures_total += 1
-        log.error("app %s could not start (%d in a row, next try in %.0f s): %s%s",
-                  app.name, app.spawn_failures, delay, summary, "" if details == summary else "\n" + details)
+        log.error("app %s could not start (%d in a row, next try in %s): %s%s", app.name, app.spawn_failures,
+                  seconds_text(delay), summary, "" if details == summary else "\n" + details)
         if app.restarting():
             self.abandon_restart(app)
         elif not app.serving_workers():
@@ -363,7 +363,7 @@ class Core:
         app.restarts += 1
         app.restart_target = len(app.serving_workers())
         app.spawn_failures = 0
-        app.failed_until = 0.0
+        app.failed_until = 0
         log.info("app %s: rolling restart of %d worker(s) (%s)", app.name, app.restart_target, reason)
 
     def abandon_restart(self, app: App) -> None:
@@ -406,12 +406,12 @@ class Core:
         logs.reopen()
         log.info("log file reopened")
 
-    def check_restart_files(self, now: float) -> None:
+    def check_restart_files(self, now: int) -> None:
         """tmp/restart.txt touched: a rolling restart. tmp/always_restart.txt
         present: every worker serves one request, then is replaced."""
         if now < self.next_restart_check:
             return
-        self.next_restart_check = now + max(self.stat_throttle_rate, TICK)
+        self.next_restart_check = now + max(self.stat_throttle_rate_ms, TICK_MS)
         for app in self.pool.apps.values():
             if app.removed:
                 continue
@@ -454,7 +454,7 @@ class Core:
     def stop(self, worker: Worker) -> None:
         app = self.pool.apps[worker.app]
         worker.state = WorkerState.STOPPING
-        worker.stop_deadline = time.monotonic() + app.config.shutdown_timeout
+        worker.stop_deadline = monotonic_ms() + app.config.shutdown_timeout_ms
         self.signal(worker, signal.SIGTERM)
 
     def kill(self, worker: Worker, reason: str) -> None:
@@ -507,17 +507,17 @@ class Core:
     # -- the policy ----------------------------------------------------------
 
     def reconcile(self) -> None:
-        now = time.monotonic()
+        now = monotonic_ms()
         fresh = now >= self.next_tick
         if fresh:
             self.refresh_stats()
             self.check_restart_files(now)
             if self.status is not None:
-                self.status.tick(now)
-            self.next_tick = now + TICK
+                self.status.tick(time.monotonic())
+            self.next_tick = now + TICK_MS
         if now >= self.next_memory_sample:
             self.sample_memory([w for w in self.pool.workers() if w.is_serving()])
-            self.next_memory_sample = now + MEMORY_SAMPLE_INTERVAL
+            self.next_memory_sample = now + MEMORY_SAMPLE_INTERVAL_MS
         for _ in range(3):  # a detach makes room that a spawn may use at once
             actions = policy.plan(self.pool, now)
             if not fresh and any(isinstance(a, policy.Spawn) for a in actions):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.clock import monotonic_ms, unix_time
 from agent.metrics import AppMetrics, Histogram, MetricsSnapshot, ProcessMetrics
 from agent.native import DURATION_BOUNDS, AppDurations, AppStats
 from agent.pool import App, Worker
@@ -28,11 +29,7 @@ def worker_state(worker: Worker) -> str:
     return worker.state.value
 
 
-def unix_time(monotonic: float) -> float:
-    return time.time() - (time.monotonic() - monotonic)
-
-
-def process_document(worker: Worker, now: float) -> dict[str, Any]:
+def process_document(worker: Worker, now: int) -> dict[str, Any]:
     usage = worker.usage
     memory = None if usage is None else {"rss": usage.rss, "pss": usage.pss, "private": usage.private,
                                          "swap": usage.swap}
@@ -43,7 +40,7 @@ def process_document(worker: Worker, now: float) -> dict[str, Any]:
         "processed": worker.processed,
         "concurrency": worker.concurrency,
         "spawned_at": worker.started_at,
-        "uptime": round(now - worker.spawned_at, 3),
+        "uptime": round((now - worker.spawned_at) / 1000, 3),
         "last_used": unix_time(worker.last_used) if worker.last_used else None,
         "cpu_percent": None if usage is None else round(usage.cpu_percent, 1),
         "memory": memory,
@@ -82,13 +79,13 @@ class CoreStatus:
     def pool_info(self) -> dict[str, Any]:
         core = self.core
         app_stats = core.refresh_stats()
-        now = time.monotonic()
+        now = monotonic_ms()
         return {
             "max_pool_size": core.pool.max_pool_size,
             "apps": [self.app_document(app, app_stats.get(app.id), now) for app in core.pool.apps.values()],
         }
 
-    def app_document(self, app: App, stats: Any, now: float) -> dict[str, Any]:
+    def app_document(self, app: App, stats: Any, now: int) -> dict[str, Any]:
         error = None if not app.last_error else {"summary": app.last_error, "at": app.last_error_at}
         return {
             "name": app.name,

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.clock import seconds_text
 from agent.pool import App, Pool, Worker
 
 # Back-off after consecutive start failures: 1 s, 2 s, 4 s, ... at most 30 s.
-BACKOFF_FIRST = 1.0
-BACKOFF_MAX = 30.0
+BACKOFF_FIRST_MS = 1000
+BACKOFF_MAX_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ class ClearFailure:
 Action = Spawn | Detach | Stop | Kill | ClearFailure
 
 
-def backoff_delay(failures: int) -> float:
-    """Seconds to wait before the next start after `failures` failures in a row."""
+def backoff_delay_ms(failures: int) -> int:
+    """Milliseconds to wait before the next start after `failures` failures in a row."""
     if failures <= 0:
-        return 0.0
-    return float(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1)))
+        return 0
+    return min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS << (failures - 1))
 
 
 def app_capacity(app: App) -> int:
@@ -90,7 +91,7 @@ def may_grow(app: App, room: int) -> bool:
     return not app.removed and room > 0 and len(app.live_workers()) < app_capacity(app)
 
 
-def may_start(app: App, now: float) -> bool:
+def may_start(app: App, now: int) -> bool:
     """One start at a time per app, none while it backs off after failures,
     shows its error page, or is being removed."""
     return not (app.removed or app.in_backoff(now) or app.failure_shown or app.starting_workers())
@@ -99,7 +100,7 @@ def may_start(app: App, now: float) -> bool:
 # -- growing ----------------------------------------------------------------
 
 
-def wants_another_worker(app: App, now: float) -> bool:
+def wants_another_worker(app: App, now: int) -> bool:
     """A request waits, or the app is below its minimum."""
     if not may_start(app, now) or len(app.live_workers()) >= app_capacity(app):
         return False
@@ -115,7 +116,7 @@ def spawn_priority(app: App) -> int:
     return 2
 
 
-def plan_spawns(pool: Pool, now: float) -> list[Action]:
+def plan_spawns(pool: Pool, now: int) -> list[Action]:
     room = pool.room()
     actions: list[Action] = []
     for app in sorted(pool.apps.values(), key=spawn_priority):
@@ -125,7 +126,7 @@ def plan_spawns(pool: Pool, now: float) -> list[Action]:
     return actions
 
 
-def plan_eviction(pool: Pool, now: float) -> list[Action]:
+def plan_eviction(pool: Pool, now: int) -> list[Action]:
     """A full pool gives way to an app whose requests wait with no worker at
     all: the least recently used idle worker of another app is detached."""
     if pool.room() > 0:
@@ -155,7 +156,7 @@ def recycle_reason(app: App, worker: Worker) -> tuple[str, str] | None:
     return None
 
 
-def plan_recycling(pool: Pool, now: float) -> list[Action]:
+def plan_recycling(pool: Pool, now: int) -> list[Action]:
     actions: list[Action] = []
     for app in pool.apps.values():
         for worker in app.serving_workers():
@@ -165,24 +166,24 @@ def plan_recycling(pool: Pool, now: float) -> list[Action]:
     return actions
 
 
-def plan_idle(pool: Pool, now: float) -> list[Action]:
+def plan_idle(pool: Pool, now: int) -> list[Action]:
     """Workers idle longer than the pool idle time are stopped, least
     recently used first, down to the app's minimum."""
-    if pool.pool_idle_time <= 0:
+    if pool.pool_idle_time_ms <= 0:
         return []
     actions: list[Action] = []
     for app in pool.apps.values():
         spare = len(app.live_workers()) - app.config.min_instances
-        idle = [w for w in app.serving_workers() if w.idle_for(now) > pool.pool_idle_time]
+        idle = [w for w in app.serving_workers() if w.idle_for(now) > pool.pool_idle_time_ms]
         for worker in sorted(idle, key=lambda w: w.last_used)[:max(0, spare)]:
-            actions.append(Detach(worker.pid, f"idle for {worker.idle_for(now):.0f} s", "idle"))
+            actions.append(Detach(worker.pid, f"idle for {worker.idle_for(now) // 1000} s", "idle"))
     return actions
 
 
 # -- restarting ---------------------------------------------------------------
 
 
-def plan_restart(app: App, now: float) -> list[Action]:
+def plan_restart(app: App, now: int) -> list[Action]:
     """A rolling restart: a new worker is ready before an old one is retired,
     one at a time. The pool may hold one worker more than its bounds while
     it happens."""
@@ -198,34 +199,34 @@ def plan_restart(app: App, now: float) -> list[Action]:
     return []
 
 
-def plan_restarts(pool: Pool, now: float) -> list[Action]:
+def plan_restarts(pool: Pool, now: int) -> list[Action]:
     return [action for app in pool.apps.values() for action in plan_restart(app, now)]
 
 
 # -- failures and deadlines -----------------------------------------------------
 
 
-def plan_failures(pool: Pool, now: float) -> list[Action]:
+def plan_failures(pool: Pool, now: int) -> list[Action]:
     return [ClearFailure(app.name) for app in pool.apps.values()
             if app.failure_shown and not app.in_backoff(now)]
 
 
-def worker_deadline_actions(app: App, worker: Worker, now: float) -> list[Action]:
-    if worker.is_starting() and now - worker.spawned_at > app.config.start_timeout:
-        return [Kill(worker.pid, f"did not finish starting within {app.config.start_timeout:g} s")]
+def worker_deadline_actions(app: App, worker: Worker, now: int) -> list[Action]:
+    if worker.is_starting() and now - worker.spawned_at > app.config.start_timeout_ms:
+        return [Kill(worker.pid, f"did not finish starting within {seconds_text(app.config.start_timeout_ms)}")]
     if worker.is_detaching() and worker.is_idle():
         return [Stop(worker.pid)]
     if worker.is_stopping() and worker.stop_deadline is not None and now > worker.stop_deadline:
-        return [Kill(worker.pid, f"did not exit within {app.config.shutdown_timeout:g} s")]
+        return [Kill(worker.pid, f"did not exit within {seconds_text(app.config.shutdown_timeout_ms)}")]
     return []
 
 
-def plan_deadlines(pool: Pool, now: float) -> list[Action]:
+def plan_deadlines(pool: Pool, now: int) -> list[Action]:
     return [action for app in pool.apps.values() for worker in app.workers.values()
             for action in worker_deadline_actions(app, worker, now)]
 
 
-def plan(pool: Pool, now: float) -> list[Action]:
+def plan(pool: Pool, now: int) -> list[Action]:
     """Every action the pool needs now, in the order they should happen:
     stops and detaches first, so that the spawns see the room they make."""
     return (plan_failures(pool, now) + plan_deadlines(pool, now) + plan_recycling(pool, now)

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from agent.config import AppConfig
+from agent.settings import default
 
 
 class WorkerState(enum.Enum):
@@ -63,17 +64,17 @@ class Worker:
     pid: int
     app: str
     socket_path: str
-    spawned_at: float
+    spawned_at: int                  # monotonic_ms() when forked
     state: WorkerState = WorkerState.STARTING
     concurrency: int = 1
-    ready_at: float | None = None
-    stop_deadline: float | None = None
+    ready_at: int | None = None
+    stop_deadline: int | None = None
     sessions: int = 0
     processed: int = 0
-    last_used: float = 0.0           # time.monotonic() of its last request's start or end
+    last_used: int = 0               # monotonic_ms() of its last request's start or end
     memory: int | None = None        # bytes it alone holds (USS + swap), at the last sample
     usage: ProcessUsage | None = None  # the last full sample (status, metrics)
-    sampled_at: float = 0.0          # time.monotonic() of that sample
+    sampled_at: int = 0              # monotonic_ms() of that sample
     started_at: float = 0.0          # time.time() when forked, for display
     generation: int = 0              # the app's generation it was started for
     max_requests: int = 0            # recycled after this many requests (0: never)
@@ -102,8 +103,8 @@ class Worker:
     def is_idle(self) -> bool:
         return self.sessions == 0
 
-    def idle_for(self, now: float) -> float:
-        return now - self.last_used if self.is_idle() else 0.0
+    def idle_for(self, now: int) -> int:
+        return now - self.last_used if self.is_idle() else 0
 
     def over_memory_limit(self, limit_mb: int) -> bool:
         return limit_mb > 0 and self.memory is not None and self.memory > limit_mb << 20
@@ -120,7 +121,7 @@ class App:
     activated: bool = False          # a request has arrived (or prestart): keep min_instances
     queue_length: int = 0
     spawn_failures: int = 0          # consecutive
-    failed_until: float = 0.0        # no spawn before this time
+    failed_until: int = 0            # monotonic_ms(): no spawn before this time
     failure_shown: bool = False      # the engine answers with the error page
     last_error: str = ""
     removed: bool = False            # gone from the app table; stops when drained
@@ -145,7 +146,7 @@ class App:
     def starting_workers(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.is_starting()]
 
-    def in_backoff(self, now: float) -> bool:
+    def in_backoff(self, now: int) -> bool:
         return now < self.failed_until
 
     def serving_workers(self) -> list[Worker]:
@@ -163,7 +164,7 @@ class App:
 @dataclass
 class Pool:
     max_pool_size: int
-    pool_idle_time: float = 300.0
+    pool_idle_time_ms: int = default("pool_idle_time")
     apps: dict[str, App] = field(default_factory=dict)
     _next_app_id: int = 0
 

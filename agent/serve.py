@@ -8,6 +8,7 @@ agent and every worker; serve returns once they are all gone.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
@@ -16,8 +17,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.instance import Instance
+from agent.settings import SERVE_SETTINGS, Kind, Scope, quote, render_directive_value
 
 MODULE_NAME = "ngx_http_agent_module.so"
 AGENT_STOP_WAIT = 90.0
@@ -27,27 +30,46 @@ class ServeError(Exception):
     """serve cannot start; the message says why and what to do."""
 
 
+def serve_defaults() -> dict[str, Any]:
+    return {s.name: copy.copy(s.default) for s in SERVE_SETTINGS}
+
+
 @dataclass
 class ServeOptions:
+    """What serve runs: the app, the settings (agent.settings rows serve
+    takes, by name, in the units used inside), and where things go."""
+
     app_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 8080
-    min_instances: int = 1
-    max_instances: int = 0
-    max_pool_size: int = 6
-    startup_file: str = "wsgi.py"
-    python: str = "/usr/bin/python3"
-    user: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-    directives: dict[str, str] = field(default_factory=dict)       # more agent_* for the app's location
-    http_directives: dict[str, str] = field(default_factory=dict)  # more agent_* for the http block
+    settings: dict[str, Any] = field(default_factory=serve_defaults)
     run_dir: Path | None = None
     module: Path | None = None
     nginx: str = "nginx"
     client_max_body_size: str = "1024m"
 
+    @property
+    def host(self) -> str:
+        return str(self.settings["host"])
+
+    @property
+    def port(self) -> int:
+        return int(self.settings["port"])
+
     def resolved_run_dir(self) -> Path:
         return self.run_dir or Path(f"/tmp/agent-serve-{self.port}")
+
+    def directive_lines(self, scopes: tuple[Scope, ...], indent: str) -> str:
+        """`agent_NAME VALUE;` for each setting of these scopes that has a
+        value; agent_env once per variable."""
+        lines = []
+        for setting in SERVE_SETTINGS:
+            value = self.settings.get(setting.name)
+            if setting.scope not in scopes or value is None or value == "":
+                continue
+            if setting.kind is Kind.ENV:
+                lines += [f"agent_env {quote(k)} {quote(v)};" for k, v in value.items()]
+            else:
+                lines.append(f"{setting.directive} {render_directive_value(setting, value)};")
+        return "".join(f"{indent}{line}\n" for line in lines)
 
 
 def find_module(explicit: Path | None) -> Path:
@@ -67,19 +89,12 @@ def find_module(explicit: Path | None) -> Path:
                      f"{', '.join(str(p) for p in candidates)}); run `make build`")
 
 
-def quote(value: str) -> str:
-    """An nginx config string literal."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def render_config(options: ServeOptions, module: Path) -> str:
     app_dir = options.app_dir.resolve()
     run_dir = options.resolved_run_dir()
     temp = run_dir / "tmp"
-    env_lines = "".join(f"            agent_env {quote(k)} {quote(v)};\n" for k, v in options.env.items())
-    user_line = f"            agent_user {quote(options.user)};\n" if options.user else ""
-    extra_lines = "".join(f"            {k} {v};\n" for k, v in options.directives.items())
-    http_lines = "".join(f"    {k} {v};\n" for k, v in options.http_directives.items())
+    http_lines = options.directive_lines((Scope.HTTP,), "    ")
+    location_lines = options.directive_lines((Scope.APP, Scope.LOCATION), "            ")
     mime = "    include /etc/nginx/mime.types;\n" if Path("/etc/nginx/mime.types").exists() else ""
     return f"""# Written by agentctl serve for {app_dir}
 load_module {quote(str(module))};
@@ -107,7 +122,6 @@ http {{
 
     agent_core_python {quote(sys.executable)};
     agent_instance_dir {quote(str(run_dir / 'instance'))};
-    agent_max_pool_size {options.max_pool_size};
 {http_lines}
     server {{
         listen {options.host}:{options.port};
@@ -117,11 +131,7 @@ http {{
         location / {{
             agent_enabled on;
             agent_app_root {quote(str(app_dir))};
-            agent_startup_file {quote(options.startup_file)};
-            agent_python {quote(options.python)};
-            agent_min_instances {options.min_instances};
-            agent_max_instances {options.max_instances};
-{user_line}{env_lines}{extra_lines}        }}
+{location_lines}        }}
     }}
 }}
 """
@@ -129,8 +139,9 @@ http {{
 
 def write_config(options: ServeOptions) -> Path:
     app_dir = options.app_dir.resolve()
-    if not (app_dir / options.startup_file).is_file():
-        raise ServeError(f"{app_dir / options.startup_file} does not exist: "
+    startup_file = options.settings["startup_file"]
+    if not (app_dir / startup_file).is_file():
+        raise ServeError(f"{app_dir / startup_file} does not exist: "
                          "APP_DIR must hold the startup file (see --startup-file)")
     run_dir = options.resolved_run_dir()
     (run_dir / "tmp").mkdir(parents=True, exist_ok=True)

@@ -148,15 +148,16 @@ def test_durations_read_like_a_person_would_say_them(seconds: float | None, text
 def test_settings_file_values_reach_the_serve_options() -> None:
     settings = parse("port: 9000\nmin_instances: 3\nenv:\n  COLOR: blue\n  WORKERS: 4\n", Path("agent.yaml"))
     options = build_options(Path("/srv/shop"), settings, {})
-    assert (options.port, options.min_instances, options.env) == (9000, 3, {"COLOR": "blue", "WORKERS": "4"})
-    assert options.max_pool_size == ServeOptions(app_dir=Path("/")).max_pool_size
+    assert (options.port, options.settings["min_instances"], options.settings["env"]) == (
+        9000, 3, {"COLOR": "blue", "WORKERS": "4"})
+    assert options.settings["max_pool_size"] == ServeOptions(app_dir=Path("/")).settings["max_pool_size"]
 
 
 def test_flags_override_the_file_and_add_to_its_env() -> None:
     settings = parse("port: 9000\nhost: 0.0.0.0\nenv: {A: file, B: file}\n", Path("agent.yaml"))
     options = build_options(Path("/srv/shop"), settings, {"port": 9100, "host": None, "env": {"B": "flag"}})
     assert (options.port, options.host) == (9100, "0.0.0.0")
-    assert options.env == {"A": "file", "B": "flag"}
+    assert options.settings["env"] == {"A": "file", "B": "flag"}
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -194,7 +195,7 @@ def test_a_directive_beyond_the_options_is_passed_on_or_refused_by_name() -> Non
     except ServeConfigError as e:
         assert "agent.yaml:2: memory_limit" in str(e)
     else:
-        assert options.directives["agent_memory_limit"] == "300"  # type: ignore[attr-defined]
+        assert options.settings["memory_limit"] == 300
 
 
 def test_serve_print_config_uses_the_file_and_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

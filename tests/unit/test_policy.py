@@ -6,7 +6,8 @@ from agent import policy
 from agent.config import AppConfig
 from agent.pool import App, Pool, Worker, WorkerState
 
-NOW = 1000.0
+SECOND = 1000          # the pool's clock and durations are integer milliseconds
+NOW = 1000 * SECOND
 
 
 def make_pool(max_pool_size: int = 6, **apps: AppConfig) -> Pool:
@@ -21,7 +22,7 @@ def config(name: str, **kwargs: object) -> AppConfig:
 
 
 def add_worker(app: App, pid: int, state: WorkerState = WorkerState.SERVING, sessions: int = 0,
-               spawned_at: float = NOW - 5, last_used: float = NOW - 1, **kwargs: object) -> Worker:
+               spawned_at: int = NOW - 5 * SECOND, last_used: int = NOW - 1 * SECOND, **kwargs: object) -> Worker:
     worker = Worker(pid=pid, app=app.name, socket_path=f"/tmp/{pid}.sock", spawned_at=spawned_at,
                     state=state, sessions=sessions, last_used=last_used,
                     generation=app.generation, **kwargs)  # type: ignore[arg-type]
@@ -91,7 +92,7 @@ def test_no_start_while_an_app_backs_off() -> None:
     app = pool.apps["a"]
     app.queue_length = 1
     app.spawn_failures = 1
-    app.failed_until = NOW + 1
+    app.failed_until = NOW + 1 * SECOND
     assert policy.plan(pool, NOW) == []
 
 
@@ -99,14 +100,14 @@ def test_the_error_page_is_cleared_when_the_back_off_ends() -> None:
     pool = make_pool(a=config("a"))
     app = pool.apps["a"]
     app.failure_shown = True
-    app.failed_until = NOW + 1
+    app.failed_until = NOW + 1 * SECOND
     assert policy.plan(pool, NOW) == []
-    assert policy.plan(pool, NOW + 1.5) == [policy.ClearFailure("a")]
+    assert policy.plan(pool, NOW + 1500) == [policy.ClearFailure("a")]
 
 
 def test_back_off_doubles_up_to_a_bound() -> None:
-    delays = [policy.backoff_delay(n) for n in range(0, 9)]
-    assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    delays = [policy.backoff_delay_ms(n) for n in range(0, 9)]
+    assert delays == [0, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
 
 
 def test_a_failing_app_is_not_restarted_for_its_minimum() -> None:
@@ -128,16 +129,16 @@ def test_an_idle_detached_worker_is_stopped_and_a_busy_one_is_not() -> None:
 
 
 def test_a_worker_that_ignores_sigterm_is_killed_after_the_shutdown_timeout() -> None:
-    pool = make_pool(a=config("a", shutdown_timeout=5.0))
+    pool = make_pool(a=config("a", shutdown_timeout_ms=5 * SECOND))
     worker = add_worker(pool.apps["a"], 10, WorkerState.STOPPING)
-    worker.stop_deadline = NOW + 5
+    worker.stop_deadline = NOW + 5 * SECOND
     assert policy.plan(pool, NOW) == []
-    assert [type(a) for a in policy.plan(pool, NOW + 6)] == [policy.Kill]
+    assert [type(a) for a in policy.plan(pool, NOW + 6 * SECOND)] == [policy.Kill]
 
 
 def test_a_start_that_takes_too_long_is_killed() -> None:
-    pool = make_pool(a=config("a", start_timeout=60.0))
-    add_worker(pool.apps["a"], 10, WorkerState.STARTING, spawned_at=NOW - 61)
+    pool = make_pool(a=config("a", start_timeout_ms=60 * SECOND))
+    add_worker(pool.apps["a"], 10, WorkerState.STARTING, spawned_at=NOW - 61 * SECOND)
     (action,) = policy.plan(pool, NOW)
     assert isinstance(action, policy.Kill) and action.pid == 10
     assert "60 s" in action.reason
@@ -195,30 +196,30 @@ def test_always_restart_recycles_after_one_request() -> None:
 
 def test_idle_workers_stop_down_to_the_minimum_least_recently_used_first() -> None:
     pool = make_pool(a=config("a", min_instances=1))
-    pool.pool_idle_time = 300
+    pool.pool_idle_time_ms = 300 * SECOND
     app = pool.apps["a"]
-    add_worker(app, 10, last_used=NOW - 400)
-    add_worker(app, 11, last_used=NOW - 500)
-    add_worker(app, 12, last_used=NOW - 10)
+    add_worker(app, 10, last_used=NOW - 400 * SECOND)
+    add_worker(app, 11, last_used=NOW - 500 * SECOND)
+    add_worker(app, 12, last_used=NOW - 10 * SECOND)
     detached = [a.pid for a in policy.plan(pool, NOW) if isinstance(a, policy.Detach)]
     assert detached == [11, 10]
-    add_worker(app, 13, last_used=NOW - 10, sessions=1)
-    pool.pool_idle_time = 0
+    add_worker(app, 13, last_used=NOW - 10 * SECOND, sessions=1)
+    pool.pool_idle_time_ms = 0
     assert policy.plan(pool, NOW) == []
 
 
 def test_idle_workers_keep_the_minimum() -> None:
     pool = make_pool(a=config("a", min_instances=2))
     app = pool.apps["a"]
-    add_worker(app, 10, last_used=NOW - 4000)
-    add_worker(app, 11, last_used=NOW - 5000)
+    add_worker(app, 10, last_used=NOW - 4000 * SECOND)
+    add_worker(app, 11, last_used=NOW - 5000 * SECOND)
     assert policy.plan(pool, NOW) == []
 
 
 def test_a_full_pool_gives_way_to_an_app_with_waiting_requests() -> None:
     pool = make_pool(2, a=config("a"), b=config("b"))
-    add_worker(pool.apps["a"], 10, last_used=NOW - 5)
-    add_worker(pool.apps["a"], 11, last_used=NOW - 50)
+    add_worker(pool.apps["a"], 10, last_used=NOW - 5 * SECOND)
+    add_worker(pool.apps["a"], 11, last_used=NOW - 50 * SECOND)
     pool.apps["b"].queue_length = 1
     assert policy.plan(pool, NOW) == [policy.Detach(11, "the pool is full and b has no worker", "pool_full")]
 
@@ -241,8 +242,8 @@ def restart(app: App) -> None:
 def test_a_rolling_restart_starts_a_new_worker_before_retiring_an_old_one() -> None:
     pool = make_pool(a=config("a", max_instances=2))
     app = pool.apps["a"]
-    add_worker(app, 10, spawned_at=NOW - 20)
-    add_worker(app, 11, spawned_at=NOW - 10)
+    add_worker(app, 10, spawned_at=NOW - 20 * SECOND)
+    add_worker(app, 11, spawned_at=NOW - 10 * SECOND)
     restart(app)
     assert policy.plan(pool, NOW) == [policy.Spawn("a")]   # beyond max_instances by one
     add_worker(app, 20, WorkerState.STARTING)
@@ -265,7 +266,7 @@ def test_a_restart_waits_out_a_back_off() -> None:
     app = pool.apps["a"]
     add_worker(app, 10)
     restart(app)
-    app.failed_until = NOW + 5
+    app.failed_until = NOW + 5 * SECOND
     assert policy.plan(pool, NOW) == []
 
 

@@ -1,0 +1,234 @@
+"""Every setting, declared once.
+
+Each `agent_*` nginx directive (and the two settings only `agentctl serve`
+has, host and port) is one row of SETTINGS. The rows drive:
+
+- parsing the app table nginx writes (apps.json, agent.config), with the
+  row's key, type and bounds;
+- `agentctl serve`: its command-line flags and the keys of its YAML file
+  (agent.serve_config), and the directives it writes into nginx.conf;
+- the defaults everywhere on the Python side;
+- the checks that hold this table, the module's table
+  (nginx-module/ngx_http_agent_settings.h) and docs/directives.md against
+  each other (tests/unit/test_settings.py).
+
+Durations are integer milliseconds from the directive to the engine: a
+MSEC setting is `<name>_ms` in apps.json and in AppConfig. docs/contributing.md
+shows how to add a directive.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+class Kind(enum.Enum):
+    FLAG = "flag"          # on | off
+    NUM = "num"            # a whole number >= minimum
+    MSEC = "msec"          # nginx's time syntax; integer milliseconds inside
+    SIZE_MB = "size_mb"    # a whole number of megabytes
+    STR = "str"            # a string
+    PATH = "path"          # a file system path
+    ENUM = "enum"          # one of choices
+    ENV = "env"            # NAME VALUE pairs (agent_env, repeatable)
+    TEMP_PATH = "temp_path"  # nginx's PATH [L1 [L2 [L3]]]
+    STATUS = "status"      # on | off: the location is a door to the status socket
+
+
+class Scope(enum.Enum):
+    HTTP = "http"          # the http block; the agent as a whole
+    APP = "app"            # per app: in apps.json; every location naming the app agrees
+    LOCATION = "location"  # http, server or location; nginx's side only, not in apps.json
+    SERVE = "serve"        # agentctl serve only: not a directive
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str                  # the directive without its agent_ prefix
+    kind: Kind
+    scope: Scope
+    default: Any               # in the unit apps.json uses; None: computed (help says how)
+    help: str
+    passenger: str = ""        # Passenger's directive of the same meaning
+    minimum: int = 0           # NUM, MSEC, SIZE_MB
+    maximum: int | None = None
+    choices: tuple[str, ...] = ()  # ENUM
+    serve: bool = True         # agentctl serve takes it (flag and YAML key)
+
+    @property
+    def directive(self) -> str:
+        return f"agent_{self.name}"
+
+    @property
+    def key(self) -> str:
+        """Its key in apps.json and its field in AppConfig / AppTable."""
+        suffix = {Kind.MSEC: "_ms", Kind.SIZE_MB: "_mb"}.get(self.kind, "")
+        return self.name + suffix
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+F, N, T, M, S, P, E = Kind.FLAG, Kind.NUM, Kind.MSEC, Kind.SIZE_MB, Kind.STR, Kind.PATH, Kind.ENUM
+HTTP, APP, LOC = Scope.HTTP, Scope.APP, Scope.LOCATION
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- the http block ---------------------------------------------------------
+    Setting("max_pool_size", N, HTTP, 6, "most worker processes of all apps together",
+            "passenger_max_pool_size", minimum=1),
+    Setting("instance_dir", P, HTTP, None, "where the agent keeps its sockets and state",
+            "passenger_instance_registry_dir", serve=False),
+    Setting("log_file", P, HTTP, None, "the agent's log, worker output included (default: nginx's stderr)",
+            "passenger_log_file", serve=False),
+    Setting("core_python", S, HTTP, None, "the Python that runs the agent itself",
+            "passenger_root", serve=False),
+    Setting("pool_idle_time", T, HTTP, 300_000, "a worker idle this long is stopped; 0: never",
+            "passenger_pool_idle_time"),
+    Setting("stat_throttle_rate", T, HTTP, 10_000, "how often the agent may look at tmp/restart.txt",
+            "passenger_stat_throttle_rate"),
+    # -- per app: written to apps.json ------------------------------------------------
+    Setting("app_root", P, APP, None, "the app's directory (default: the parent of root); also its name",
+            "passenger_app_root", serve=False),
+    Setting("app_type", E, APP, "wsgi", "the kind of app", "passenger_app_type", choices=("wsgi",)),
+    Setting("startup_file", S, APP, "wsgi.py", "the file defining the WSGI callable, relative to the app root",
+            "passenger_startup_file"),
+    Setting("python", S, APP, "/usr/bin/python3", "the app's interpreter, e.g. a virtualenv's bin/python",
+            "passenger_python"),
+    Setting("env", Kind.ENV, APP, {}, "an environment variable for the app (NAME=VALUE), repeatable",
+            "passenger_env_var"),
+    Setting("min_instances", N, APP, 1, "workers kept once the app has had a request",
+            "passenger_min_instances"),
+    Setting("max_instances", N, APP, 0, "most workers for this app; 0: no bound", "passenger_max_instances"),
+    Setting("user", S, APP, "", "the user workers run as (default: the startup file's owner)",
+            "passenger_user"),
+    Setting("group", S, APP, "", "the group workers run as (default: the user's primary group)",
+            "passenger_group"),
+    Setting("default_user", S, APP, "nobody", "the user when the startup file belongs to root",
+            "passenger_default_user"),
+    Setting("max_request_queue_size", N, APP, 100, "most requests waiting for a worker; 0: no bound",
+            "passenger_max_request_queue_size"),
+    Setting("max_request_queue_time", T, APP, 0, "longest wait for a worker before a 504; 0: no limit",
+            "passenger_max_request_queue_time"),
+    Setting("prestart", F, APP, False, "start the app's workers when the agent loads the app table",
+            "passenger_pre_start"),
+    Setting("memory_limit", M, APP, 0, "a worker over this many megabytes is replaced; 0: none",
+            "passenger_memory_limit"),
+    Setting("max_requests", N, APP, 0, "a worker is replaced after about this many requests; 0: never",
+            "passenger_max_requests"),
+    Setting("max_request_time", T, APP, 0, "a worker still on one request after this long is killed; 0: none",
+            "passenger_max_request_time"),
+    Setting("start_timeout", T, APP, 90_000, "a worker not ready this long after its start is killed",
+            "passenger_start_timeout", minimum=1),
+    Setting("shutdown_timeout", T, APP, 60_000, "how long a stopping worker may take before SIGKILL",
+            minimum=1),
+    # -- nginx's side only --------------------------------------------------------------
+    Setting("enabled", F, LOC, False, "hand this location's dynamic requests to the agent",
+            "passenger_enabled", serve=False),
+    Setting("status", Kind.STATUS, LOC, False, "this location is a door to the agent's status socket", serve=False),
+    Setting("buffer_response", F, LOC, True, "nginx buffers the app's response", "passenger_buffer_response"),
+    Setting("read_timeout", T, LOC, 600_000, "how long nginx waits for the app's response between two reads",
+            "passenger_read_timeout"),
+    Setting("send_timeout", T, LOC, 60_000, "how long nginx waits to send the request between two writes"),
+    Setting("connect_timeout", T, LOC, 60_000, "how long nginx waits to connect to the agent"),
+    Setting("temp_path", Kind.TEMP_PATH, LOC, None, "where buffered responses spill to disk", serve=False),
+    # -- agentctl serve only ----------------------------------------------------------
+    Setting("host", S, Scope.SERVE, "127.0.0.1", "the address nginx listens on"),
+    Setting("port", N, Scope.SERVE, 8080, "the port nginx listens on", minimum=1, maximum=65535),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+DIRECTIVES: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.scope is not Scope.SERVE)
+APP_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.scope is APP)
+HTTP_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.scope is HTTP)
+SERVE_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.serve)
+
+# nginx's time syntax, as agentctl serve accepts it: a bare number is seconds.
+TIME_SYNTAX = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
+TIME_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def default(name: str) -> Any:
+    """A setting's default, for the dataclasses that carry settings."""
+    return BY_NAME[name].default
+
+
+def parse_time_ms(text: str) -> int:
+    """nginx's time syntax (500ms, 30s, 5m, 1h; a bare number is seconds)
+    in integer milliseconds. Raises ValueError."""
+    match = TIME_SYNTAX.match(text.strip())
+    if match is None:
+        raise ValueError(f"must be a time such as 30, 500ms, 30s, 5m or 1h, not {text!r}")
+    return int(match.group(1)) * TIME_UNITS_MS[match.group(2) or "s"]
+
+
+def render_directive_value(setting: Setting, value: Any) -> str:
+    """A value as nginx reads it in `agent_NAME VALUE;`."""
+    if setting.kind is Kind.FLAG:
+        return "on" if value else "off"
+    if setting.kind is Kind.MSEC:
+        return f"{value}ms"
+    if setting.kind in (Kind.STR, Kind.PATH):
+        return quote(str(value))
+    return str(value)
+
+
+def quote(value: str) -> str:
+    """An nginx config string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def check_value(setting: Setting, value: Any) -> Any:
+    """A value from YAML or the command line, checked against the row and
+    converted to the unit used inside (MSEC: integer milliseconds). Raises
+    ValueError with a message that completes `NAME ...`."""
+    kind = setting.kind
+    if kind is Kind.FLAG:
+        if isinstance(value, str) and value in ("on", "off"):
+            return value == "on"
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, not {value!r}")
+        return value
+    if kind is Kind.MSEC:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"must be a time such as 30, 500ms, 30s, 5m or 1h, not {value!r}")
+        return _at_least(setting, parse_time_ms(value))
+    if kind in (Kind.NUM, Kind.SIZE_MB):
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, not {value!r}")
+        return _at_least(setting, value)
+    if kind is Kind.ENV:
+        return _check_env(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, not {value!r}")
+    if kind is Kind.ENUM and value not in setting.choices:
+        raise ValueError(f"must be one of {', '.join(setting.choices)}, not {value!r}")
+    return value
+
+
+def _at_least(setting: Setting, value: int) -> int:
+    maximum = setting.maximum
+    if value < setting.minimum or (maximum is not None and value > maximum):
+        bound = f"between {setting.minimum} and {maximum}" if maximum is not None else f">= {setting.minimum}"
+        raise ValueError(f"must be {bound}, not {value}")
+    return value
+
+
+def _check_env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of NAME: VALUE, not {value!r}")
+    env: dict[str, str] = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not name or "=" in name:
+            raise ValueError(f"names must be strings without '=', not {name!r}")
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise ValueError(f"{name} must be a string or a number, not {item!r}")
+        env[name] = str(item)
+    return env
