@@ -21,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from agent.control.tokens import ensure_tokens
 from agent.instance import Instance
 from agent.logs import log
 from agent.signals import SignalInbox
-from agent.tokens import ensure_tokens
 
 CORE_STOP_TIMEOUT = 75.0       # the core's own shutdown timeout, plus margin
 RESTART_DELAY_MAX = 5.0

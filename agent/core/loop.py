@@ -25,13 +25,12 @@ from typing import Any
 
 import psutil
 
-from agent import logs, policy
-from agent.config import AppConfig, AppTable, ConfigError, load_table
-from agent.core_status import CoreStatus
-from agent.error_page import startup_error_response
-from agent.instance import Instance
-from agent.logs import OutputCapture, log
-from agent.native import (
+from agent import logs
+from agent.control.provider import CoreStatus
+from agent.control.server import StatusServer
+from agent.core import policy
+from agent.core.config import AppConfig, AppTable, ConfigError, load_table
+from agent.core.engine import (
     EV_LOG,
     EV_QUEUED,
     EV_REQUEST_TIMEOUT,
@@ -44,10 +43,12 @@ from agent.native import (
     Engine,
     EngineEvent,
 )
-from agent.pool import App, Pool, ProcessUsage, Worker, WorkerState
+from agent.core.error_page import startup_error_response
+from agent.core.pool import App, Pool, ProcessUsage, Worker, WorkerState
+from agent.core.spawner import SpawnError, StartedProcess, install_loaders, start_worker
+from agent.instance import Instance
+from agent.logs import OutputCapture, log
 from agent.signals import SignalInbox
-from agent.spawner import SpawnError, StartedProcess, install_loaders, start_worker
-from agent.status import StatusServer
 
 TICK = 1.0
 MEMORY_SAMPLE_INTERVAL = 1.0

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import pytest
 from agent._native import ffi, lib  # type: ignore[import-not-found]
 
-from agent.native import DURATION_BOUNDS, Engine
-from tests.unit.engine_peers import (
+from agent.core.engine import DURATION_BOUNDS, Engine
+from tests.unit.core.engine_peers import (
     CLOSE,
     END_RECORD,
     KEEP,
@@ -688,7 +688,7 @@ def test_idle_and_queued_events_are_coalesced_while_unread(engine: EngineHarness
 
 @dataclass
 class NativeEngine:
-    """agent.native.Engine, the typed wrapper the policy uses, on a fresh socket."""
+    """agent.core.engine.Engine, the typed wrapper the policy uses, on a fresh socket."""
 
     directory: str
     engine: Engine

@@ -32,9 +32,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgpack  # type: ignore[import-untyped]
 
-from agent import metrics
+from agent.control import metrics
+from agent.control.tokens import read_tokens
 from agent.logs import log
-from agent.tokens import read_tokens
 
 MAX_REQUEST = 65536            # request line, headers and body together
 MAX_HEADERS = 100

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agent import policy
-from agent.config import AppConfig
-from agent.pool import App, Pool, Worker, WorkerState
+from agent.core import policy
+from agent.core.config import AppConfig
+from agent.core.pool import App, Pool, Worker, WorkerState
 
 NOW = 1000.0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.pool import App, Pool, Worker
+from agent.core.pool import App, Pool, Worker
 
 # Back-off after consecutive start failures: 1 s, 2 s, 4 s, ... at most 30 s.
 BACKOFF_FIRST = 1.0

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.metrics import AppMetrics, Histogram, MetricsSnapshot, ProcessMetrics
-from agent.native import DURATION_BOUNDS, AppDurations, AppStats
-from agent.pool import App, Worker
-from agent.status import StatusError
+from agent.control.metrics import AppMetrics, Histogram, MetricsSnapshot, ProcessMetrics
+from agent.control.server import StatusError
+from agent.core.engine import DURATION_BOUNDS, AppDurations, AppStats
+from agent.core.pool import App, Worker
 
 if TYPE_CHECKING:
-    from agent.core import Core
+    from agent.core.loop import Core
 
 
 def worker_state(worker: Worker) -> str:

@@ -12,8 +12,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import AppConfig
-from agent.native import NativeError, SpawnSpec, listen_unix, spawn
+from agent.core.config import AppConfig
+from agent.core.engine import NativeError, SpawnSpec, listen_unix, spawn
 
 LOADERS = {"wsgi": "wsgi_loader.py"}
 WORKER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -54,7 +54,7 @@ def install_loaders(loaders_dir: Path) -> None:
     package itself may live in a directory they cannot enter."""
     loaders_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(loaders_dir, 0o755)
-    source = Path(__file__).resolve().parent / "loaders"
+    source = Path(__file__).resolve().parents[1] / "loaders"
     for name in LOADERS.values():
         target = loaders_dir / name
         tmp = loaders_dir / f".{name}.tmp"

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from agent.serve import ServeOptions
+from agent.cli.serve import ServeOptions
 
 TIME_SYNTAX = re.compile(r"^\d+(ms|s|m|h|d)?$")
 

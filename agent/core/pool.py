@@ -11,7 +11,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-from agent.config import AppConfig
+from agent.core.config import AppConfig
 
 
 class WorkerState(enum.Enum):
