@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         from agent import watchdog
 
         return watchdog.run(args.instance_dir, args.nginx_fd, args.ready_fd, args.log_file, args.socket_owner)
-    from agent.core import loop
+    from agent.core import main as core
 
-    return loop.run(args.instance_dir, args.listen_fd, args.status_fd)
+    return core.run(args.instance_dir, args.listen_fd, args.status_fd)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 The engine thread moves every request; this loop never sees one. It wakes
 on the engine's events, on worker handshakes and output, on signals and on
-a one-second tick, asks the policy what to do (agent/policy.py) and does it.
-Every side effect on processes and on the engine's routing table happens
-in this file.
+a one-second tick, asks the policy what to do (agent/core/policy.py) and
+does it. Every side effect on processes and on the engine's routing table
+happens in this file. It knows nothing of the status socket:
+agent/core/main.py hands it one through the selector and a tick callback.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 import random
 import selectors
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +26,6 @@ from typing import Any
 import psutil
 
 from agent import logs
-from agent.control.provider import CoreStatus
-from agent.control.server import StatusServer
 from agent.core import policy
 from agent.core.config import AppConfig, AppTable, ConfigError, load_table
 from agent.core.engine import (
@@ -56,10 +54,8 @@ HANDSHAKE_LIMIT = 65536
 
 
 class Core:
-    def __init__(self, instance: Instance, listen_fd: int, status_fd: int | None = None) -> None:
+    def __init__(self, instance: Instance, listen_fd: int) -> None:
         self.instance = instance
-        self.status_fd = status_fd
-        self.status: StatusServer | None = None
         self.engine = Engine(listen_fd)
         self.pool = Pool(max_pool_size=6)
         self.selector = selectors.DefaultSelector()
@@ -73,6 +69,8 @@ class Core:
         self.stat_throttle_rate = 10.0
         self.notifying: dict[int, int] = {}                        # app id -> NOTIFY_* asked for
         self.restart_waiters: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+        # Called about once a second with time.monotonic(), on this loop.
+        self.tickers: list[Callable[[float], None]] = []
 
     # -- the loop ---------------------------------------------------------
 
@@ -98,9 +96,6 @@ class Core:
         install_loaders(self.instance.loaders_dir)
         self.instance.core_pid_file.write_text(f"{os.getpid()}\n")
         self.signals = SignalInbox(self.selector, (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
-        if self.status_fd is not None:
-            listener = socket.socket(fileno=self.status_fd)
-            self.status = StatusServer(listener, self.selector, CoreStatus(self), self.instance.root)
         self.selector.register(self.engine.notify_fd(), selectors.EVENT_READ, self.on_engine_notify)
 
     def wait_for_events(self) -> None:
@@ -513,8 +508,8 @@ class Core:
         if fresh:
             self.refresh_stats()
             self.check_restart_files(now)
-            if self.status is not None:
-                self.status.tick(now)
+            for tick in self.tickers:
+                tick(now)
             self.next_tick = now + TICK
         if now >= self.next_memory_sample:
             self.sample_memory([w for w in self.pool.workers() if w.is_serving()])
@@ -603,12 +598,3 @@ def unlink_quietly(path: str) -> None:
     except OSError as e:
         if e.errno != errno.ENOENT:
             log.warning("cannot remove %s: %s", path, e.strerror)
-
-
-def run(instance_dir: Path, listen_fd: int, status_fd: int | None = None) -> int:
-    try:
-        return Core(Instance(instance_dir), listen_fd, status_fd).run()
-    except Exception:
-        # The watchdog restarts the core; the log must say why it died.
-        log.exception("core failed")
-        return 1
