@@ -155,7 +155,7 @@ class Core:
             app.restart_mtime = restart_file_mtime(config)
             self.pool.apps[config.name] = app
             log.info("app %s: added (root %s)", config.name, config.app_root)
-        elif app.config.process_settings() != config.process_settings() or app.removed:
+        elif (change := policy.config_change(app, config)) == "replace":
             log.info("app %s: settings changed, replacing its workers", config.name)
             app.config = config
             app.removed = False
@@ -163,7 +163,7 @@ class Core:
             app.failed_until = 0.0
             self.clear_failure(app)
             self.begin_restart(app, "settings changed")
-        elif app.config != config:
+        elif change == "update":
             log.info("app %s: limits changed, applied to the running workers", config.name)
             app.config = config
         if config.prestart:
@@ -218,12 +218,11 @@ class Core:
         app, worker = found
         worker.processed = max(worker.processed, processed)
         worker.last_used = time.monotonic()
-        if app.config.memory_limit_mb:
+        if policy.samples_after_request(app):
             self.sample_memory([worker])
-        recycle = policy.recycle_reason(app, worker) if worker.is_serving() else None
+        recycle = policy.after_request(app, worker)
         if recycle is not None:
-            cause, reason = recycle
-            self.detach(app, worker, reason, cause)
+            self.detach(app, worker, recycle.reason, recycle.cause)
         elif worker.in_engine():
             self.engine.release_worker(pid)
 
@@ -342,9 +341,10 @@ class Core:
         app.spawn_failures_total += 1
         log.error("app %s could not start (%d in a row, next try in %.0f s): %s%s",
                   app.name, app.spawn_failures, delay, summary, "" if details == summary else "\n" + details)
-        if app.restarting():
+        outcome = policy.after_start_failure(app)
+        if outcome == "abandon_restart":
             self.abandon_restart(app)
-        elif not app.serving_workers():
+        elif outcome == "show_error":
             self.engine.fail_app(app.id, startup_error_response(app.name, summary, details))
             app.failure_shown = True
 
@@ -412,7 +412,7 @@ class Core:
             if app.removed:
                 continue
             mtime = restart_file_mtime(app.config)
-            if mtime is not None and mtime != app.restart_mtime:
+            if policy.restart_file_touched(app, mtime):
                 self.begin_restart(app, "tmp/restart.txt touched")
             app.restart_mtime = mtime
             app.always_restart = (Path(app.config.app_root) / "tmp" / "always_restart.txt").exists()
