@@ -279,11 +279,3 @@ def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int) -> int
         raise NativeError(ffi.errno, ffi.string(error).decode("utf-8", "replace"))
     return int(pid)
 
-
-def listen_unix(path: str, backlog: int = 1024) -> int:
-    """A listening Unix socket at path (replacing a stale file); returns the fd."""
-    error = ffi.new("char[]", _ERROR_SIZE)
-    fd = lib.agent_listen_unix(path.encode(), backlog, error, _ERROR_SIZE)
-    if fd < 0:
-        raise NativeError(ffi.errno, ffi.string(error).decode("utf-8", "replace"))
-    return int(fd)

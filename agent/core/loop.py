@@ -47,6 +47,7 @@ from agent.core.spawner import SpawnError, StartedProcess, install_loaders, star
 from agent.instance import Instance
 from agent.logs import OutputCapture, log
 from agent.signals import SignalInbox
+from agent.unix import describe_exit
 
 TICK = 1.0
 MEMORY_SAMPLE_INTERVAL = 1.0
@@ -479,7 +480,7 @@ class Core:
         if found is None:
             return
         app, worker = found
-        description = describe_exit(status)
+        description = describe_exit(os.waitstatus_to_exitcode(status))
         if worker.is_starting():
             self.spawn_failed(app, f"the worker {description} before it was ready",
                               f"worker {pid} {description} before reporting readiness; see the log above")
@@ -583,13 +584,6 @@ def restart_file_mtime(config: AppConfig) -> float | None:
         return (Path(config.app_root) / "tmp" / "restart.txt").stat().st_mtime
     except OSError:
         return None
-
-
-def describe_exit(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        return f"was killed by {signal.Signals(signum).name}"
-    return f"exited with status {os.WEXITSTATUS(status)}"
 
 
 def unlink_quietly(path: str) -> None:
