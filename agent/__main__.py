@@ -1,7 +1,7 @@
 """`python -m agent watchdog|core ...`: the agent's own processes.
 
 nginx starts the watchdog (docs/protocol.md §4); the watchdog starts the
-core. Operators use `agentctl` (agent/cli.py) instead.
+core. Operators use `agentctl` (agent/cli/agentctl.py) instead.
 """
 
 from __future__ import annotations
