@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
-import json
 import os
 import random
 import selectors
@@ -26,7 +25,7 @@ from typing import Any
 import psutil
 
 from agent import logs
-from agent.core import policy
+from agent.core import handshake, policy
 from agent.core.config import AppConfig, AppTable, ConfigError, load_table
 from agent.core.engine import (
     EV_LOG,
@@ -51,7 +50,6 @@ from agent.unix import describe_exit
 
 TICK = 1.0
 MEMORY_SAMPLE_INTERVAL = 1.0
-HANDSHAKE_LIMIT = 65536
 
 
 class Core:
@@ -260,7 +258,7 @@ class Core:
         except BlockingIOError:
             return
         data += chunk
-        if chunk and b"\n" not in data and len(data) < HANDSHAKE_LIMIT:
+        if not handshake.complete(data, eof=not chunk):
             return
         self.forget_handshake(fd)
         found = self.pool.find_worker(pid)
@@ -269,30 +267,24 @@ class Core:
         app, worker = found
         if not worker.is_starting():
             return  # killed on purpose while starting (shutdown, new settings)
-        line = bytes(data).split(b"\n", 1)[0]
-        self.finish_handshake(app, worker, line)
+        self.finish_handshake(app, worker, handshake.parse(bytes(data)))
 
     def forget_handshake(self, fd: int) -> None:
         self.selector.unregister(fd)
         os.close(fd)
         del self.handshakes[fd]
 
-    def finish_handshake(self, app: App, worker: Worker, line: bytes) -> None:
-        try:
-            message = json.loads(line) if line else {}
-        except json.JSONDecodeError:
-            message = {"status": "error", "summary": f"unreadable handshake: {line[:200]!r}"}
-        if message.get("status") == "ready":
-            self.worker_ready(app, worker, int(message.get("concurrency", 1)))
+    def finish_handshake(self, app: App, worker: Worker, said: handshake.Handshake) -> None:
+        if said.ready:
+            self.worker_ready(app, worker, said.concurrency)
             return
-        summary = str(message.get("summary") or "the worker exited before it was ready")
-        self.spawn_failed(app, summary, str(message.get("traceback") or summary))
+        self.spawn_failed(app, said.summary, said.details)
         self.kill(worker, "failed to start")
 
     def worker_ready(self, app: App, worker: Worker, concurrency: int) -> None:
         worker.state = WorkerState.SERVING
         worker.ready_at = worker.last_used = time.monotonic()
-        worker.concurrency = max(1, concurrency)
+        worker.concurrency = concurrency
         app.spawn_durations.observe(worker.ready_at - worker.spawned_at)
         app.spawn_failures = 0
         self.clear_failure(app)
