@@ -1,7 +1,7 @@
 """`python -m agent watchdog|core ...`: the agent's own processes.
 
 nginx starts the watchdog (docs/protocol.md §4); the watchdog starts the
-core. Operators use `agentctl` (agent/cli.py) instead.
+core. Operators use `agentctl` (agent/cli/agentctl.py) instead.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         from agent import watchdog
 
         return watchdog.run(args.instance_dir, args.nginx_fd, args.ready_fd, args.log_file, args.socket_owner)
-    from agent import core
+    from agent.core import main as core
 
     return core.run(args.instance_dir, args.listen_fd, args.status_fd)
 

@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from agent.control.tokens import ensure_tokens
 from agent.instance import Instance
 from agent.logs import log
 from agent.signals import SignalInbox
-from agent.tokens import ensure_tokens
+from agent.unix import describe_exit, listen_unix
 
 CORE_STOP_TIMEOUT = 75.0       # the core's own shutdown timeout, plus margin
 RESTART_DELAY_MAX = 5.0
@@ -84,29 +85,15 @@ class Watchdog:
         self.pid_fd = fd
 
     def bind_agent_socket(self) -> socket.socket:
-        path = self.instance.agent_socket
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
-        if self.socket_owner is not None:
-            os.chown(path, *self.socket_owner)
-            os.chmod(path, 0o600)
-        else:
-            os.chmod(path, 0o666)
-        listener.listen(socket.SOMAXCONN)
-        return listener
+        """Only nginx's workers may connect, when their user is known."""
+        owned = self.socket_owner is not None
+        return listen_unix(self.instance.agent_socket, socket.SOMAXCONN, mode=0o600 if owned else 0o666,
+                           owner=self.socket_owner)
 
     def bind_status_socket(self) -> socket.socket:
         """Anyone may connect and read; the core decides who may act, from
         the peer's credentials or a token (docs/status-api.md)."""
-        path = self.instance.status_socket
-        if path.exists() or path.is_symlink():
-            path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
-        os.chmod(path, 0o666)
-        listener.listen(64)
+        listener = listen_unix(self.instance.status_socket, 64, mode=0o666)
         ensure_tokens(self.instance.root)
         return listener
 
@@ -160,7 +147,7 @@ class Watchdog:
         else:
             self.restarts = 0
         delay = min(RESTART_DELAY_MAX, 0.1 * (2 ** self.restarts - 1))
-        log.error("core exited (%s); restarting it%s", describe_returncode(status),
+        log.error("core %s; restarting it%s", describe_exit(status),
                   f" in {delay:.1f} s" if delay else "")
         time.sleep(delay)
         self.start_core()
@@ -183,12 +170,6 @@ class Watchdog:
                 path.unlink()
         os.ftruncate(self.pid_fd, 0)
         os.close(self.pid_fd)
-
-
-def describe_returncode(code: int) -> str:
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"status {code}"
 
 
 def parse_owner(text: str | None) -> tuple[int, int] | None:

@@ -17,10 +17,8 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -215,39 +213,4 @@ int agent_spawn(const agent_spawn_spec *spec, char *error, size_t error_size)
     saved = read_child_failure(pipe_fds[0], pid, spec->path, error, error_size);
     close(pipe_fds[0]);
     return saved < 0 ? -1 : pid;
-}
-
-int agent_listen_unix(const char *path, int backlog, char *error, size_t error_size)
-{
-    struct sockaddr_un addr;
-    int fd;
-    int saved;
-
-    if (strlen(path) >= sizeof addr.sun_path) {
-        snprintf(error, error_size, "socket path too long (%zu bytes, at most %zu): %s",
-                 strlen(path), sizeof addr.sun_path - 1, path);
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    memset(&addr, 0, sizeof addr);
-    addr.sun_family = AF_UNIX;
-    strcpy(addr.sun_path, path);
-
-    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        snprintf(error, error_size, "socket: %s", strerror(errno));
-        return -1;
-    }
-    if (unlink(path) < 0 && errno != ENOENT)
-        goto fail;
-    if (bind(fd, (struct sockaddr *) &addr, sizeof addr) < 0 || listen(fd, backlog) < 0)
-        goto fail;
-    return fd;
-
-fail:
-    saved = errno;
-    snprintf(error, error_size, "cannot listen on %s: %s", path, strerror(saved));
-    close(fd);
-    errno = saved;
-    return -1;
 }

@@ -30,7 +30,3 @@ typedef struct {
 
 /* Returns the child's pid, or -1 with a message in error (errno kept). */
 int agent_spawn(const agent_spawn_spec *spec, char *error, size_t error_size);
-
-/* A listening Unix stream socket at path (an existing file there is
- * replaced), close-on-exec. Returns the fd, or -1 with a message in error. */
-int agent_listen_unix(const char *path, int backlog, char *error, size_t error_size);

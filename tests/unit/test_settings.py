@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
-from agent.config import AppConfig, AppTable, parse_table
+from agent.cli import agentctl as cli
+from agent.core.config import AppConfig, AppTable, parse_table
 from agent.settings import (
     APP_SETTINGS,
     BY_NAME,

@@ -32,9 +32,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgpack  # type: ignore[import-untyped]
 
-from agent import metrics
+from agent.control import metrics
+from agent.control.tokens import read_tokens
 from agent.logs import log
-from agent.tokens import read_tokens
 
 MAX_REQUEST = 65536            # request line, headers and body together
 MAX_HEADERS = 100
@@ -356,8 +356,10 @@ class StatusServer:
         for conn in list(self.connections.values()):
             self.drop(conn)
 
-    def tick(self, now: float) -> None:
-        """Called by the core about once a second with time.monotonic()."""
+    def tick(self, now: float | None = None) -> None:
+        """Called by the core about once a second: drops connections idle
+        past their limit (now: the server's clock, read when not given)."""
+        now = self.clock() if now is None else now
         for conn in list(self.connections.values()):
             if conn.awaiting:
                 continue

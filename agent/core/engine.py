@@ -20,6 +20,8 @@ EV_REQUEST_TIMEOUT = lib.AGENT_EV_REQUEST_TIMEOUT
 NOTIFY_QUEUED = lib.AGENT_NOTIFY_QUEUED
 NOTIFY_IDLE = lib.AGENT_NOTIFY_IDLE
 NOTIFY_HOLD = lib.AGENT_NOTIFY_HOLD
+WORKER_ACTIVE: int = lib.AGENT_WORKER_ACTIVE
+WORKER_DETACHED: int = lib.AGENT_WORKER_DETACHED
 
 # Upper bounds of the request duration buckets, in seconds; the last bucket
 # is +Inf (csrc/engine_api.h, agent_app_durations).
@@ -46,11 +48,15 @@ class EngineEvent:
 class WorkerStats:
     pid: int
     app: int
-    detached: bool
+    state: int  # WORKER_ACTIVE or WORKER_DETACHED
     concurrency: int
     sessions: int
     processed: int
     last_used_ms: int
+
+    @property
+    def detached(self) -> bool:
+        return self.state == WORKER_DETACHED
 
 
 @dataclass(frozen=True)
@@ -114,11 +120,14 @@ def _check(result: int, what: str) -> int:
 class Engine:
     """The data plane: one C thread that moves requests from nginx to workers."""
 
-    def __init__(self, listen_fd: int, max_frame_size: int = 0, io_buffer_size: int = 0) -> None:
+    def __init__(self, listen_fd: int, max_frame_size: int = 0, io_buffer_size: int = 0,
+                 frame_timeout_ms: int = 0) -> None:
+        """Zero for a size or a time: the engine's default (csrc/engine_api.h)."""
         config = ffi.new("agent_engine_config *")
         config.listen_fd = listen_fd
         config.max_frame_size = max_frame_size
         config.io_buffer_size = io_buffer_size
+        config.frame_timeout_ms = frame_timeout_ms
         self._engine: Any = lib.agent_engine_new(config)
         if self._engine == ffi.NULL:
             raise NativeError(0, "cannot create the engine")
@@ -185,7 +194,7 @@ class Engine:
         out = ffi.new("agent_worker_stats[]", capacity)
         count = lib.agent_engine_worker_stats(self._engine, out, capacity)
         return {
-            s.pid: WorkerStats(s.pid, s.app, s.state == lib.AGENT_WORKER_DETACHED, s.concurrency,
+            s.pid: WorkerStats(s.pid, s.app, s.state, s.concurrency,
                                s.sessions, s.processed, s.last_used_ms)
             for s in (out[i] for i in range(count))
         }
@@ -279,11 +288,3 @@ def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int) -> int
         raise NativeError(ffi.errno, ffi.string(error).decode("utf-8", "replace"))
     return int(pid)
 
-
-def listen_unix(path: str, backlog: int = 1024) -> int:
-    """A listening Unix socket at path (replacing a stale file); returns the fd."""
-    error = ffi.new("char[]", _ERROR_SIZE)
-    fd = lib.agent_listen_unix(path.encode(), backlog, error, _ERROR_SIZE)
-    if fd < 0:
-        raise NativeError(ffi.errno, ffi.string(error).decode("utf-8", "replace"))
-    return int(fd)

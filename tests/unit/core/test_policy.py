@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from agent import policy
-from agent.config import AppConfig
-from agent.pool import App, Pool, Worker, WorkerState
+from agent.core import policy
+from agent.core.config import AppConfig
+from agent.core.pool import App, Pool, Worker, WorkerState
 
 SECOND = 1000          # the pool's clock and durations are integer milliseconds
 NOW = 1000 * SECOND
@@ -277,3 +277,41 @@ def test_room_made_by_an_eviction_goes_to_the_app_that_waits() -> None:
     add_worker(a, 10, WorkerState.DETACHING)
     pool.apps["b"].queue_length = 1
     assert policy.plan(pool, NOW) == [policy.Stop(10), policy.Spawn("b")]
+
+
+def test_after_a_request_a_worker_is_released_or_replaced() -> None:
+    app = App(id=1, config=config("a", max_requests=100, memory_limit_mb=100))
+    assert policy.samples_after_request(app)
+    assert not policy.samples_after_request(App(id=2, config=config("b", max_requests=100)))
+    assert policy.after_request(app, add_worker(app, 10, processed=99, max_requests=105)) is None
+    spent = add_worker(app, 11, processed=105, max_requests=105)
+    assert policy.after_request(app, spent) == policy.Detach(11, "served 105 requests (limit 105)", "max_requests")
+    leaving = add_worker(app, 12, WorkerState.DETACHING, processed=105, max_requests=105)
+    assert policy.after_request(app, leaving) is None
+
+
+def test_a_failed_start_abandons_a_restart_or_shows_the_error_page() -> None:
+    app = App(id=1, config=config("a"))
+    assert policy.after_start_failure(app) == "show_error"
+    add_worker(app, 10)
+    assert policy.after_start_failure(app) == "retry"
+    app.generation += 1
+    assert policy.after_start_failure(app) == "abandon_restart"
+
+
+def test_new_settings_replace_workers_and_new_limits_do_not() -> None:
+    app = App(id=1, config=config("a", max_requests=10))
+    assert policy.config_change(app, config("a", max_requests=10)) == "same"
+    assert policy.config_change(app, config("a", max_requests=20)) == "update"
+    assert policy.config_change(app, config("a", max_requests=10, python="python3.12")) == "replace"
+    app.removed = True
+    assert policy.config_change(app, config("a", max_requests=10)) == "replace"
+
+
+def test_a_restart_file_restarts_when_it_appears_or_changes() -> None:
+    app = App(id=1, config=config("a"))
+    assert not policy.restart_file_touched(app, None)
+    assert policy.restart_file_touched(app, 5.0)
+    app.restart_mtime = 5.0
+    assert not policy.restart_file_touched(app, 5.0)
+    assert policy.restart_file_touched(app, 6.0)

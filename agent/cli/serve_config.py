@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from agent.serve import ServeOptions
+from agent.cli.serve import ServeOptions
 from agent.settings import SERVE_SETTINGS, check_value
 
 SERVE_BY_NAME = {s.name: s for s in SERVE_SETTINGS}

@@ -79,7 +79,7 @@ def find_module(explicit: Path | None) -> Path:
     if os.environ.get("AGENT_NGINX_MODULE"):
         candidates.append(Path(os.environ["AGENT_NGINX_MODULE"]))
     candidates += [
-        Path(__file__).resolve().parent.parent / "build" / MODULE_NAME,
+        Path(__file__).resolve().parents[2] / "build" / MODULE_NAME,
         Path("/usr/lib/nginx/modules") / MODULE_NAME,
     ]
     for path in candidates:

@@ -2,9 +2,10 @@
 
 The engine thread moves every request; this loop never sees one. It wakes
 on the engine's events, on worker handshakes and output, on signals and on
-a one-second tick, asks the policy what to do (agent/policy.py) and does it.
-Every side effect on processes and on the engine's routing table happens
-in this file.
+a one-second tick, asks the policy what to do (agent/core/policy.py) and
+does it. Every side effect on processes and on the engine's routing table
+happens in this file. It knows nothing of the status socket:
+agent/core/main.py hands it one through the selector and a tick callback.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
-import json
 import os
 import random
 import selectors
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,14 +24,11 @@ from typing import Any
 
 import psutil
 
-from agent import logs, policy
+from agent import logs
 from agent.clock import monotonic_ms, seconds_text
-from agent.config import AppConfig, AppTable, ConfigError, load_table
-from agent.core_status import CoreStatus
-from agent.error_page import startup_error_response
-from agent.instance import Instance
-from agent.logs import OutputCapture, log
-from agent.native import (
+from agent.core import handshake, policy
+from agent.core.config import AppConfig, AppTable, ConfigError, load_table
+from agent.core.engine import (
     EV_LOG,
     EV_QUEUED,
     EV_REQUEST_TIMEOUT,
@@ -45,22 +41,22 @@ from agent.native import (
     Engine,
     EngineEvent,
 )
-from agent.pool import App, Pool, ProcessUsage, Worker, WorkerState
+from agent.core.error_page import startup_error_response
+from agent.core.pool import App, Pool, ProcessUsage, Worker, WorkerState
+from agent.core.spawner import SpawnError, StartedProcess, install_loaders, start_worker
+from agent.instance import Instance
+from agent.logs import OutputCapture, log
 from agent.settings import default
 from agent.signals import SignalInbox
-from agent.spawner import SpawnError, StartedProcess, install_loaders, start_worker
-from agent.status import StatusServer
+from agent.unix import describe_exit
 
 TICK_MS = 1000
 MEMORY_SAMPLE_INTERVAL_MS = 1000
-HANDSHAKE_LIMIT = 65536
 
 
 class Core:
-    def __init__(self, instance: Instance, listen_fd: int, status_fd: int | None = None) -> None:
+    def __init__(self, instance: Instance, listen_fd: int) -> None:
         self.instance = instance
-        self.status_fd = status_fd
-        self.status: StatusServer | None = None
         self.engine = Engine(listen_fd)
         self.pool = Pool(max_pool_size=6)
         self.selector = selectors.DefaultSelector()
@@ -74,6 +70,7 @@ class Core:
         self.stat_throttle_rate_ms = default("stat_throttle_rate")
         self.notifying: dict[int, int] = {}                        # app id -> NOTIFY_* asked for
         self.restart_waiters: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
+        self.tickers: list[Callable[[], None]] = []   # called about once a second, on this loop
 
     # -- the loop ---------------------------------------------------------
 
@@ -99,9 +96,6 @@ class Core:
         install_loaders(self.instance.loaders_dir)
         self.instance.core_pid_file.write_text(f"{os.getpid()}\n")
         self.signals = SignalInbox(self.selector, (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
-        if self.status_fd is not None:
-            listener = socket.socket(fileno=self.status_fd)
-            self.status = StatusServer(listener, self.selector, CoreStatus(self), self.instance.root)
         self.selector.register(self.engine.notify_fd(), selectors.EVENT_READ, self.on_engine_notify)
 
     def wait_for_events(self) -> None:
@@ -161,7 +155,7 @@ class Core:
             app.restart_mtime = restart_file_mtime(config)
             self.pool.apps[config.name] = app
             log.info("app %s: added (root %s)", config.name, config.app_root)
-        elif app.config.process_settings() != config.process_settings() or app.removed:
+        elif (change := policy.config_change(app, config)) == "replace":
             log.info("app %s: settings changed, replacing its workers", config.name)
             app.config = config
             app.removed = False
@@ -169,7 +163,7 @@ class Core:
             app.failed_until = 0
             self.clear_failure(app)
             self.begin_restart(app, "settings changed")
-        elif app.config != config:
+        elif change == "update":
             log.info("app %s: limits changed, applied to the running workers", config.name)
             app.config = config
         if config.prestart:
@@ -223,12 +217,11 @@ class Core:
         app, worker = found
         worker.processed = max(worker.processed, processed)
         worker.last_used = monotonic_ms()
-        if app.config.memory_limit_mb:
+        if policy.samples_after_request(app):
             self.sample_memory([worker])
-        recycle = policy.recycle_reason(app, worker) if worker.is_serving() else None
+        recycle = policy.after_request(app, worker)
         if recycle is not None:
-            cause, reason = recycle
-            self.detach(app, worker, reason, cause)
+            self.detach(app, worker, recycle.reason, recycle.cause)
         elif worker.in_engine():
             self.engine.release_worker(pid)
 
@@ -265,7 +258,7 @@ class Core:
         except BlockingIOError:
             return
         data += chunk
-        if chunk and b"\n" not in data and len(data) < HANDSHAKE_LIMIT:
+        if not handshake.complete(data, eof=not chunk):
             return
         self.forget_handshake(fd)
         found = self.pool.find_worker(pid)
@@ -274,30 +267,24 @@ class Core:
         app, worker = found
         if not worker.is_starting():
             return  # killed on purpose while starting (shutdown, new settings)
-        line = bytes(data).split(b"\n", 1)[0]
-        self.finish_handshake(app, worker, line)
+        self.finish_handshake(app, worker, handshake.parse(bytes(data)))
 
     def forget_handshake(self, fd: int) -> None:
         self.selector.unregister(fd)
         os.close(fd)
         del self.handshakes[fd]
 
-    def finish_handshake(self, app: App, worker: Worker, line: bytes) -> None:
-        try:
-            message = json.loads(line) if line else {}
-        except json.JSONDecodeError:
-            message = {"status": "error", "summary": f"unreadable handshake: {line[:200]!r}"}
-        if message.get("status") == "ready":
-            self.worker_ready(app, worker, int(message.get("concurrency", 1)))
+    def finish_handshake(self, app: App, worker: Worker, said: handshake.Handshake) -> None:
+        if said.ready:
+            self.worker_ready(app, worker, said.concurrency)
             return
-        summary = str(message.get("summary") or "the worker exited before it was ready")
-        self.spawn_failed(app, summary, str(message.get("traceback") or summary))
+        self.spawn_failed(app, said.summary, said.details)
         self.kill(worker, "failed to start")
 
     def worker_ready(self, app: App, worker: Worker, concurrency: int) -> None:
         worker.state = WorkerState.SERVING
         worker.ready_at = worker.last_used = monotonic_ms()
-        worker.concurrency = max(1, concurrency)
+        worker.concurrency = concurrency
         app.spawn_durations.observe((worker.ready_at - worker.spawned_at) / 1000)
         app.spawn_failures = 0
         self.clear_failure(app)
@@ -346,9 +333,10 @@ class Core:
         app.spawn_failures_total += 1
         log.error("app %s could not start (%d in a row, next try in %s): %s%s", app.name, app.spawn_failures,
                   seconds_text(delay), summary, "" if details == summary else "\n" + details)
-        if app.restarting():
+        outcome = policy.after_start_failure(app)
+        if outcome == "abandon_restart":
             self.abandon_restart(app)
-        elif not app.serving_workers():
+        elif outcome == "show_error":
             self.engine.fail_app(app.id, startup_error_response(app.name, summary, details))
             app.failure_shown = True
 
@@ -416,7 +404,7 @@ class Core:
             if app.removed:
                 continue
             mtime = restart_file_mtime(app.config)
-            if mtime is not None and mtime != app.restart_mtime:
+            if policy.restart_file_touched(app, mtime):
                 self.begin_restart(app, "tmp/restart.txt touched")
             app.restart_mtime = mtime
             app.always_restart = (Path(app.config.app_root) / "tmp" / "always_restart.txt").exists()
@@ -483,7 +471,7 @@ class Core:
         if found is None:
             return
         app, worker = found
-        description = describe_exit(status)
+        description = describe_exit(os.waitstatus_to_exitcode(status))
         if worker.is_starting():
             self.spawn_failed(app, f"the worker {description} before it was ready",
                               f"worker {pid} {description} before reporting readiness; see the log above")
@@ -512,8 +500,8 @@ class Core:
         if fresh:
             self.refresh_stats()
             self.check_restart_files(now)
-            if self.status is not None:
-                self.status.tick(time.monotonic())
+            for tick in self.tickers:
+                tick()
             self.next_tick = now + TICK_MS
         if now >= self.next_memory_sample:
             self.sample_memory([w for w in self.pool.workers() if w.is_serving()])
@@ -589,25 +577,9 @@ def restart_file_mtime(config: AppConfig) -> float | None:
         return None
 
 
-def describe_exit(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        return f"was killed by {signal.Signals(signum).name}"
-    return f"exited with status {os.WEXITSTATUS(status)}"
-
-
 def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except OSError as e:
         if e.errno != errno.ENOENT:
             log.warning("cannot remove %s: %s", path, e.strerror)
-
-
-def run(instance_dir: Path, listen_fd: int, status_fd: int | None = None) -> int:
-    try:
-        return Core(Instance(instance_dir), listen_fd, status_fd).run()
-    except Exception:
-        # The watchdog restarts the core; the log must say why it died.
-        log.exception("core failed")
-        return 1

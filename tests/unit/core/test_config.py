@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_table, parse_table
+from agent.core.config import ConfigError, load_table, parse_table
 
 
 def table(**app: object) -> dict[str, object]:

@@ -2,7 +2,7 @@
 
 A Worker is a small object with plain predicates; an App holds its config,
 its workers and its spawn state. Nothing here performs I/O: the core
-(agent/core.py) applies the policy's actions and updates these objects.
+(agent/core/loop.py) applies the policy's actions and updates these objects.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
-from agent.config import AppConfig
+from agent.core.config import AppConfig
 from agent.settings import default
 
 

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import AppMetrics, Histogram, MetricsSnapshot, ProcessMetrics, render
+from agent.control.metrics import AppMetrics, Histogram, MetricsSnapshot, ProcessMetrics, render
 
 BOUNDS = (0.005, 0.05, 0.5)
 

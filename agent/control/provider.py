@@ -2,7 +2,8 @@
 
 Every document is built from the pool as the policy loop last saw it and
 from the engine's counters, when a client asks; nothing here changes the
-pool. Actions go back to the core.
+pool. Actions go back to the core, through the few methods of CoreView:
+this module knows the core's data (pool, engine stats), not its loop.
 """
 
 from __future__ import annotations
@@ -10,17 +11,51 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from agent import __version__
 from agent.clock import monotonic_ms, unix_time
-from agent.metrics import AppMetrics, Histogram, MetricsSnapshot, ProcessMetrics
-from agent.native import DURATION_BOUNDS, AppDurations, AppStats
-from agent.pool import App, Worker
-from agent.status import StatusError
+from agent.control.metrics import AppMetrics, Histogram, MetricsSnapshot, ProcessMetrics
+from agent.control.server import StatusError
+from agent.core.engine import DURATION_BOUNDS, AppDurations, AppStats, RequestInfo
+from agent.core.pool import App, Pool, Worker
+from agent.instance import Instance
 
-if TYPE_CHECKING:
-    from agent.core import Core
+
+class EngineView(Protocol):
+    """The engine's counters the documents show."""
+
+    def app_stats(self) -> dict[int, AppStats]: ...
+
+    def app_durations(self) -> dict[int, AppDurations]: ...
+
+    def requests(self) -> list[RequestInfo]: ...
+
+
+class CoreView(Protocol):
+    """What the status provider reads from the core, and the actions it asks
+    of it: agent/core/loop.py's Core has them all."""
+
+    @property
+    def instance(self) -> Instance: ...
+
+    @property
+    def pool(self) -> Pool: ...
+
+    @property
+    def engine(self) -> EngineView: ...
+
+    def refresh_stats(self) -> dict[int, AppStats]: ...
+
+    def find_app(self, name: str) -> App | None: ...
+
+    def begin_restart(self, app: App, reason: str) -> None: ...
+
+    def when_restarted(self, app: App, done: Callable[[dict[str, Any]], None]) -> None: ...
+
+    def detach(self, app: App, worker: Worker, reason: str, cause: str = "") -> None: ...
+
+    def reopen_logs(self) -> None: ...
 
 
 def worker_state(worker: Worker) -> str:
@@ -53,7 +88,7 @@ class CoreStatus:
     """The status socket's provider: documents from the core's state, and
     the actions an operator may ask for."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: CoreView) -> None:
         self.core = core
         self.started_at = time.time()
 

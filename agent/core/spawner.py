@@ -12,8 +12,9 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import AppConfig
-from agent.native import NativeError, SpawnSpec, listen_unix, spawn
+from agent.core.config import AppConfig
+from agent.core.engine import SpawnSpec, spawn
+from agent.unix import listen_unix
 
 LOADERS = {"wsgi": "wsgi_loader.py"}
 WORKER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -54,7 +55,7 @@ def install_loaders(loaders_dir: Path) -> None:
     package itself may live in a directory they cannot enter."""
     loaders_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(loaders_dir, 0o755)
-    source = Path(__file__).resolve().parent / "loaders"
+    source = Path(__file__).resolve().parents[1] / "loaders"
     for name in LOADERS.values():
         target = loaders_dir / name
         tmp = loaders_dir / f".{name}.tmp"
@@ -145,7 +146,7 @@ def start_worker(config: AppConfig, loaders_dir: Path, socket_path: str) -> Star
     )
     fds: list[int] = []
     try:
-        listen_fd = listen_unix(socket_path)
+        listen_fd = listen_unix(socket_path, 1024).detach()
         fds.append(listen_fd)
         # Only the core's ends are nonblocking: a worker's print() must block
         # on a full pipe, not fail.
@@ -156,7 +157,7 @@ def start_worker(config: AppConfig, loaders_dir: Path, socket_path: str) -> Star
         os.set_blocking(ready_r, False)
         os.set_blocking(out_r, False)
         pid = spawn(spec, listen_fd, ready_w, out_w)
-    except NativeError as e:
+    except OSError as e:  # the engine module's NativeError is one too
         for fd in fds:
             os.close(fd)
         _unlink(socket_path)

@@ -1,5 +1,5 @@
 """The engine (csrc/engine.c) against docs/protocol.md sections 1 and 2, driven
-through agent._native with real Unix sockets, fake workers and a test client
+through the agent's engine wrapper with real Unix sockets, fake workers and a test client
 in the place of nginx."""
 
 from __future__ import annotations
@@ -16,10 +16,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from agent._native import ffi, lib  # type: ignore[import-not-found]
 
-from agent.native import DURATION_BOUNDS, Engine
-from tests.unit.engine_peers import (
+from agent.core.engine import (
+    DURATION_BOUNDS,
+    EV_LOG,
+    EV_QUEUED,
+    EV_WORKER_FAILED,
+    EV_WORKER_IDLE,
+    WORKER_ACTIVE,
+    WORKER_DETACHED,
+    Engine,
+)
+from tests.unit.core.engine_peers import (
     CLOSE,
     END_RECORD,
     KEEP,
@@ -135,7 +143,7 @@ def test_stats_count_sessions_and_processed(engine: EngineHarness) -> None:
     held = start_request(engine)
     wait_until(lambda: worker.count() == 1)
     stats = engine.worker_stats()[101]
-    assert (stats.app, stats.sessions, stats.processed, stats.state) == (3, 1, 0, lib.AGENT_WORKER_ACTIVE)
+    assert (stats.app, stats.sessions, stats.processed, stats.state) == (3, 1, 0, WORKER_ACTIVE)
     worker.release.set()
     read_all(held)
     held.close()
@@ -143,7 +151,7 @@ def test_stats_count_sessions_and_processed(engine: EngineHarness) -> None:
     wait_until(lambda: engine.worker_stats()[101].processed == 2)
     assert engine.worker_stats()[101].sessions == 0
     assert engine.app_stats()[3].requests == 2
-    idle = engine.wait_event(lib.AGENT_EV_WORKER_IDLE)
+    idle = engine.wait_event(EV_WORKER_IDLE)
     assert (idle.pid, idle.app) == (101, 3)
 
 
@@ -156,7 +164,7 @@ def test_busy_app_queues_and_emits_queued(engine: EngineHarness) -> None:
     first = start_request(engine, "/first")
     wait_until(lambda: worker.count() == 1)
     second = start_request(engine, "/second")
-    queued = engine.wait_event(lib.AGENT_EV_QUEUED)
+    queued = engine.wait_event(EV_QUEUED)
     assert (queued.app, queued.value) == (1, 1)
     assert engine.app_stats()[1].queue_length == 1
     worker.release.set()
@@ -173,7 +181,7 @@ def test_full_queue_answers_503_with_retry_after(engine: EngineHarness) -> None:
     first = start_request(engine)
     wait_until(lambda: worker.count() == 1)
     second = start_request(engine)
-    engine.wait_event(lib.AGENT_EV_QUEUED)
+    engine.wait_event(EV_QUEUED)
     assert engine.request(request_frame(APP)) == engine_reply(
         503, "Service Unavailable", "request queue full", retry_after=True
     )
@@ -204,7 +212,7 @@ def test_queued_request_whose_client_left_never_reaches_the_worker(engine: Engin
     first = start_request(engine, "/first")
     wait_until(lambda: worker.count() == 1)
     gone = start_request(engine, "/gone")
-    engine.wait_event(lib.AGENT_EV_QUEUED)
+    engine.wait_event(EV_QUEUED)
     gone.close()
     wait_until(lambda: engine.app_stats()[1].queue_length == 0)
     worker.release.set()
@@ -218,13 +226,13 @@ def test_queued_request_whose_client_left_never_reaches_the_worker(engine: Engin
 def test_connect_failure_detaches_the_worker_and_reroutes(engine: EngineHarness) -> None:
     engine.app(1, APP)
     # Added first and as idle as the other, the missing worker is tried first.
-    assert lib.agent_engine_worker_add(engine.engine, 1, 100, os.path.join(engine.directory, "none").encode(), 1) == 0
+    engine.engine.add_worker(1, 100, os.path.join(engine.directory, "none"), 1)
     alive = engine.worker(1, 101)
     assert b"hello from 101" in engine.request(request_frame(APP))
-    failed = engine.wait_event(lib.AGENT_EV_WORKER_FAILED)
+    failed = engine.wait_event(EV_WORKER_FAILED)
     assert (failed.pid, failed.app, failed.value) == (100, 1, 2)  # ENOENT
     assert "pid 100" in failed.message
-    assert engine.worker_stats()[100].state == lib.AGENT_WORKER_DETACHED
+    assert engine.worker_stats()[100].state == WORKER_DETACHED
     assert alive.count() == 1
 
 
@@ -273,7 +281,7 @@ def test_removed_worker_finishes_its_requests(engine: EngineHarness) -> None:
     worker = engine.worker(1, 101, answer_after_release)
     sock = start_request(engine)
     wait_until(lambda: worker.count() == 1)
-    assert lib.agent_engine_worker_remove(engine.engine, 101) == 0
+    engine.engine.remove_worker(101)
     assert 101 not in engine.worker_stats()
     worker.release.set()
     assert b"hello from 101" in read_all(sock)
@@ -314,7 +322,7 @@ def test_worker_eof_mid_response_closes_the_nginx_side(engine: EngineHarness) ->
     engine.app(1, APP)
     engine.worker(1, 101, answer_part)
     assert engine.request(request_frame(APP)) == head + b"first part"
-    assert "before the response's end record" in engine.wait_event(lib.AGENT_EV_LOG).message
+    assert "before the response's end record" in engine.wait_event(EV_LOG).message
     wait_until(lambda: engine.worker_stats()[101].sessions == 0)
     assert engine.app_stats()[1].failed == 0  # nginx got a response, cut off
 
@@ -349,7 +357,7 @@ def test_bytes_that_are_not_records_give_502_and_the_connection_is_dropped(engin
     assert engine.request(request_frame(APP)) == engine_reply(
         502, "Bad Gateway", "the app worker (pid 107) failed before responding"
     )
-    assert "not response records" in engine.wait_event(lib.AGENT_EV_LOG).message
+    assert "not response records" in engine.wait_event(EV_LOG).message
     wait_until(lambda: worker.closes() == 1)  # the engine dropped the connection
     assert engine.request(request_frame(APP)) == hello(worker)
     assert worker.connections == 2
@@ -364,7 +372,7 @@ def test_bytes_after_the_end_record_close_the_connection_after_the_response(engi
     engine.app(1, APP)
     worker = engine.worker(1, 101, answer_with_trailer)
     assert engine.request(request_frame(APP)) == hello(worker)
-    assert "after a response's end record" in engine.wait_event(lib.AGENT_EV_LOG).message
+    assert "after a response's end record" in engine.wait_event(EV_LOG).message
     wait_until(lambda: worker.closes() == 1)
     assert engine.request(request_frame(APP)) == hello(worker)
     assert worker.connections == 2
@@ -380,7 +388,7 @@ def test_idle_connection_that_turns_readable_is_closed(engine: EngineHarness) ->
     engine.app(1, APP)
     worker = engine.worker(1, 101, answer_then_chatter)
     assert engine.request(request_frame(APP)) == hello(worker)
-    assert "on an idle connection" in engine.wait_event(lib.AGENT_EV_LOG).message
+    assert "on an idle connection" in engine.wait_event(EV_LOG).message
     wait_until(lambda: worker.closes() == 1)
     assert engine.request(request_frame(APP)) == hello(worker)
     assert worker.connections == 2
@@ -416,8 +424,8 @@ def test_stopping_a_worker_closes_its_idle_connections(engine: EngineHarness, ho
         assert b"200 OK" in read_all(sock)
         sock.close()
     assert worker.connections == 2
-    stop = lib.agent_engine_worker_detach if how == "detach" else lib.agent_engine_worker_remove
-    assert stop(engine.engine, 101) == 0
+    stop = engine.engine.detach_worker if how == "detach" else engine.engine.remove_worker
+    stop(101)
     wait_until(lambda: worker.closes() == 2)
     assert engine.request(request_frame(APP)) == hello(other)
 
@@ -427,7 +435,7 @@ def test_detached_worker_closes_a_busy_connection_when_its_request_ends(engine: 
     worker = engine.worker(1, 101, answer_after_release)
     sock = start_request(engine)
     wait_until(lambda: worker.count() == 1)
-    assert lib.agent_engine_worker_detach(engine.engine, 101) == 0
+    engine.engine.detach_worker(101)
     worker.release.set()
     assert read_all(sock) == hello(worker)
     sock.close()
@@ -504,7 +512,7 @@ def test_malformed_frame_gets_400_and_a_log_line(engine: EngineHarness, case: st
     assert body.startswith(b"400 Bad Request: malformed request frame (")
     assert int(headers["Content-Length"]) == len(body)
     assert reason.encode() in body
-    log = engine.wait_event(lib.AGENT_EV_LOG)
+    log = engine.wait_event(EV_LOG)
     assert log.message.startswith("malformed request frame: ") and reason in log.message
     assert b"200 OK" in engine.request(request_frame(APP))
 
@@ -519,7 +527,7 @@ def test_truncated_frame_gets_400_and_a_log_line(engine: EngineHarness) -> None:
         status, _, body = split_response(read_all(sock))
     assert status == "HTTP/1.1 400 Bad Request"
     assert b"closed after" in body
-    assert "closed after" in engine.wait_event(lib.AGENT_EV_LOG).message
+    assert "closed after" in engine.wait_event(EV_LOG).message
     assert b"200 OK" in engine.request(frame)
 
 
@@ -549,8 +557,8 @@ def test_removed_app_answers_its_queue_503(engine: EngineHarness) -> None:
     first = start_request(engine)
     wait_until(lambda: worker.count() == 1)
     second = start_request(engine)
-    engine.wait_event(lib.AGENT_EV_QUEUED)
-    assert lib.agent_engine_app_remove(engine.engine, 1) == 0
+    engine.wait_event(EV_QUEUED)
+    engine.engine.remove_app(1)
     assert read_all(second) == engine_reply(503, "Service Unavailable", f"unknown app {APP}")
     worker.release.set()
     assert b"200 OK" in read_all(first)
@@ -564,12 +572,12 @@ def test_failed_app_answers_waiting_and_new_requests_verbatim(engine: EngineHarn
     first = start_request(engine)
     wait_until(lambda: worker.count() == 1)
     waiting = start_request(engine)
-    engine.wait_event(lib.AGENT_EV_QUEUED)
+    engine.wait_event(EV_QUEUED)
     page = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\n\r\n<h1>SyntaxError</h1>" * 3
-    assert lib.agent_engine_app_fail(engine.engine, 1, page, len(page)) == 0
+    engine.engine.fail_app(1, page)
     assert read_all(waiting) == page
     assert engine.request(request_frame(APP)) == page
-    assert lib.agent_engine_app_clear_failure(engine.engine, 1) == 0
+    engine.engine.clear_app_failure(1)
     worker.release.set()
     assert b"200 OK" in read_all(first)
     assert b"200 OK" in engine.request(request_frame(APP))
@@ -675,12 +683,12 @@ def test_idle_and_queued_events_are_coalesced_while_unread(engine: EngineHarness
     for _ in range(20):
         engine.request(request_frame(APP))
     wait_until(lambda: engine.worker_stats()[101].processed == 20)
-    assert select.select([lib.agent_engine_notify_fd(engine.engine)], [], [], 0)[0]
-    idle = [ev for ev in engine.poll() if ev.type == lib.AGENT_EV_WORKER_IDLE]
+    assert select.select([engine.engine.notify_fd()], [], [], 0)[0]
+    idle = [ev for ev in engine.poll() if ev.type == EV_WORKER_IDLE]
     assert [(ev.pid, ev.value) for ev in idle] == [(101, 20)]
     # Everything read: the notify fd is quiet again.
     with pytest.raises(BlockingIOError):
-        os.read(lib.agent_engine_notify_fd(engine.engine), 8)
+        os.read(engine.engine.notify_fd(), 8)
 
 
 # -- what the status socket reads: durations and requests in flight ----------
@@ -688,22 +696,20 @@ def test_idle_and_queued_events_are_coalesced_while_unread(engine: EngineHarness
 
 @dataclass
 class NativeEngine:
-    """agent.native.Engine, the typed wrapper the policy uses, on a fresh socket."""
+    """The harness with the wrapper's own calls, as the status socket reads them."""
 
-    directory: str
-    engine: Engine
-    listener: socket.socket
-    workers: list[FakeWorker]
+    harness: EngineHarness
+
+    @property
+    def engine(self) -> Engine:
+        return self.harness.engine
 
     @property
     def socket_path(self) -> str:
-        return os.path.join(self.directory, "agent.sock")
+        return self.harness.socket_path
 
     def worker(self, app_id: int, pid: int, behavior: Behavior = answer_hello) -> FakeWorker:
-        worker = FakeWorker(os.path.join(self.directory, f"w{pid}.sock"), pid, behavior)
-        self.workers.append(worker)
-        self.engine.add_worker(app_id, pid, worker.path, 1)
-        return worker
+        return self.harness.worker(app_id, pid, behavior)
 
     def request(self, uri: str = "/", method: str = "GET", app: str = APP) -> bytes:
         return send_request(self.socket_path, request_frame(app, uri, method))
@@ -717,19 +723,11 @@ class NativeEngine:
 @pytest.fixture
 def native_engine() -> Iterator[NativeEngine]:
     with tempfile.TemporaryDirectory(prefix="engine-") as directory:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(os.path.join(directory, "agent.sock"))
-        listener.listen(64)
-        engine = Engine(listener.fileno())
-        engine.start()
-        harness = NativeEngine(directory, engine, listener, [])
+        harness = EngineHarness(directory)
         try:
-            yield harness
+            yield NativeEngine(harness)
         finally:
-            engine.close()
-            listener.close()
-            for worker in harness.workers:
-                worker.stop()
+            harness.close()
 
 
 SLOW_S = 0.3  # lands in the (250 ms, 500 ms] bucket with 200 ms to spare
@@ -820,9 +818,7 @@ def test_requests_truncates_a_long_method_and_path(native_engine: NativeEngine) 
 
 
 def free_slots(engine: EngineHarness, app_id: int) -> int:
-    out = ffi.new("agent_app_stats[]", 8)
-    count = lib.agent_engine_app_stats(engine.engine, out, 8)
-    return next(out[i].free_slots for i in range(count) if out[i].app == app_id)
+    return engine.app_stats()[app_id].free_slots
 
 
 def test_free_slots_count_what_active_workers_can_take(engine: EngineHarness) -> None:
@@ -833,7 +829,7 @@ def test_free_slots_count_what_active_workers_can_take(engine: EngineHarness) ->
     sock = start_request(engine)
     wait_until(lambda: worker.count() == 1)
     assert free_slots(engine, 1) == 2
-    assert lib.agent_engine_worker_detach(engine.engine, 102) == 0
+    engine.engine.detach_worker(102)
     assert free_slots(engine, 1) == 1
     worker.release.set()
     assert b"hello from 101" in read_all(sock)

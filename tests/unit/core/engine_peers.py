@@ -1,7 +1,7 @@
 """The engine's peers for its tests: an nginx side that writes request frames
 (docs/protocol.md section 1) and fake app workers that answer in records over
-connections that carry many requests (section 2), plus a thin typed harness
-around agent._native."""
+connections that carry many requests (section 2), plus a harness around
+the agent's own engine wrapper (agent/core/engine.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
-from agent._native import ffi, lib  # type: ignore[import-not-found]
+from agent.core.engine import AppStats, Engine, EngineEvent, WorkerStats
 
 TIMEOUT = 10.0
 
@@ -301,37 +300,8 @@ class FakeWorker:
 # -- the engine ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Event:
-    type: int
-    app: int
-    pid: int
-    value: int
-    message: str
-
-
-@dataclass(frozen=True)
-class WorkerStats:
-    pid: int
-    app: int
-    state: int
-    concurrency: int
-    sessions: int
-    processed: int
-
-
-@dataclass(frozen=True)
-class AppStats:
-    app: int
-    queue_length: int
-    requests: int
-    queue_full: int
-    queue_timeouts: int
-    failed: int
-
-
 class EngineHarness:
-    """An engine on a fresh agent socket, with its events collected."""
+    """The agent's own engine wrapper on a fresh agent socket, with its events collected."""
 
     def __init__(self, directory: str, **config: int) -> None:
         self.directory = directory
@@ -339,45 +309,31 @@ class EngineHarness:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.socket_path)
         self.listener.listen(512)
-        cfg = ffi.new("agent_engine_config *")
-        cfg.listen_fd = self.listener.fileno()
-        for name, value in config.items():
-            setattr(cfg, name, value)
-        self.engine: Any = lib.agent_engine_new(cfg)
-        assert self.engine != ffi.NULL
-        assert lib.agent_engine_start(self.engine) == 0
-        self.events: list[Event] = []
-        self._buffer = ffi.new("agent_engine_event[]", 64)
+        self.engine = Engine(self.listener.fileno(), **config)
+        self.engine.start()
+        self.events: list[EngineEvent] = []
         self.workers: list[FakeWorker] = []
 
     def close(self) -> None:
-        lib.agent_engine_stop(self.engine)
-        lib.agent_engine_free(self.engine)
+        self.engine.close()
         self.listener.close()
         for worker in self.workers:
             worker.stop()
 
     def app(self, app_id: int, name: str, max_queue: int = 0, queue_timeout_ms: int = 0) -> None:
-        assert lib.agent_engine_app_set(self.engine, app_id, name.encode(), max_queue, queue_timeout_ms) == 0
+        self.engine.set_app(app_id, name, max_queue, queue_timeout_ms)
 
     def worker(self, app_id: int, pid: int, behavior: Behavior = answer_hello, concurrency: int = 1) -> FakeWorker:
         worker = FakeWorker(os.path.join(self.directory, f"w{pid}.sock"), pid, behavior)
         self.workers.append(worker)
-        assert lib.agent_engine_worker_add(self.engine, app_id, pid, worker.path.encode(), concurrency) == 0
+        self.engine.add_worker(app_id, pid, worker.path, concurrency)
         return worker
 
-    def poll(self) -> list[Event]:
-        while True:
-            n = lib.agent_engine_poll(self.engine, self._buffer, 64)
-            for i in range(n):
-                ev = self._buffer[i]
-                self.events.append(
-                    Event(ev.type, ev.app, ev.pid, ev.value, ffi.string(ev.message).decode(errors="replace"))
-                )
-            if n < 64:
-                return self.events
+    def poll(self) -> list[EngineEvent]:
+        self.events += self.engine.poll()
+        return self.events
 
-    def wait_event(self, type_: int, timeout: float = TIMEOUT) -> Event:
+    def wait_event(self, type_: int, timeout: float = TIMEOUT) -> EngineEvent:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for ev in self.poll():
@@ -388,30 +344,10 @@ class EngineHarness:
         raise AssertionError(f"no event of type {type_} within {timeout} s: {self.events}")
 
     def worker_stats(self) -> dict[int, WorkerStats]:
-        out = ffi.new("agent_worker_stats[]", 64)
-        n = lib.agent_engine_worker_stats(self.engine, out, 64)
-        # Copied out: items of a cffi array die with the array.
-        return {
-            out[i].pid: WorkerStats(
-                out[i].pid, out[i].app, out[i].state, out[i].concurrency, out[i].sessions, out[i].processed
-            )
-            for i in range(n)
-        }
+        return self.engine.worker_stats()
 
     def app_stats(self) -> dict[int, AppStats]:
-        out = ffi.new("agent_app_stats[]", 64)
-        n = lib.agent_engine_app_stats(self.engine, out, 64)
-        return {
-            out[i].app: AppStats(
-                out[i].app,
-                out[i].queue_length,
-                out[i].requests,
-                out[i].queue_full,
-                out[i].queue_timeouts,
-                out[i].failed,
-            )
-            for i in range(n)
-        }
+        return self.engine.app_stats()
 
     def request(self, frame: bytes, body: bytes = b"") -> bytes:
         return send_request(self.socket_path, frame, body)

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from agent import cli
-from agent.client import NoAgentError, choose_instance, running_instances
-from agent.serve import ServeOptions
-from agent.serve_config import ServeConfigError, build_options, parse
+from agent.cli import agentctl as cli
+from agent.cli.serve import ServeOptions
+from agent.cli.serve_config import ServeConfigError, build_options, parse
+from agent.control.client import NoAgentError, choose_instance, running_instances
 
 NOW = 1764280012.0
 MB = 1024 * 1024

@@ -1,5 +1,5 @@
 """The status socket's tokens: INSTANCE_DIR/read.token and admin.token
-(docs/status-api.md). Apart from agent/status.py so that the watchdog,
+(docs/status-api.md). Apart from agent/control/server.py so that the watchdog,
 which makes them, stays small."""
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LOADER = ROOT / "agent" / "loaders" / "wsgi_loader.py"
 APPS = Path(__file__).resolve().parent / "apps"
 

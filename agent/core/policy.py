@@ -3,16 +3,18 @@
 plan() looks at the pool as it is and returns the actions that bring it to
 what the rules want. It performs no I/O and reads no clock of its own, so
 each rule is a plain function that tests can drive with hand-made pools.
-The core applies the actions (agent/core.py). docs/policy.md states each
+The core applies the actions (agent/core/loop.py). docs/policy.md states each
 rule in a sentence.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from agent.clock import seconds_text
-from agent.pool import App, Pool, Worker
+from agent.core.config import AppConfig
+from agent.core.pool import App, Pool, Worker
 
 # Back-off after consecutive start failures: 1 s, 2 s, 4 s, ... at most 30 s.
 BACKOFF_FIRST_MS = 1000
@@ -156,14 +158,27 @@ def recycle_reason(app: App, worker: Worker) -> tuple[str, str] | None:
     return None
 
 
+def recycle(app: App, worker: Worker) -> Detach | None:
+    """The detach that replaces a serving worker, if a rule wants it gone."""
+    found = recycle_reason(app, worker) if worker.is_serving() else None
+    return None if found is None else Detach(worker.pid, found[1], found[0])
+
+
+def samples_after_request(app: App) -> bool:
+    """A worker's memory is read after each request only when the app has a
+    memory limit; otherwise the once-a-second sample is enough."""
+    return bool(app.config.memory_limit_mb)
+
+
+def after_request(app: App, worker: Worker) -> Detach | None:
+    """A worker the engine holds after a request (limits_each_request): the
+    detach that replaces it, or None to release it for the next request."""
+    return recycle(app, worker)
+
+
 def plan_recycling(pool: Pool, now: int) -> list[Action]:
-    actions: list[Action] = []
-    for app in pool.apps.values():
-        for worker in app.serving_workers():
-            found = recycle_reason(app, worker)
-            if found is not None:
-                actions.append(Detach(worker.pid, found[1], found[0]))
-    return actions
+    return [action for app in pool.apps.values() for worker in app.serving_workers()
+            if (action := recycle(app, worker)) is not None]
 
 
 def plan_idle(pool: Pool, now: int) -> list[Action]:
@@ -204,6 +219,38 @@ def plan_restarts(pool: Pool, now: int) -> list[Action]:
 
 
 # -- failures and deadlines -----------------------------------------------------
+
+
+StartFailure = Literal["abandon_restart", "show_error", "retry"]
+
+
+def after_start_failure(app: App) -> StartFailure:
+    """A worker did not start. During a rolling restart the new code is
+    abandoned and the old workers keep serving; an app with no serving
+    worker shows its error page until the back-off ends; otherwise the
+    app's workers serve on and the back-off delays the next try."""
+    if app.restarting():
+        return "abandon_restart"
+    if not app.serving_workers():
+        return "show_error"
+    return "retry"
+
+
+ConfigChange = Literal["replace", "update", "same"]
+
+
+def config_change(app: App, config: AppConfig) -> ConfigChange:
+    """New settings for a configured app: when what a worker is made of
+    changed (or the app comes back after removal) its workers are replaced;
+    when only limits changed they apply to the running workers."""
+    if app.config.process_settings() != config.process_settings() or app.removed:
+        return "replace"
+    return "update" if app.config != config else "same"
+
+
+def restart_file_touched(app: App, mtime: float | None) -> bool:
+    """tmp/restart.txt appeared or changed since the last look."""
+    return mtime is not None and mtime != app.restart_mtime
 
 
 def plan_failures(pool: Pool, now: int) -> list[Action]:

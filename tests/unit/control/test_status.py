@@ -25,9 +25,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import metrics, status
-from agent.status import StatusError, StatusServer
-from agent.tokens import ensure_tokens, read_tokens
+from agent.control import metrics
+from agent.control import server as status
+from agent.control.server import StatusError, StatusServer
+from agent.control.tokens import ensure_tokens, read_tokens
 
 NOBODY = 65534
 SERVER_INFO = {"version": "0.1.0", "pid": 1234, "watchdog_pid": 1233, "uptime": 1.5, "apps": 1}
@@ -619,7 +620,7 @@ def test_ensure_tokens_replaces_only_what_is_missing(tmp_path: Path) -> None:
 
 
 def test_openapi_document_names_exactly_the_served_routes(harness: Harness) -> None:
-    document = yaml.safe_load((Path(__file__).parents[2] / "docs" / "openapi.yaml").read_text())
+    document = yaml.safe_load((Path(__file__).parents[3] / "docs" / "openapi.yaml").read_text())
     assert document["openapi"].startswith("3.0")
     examples = {"/processes/{pid}/detach": "/processes/2001/detach", "/apps/restart": "/apps/restart?app=/srv/shop"}
     documented = set()

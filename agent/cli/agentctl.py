@@ -26,7 +26,9 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from agent import __version__
-from agent.client import (
+from agent.cli.serve import ServeError, find_module, render_config, serve
+from agent.cli.serve_config import ServeConfigError, build_options, load
+from agent.control.client import (
     EXIT_FAILED,
     EXIT_NO_AGENT,
     NotFoundError,
@@ -37,8 +39,6 @@ from agent.client import (
     running_instances,
 )
 from agent.instance import Instance
-from agent.serve import ServeError, find_module, render_config, serve
-from agent.serve_config import ServeConfigError, build_options, load
 from agent.settings import SERVE_SETTINGS, Kind, Scope, Setting, check_value, render_directive_value
 
 EXIT_OK = 0

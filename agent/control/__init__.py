@@ -1,0 +1,1 @@
+"""The status socket: its server, what it shows, metrics, tokens, the dashboard and the client agentctl uses."""
