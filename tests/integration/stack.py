@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "build" / "ngx_http_agent_module.so"
 APP_PYTHON = "/usr/bin/python3"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+# nginx's workers run as a user of their own, never as an app's (apps whose
+# files belong to root run as nobody): docs/security.md.
+NGINX_USER = "www-data"
 
 
 def free_port() -> int:
@@ -120,6 +123,7 @@ class Stack:
         return f"""load_module {MODULE};
 daemon off;
 master_process on;
+user {NGINX_USER};
 worker_processes 1;
 pid {self.root / 'nginx.pid'};
 error_log {self.error_log} info;
