@@ -344,42 +344,49 @@ int agent_engine_worker_add(agent_engine *e, int app_id, int pid, const char *so
     return 0;
 }
 
-/* The loop closes the worker's idle connections (API calls do no socket
- * work); it gets no request from now on either way. */
-int agent_engine_worker_detach(agent_engine *e, int pid)
+/* Runs change on worker pid under the lock, then wakes the loop when
+ * change says it left the loop work. */
+static int change_worker(agent_engine *e, int pid, bool (*change)(agent_engine *, worker *))
 {
     pthread_mutex_lock(&e->lock);
     int i = worker_index(e, pid);
-    bool wake = false;
-    if (i >= 0) {
-        worker *w = e->workers[i];
-        w->state = AGENT_WORKER_DETACHED;
-        w->close_idle = wake = !list_empty(&w->idle);
-    }
+    bool wake = i >= 0 && change(e, e->workers[i]);
     pthread_mutex_unlock(&e->lock);
     if (wake)
         wake_loop(e);
     return i >= 0 ? 0 : -ENOENT;
 }
 
+/* The loop closes the worker's idle connections (API calls do no socket
+ * work); it gets no request from now on either way. */
+static bool detach_worker(agent_engine *e, worker *w)
+{
+    w->state = AGENT_WORKER_DETACHED;
+    w->close_idle = !list_empty(&w->idle);
+    return w->close_idle;
+}
+
+int agent_engine_worker_detach(agent_engine *e, int pid)
+{
+    return change_worker(e, pid, detach_worker);
+}
+
 /* Ends a HOLD (AGENT_NOTIFY_HOLD): the worker takes requests again, the
  * app's queue first. */
+static bool release_worker(agent_engine *e, worker *w)
+{
+    if (!w->held)
+        return false;
+    app *a = app_by_id(e, w->app);
+    w->held = false;
+    if (a && a->queue_length > 0)
+        a->needs_dispatch = true;
+    return a && a->queue_length > 0;
+}
+
 int agent_engine_worker_release(agent_engine *e, int pid)
 {
-    pthread_mutex_lock(&e->lock);
-    int i = worker_index(e, pid);
-    bool wake = false;
-    if (i >= 0 && e->workers[i]->held) {
-        worker *w = e->workers[i];
-        app *a = app_by_id(e, w->app);
-        w->held = false;
-        if (a && a->queue_length > 0)
-            a->needs_dispatch = wake = true;
-    }
-    pthread_mutex_unlock(&e->lock);
-    if (wake)
-        wake_loop(e);
-    return i >= 0 ? 0 : -ENOENT;
+    return change_worker(e, pid, release_worker);
 }
 
 /* Sessions in flight run to completion; the record goes with the last

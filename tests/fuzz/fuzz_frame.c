@@ -17,18 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz.h"
 #include "wire.h"
 
 #define CAP (1u << 20)
-
-/* A failed check aborts, which libFuzzer reports as a crash with the input. */
-#define REQUIRE(cond)                                                      \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "%s:%d: REQUIRE(%s) failed\n", __FILE__, __LINE__, #cond); \
-            abort();                                                       \
-        }                                                                  \
-    } while (0)
 
 /* Judges the size as the engine does, and returns how many bytes after it
  * are vars. */

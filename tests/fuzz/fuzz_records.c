@@ -14,17 +14,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz.h"
 #include "wire.h"
 
 #define BUFFER_SIZE 64u            /* small, so that records span many reads */
-
-#define REQUIRE(cond)                                                      \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "%s:%d: REQUIRE(%s) failed\n", __FILE__, __LINE__, #cond); \
-            abort();                                                       \
-        }                                                                  \
-    } while (0)
 
 /* The plain decoding: the payload, whether the end record came, and where
  * the stream stands after it. */
