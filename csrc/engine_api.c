@@ -17,6 +17,21 @@
 #define DEFAULT_FRAME_TIMEOUT_MS 60000u
 #define MAX_APP_ID 65535
 
+/* engine_api.h: 0 means the default. */
+static agent_engine_config config_with_defaults(const agent_engine_config *given)
+{
+    agent_engine_config c = *given;
+    if (!c.max_frame_size)
+        c.max_frame_size = DEFAULT_MAX_FRAME_SIZE;
+    if (!c.io_buffer_size)
+        c.io_buffer_size = DEFAULT_IO_BUFFER_SIZE;
+    if (c.io_buffer_size < MIN_IO_BUFFER_SIZE)
+        c.io_buffer_size = MIN_IO_BUFFER_SIZE;
+    if (!c.frame_timeout_ms)
+        c.frame_timeout_ms = DEFAULT_FRAME_TIMEOUT_MS;
+    return c;
+}
+
 agent_engine *agent_engine_new(const agent_engine_config *config)
 {
     if (!config || config->listen_fd < 0) {
@@ -26,15 +41,7 @@ agent_engine *agent_engine_new(const agent_engine_config *config)
     agent_engine *e = calloc(1, sizeof *e);
     if (!e)
         return NULL;
-    e->config = *config;
-    if (!e->config.max_frame_size)
-        e->config.max_frame_size = DEFAULT_MAX_FRAME_SIZE;
-    if (!e->config.io_buffer_size)
-        e->config.io_buffer_size = DEFAULT_IO_BUFFER_SIZE;
-    if (e->config.io_buffer_size < MIN_IO_BUFFER_SIZE)
-        e->config.io_buffer_size = MIN_IO_BUFFER_SIZE;
-    if (!e->config.frame_timeout_ms)
-        e->config.frame_timeout_ms = DEFAULT_FRAME_TIMEOUT_MS;
+    e->config = config_with_defaults(config);
     e->epoll_fd = e->wake_fd = e->notify_fd = -1;
     list_init(&e->all_conns);
     list_init(&e->reading_conns);
@@ -156,6 +163,31 @@ static void wake_loop(agent_engine *e)
     eventfd_signal(e->wake_fd);
 }
 
+/* The app with this id, made (with the table grown) when there is none;
+ * NULL when out of memory. */
+static app *app_slot(agent_engine *e, int app_id)
+{
+    if (app_id >= e->apps_cap) {
+        int cap = e->apps_cap ? e->apps_cap : 8;
+        while (cap <= app_id)
+            cap *= 2;
+        app **bigger = realloc(e->apps, sizeof *bigger * (size_t)cap);
+        if (!bigger)
+            return NULL;
+        memset(bigger + e->apps_cap, 0, sizeof *bigger * (size_t)(cap - e->apps_cap));
+        e->apps = bigger;
+        e->apps_cap = cap;
+    }
+    app *a = e->apps[app_id];
+    if (!a && (a = calloc(1, sizeof *a))) {
+        a->id = app_id;
+        a->notify = AGENT_NOTIFY_QUEUED | AGENT_NOTIFY_IDLE;
+        list_init(&a->queue);
+        e->apps[app_id] = a;
+    }
+    return a;
+}
+
 int agent_engine_app_set(agent_engine *e, int app_id, const char *name, int max_queue, uint32_t queue_timeout_ms)
 {
     if (app_id < 0 || app_id > MAX_APP_ID || !name || max_queue < 0)
@@ -164,32 +196,11 @@ int agent_engine_app_set(agent_engine *e, int app_id, const char *name, int max_
     if (!copy)
         return -ENOMEM;
     pthread_mutex_lock(&e->lock);
-    if (app_id >= e->apps_cap) {
-        int cap = e->apps_cap ? e->apps_cap : 8;
-        while (cap <= app_id)
-            cap *= 2;
-        app **bigger = realloc(e->apps, sizeof *bigger * (size_t)cap);
-        if (!bigger) {
-            pthread_mutex_unlock(&e->lock);
-            free(copy);
-            return -ENOMEM;
-        }
-        memset(bigger + e->apps_cap, 0, sizeof *bigger * (size_t)(cap - e->apps_cap));
-        e->apps = bigger;
-        e->apps_cap = cap;
-    }
-    app *a = e->apps[app_id];
+    app *a = app_slot(e, app_id);
     if (!a) {
-        a = calloc(1, sizeof *a);
-        if (!a) {
-            pthread_mutex_unlock(&e->lock);
-            free(copy);
-            return -ENOMEM;
-        }
-        a->id = app_id;
-        a->notify = AGENT_NOTIFY_QUEUED | AGENT_NOTIFY_IDLE;
-        list_init(&a->queue);
-        e->apps[app_id] = a;
+        pthread_mutex_unlock(&e->lock);
+        free(copy);
+        return -ENOMEM;
     }
     free(a->name);
     a->name = copy;
@@ -293,18 +304,30 @@ int agent_engine_app_clear_failure(agent_engine *e, int app_id)
     return 0;
 }
 
+/* Room in the worker table for one more; false when out of memory. */
+static bool workers_room(agent_engine *e)
+{
+    if (e->nworkers < e->workers_cap)
+        return true;
+    int cap = e->workers_cap ? e->workers_cap * 2 : 16;
+    worker **bigger = realloc(e->workers, sizeof *bigger * (size_t)cap);
+    if (!bigger)
+        return false;
+    e->workers = bigger;
+    e->workers_cap = cap;
+    return true;
+}
+
 int agent_engine_worker_add(agent_engine *e, int app_id, int pid, const char *socket_path, int concurrency)
 {
     if (!socket_path || concurrency < 1 || pid <= 0)
         return -EINVAL;
     size_t path_len = strlen(socket_path);
+    if (path_len == 0 || path_len >= sizeof ((worker *)0)->addr.sun_path)
+        return -ENAMETOOLONG;
     worker *w = calloc(1, sizeof *w);
     if (!w)
         return -ENOMEM;
-    if (path_len == 0 || path_len >= sizeof w->addr.sun_path) {
-        free(w);
-        return -ENAMETOOLONG;
-    }
     w->pid = pid;
     w->app = app_id;
     w->state = AGENT_WORKER_ACTIVE;
@@ -321,16 +344,8 @@ int agent_engine_worker_add(agent_engine *e, int app_id, int pid, const char *so
         err = -ENOENT;
     else if (worker_index(e, pid) >= 0)
         err = -EEXIST;
-    else if (e->nworkers == e->workers_cap) {
-        int cap = e->workers_cap ? e->workers_cap * 2 : 16;
-        worker **bigger = realloc(e->workers, sizeof *bigger * (size_t)cap);
-        if (!bigger)
-            err = -ENOMEM;
-        else {
-            e->workers = bigger;
-            e->workers_cap = cap;
-        }
-    }
+    else if (!workers_room(e))
+        err = -ENOMEM;
     if (err) {
         pthread_mutex_unlock(&e->lock);
         free(w);

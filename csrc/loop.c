@@ -110,6 +110,25 @@ static bool grow_frame_buffer(agent_engine *e, conn *c)
     return true;
 }
 
+/* The 4 size bytes came: a bad size is answered at once, without reading
+ * the rest; a good one may need a bigger buffer. False when c was ended. */
+static bool frame_size_known(agent_engine *e, conn *c)
+{
+    frame_info info;
+    frame_status status = frame_check_head(c->up, e->config.max_frame_size, &info);
+    if (status != FRAME_OK) {
+        reject_malformed(e, c, status, &info);
+        return false;
+    }
+    c->frame_size = info.vars_size + WIRE_U32_SIZE;
+    if (c->frame_size > c->up_cap && !grow_frame_buffer(e, c)) {
+        emit(e, AGENT_EV_LOG, -1, 0, ENOMEM, "out of memory for a %" PRIu32 "-byte request frame", c->frame_size);
+        conn_release(e, c);
+        return false;
+    }
+    return true;
+}
+
 /* Reads until the frame's vars are complete, the socket is empty, or the
  * frame proves bad. The 4-byte size is checked the moment it arrives. */
 static void read_frame(agent_engine *e, conn *c)
@@ -141,20 +160,8 @@ static void read_frame(agent_engine *e, conn *c)
             return;
         }
         c->up_len += (uint32_t)n;
-        if (!c->frame_size && c->up_len >= WIRE_U32_SIZE) {
-            frame_info info;
-            frame_status status = frame_check_head(c->up, e->config.max_frame_size, &info);
-            if (status != FRAME_OK) {
-                reject_malformed(e, c, status, &info);
-                return;
-            }
-            c->frame_size = info.vars_size + WIRE_U32_SIZE;
-            if (c->frame_size > c->up_cap && !grow_frame_buffer(e, c)) {
-                emit(e, AGENT_EV_LOG, -1, 0, ENOMEM, "out of memory for a %" PRIu32 "-byte request frame", c->frame_size);
-                conn_release(e, c);
-                return;
-            }
-        }
+        if (!c->frame_size && c->up_len >= WIRE_U32_SIZE && !frame_size_known(e, c))
+            return;
         if (c->frame_size && c->up_len >= c->frame_size) {
             frame_complete(e, c);
             return;
@@ -363,9 +370,7 @@ static void check_request_times(agent_engine *e)
     }
 }
 
-/* Every TICK_MS: frame timeouts, queue timeouts, request time limits,
- * sessions to watch, a paused accept. */
-static void on_tick(agent_engine *e)
+static void check_frame_times(agent_engine *e)
 {
     while (!list_empty(&e->reading_conns)) {
         conn *c = CONTAINER_OF(e->reading_conns.next, conn, wait_link);
@@ -375,6 +380,10 @@ static void on_tick(agent_engine *e)
              e->config.frame_timeout_ms);
         conn_release(e, c);
     }
+}
+
+static void check_queue_times(agent_engine *e)
+{
     for (int i = 0; i < e->apps_cap; i++) {
         app *a = e->apps[i];
         if (!a || a->queue_timeout_ms == 0)
@@ -391,6 +400,14 @@ static void on_tick(agent_engine *e)
             }
         }
     }
+}
+
+/* Every TICK_MS: frame timeouts, queue timeouts, request time limits,
+ * sessions to watch, a paused accept. */
+static void on_tick(agent_engine *e)
+{
+    check_frame_times(e);
+    check_queue_times(e);
     check_request_times(e);
     /* Sessions that outlive a tick get their nginx side watched, so that
      * nginx going away ends them (see watch_client). Registering ends no
