@@ -3,6 +3,7 @@
 #   make run     install what is missing, build, serve examples/hello at http://127.0.0.1:8080
 #   make test    the whole test suite (real nginx, real agent, real workers)
 #   make bench   the benchmark against nginx+gunicorn and nginx+uWSGI
+#   make fuzz    the engine's wire parsers under libFuzzer (FUZZ_SECONDS each)
 #
 # Everything Python lives in a virtualenv ($(VENV)); the nginx module is built
 # against the system nginx's own source and configure flags (nginx-dev).
@@ -11,7 +12,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST_PYTHON ?= python3
-APT_PACKAGES := nginx nginx-dev build-essential python3 python3-venv python3-dev wrk chromium chromium-driver
+APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv python3-dev wrk chromium chromium-driver
 PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
@@ -20,8 +21,11 @@ NATIVE_SRC := $(wildcard csrc/*.c csrc/*.h) csrc/native_build.py
 RUN_PORT ?= 8080
 RUN_DIR ?= /tmp/agent-demo
 PYTEST_ARGS ?=
+FUZZ_SECONDS ?= 60
+FUZZERS := fuzz_frame fuzz_records
+FUZZ_FLAGS := -g -O1 -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 
-.PHONY: all deps system-deps python-deps build native module run test lint sanitize bench clean
+.PHONY: all deps system-deps python-deps build native module run test lint sanitize fuzz bench clean
 
 all: build
 
@@ -93,6 +97,21 @@ sanitize: deps module
 	rm -f agent/.native-built
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 		$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Each harness runs FUZZ_SECONDS on a copy of its seed corpus (the repo's
+# stays as committed); a crash or a failed check fails the target and
+# leaves the input in build/fuzz/<harness>-crash-*.
+fuzz: system-deps
+	@mkdir -p build/fuzz
+	@for f in $(FUZZERS); do \
+		clang $(FUZZ_FLAGS) -Icsrc tests/fuzz/$$f.c csrc/frame.c csrc/records.c -o build/fuzz/$$f || exit 1; \
+		rm -rf build/fuzz/$$f-corpus && cp -r tests/fuzz/corpus/$$f build/fuzz/$$f-corpus; \
+		echo "fuzzing $$f for $(FUZZ_SECONDS) s"; \
+		build/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/$$f.dict -print_final_stats=1 \
+			-artifact_prefix=build/fuzz/$$f- build/fuzz/$$f-corpus > build/fuzz/$$f.log 2>&1 \
+			|| { tail -40 build/fuzz/$$f.log; echo "$$f failed: see build/fuzz/$$f.log"; exit 1; }; \
+		grep -E '^stat::number_of_executed_units' build/fuzz/$$f.log; \
+	done
 
 bench: deps build
 	$(PY) bench/run.py

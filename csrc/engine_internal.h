@@ -1,0 +1,408 @@
+/*
+ * The engine: the agent core's data plane.
+ *
+ * engine_api.h states the contract; docs/protocol.md sections 1 and 2 state
+ * the bytes on the wire. A request travels:
+ *
+ *   accept -> read the frame -> validate it -> find the app -> pick a worker
+ *          (or wait in the app's queue) -> take an idle worker connection
+ *          or open one -> pump bytes both ways, stripping the response's
+ *          record headers -> the end record -> close nginx's connection,
+ *          keep the worker's -> end the session -> next queued request
+ *
+ * The files
+ *   wire.h, frame.c, records.c  the pure parsers of the frame and the records
+ *   loop.c         the thread: accepting, reading the frame, the timers
+ *   session.c      the routing table, worker connections, sessions, pumping
+ *   conn.c         connection records, buffers, the responses the engine makes
+ *   events.c       the events for the policy
+ *   engine_api.c   engine_api.h: the calls the policy makes
+ *   this header    what they share: the structs and the internal calls
+ *
+ * Worker connections are described in session.c; the loop, its cost and
+ * its timers in loop.c.
+ *
+ * Locking
+ *   One mutex guards everything. The loop holds it while it handles a batch
+ *   of ready events (never while it sleeps in epoll_wait), and every API
+ *   call holds it while it reads or changes the routing table. API calls do
+ *   no socket I/O themselves: they note what the loop must do and write to
+ *   the wake-up eventfd.
+ *
+ * Object lifetimes
+ *   A connection that ends is closed at once (which also removes its sockets
+ *   from epoll) but its memory is recycled only after the current batch of
+ *   events, because a later event of the same batch may still point at it.
+ *   The same holds for worker connections. A worker removed while requests
+ *   are in flight keeps serving them to the end; its record is freed when
+ *   its last session has ended and its last connection is closed.
+ */
+#ifndef AGENT_ENGINE_INTERNAL_H
+#define AGENT_ENGINE_INTERNAL_H
+/* Every engine file includes this header first: strerror_r() is then the
+ * GNU one, which returns the message. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "engine.h"
+#include "wire.h"
+
+#define TICK_MS 100
+#define REPLY_DETAIL_MAX 200       /* bytes of a name or reason quoted in a reply */
+
+/* The internal calls are for the engine's files only, not exported from
+ * the extension module. */
+#pragma GCC visibility push(hidden)
+
+/* Events wait in two rings: log lines, which may be dropped, and the rest,
+ * which may not. Entries are numbered from the first ever emitted, and a
+ * ring's capacity is a power of two, so entry p lives in slot p & (cap - 1)
+ * whatever the ring's size: that lets a worker or an app find its own
+ * unread event and update it instead of adding another (see
+ * emit_coalesced). order merges the two rings back into emission order. */
+typedef struct {
+    uint64_t order;
+    agent_engine_event ev;
+} ring_entry;
+
+typedef struct {
+    ring_entry *slots;
+    uint32_t cap;
+    uint64_t head;              /* number of the oldest unread entry */
+    uint64_t tail;              /* number the next entry gets */
+} event_ring;
+
+/* A circular doubly linked list with a sentinel head. */
+typedef struct list_link {
+    struct list_link *prev;
+    struct list_link *next;
+} list_link;
+
+#define CONTAINER_OF(ptr, type, member) ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
+/* What an epoll event points at. */
+typedef enum { EP_LISTENER, EP_WAKE, EP_CLIENT, EP_WORKER } endpoint_kind;
+
+struct conn;
+struct wconn;
+typedef struct {
+    endpoint_kind kind;
+    struct conn *conn;          /* EP_CLIENT */
+    struct wconn *wconn;        /* EP_WORKER */
+} endpoint;
+
+/* A complete HTTP response given by agent_engine_app_fail(). Shared by
+ * every connection that is sending it, so that clearing the failure while
+ * replies are under way frees it only after the last one. */
+typedef struct {
+    int refs;
+    size_t length;
+    char data[];
+} shared_reply;
+
+typedef struct worker {
+    int pid;
+    int app;
+    int state;                  /* AGENT_WORKER_ACTIVE or _DETACHED */
+    int concurrency;
+    int sessions;
+    bool removed;               /* no longer in the table; freed by its last session */
+    uint64_t processed;
+    int64_t last_used_ms;
+    uint64_t last_use_seq;      /* finer than ms: orders workers for the LRU tie-break */
+    struct sockaddr_un addr;
+    socklen_t addr_len;
+    struct worker *next_orphan; /* removed workers with sessions or connections left */
+    uint64_t idle_event;        /* 1 + number of its last IDLE event, or 0 */
+    list_link idle;             /* wconns carrying no request, most recently used first */
+    int open;                   /* wconns open, idle or busy; at most concurrency */
+    bool close_idle;            /* detached or removed: the loop must close its idle wconns */
+    bool held;                  /* waits for the policy's check after a request (AGENT_NOTIFY_HOLD) */
+} worker;
+
+/* A connection to a worker, kept across requests (docs/protocol.md §2). */
+typedef struct wconn {
+    endpoint ep;
+    int fd;
+    worker *worker;
+    struct conn *conn;          /* the request it carries, or NULL when idle */
+    list_link idle_link;        /* in worker->idle while idle */
+    /* What the kernel last said about the socket (edge-triggered). */
+    bool readable, writable, rdhup;
+    uint64_t served;            /* requests it completed: a reused wconn has served > 0 */
+    struct wconn *next_dead;
+} wconn;
+
+typedef struct app {
+    int id;
+    char *name;
+    size_t name_len;
+    int max_queue;
+    uint32_t queue_timeout_ms;
+    uint32_t request_time_ms;   /* a session running longer is cut off; 0: no limit */
+    list_link queue;            /* conns in state CONN_QUEUED, oldest first */
+    int queue_length;
+    shared_reply *failure;      /* set: every request gets this response */
+    bool needs_dispatch;        /* the loop must look at the queue (set by API calls) */
+    struct app *next_removed;   /* removed apps whose queue the loop must answer */
+    uint64_t queued_event;      /* 1 + number of its last QUEUED event, or 0 */
+    unsigned notify;            /* AGENT_NOTIFY_* the policy wants for this app */
+    uint64_t requests;
+    uint64_t queue_full;
+    uint64_t queue_timeouts;
+    uint64_t request_timeouts;
+    uint64_t failed;
+    uint64_t duration_buckets[AGENT_DURATION_BUCKETS];  /* per bucket, see agent_app_durations */
+    uint64_t duration_count;
+    uint64_t duration_sum_us;
+} app;
+
+typedef enum {
+    CONN_READING_FRAME,         /* reading vars-size and vars from nginx */
+    CONN_QUEUED,                /* complete frame, waiting in its app's queue */
+    CONN_FORWARDING,            /* connected to a worker, pumping both ways */
+    CONN_REPLYING,              /* sending a response the engine made */
+    CONN_DONE                   /* closed; memory recycled after the batch */
+} conn_state;
+
+typedef struct conn {
+    conn_state state;
+    endpoint client_ep;
+    int client_fd;
+    wconn *wc;                  /* the worker connection while forwarding */
+    list_link all_link;         /* every live connection, for agent_engine_stop() */
+    list_link wait_link;        /* the reading list or its app's queue */
+    bool in_wait_list;
+    bool client_watched;        /* the nginx socket is in the epoll set */
+    struct conn *next_free;
+
+    /* What the kernel last said about nginx's socket (edge-triggered). */
+    bool client_readable, client_writable, client_hup;
+    /* The session with the worker (reset by begin_session). */
+    bool upstream_closed;       /* the worker refuses request bytes; keep reading its answer */
+    bool worker_closed;         /* end of file or an error on the wconn: nothing more will come */
+    int worker_error;           /* errno of that error, or 0 for end of file */
+    bool response_bytes;        /* a byte came from the worker, record headers included */
+    bool response_started;      /* the payload began with "HTTP/1.1 ": bytes may go to nginx */
+    bool malformed;             /* the worker's bytes are not a response in records */
+    int upstream_error;         /* errno of the send that set upstream_closed */
+    bool retried;               /* sent to a worker again already (may_replay) */
+    bool draining;              /* nginx went away after the whole request was sent */
+    bool replayable;            /* the whole request is the frame in up: it can be sent again */
+    uint32_t request_len;       /* bytes of the request held in up when replayable */
+    record_decoder rec;         /* the response's records: rec.end, the end record came */
+
+    /* nginx -> worker: the frame, then the body. */
+    char *up;
+    uint32_t up_cap, up_pos, up_len;
+    uint32_t frame_size;        /* 4 + vars-size once known, else 0 */
+    uint64_t body_remaining;    /* body bytes still to read from nginx */
+
+    /* worker -> nginx */
+    char *down;
+    uint32_t down_cap, down_pos, down_len;
+
+    int app_id;
+    struct app *queued_in;      /* the app whose queue holds it (CONN_QUEUED) */
+    worker *worker;
+    int64_t started_ms;
+    int64_t frame_us;           /* when the frame was complete: durations and ages count from here */
+    int64_t session_ms;         /* when the worker got it */
+    int64_t queued_ms;
+
+    /* A response the engine makes itself. */
+    const char *reply;
+    size_t reply_len, reply_pos;
+    shared_reply *reply_shared;
+    char reply_inline[640];
+
+    /* For agent_engine_requests(), copied when the frame is complete.
+     * They sit past the part conn_get() clears, so that a request pays
+     * only for the bytes it copies; nothing reads them before. */
+    char method[sizeof ((agent_request_info *)0)->method];
+    char path[sizeof ((agent_request_info *)0)->path];
+} conn;
+
+struct agent_engine {
+    agent_engine_config config;
+    int epoll_fd;
+    int wake_fd;
+    int notify_fd;
+    endpoint listener_ep;
+    endpoint wake_ep;
+    pthread_mutex_t lock;
+    pthread_t thread;
+    bool started;
+    bool joined;
+    bool stopping;
+    bool accept_paused;         /* out of fds or memory: retry on the tick */
+    int64_t now_ms;
+    int64_t now_us;             /* the same instant, for durations */
+    int64_t next_tick_ms;
+    uint64_t use_seq;
+
+    app **apps;                 /* indexed by app id */
+    int apps_cap;
+    app *removed_apps;
+    worker **workers;
+    int nworkers, workers_cap;
+    worker *orphans;
+
+    list_link all_conns;
+    list_link reading_conns;    /* CONN_READING_FRAME, oldest first */
+    conn *free_conns;
+    int free_conns_count;
+    conn *dead_conns;
+    wconn *dead_wconns;         /* closed this batch; freed after it */
+    char *free_buffers;         /* linked through their first bytes */
+    int free_buffers_count;
+
+    event_ring events;          /* everything but log lines */
+    event_ring logs;
+    uint64_t event_order;
+};
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers                                                            */
+
+static inline void list_init(list_link *head) { head->prev = head->next = head; }
+static inline bool list_empty(const list_link *head) { return head->next == head; }
+
+static inline void list_append(list_link *head, list_link *item)
+{
+    item->prev = head->prev;
+    item->next = head;
+    head->prev->next = item;
+    head->prev = item;
+}
+
+static inline void list_prepend(list_link *head, list_link *item)
+{
+    item->next = head->next;
+    item->prev = head;
+    head->next->prev = item;
+    head->next = item;
+}
+
+static inline void list_unlink(list_link *item)
+{
+    item->prev->next = item->next;
+    item->next->prev = item->prev;
+    item->prev = item->next = item;
+}
+
+static inline int64_t monotonic_ms(void)
+{
+    struct timespec ts;
+    /* CLOCK_MONOTONIC cannot fail on Linux; the vDSO makes this cheap. */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static inline int64_t monotonic_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* The loop's clock, read once per batch: ms for timeouts, us for
+ * request durations, from one reading. */
+static inline void engine_clock_read(agent_engine *e)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    e->now_ms = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    e->now_us = (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static inline void close_fd(int *fd)
+{
+    if (*fd >= 0) {
+        /* close() of a socket can only fail with EINTR here, and Linux has
+         * released the descriptor even then: never retry. */
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+/* Bumps an eventfd; an eventfd write fails only when the counter would
+ * overflow, which cannot happen with increments of one that are drained. */
+static inline void eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+    ssize_t n = write(fd, &one, sizeof one);
+    (void)n;
+}
+
+static inline void eventfd_drain(int fd)
+{
+    uint64_t value;
+    ssize_t n = read(fd, &value, sizeof value);  /* EAGAIN: already drained */
+    (void)n;
+}
+
+/* ------------------------------------------------------------------------ */
+/* events.c: events for the policy                                          */
+
+bool events_init(agent_engine *e);
+void events_free(agent_engine *e);
+int events_take(agent_engine *e, agent_engine_event *out, int max);
+void emit(agent_engine *e, int type, int app_id, int pid, int64_t value, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+void emit_coalesced(agent_engine *e, uint64_t *last, int type, int app_id, int pid, int64_t value);
+
+/* ------------------------------------------------------------------------ */
+/* conn.c: connection records, buffers, responses the engine makes          */
+
+char *buffer_get(agent_engine *e);
+void buffer_put(agent_engine *e, char *buf, uint32_t cap);
+conn *conn_get(agent_engine *e);
+void conn_leave_wait_list(conn *c);
+void unwatch_and_close(agent_engine *e, int *fd);
+void close_client(agent_engine *e, conn *c);
+void conn_release(agent_engine *e, conn *c);
+void recycle_dead_conns(agent_engine *e);
+void conn_pools_free(agent_engine *e);
+bool watch_client(agent_engine *e, conn *c);
+void record_duration(agent_engine *e, const conn *c);
+void shared_reply_release(shared_reply **r);
+void start_reply(agent_engine *e, conn *c, const char *data, size_t len, shared_reply *shared);
+void continue_reply(agent_engine *e, conn *c);
+void reply_text(agent_engine *e, conn *c, int status, const char *reason, bool retry_after,
+                const char *detail_fmt, ...) __attribute__((format(printf, 6, 7)));
+
+/* ------------------------------------------------------------------------ */
+/* session.c: the routing table, worker connections, sessions               */
+
+app *app_by_id(agent_engine *e, int id);
+app *app_by_name(agent_engine *e, const char *name, size_t len);
+int worker_index(agent_engine *e, int pid);
+void app_free(app *a);
+void worker_close_idle(agent_engine *e, worker *w);
+void idle_check(agent_engine *e, wconn *wc);
+void end_session(agent_engine *e, conn *c, bool counted, bool reusable);
+void route(agent_engine *e, app *a, conn *c, bool at_head);
+void dispatch_queue(agent_engine *e, app *a);
+void answer_queue_with_failure(agent_engine *e, app *a);
+void pump(agent_engine *e, conn *c);
+
+/* ------------------------------------------------------------------------ */
+/* loop.c: the thread                                                       */
+
+void *engine_loop(void *arg);
+void close_all_connections(agent_engine *e);
+
+#pragma GCC visibility pop
+#endif
