@@ -93,7 +93,11 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
                  "--no-first-run", "--window-size=1280,1300", f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    # The browser is no part of the agent: under `make sanitize` it does not
+    # get the sanitizer runtime that the suite preloads for the agent's
+    # extension (Chromium refuses to start under ASan's preload).
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER, env=env), options=options)
     try:
         yield driver
     finally:
