@@ -29,10 +29,10 @@ from agent.core.engine import (
     Engine,
 )
 from tests.unit.core.engine_peers import (
-    TIMEOUT,
     CLOSE,
     END_RECORD,
     KEEP,
+    TIMEOUT,
     Behavior,
     EngineHarness,
     FakeWorker,
