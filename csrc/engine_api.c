@@ -16,6 +16,11 @@
 #define MIN_IO_BUFFER_SIZE 1024u
 #define DEFAULT_FRAME_TIMEOUT_MS 60000u
 #define MAX_APP_ID 65535
+/* A response nobody reads any more is drained at most this far (engine_api.h:
+ * the worker is given up past it): enough for a page being finished, not for
+ * a stream that never ends. */
+#define DEFAULT_DRAIN_MAX_BYTES (1u << 20)
+#define DEFAULT_DRAIN_MAX_MS 5000u
 
 /* engine_api.h: 0 means the default. */
 static agent_engine_config config_with_defaults(const agent_engine_config *given)
@@ -29,6 +34,10 @@ static agent_engine_config config_with_defaults(const agent_engine_config *given
         c.io_buffer_size = MIN_IO_BUFFER_SIZE;
     if (!c.frame_timeout_ms)
         c.frame_timeout_ms = DEFAULT_FRAME_TIMEOUT_MS;
+    if (!c.drain_max_bytes)
+        c.drain_max_bytes = DEFAULT_DRAIN_MAX_BYTES;
+    if (!c.drain_max_ms)
+        c.drain_max_ms = DEFAULT_DRAIN_MAX_MS;
     return c;
 }
 
@@ -47,6 +56,8 @@ agent_engine *agent_engine_new(const agent_engine_config *config)
     list_init(&e->reading_conns);
     e->listener_ep.kind = EP_LISTENER;
     e->wake_ep.kind = EP_WAKE;
+    e->peer_uids[0] = geteuid();
+    e->npeer_uids = 1;
 
     int err = pthread_mutex_init(&e->lock, NULL);
     if (err) {
@@ -154,6 +165,26 @@ int agent_engine_poll(agent_engine *e, agent_engine_event *out, int max)
 {
     pthread_mutex_lock(&e->lock);
     int n = events_take(e, out, max);
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
+int agent_engine_allow_peers(agent_engine *e, const unsigned int *uids, int count)
+{
+    if (!uids || count < 1 || count > AGENT_MAX_PEER_UIDS)
+        return -EINVAL;
+    pthread_mutex_lock(&e->lock);
+    for (int i = 0; i < count; i++)
+        e->peer_uids[i] = (uid_t)uids[i];
+    e->npeer_uids = count;
+    pthread_mutex_unlock(&e->lock);
+    return 0;
+}
+
+uint64_t agent_engine_refused_peers(agent_engine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    uint64_t n = e->refused_peers;
     pthread_mutex_unlock(&e->lock);
     return n;
 }

@@ -24,11 +24,17 @@ typedef struct {
     uint32_t max_frame_size;     /* cap on vars-size; 0: 1 MiB */
     uint32_t io_buffer_size;     /* bytes buffered per direction per request; 0: 64 KiB */
     uint32_t frame_timeout_ms;   /* time allowed to send the frame; 0: 60 s */
+    /* After nginx goes away, a worker's response is read and dropped up to
+     * these bounds; past either, its connection is closed and the worker is
+     * given up (AGENT_EV_WORKER_FAILED). Tests shrink them. */
+    uint32_t drain_max_bytes;    /* 0: 1 MiB */
+    uint32_t drain_max_ms;       /* 0: 5 s */
 } agent_engine_config;
 
 /* Event types. */
 #define AGENT_EV_QUEUED 1         /* a request waits for app; value = queue length */
-#define AGENT_EV_WORKER_FAILED 2  /* connecting to worker pid failed; it gets no more requests */
+#define AGENT_EV_WORKER_FAILED 2  /* connecting to worker pid failed, or it kept a response going past the
+                                     drain bounds after nginx went away; it gets no more requests */
 #define AGENT_EV_WORKER_IDLE 3    /* worker pid finished a request and has no session; value = processed */
 #define AGENT_EV_LOG 4            /* message is a line for the agent's log */
 #define AGENT_EV_REQUEST_TIMEOUT 5 /* a request to worker pid passed its app's time limit; value = ms it ran.
@@ -112,6 +118,14 @@ void agent_engine_stop(agent_engine *engine);   /* stops the loop, closes every 
 void agent_engine_free(agent_engine *engine);
 
 int agent_engine_notify_fd(agent_engine *engine);
+
+/* Who may connect to the agent socket: the engine reads each accepted
+ * connection's SO_PEERCRED and closes, unread and unanswered, one whose uid
+ * is not in this list (a log line at most every 10 s; a counter). By
+ * default only the engine's own effective uid. count: 1..AGENT_MAX_PEER_UIDS. */
+#define AGENT_MAX_PEER_UIDS 8
+int agent_engine_allow_peers(agent_engine *engine, const unsigned int *uids, int count);
+uint64_t agent_engine_refused_peers(agent_engine *engine);  /* connections refused so far */
 int agent_engine_poll(agent_engine *engine, agent_engine_event *out, int max);  /* events copied */
 
 /* The routing table. App ids are small integers chosen by the policy. */

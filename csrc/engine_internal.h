@@ -60,6 +60,7 @@
 
 #define TICK_MS 100
 #define REPLY_DETAIL_MAX 200       /* bytes of a name or reason quoted in a reply */
+#define REFUSED_LOG_INTERVAL_MS 10000  /* at most one log line per this for refused peers */
 
 /* The internal calls are for the engine's files only, not exported from
  * the extension module. */
@@ -199,6 +200,8 @@ typedef struct conn {
     int upstream_error;         /* errno of the send that set upstream_closed */
     bool retried;               /* sent to a worker again already (may_replay) */
     bool draining;              /* nginx went away after the whole request was sent */
+    uint64_t drained;           /* worker bytes read and dropped since (bounded: drain_max_bytes) */
+    int64_t drain_started_ms;   /* when nginx went away (bounded: drain_max_ms) */
     bool replayable;            /* the whole request is the frame in up: it can be sent again */
     uint32_t request_len;       /* bytes of the request held in up when replayable */
     record_decoder rec;         /* the response's records: rec.end, the end record came */
@@ -247,6 +250,11 @@ struct agent_engine {
     bool joined;
     bool stopping;
     bool accept_paused;         /* out of fds or memory: retry on the tick */
+    uid_t peer_uids[AGENT_MAX_PEER_UIDS];  /* who may connect (agent_engine_allow_peers) */
+    int npeer_uids;
+    uint64_t refused_peers;     /* connections closed for their peer's uid */
+    uint64_t refused_logged;    /* refused_peers when the last log line said so */
+    int64_t refused_log_next_ms;  /* no refusal log line before this */
     int64_t now_ms;
     int64_t now_us;             /* the same instant, for durations */
     int64_t next_tick_ms;
@@ -397,6 +405,7 @@ void route(agent_engine *e, app *a, conn *c, bool at_head);
 void dispatch_queue(agent_engine *e, app *a);
 void answer_queue_with_failure(agent_engine *e, app *a);
 void pump(agent_engine *e, conn *c);
+void drain_abandon(agent_engine *e, conn *c, const char *why);
 
 /* ------------------------------------------------------------------------ */
 /* loop.c: the thread                                                       */

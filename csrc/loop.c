@@ -15,8 +15,9 @@
  *   wait for it (see watch_client), which a quick request never does.
  *
  * Cost
- *   A hello-world request on a kept worker connection costs the loop 7
- *   system calls: accept4, read (the frame), send (the frame), epoll_wait,
+ *   A hello-world request on a kept worker connection costs the loop 8
+ *   system calls: accept4, getsockopt (who connected: only nginx's workers
+ *   and the agent may), read (the frame), send (the frame), epoll_wait,
  *   read (the response and its end record), send (the response), close
  *   (nginx's connection), and a share of epoll_wait for the accept. No
  *   allocation, no log, and the worker is woken only by the frame.
@@ -24,7 +25,8 @@
  * Timers
  *   There is no timer per request. Every TICK_MS the loop scans the
  *   connections still sending their frame (frame timeout), the queues
- *   (queue timeout) and the sessions (see watch_client); the clock is read
+ *   (queue timeout) and the sessions (request time limit, the drain's time
+ *   bound, and see watch_client); the clock is read
  *   once per batch.
  */
 #include "engine_internal.h"
@@ -198,6 +200,47 @@ static void start_connection(agent_engine *e, int fd)
     read_frame(e, c);  /* nginx writes the frame right after connecting */
 }
 
+/* A refusal is logged at once, then at most every REFUSED_LOG_INTERVAL_MS
+ * with the count since: a peer that keeps trying cannot flood the log. */
+static void refuse_peer(agent_engine *e, long uid, int pid, int err)
+{
+    e->refused_peers++;
+    if (e->now_ms < e->refused_log_next_ms)
+        return;
+    uint64_t since = e->refused_peers - e->refused_logged;
+    e->refused_logged = e->refused_peers;
+    e->refused_log_next_ms = e->now_ms + REFUSED_LOG_INTERVAL_MS;
+    if (err) {
+        char text[128];
+        emit(e, AGENT_EV_LOG, -1, 0, err, "agent socket: cannot read a peer's credentials (%s); connection closed",
+             strerror_r(err, text, sizeof text));
+        return;
+    }
+    emit(e, AGENT_EV_LOG, -1, pid, uid,
+         "agent socket: refused %" PRIu64 " connection(s) from a uid that is not nginx's workers' nor the agent's "
+         "(latest: uid %ld, pid %d); closed unread",
+         since, uid, pid);
+}
+
+/* Only nginx's workers and the agent itself may hand the engine requests
+ * (agent_engine_allow_peers): anyone else who reaches the socket could
+ * claim any app, client address or header. The kernel's SO_PEERCRED says
+ * who connected, whatever the socket file's mode lets through. */
+static bool peer_allowed(agent_engine *e, int fd)
+{
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) {
+        refuse_peer(e, -1, 0, errno);
+        return false;
+    }
+    for (int i = 0; i < e->npeer_uids; i++)
+        if (e->peer_uids[i] == cred.uid)
+            return true;
+    refuse_peer(e, (long)cred.uid, (int)cred.pid, 0);
+    return false;
+}
+
 /* The listener is level-triggered, so one accept per wake-up is enough:
  * if more connections wait, the next epoll_wait says so. Accepting until
  * EAGAIN would cost a failing accept4() per request when they come one
@@ -209,7 +252,10 @@ static void accept_connection(agent_engine *e)
         fd = accept4(e->config.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     while (fd < 0 && errno == EINTR);
     if (fd >= 0) {
-        start_connection(e, fd);
+        if (peer_allowed(e, fd))
+            start_connection(e, fd);
+        else
+            close(fd);  /* nothing read, nothing said */
         return;
     }
     if (errno == EAGAIN || errno == ECONNABORTED)
@@ -367,6 +413,8 @@ static void check_request_times(agent_engine *e)
         app *a = app_by_id(e, c->worker->app);
         if (a && a->request_time_ms && e->now_ms - c->session_ms >= (int64_t)a->request_time_ms)
             request_timed_out(e, c, a);
+        else if (c->draining && e->now_ms - c->drain_started_ms >= (int64_t)e->config.drain_max_ms)
+            drain_abandon(e, c, "time");
     }
 }
 

@@ -12,6 +12,7 @@
  */
 #include "engine_internal.h"
 
+#include <inttypes.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
 
@@ -374,18 +375,40 @@ void answer_queue_with_failure(agent_engine *e, app *a)
  * with it: the session stays open, the rest of the response is read and
  * dropped, and the worker gets no other request until its end record
  * (otherwise a new request would wait behind the abandoned one, in the
- * worker's backlog, out of the engine's sight). A worker still owed body
- * bytes cannot finish cleanly: its connection is closed. */
+ * worker's backlog, out of the engine's sight). The drain is bounded in
+ * bytes and in time (see drain_abandon). A worker still owed body bytes
+ * cannot finish cleanly: its connection is closed. */
 static void client_aborted(agent_engine *e, conn *c)
 {
     bool request_sent = !c->upstream_closed && c->body_remaining == 0 && c->up_pos == c->up_len;
     if (request_sent && !c->worker_closed && !c->malformed) {
         c->draining = true;
+        c->drained = 0;
+        c->drain_started_ms = e->now_ms;
         close_client(e, c);
         c->down_pos = c->down_len = 0;
         return;
     }
     end_session(e, c, c->response_started, false);
+    conn_release(e, c);
+}
+
+/* A response nobody reads went past the drain's bounds in bytes or in
+ * time (engine_api.h: drain_max_bytes, drain_max_ms): a stream that never
+ * ends, or a worker stuck in it, would otherwise hold the session, and the
+ * worker, for good. Its connection is closed mid-response, so its records
+ * can never carry another request, and the worker is given up as one that
+ * failed a connection: it gets no new request and the policy replaces it. */
+void drain_abandon(agent_engine *e, conn *c, const char *why)
+{
+    worker *w = c->worker;
+    w->state = AGENT_WORKER_DETACHED;
+    worker_close_idle(e, w);
+    emit(e, AGENT_EV_WORKER_FAILED, w->app, w->pid, 0,
+         "worker pid %d kept a response going after nginx went away (past the drain's bound in %s: %" PRIu64
+         " bytes in %" PRId64 " ms); connection closed",
+         w->pid, why, c->drained, e->now_ms - c->drain_started_ms);
+    end_session(e, c, false, false);
     conn_release(e, c);
 }
 
@@ -526,6 +549,8 @@ static bool read_response(conn *c)
     ssize_t n = read(wc->fd, c->down + c->down_len, want);
     if (n > 0) {
         c->response_bytes = true;
+        if (c->draining)
+            c->drained += (uint64_t)n;
         /* A short read emptied the socket: the next byte brings a new edge,
          * so no read that only returns EAGAIN is needed. If the worker had
          * already shut its end when the kernel told us, nothing more can
@@ -598,6 +623,10 @@ void pump(agent_engine *e, conn *c)
         /* Bytes of a cut-off response still go to nginx before it is closed. */
         if ((c->worker_closed || c->malformed) && (flushed || !c->response_started)) {
             response_failed(e, c);
+            return;
+        }
+        if (c->draining && c->drained > e->config.drain_max_bytes) {
+            drain_abandon(e, c, "bytes");
             return;
         }
         if (!moved)

@@ -7,6 +7,7 @@ this module, so that cffi's types stay out of the rest of the package.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ NOTIFY_IDLE = lib.AGENT_NOTIFY_IDLE
 NOTIFY_HOLD = lib.AGENT_NOTIFY_HOLD
 WORKER_ACTIVE: int = lib.AGENT_WORKER_ACTIVE
 WORKER_DETACHED: int = lib.AGENT_WORKER_DETACHED
+MAX_PEER_UIDS: int = lib.AGENT_MAX_PEER_UIDS
 
 # Upper bounds of the request duration buckets, in seconds; the last bucket
 # is +Inf (csrc/engine_api.h, agent_app_durations).
@@ -121,13 +123,15 @@ class Engine:
     """The data plane: one C thread that moves requests from nginx to workers."""
 
     def __init__(self, listen_fd: int, max_frame_size: int = 0, io_buffer_size: int = 0,
-                 frame_timeout_ms: int = 0) -> None:
+                 frame_timeout_ms: int = 0, drain_max_bytes: int = 0, drain_max_ms: int = 0) -> None:
         """Zero for a size or a time: the engine's default (csrc/engine_api.h)."""
         config = ffi.new("agent_engine_config *")
         config.listen_fd = listen_fd
         config.max_frame_size = max_frame_size
         config.io_buffer_size = io_buffer_size
         config.frame_timeout_ms = frame_timeout_ms
+        config.drain_max_bytes = drain_max_bytes
+        config.drain_max_ms = drain_max_ms
         self._engine: Any = lib.agent_engine_new(config)
         if self._engine == ffi.NULL:
             raise NativeError(0, "cannot create the engine")
@@ -144,6 +148,19 @@ class Engine:
 
     def notify_fd(self) -> int:
         return int(lib.agent_engine_notify_fd(self._engine))
+
+    def allow_peers(self, uids: Iterable[int]) -> None:
+        """Only these uids may connect to the agent socket (the engine checks
+        SO_PEERCRED); by default only the core's own effective uid."""
+        wanted = sorted(set(uids))
+        if not 1 <= len(wanted) <= MAX_PEER_UIDS:
+            raise ValueError(f"between 1 and {MAX_PEER_UIDS} peer uids, not {len(wanted)}")
+        array = ffi.new("unsigned int[]", wanted)
+        _check(lib.agent_engine_allow_peers(self._engine, array, len(wanted)), "choosing the agent socket's peers")
+
+    def refused_peers(self) -> int:
+        """Connections to the agent socket closed for their peer's uid."""
+        return int(lib.agent_engine_refused_peers(self._engine))
 
     def poll(self) -> list[EngineEvent]:
         events: list[EngineEvent] = []

@@ -3,7 +3,9 @@ them together (the only module that knows both)."""
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
 from pathlib import Path
 
 from agent.control.provider import CoreStatus
@@ -21,9 +23,27 @@ def attach_status_server(core: Core, status_fd: int) -> StatusServer:
     return server
 
 
+def agent_socket_peers(instance: Instance) -> set[int]:
+    """Who may hand the engine requests: the agent itself, and the owner of
+    agent.sock, which the watchdog made nginx's workers' user when the agent
+    is root (docs/protocol.md, "Who may connect"). Apps never run as either."""
+    peers = {os.geteuid()}
+    path = instance.agent_socket
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        log.error("cannot read the owner of %s (%s): only uid %d may send requests", path, e.strerror, os.geteuid())
+        return peers
+    if not stat.S_ISSOCK(info.st_mode):
+        log.error("%s is not a socket: only uid %d may send requests", path, os.geteuid())
+        return peers
+    return peers | {info.st_uid}
+
+
 def run(instance_dir: Path, listen_fd: int, status_fd: int | None = None) -> int:
     try:
         core = Core(Instance(instance_dir), listen_fd)
+        core.engine.allow_peers(agent_socket_peers(core.instance))
         if status_fd is not None:
             attach_status_server(core, status_fd)
         return core.run()

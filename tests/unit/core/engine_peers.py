@@ -172,6 +172,20 @@ def answer_then_watch_for_close(worker: FakeWorker, conn: socket.socket, request
     return CLOSE
 
 
+def stream_forever(worker: FakeWorker, conn: socket.socket, request: SeenRequest) -> bool:
+    """Starts a response and writes records of it until a send fails, then
+    notes that the engine hung up."""
+    conn.sendall(record(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n"))
+    chunk = record(b"x" * 16384)
+    deadline = time.monotonic() + 3 * TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            conn.sendall(chunk)
+    except OSError:
+        worker.saw_close.set()
+    return CLOSE
+
+
 @dataclass
 class FakeWorker:
     """A worker listening on path; each connection is served by a thread."""

@@ -10,6 +10,7 @@ import os
 import select
 import socket
 import struct
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tests.unit.core.engine_peers import (
     CLOSE,
     END_RECORD,
     KEEP,
+    TIMEOUT,
     Behavior,
     EngineHarness,
     FakeWorker,
@@ -39,6 +41,7 @@ from tests.unit.core.engine_peers import (
     answer_hello,
     answer_in_two_parts,
     answer_then_close,
+    answer_then_watch_for_close,
     close_without_answer,
     connect,
     encode_pairs,
@@ -52,6 +55,7 @@ from tests.unit.core.engine_peers import (
     rss_bytes,
     send_request,
     split_response,
+    stream_forever,
     wait_until,
 )
 
@@ -835,3 +839,141 @@ def test_free_slots_count_what_active_workers_can_take(engine: EngineHarness) ->
     assert b"hello from 101" in read_all(sock)
     sock.close()
     wait_until(lambda: free_slots(engine, 1) == 2)
+
+
+# -- who may connect: SO_PEERCRED on the agent socket ------------------------
+
+
+def other_uid() -> int:
+    """A uid that is not ours (nobody's, or one past ours when we are nobody)."""
+    return 65534 if os.geteuid() != 65534 else 65533
+
+
+def refused_exchange(engine: EngineHarness, frame: bytes) -> bytes:
+    """Sends frame and reads the answer; a connection closed with the frame
+    unread (a reset, or a send that finds it closed) answered nothing."""
+    with connect(engine.socket_path) as sock:
+        try:
+            sock.sendall(frame)
+            return read_all(sock)
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+
+
+def test_peer_whose_uid_is_not_allowed_is_closed_unread_and_unanswered(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    worker = engine.worker(1, 101)
+    engine.engine.allow_peers([other_uid()])
+    assert refused_exchange(engine, request_frame(APP, "/forged", extra=[(b"REMOTE_ADDR", b"6.6.6.6")])) == b""
+    assert worker.count() == 0
+    assert engine.engine.refused_peers() == 1
+    log = engine.wait_event(EV_LOG)
+    assert f"uid {os.geteuid()}" in log.message and "refused 1 connection" in log.message
+    assert engine.app_stats()[1].requests == 0  # never counted as a request
+    engine.engine.allow_peers([other_uid(), os.geteuid()])
+    assert split_response(engine.request(request_frame(APP, "/next")))[2] == b"hello from 101\n"
+
+
+def test_refusals_are_logged_once_per_interval_and_all_counted(engine: EngineHarness) -> None:
+    engine.app(1, APP)
+    engine.engine.allow_peers([other_uid()])
+    for _ in range(5):
+        assert refused_exchange(engine, request_frame(APP)) == b""
+    wait_until(lambda: engine.engine.refused_peers() == 5)
+    time.sleep(0.05)
+    assert len([ev for ev in engine.poll() if ev.type == EV_LOG]) == 1
+
+
+def test_engine_allows_only_its_own_uid_by_default(engine: EngineHarness) -> None:
+    """Run as root: a process of another uid that reaches the socket (its
+    mode opened here on purpose) is refused by the engine itself."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a peer as another user")
+    engine.app(1, APP)
+    worker = engine.worker(1, 101)
+    os.chmod(engine.directory, 0o755)
+    os.chmod(engine.socket_path, 0o666)
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect(sys.argv[1])\n"
+        "try:\n"
+        "    s.sendall(bytes.fromhex(sys.argv[2]))\n"
+        "    print(len(s.recv(65536)))\n"
+        "except (BrokenPipeError, ConnectionResetError):  # closed unread\n"
+        "    print(0)\n"
+    )
+    frame = request_frame(APP, "/forged", extra=[(b"REMOTE_ADDR", b"6.6.6.6")])
+    result = subprocess.run(["/usr/bin/python3", "-c", script, engine.socket_path, frame.hex()], user=65534,
+                            group=65534, extra_groups=[], capture_output=True, text=True, timeout=10, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+    assert worker.count() == 0
+    assert engine.engine.refused_peers() == 1
+    assert split_response(engine.request(request_frame(APP, "/next")))[2] == b"hello from 101\n"
+
+
+# -- draining a response nobody reads is bounded -----------------------------
+
+
+@pytest.fixture
+def small_drain() -> Iterator[EngineHarness]:
+    with tempfile.TemporaryDirectory(prefix="engine-") as directory:
+        harness = EngineHarness(directory, drain_max_bytes=256 << 10, drain_max_ms=400)
+        try:
+            yield harness
+        finally:
+            harness.close()
+
+
+def abandon_request(engine: EngineHarness) -> None:
+    """A request whose nginx side reads the response's head and goes away."""
+    sock = start_request(engine)
+    assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
+    sock.close()
+
+
+def test_endless_response_after_an_abort_is_cut_at_the_byte_bound(small_drain: EngineHarness) -> None:
+    engine = small_drain
+    engine.app(1, APP)
+    streaming = engine.worker(1, 101, stream_forever)
+    abandon_request(engine)
+    started = time.monotonic()
+    failed = engine.wait_event(EV_WORKER_FAILED)
+    assert time.monotonic() - started < 0.4  # the bytes, not the time, ended it
+    assert failed.pid == 101 and "bound in bytes" in failed.message
+    assert streaming.saw_close.wait(TIMEOUT)  # its sends now fail: it is not held
+    stats = engine.worker_stats()[101]
+    assert stats.sessions == 0 and stats.state == WORKER_DETACHED and stats.processed == 0
+    engine.worker(1, 102)  # the policy's replacement
+    assert split_response(engine.request(request_frame(APP, "/next")))[2] == b"hello from 102\n"
+    assert streaming.count() == 1  # the broken stream carried nothing more
+
+
+def test_silent_response_after_an_abort_is_cut_at_the_time_bound(small_drain: EngineHarness) -> None:
+    engine = small_drain
+    engine.app(1, APP)
+    stuck = engine.worker(1, 101, answer_then_watch_for_close)
+    abandon_request(engine)
+    started = time.monotonic()
+    failed = engine.wait_event(EV_WORKER_FAILED)
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert failed.pid == 101 and "bound in time" in failed.message
+    assert stuck.saw_close.wait(TIMEOUT)
+    assert engine.worker_stats()[101].sessions == 0
+    assert engine.worker_stats()[101].state == WORKER_DETACHED
+
+
+def test_a_response_that_ends_within_the_bounds_keeps_its_connection(small_drain: EngineHarness) -> None:
+    engine = small_drain
+    engine.app(1, APP)
+    worker = engine.worker(1, 101, answer_in_two_parts)
+    abandon_request(engine)
+    time.sleep(0.1)
+    worker.release.set()
+    wait_until(lambda: engine.worker_stats()[101].sessions == 0)
+    assert engine.worker_stats()[101].state == WORKER_ACTIVE
+    worker.behavior = answer_hello
+    assert split_response(engine.request(request_frame(APP, "/next")))[2] == b"hello from 101\n"
+    assert worker.connections == 1
+    assert not [ev for ev in engine.poll() if ev.type == EV_WORKER_FAILED]
