@@ -362,10 +362,16 @@ def test_serve_refuses_a_run_dir_of_another_user() -> None:
         with planted_agent(run_dir / "instance", base) as planted:
             os.chmod(run_dir, 0o755)  # not even writable by others: still the attacker's
             os.chown(run_dir, attacker.pw_uid, attacker.pw_gid)
-            result = subprocess.run([*AGENTCTL, "serve", str(app), "--port", str(free_port()), "--run-dir",
-                                     str(run_dir)], capture_output=True, text=True, cwd=REPO, timeout=60)
-            assert result.returncode == 1
-            assert f"refusing the directory {run_dir}" in result.stderr, result.stderr
-            assert f"owner uid {attacker.pw_uid}" in result.stderr and "--run-dir" in result.stderr
+            process = subprocess.Popen([*AGENTCTL, "serve", str(app), "--port", str(free_port()), "--run-dir",
+                                        str(run_dir)], stderr=subprocess.PIPE, text=True, cwd=REPO,
+                                       start_new_session=True)
+            try:
+                _, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGINT)  # it serves from the attacker's directory
+                _, stderr = process.communicate(timeout=60)
+            assert process.returncode == 1, "serve ran in the attacker's directory"
+            assert f"refusing the directory {run_dir}" in stderr, stderr
+            assert f"owner uid {attacker.pw_uid}" in stderr and "--run-dir" in stderr
             assert not (run_dir / "nginx.conf").exists()
             planted.assert_unharmed()
