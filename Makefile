@@ -77,9 +77,10 @@ $(MODULE): $(MODULE_SRC)
 # -- run ---------------------------------------------------------------------
 
 # Serves a copy of examples/hello: the workers run as an unprivileged user,
-# who may not be able to read a checkout under /root.
+# who may not be able to read a checkout under /root. mkdir without -p: a
+# directory another user made in between is refused, not used.
 run: deps build
-	rm -rf $(RUN_DIR) && mkdir -p $(RUN_DIR) && cp -r examples/hello $(RUN_DIR)/hello && chmod -R a+rX $(RUN_DIR)
+	rm -rf $(RUN_DIR) && mkdir -m 0755 $(RUN_DIR) && cp -r examples/hello $(RUN_DIR)/hello && chmod -R a+rX $(RUN_DIR)
 	$(PY) -m agent.cli serve $(RUN_DIR)/hello --port $(RUN_PORT) --min-instances 2
 
 # -- checks ------------------------------------------------------------------

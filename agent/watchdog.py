@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from agent.control.tokens import ensure_tokens
-from agent.instance import Instance
+from agent.instance import Instance, UnsafeDirectory, make_private_directory, open_directory
 from agent.logs import log
 from agent.signals import SignalInbox
 from agent.unix import describe_exit, listen_unix
@@ -73,22 +73,33 @@ class Watchdog:
         return 0
 
     def lock_pid_file(self) -> None:
-        self.instance.root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        fd = os.open(self.instance.watchdog_pid_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """The directory is checked first (agent.instance); the pid file is
+        never opened through a symbolic link, and must be ours."""
+        make_private_directory(self.instance.root)
+        dir_fd = open_directory(self.instance.root)
         try:
+            fd = os.open("watchdog.pid", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        try:
+            if os.fstat(fd).st_uid != os.geteuid():
+                raise UnsafeDirectory(f"{self.instance.watchdog_pid_file} belongs to another user: remove it")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise AlreadyRunning(f"another agent runs in {self.instance.root}") from None
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.pid_fd = fd
 
     def bind_agent_socket(self) -> socket.socket:
-        """Only nginx's workers may connect, when their user is known."""
-        owned = self.socket_owner is not None
-        return listen_unix(self.instance.agent_socket, socket.SOMAXCONN, mode=0o600 if owned else 0o666,
-                           owner=self.socket_owner)
+        """Only nginx's workers may connect: their user owns it when it is
+        known (a root nginx); else they run as our own user (docs/security.md)."""
+        return listen_unix(self.instance.agent_socket, socket.SOMAXCONN, mode=0o600, owner=self.socket_owner)
 
     def bind_status_socket(self) -> socket.socket:
         """Anyone may connect and read; the core decides who may act, from
@@ -184,7 +195,7 @@ def run(instance_dir: Path, nginx_fd: int | None, ready_fd: int | None, log_file
     watchdog = Watchdog(Instance(instance_dir), nginx_fd, log_file, parse_owner(socket_owner))
     try:
         watchdog.prepare()
-    except (AlreadyRunning, OSError) as e:
+    except (AlreadyRunning, UnsafeDirectory, OSError) as e:
         message = str(e)
         log.error("cannot start: %s", message)
         report_ready(ready_fd, f"error: {message}")

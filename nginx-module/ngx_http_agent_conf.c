@@ -284,7 +284,8 @@ ngx_http_agent_init_main_conf(ngx_conf_t *cf, void *conf)
 {
     ngx_http_agent_main_conf_t  *amcf = conf;
 
-    uint32_t  crc;
+    u_char    *p;
+    uint32_t   crc;
 
     NGX_HTTP_AGENT_POOL_SETTINGS(NGX_HTTP_AGENT_MAIN_MERGE)
     NGX_HTTP_AGENT_START_SETTINGS(NGX_HTTP_AGENT_MAIN_MERGE)
@@ -294,19 +295,31 @@ ngx_http_agent_init_main_conf(ngx_conf_t *cf, void *conf)
     }
 
     if (amcf->instance_dir.data == NULL) {
-        /* one instance per nginx configuration file */
+        /*
+         * One instance per nginx configuration file, in a directory no
+         * other user can make first: /run for root, else one named after
+         * the user (ngx_http_agent_launch.c checks whose it is).
+         */
         crc = ngx_crc32_short(cf->cycle->conf_file.data,
                               cf->cycle->conf_file.len);
 
         amcf->instance_dir.data = ngx_pnalloc(cf->pool,
-                                              sizeof("/tmp/agent-12345678"));
+                                              sizeof("/tmp/agent--12345678")
+                                              + NGX_INT64_LEN);
         if (amcf->instance_dir.data == NULL) {
             return NGX_CONF_ERROR;
         }
 
-        amcf->instance_dir.len = ngx_sprintf(amcf->instance_dir.data,
-                                             "/tmp/agent-%08xD%Z", crc)
-                                 - amcf->instance_dir.data - 1;
+        if (geteuid() == 0) {
+            p = ngx_sprintf(amcf->instance_dir.data, "/run/agent-%08xD%Z",
+                            crc);
+
+        } else {
+            p = ngx_sprintf(amcf->instance_dir.data, "/tmp/agent-%uL-%08xD%Z",
+                            (uint64_t) geteuid(), crc);
+        }
+
+        amcf->instance_dir.len = p - amcf->instance_dir.data - 1;
     }
 
     if (ngx_http_agent_set_socket_addr(cf, amcf) != NGX_OK) {

@@ -61,10 +61,18 @@
     + sizeof(#name) + 16 + NGX_HTTP_AGENT_JSON_LEN_##kind(app->name)
 
 
-static ngx_int_t ngx_http_agent_make_dirs(ngx_cycle_t *cycle,
+static int ngx_http_agent_open_instance_dir(ngx_cycle_t *cycle,
     ngx_str_t *dir);
+static ngx_int_t ngx_http_agent_make_dirs(ngx_cycle_t *cycle, u_char *path);
+static ngx_int_t ngx_http_agent_check_ancestors(ngx_cycle_t *cycle,
+    u_char *path);
+static ngx_int_t ngx_http_agent_check_ancestor(ngx_cycle_t *cycle,
+    u_char *path, u_char *ancestor);
+static int ngx_http_agent_open_checked_dir(ngx_cycle_t *cycle, u_char *path);
+static void ngx_http_agent_refuse_dir(ngx_cycle_t *cycle, u_char *path,
+    u_char *culprit, struct stat *st, char *why);
 static ngx_int_t ngx_http_agent_write_app_table(ngx_cycle_t *cycle,
-    ngx_http_agent_main_conf_t *amcf);
+    ngx_http_agent_main_conf_t *amcf, int dir_fd);
 static size_t ngx_http_agent_app_table_bound(ngx_http_agent_main_conf_t *amcf);
 static u_char *ngx_http_agent_json_app_table(u_char *p,
     ngx_http_agent_main_conf_t *amcf);
@@ -73,11 +81,19 @@ static size_t ngx_http_agent_json_env_len(ngx_array_t *env);
 static u_char *ngx_http_agent_json_env(u_char *p, ngx_array_t *env);
 static u_char *ngx_http_agent_json_string(u_char *p, ngx_str_t *s);
 static ngx_int_t ngx_http_agent_write_file_atomically(ngx_cycle_t *cycle,
-    ngx_str_t *dir, char *name, u_char *data, size_t len);
+    ngx_str_t *dir, int dir_fd, u_char *data, size_t len);
+static int ngx_http_agent_create_temp(ngx_cycle_t *cycle, int dir_fd,
+    char *temp, char *path);
+static ngx_int_t ngx_http_agent_write_all(ngx_cycle_t *cycle, int fd,
+    u_char *data, size_t len, char *path);
 static char *ngx_http_agent_file_path(ngx_pool_t *pool, ngx_str_t *dir,
     char *name);
 static ngx_pid_t ngx_http_agent_running_watchdog(ngx_cycle_t *cycle,
-    ngx_str_t *dir);
+    ngx_str_t *dir, int dir_fd);
+static ngx_int_t ngx_http_agent_check_pid_file(ngx_cycle_t *cycle,
+    ngx_fd_t fd, char *path);
+static ngx_int_t ngx_http_agent_is_our_watchdog(ngx_cycle_t *cycle,
+    ngx_pid_t pid, ngx_str_t *dir);
 static ngx_pid_t ngx_http_agent_read_pid(ngx_cycle_t *cycle, ngx_fd_t fd,
     char *path);
 static ngx_int_t ngx_http_agent_signal_watchdog(ngx_cycle_t *cycle,
@@ -111,6 +127,8 @@ static int  ngx_http_agent_nginx_fd = -1;
 ngx_int_t
 ngx_http_agent_init_module(ngx_cycle_t *cycle)
 {
+    int                          dir_fd;
+    ngx_int_t                    rc;
     ngx_pid_t                    pid;
     ngx_http_agent_main_conf_t  *amcf;
 
@@ -124,25 +142,31 @@ ngx_http_agent_init_module(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
-    if (ngx_http_agent_make_dirs(cycle, &amcf->instance_dir) != NGX_OK) {
+    dir_fd = ngx_http_agent_open_instance_dir(cycle, &amcf->instance_dir);
+    if (dir_fd == -1) {
         return NGX_ERROR;
     }
 
-    if (ngx_http_agent_write_app_table(cycle, amcf) != NGX_OK) {
-        return NGX_ERROR;
+    rc = ngx_http_agent_write_app_table(cycle, amcf, dir_fd);
+
+    if (rc == NGX_OK) {
+        pid = ngx_http_agent_running_watchdog(cycle, &amcf->instance_dir,
+                                              dir_fd);
+
+        if (pid == NGX_INVALID_PID) {
+            rc = NGX_ERROR;
+
+        } else if (pid > 0) {
+            rc = ngx_http_agent_signal_watchdog(cycle, pid);
+
+        } else {
+            rc = ngx_http_agent_start_watchdog(cycle, amcf);
+        }
     }
 
-    pid = ngx_http_agent_running_watchdog(cycle, &amcf->instance_dir);
+    ngx_http_agent_close_fd(cycle, dir_fd);
 
-    if (pid == NGX_INVALID_PID) {
-        return NGX_ERROR;
-    }
-
-    if (pid > 0) {
-        return ngx_http_agent_signal_watchdog(cycle, pid);
-    }
-
-    return ngx_http_agent_start_watchdog(cycle, amcf);
+    return rc;
 }
 
 
@@ -164,17 +188,48 @@ ngx_http_agent_init_process(ngx_cycle_t *cycle)
 }
 
 
-static ngx_int_t
-ngx_http_agent_make_dirs(ngx_cycle_t *cycle, ngx_str_t *dir)
+/*
+ * The instance directory holds the sockets nginx sends requests to, the
+ * app table with its secrets and the pid nginx signals, and nginx's master
+ * runs as root: another user who made it first, or can rename or replace
+ * it, would own all of these.  So it is used only when it is a directory,
+ * not a symbolic link, owned by the master's user, writable by nobody else,
+ * inside directories that only root or that user can change (or sticky
+ * ones, such as /tmp).  Returns an fd of it for openat(), or -1.
+ */
+
+static int
+ngx_http_agent_open_instance_dir(ngx_cycle_t *cycle, ngx_str_t *dir)
 {
-    u_char           *path, *p;
-    ngx_err_t         err;
-    ngx_file_info_t   fi;
+    u_char  *path;
 
     path = (u_char *) ngx_http_agent_cstring(cycle->pool, dir);
     if (path == NULL) {
-        return NGX_ERROR;
+        return -1;
     }
+
+    if (path[0] != '/') {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "agent: the instance directory \"%s\" is not an "
+                      "absolute path", path);
+        return -1;
+    }
+
+    if (ngx_http_agent_make_dirs(cycle, path) != NGX_OK
+        || ngx_http_agent_check_ancestors(cycle, path) != NGX_OK)
+    {
+        return -1;
+    }
+
+    return ngx_http_agent_open_checked_dir(cycle, path);
+}
+
+
+static ngx_int_t
+ngx_http_agent_make_dirs(ngx_cycle_t *cycle, u_char *path)
+{
+    u_char     *p;
+    ngx_err_t   err;
 
     for (p = path + 1; /* void */; p++) {
 
@@ -199,20 +254,83 @@ ngx_http_agent_make_dirs(ngx_cycle_t *cycle, ngx_str_t *dir)
         }
 
         if (*p == '\0') {
-            break;
+            return NGX_OK;
         }
     }
+}
 
-    if (ngx_file_info(path, &fi) == NGX_FILE_ERROR) {
-        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
-                      "agent: " ngx_file_info_n " \"%s\" failed", path);
+
+static ngx_int_t
+ngx_http_agent_check_ancestors(ngx_cycle_t *cycle, u_char *path)
+{
+    u_char     *p;
+    ngx_int_t   rc;
+
+    if (ngx_http_agent_check_ancestor(cycle, path, (u_char *) "/")
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
-    if (!ngx_is_dir(&fi)) {
-        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
-                      "agent: the instance directory \"%s\" is not "
-                      "a directory", path);
+    for (p = path + 1; *p; p++) {
+
+        if (*p != '/' || p[1] == '\0') {
+            continue;
+        }
+
+        *p = '\0';
+        rc = ngx_http_agent_check_ancestor(cycle, path, path);
+        *p = '/';
+
+        if (rc != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/* a symbolic link may lead on, if its owner is trusted; so may its target */
+
+static ngx_int_t
+ngx_http_agent_check_ancestor(ngx_cycle_t *cycle, u_char *path,
+    u_char *ancestor)
+{
+    uid_t        euid;
+    struct stat  st;
+
+    euid = geteuid();
+
+    if (lstat((char *) ancestor, &st) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: lstat(\"%s\") failed", ancestor);
+        return NGX_ERROR;
+    }
+
+    if (S_ISLNK(st.st_mode)) {
+        if (st.st_uid != 0 && st.st_uid != euid) {
+            ngx_http_agent_refuse_dir(cycle, path, ancestor, &st,
+                                      "is a symbolic link of another user");
+            return NGX_ERROR;
+        }
+
+        if (stat((char *) ancestor, &st) == -1) {
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                          "agent: stat(\"%s\") failed", ancestor);
+            return NGX_ERROR;
+        }
+    }
+
+    if (st.st_uid != 0 && st.st_uid != euid) {
+        ngx_http_agent_refuse_dir(cycle, path, ancestor, &st,
+                                  "belongs to another user");
+        return NGX_ERROR;
+    }
+
+    if ((st.st_mode & (S_IWGRP|S_IWOTH)) && !(st.st_mode & S_ISVTX)) {
+        ngx_http_agent_refuse_dir(cycle, path, ancestor, &st,
+                                  "lets other users rename what is in it");
         return NGX_ERROR;
     }
 
@@ -220,9 +338,81 @@ ngx_http_agent_make_dirs(ngx_cycle_t *cycle, ngx_str_t *dir)
 }
 
 
+static int
+ngx_http_agent_open_checked_dir(ngx_cycle_t *cycle, u_char *path)
+{
+    int          fd;
+    struct stat  st;
+
+    fd = open((char *) path, O_RDONLY|O_DIRECTORY|O_NOFOLLOW|O_CLOEXEC);
+
+    if (fd == -1) {
+        if (ngx_errno == ELOOP || ngx_errno == ENOTDIR) {
+            if (lstat((char *) path, &st) == 0) {
+                ngx_http_agent_refuse_dir(cycle, path, path, &st,
+                                          "is not a directory");
+                return -1;
+            }
+        }
+
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot open the instance directory \"%s\"",
+                      path);
+        return -1;
+    }
+
+    /* fstat() of what was opened: no one can swap it in between */
+    if (fstat(fd, &st) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: fstat(\"%s\") failed", path);
+        ngx_http_agent_close_fd(cycle, fd);
+        return -1;
+    }
+
+    if (st.st_uid != geteuid()) {
+        ngx_http_agent_refuse_dir(cycle, path, path, &st,
+                                  "belongs to another user");
+        ngx_http_agent_close_fd(cycle, fd);
+        return -1;
+    }
+
+    if (st.st_mode & (S_IWGRP|S_IWOTH)) {
+        ngx_http_agent_refuse_dir(cycle, path, path, &st,
+                                  "is writable by other users");
+        ngx_http_agent_close_fd(cycle, fd);
+        return -1;
+    }
+
+    return fd;
+}
+
+
+static void
+ngx_http_agent_refuse_dir(ngx_cycle_t *cycle, u_char *path, u_char *culprit,
+    struct stat *st, char *why)
+{
+    char  mode[16];
+
+    /* nginx's own formats have no octal */
+    (void) snprintf(mode, sizeof(mode), "%04o",
+                    (unsigned int) (st->st_mode & 07777));
+
+    ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                  "agent: refusing the instance directory \"%s\": \"%s\" %s "
+                  "(owner uid %uL, mode %s); the instance directory must "
+                  "be a directory, not a symbolic link, owned by uid %uL and "
+                  "writable by no other user, inside directories only root "
+                  "or uid %uL can change: remove it, or set "
+                  "agent_instance_dir to another path",
+                  path, culprit, why, (uint64_t) st->st_uid, mode,
+                  (uint64_t) geteuid(),
+                  (uint64_t) geteuid());
+}
+
+
 static ngx_int_t
 ngx_http_agent_write_app_table(ngx_cycle_t *cycle,
-    ngx_http_agent_main_conf_t *amcf)
+    ngx_http_agent_main_conf_t *amcf, int dir_fd)
 {
     u_char     *json, *last;
     ngx_int_t   rc;
@@ -235,7 +425,7 @@ ngx_http_agent_write_app_table(ngx_cycle_t *cycle,
     last = ngx_http_agent_json_app_table(json, amcf);
 
     rc = ngx_http_agent_write_file_atomically(cycle, &amcf->instance_dir,
-                                              "apps.json", json, last - json);
+                                              dir_fd, json, last - json);
     ngx_free(json);
 
     return rc;
@@ -404,31 +594,92 @@ ngx_http_agent_json_string(u_char *p, ngx_str_t *s)
 }
 
 
-/* readers never see a half-written file: write a temporary one, rename it */
+/*
+ * apps.json: readers never see a half-written file.  A fresh temporary file
+ * (O_EXCL|O_NOFOLLOW: never one planted, never through a symbolic link) is
+ * renamed into place, which replaces a link rather than following it.
+ */
 
 static ngx_int_t
 ngx_http_agent_write_file_atomically(ngx_cycle_t *cycle, ngx_str_t *dir,
-    char *name, u_char *data, size_t len)
+    int dir_fd, u_char *data, size_t len)
 {
     char      *path, *temp;
-    size_t     done;
-    ssize_t    n;
     ngx_fd_t   fd;
 
-    path = ngx_http_agent_file_path(cycle->pool, dir, name);
+    path = ngx_http_agent_file_path(cycle->pool, dir, "apps.json");
     temp = ngx_http_agent_file_path(cycle->pool, dir, "apps.json.tmp");
 
     if (path == NULL || temp == NULL) {
         return NGX_ERROR;
     }
 
-    /* the app table carries agent_env values, which may be secrets */
-    fd = open(temp, O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0600);
+    fd = ngx_http_agent_create_temp(cycle, dir_fd, "apps.json.tmp", temp);
     if (fd == -1) {
-        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
-                      "agent: cannot create \"%s\"", temp);
         return NGX_ERROR;
     }
+
+    if (ngx_http_agent_write_all(cycle, fd, data, len, temp) != NGX_OK) {
+        ngx_http_agent_close_fd(cycle, fd);
+        return NGX_ERROR;
+    }
+
+    if (close(fd) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot write \"%s\"", temp);
+        return NGX_ERROR;
+    }
+
+    if (renameat(dir_fd, "apps.json.tmp", dir_fd, "apps.json") == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot rename \"%s\" to \"%s\"", temp, path);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* a temporary file left by a load that failed is removed, not reused */
+
+static int
+ngx_http_agent_create_temp(ngx_cycle_t *cycle, int dir_fd, char *name,
+    char *path)
+{
+    int         fd;
+    ngx_uint_t  tries;
+
+    for (tries = 0; tries < 2; tries++) {
+        /* the app table carries agent_env values, which may be secrets */
+        fd = openat(dir_fd, name,
+                    O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC, 0600);
+
+        if (fd != -1 || ngx_errno != NGX_EEXIST) {
+            break;
+        }
+
+        if (unlinkat(dir_fd, name, 0) == -1 && ngx_errno != NGX_ENOENT) {
+            ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                          "agent: cannot remove \"%s\"", path);
+            return -1;
+        }
+    }
+
+    if (fd == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot create \"%s\"", path);
+    }
+
+    return fd;
+}
+
+
+static ngx_int_t
+ngx_http_agent_write_all(ngx_cycle_t *cycle, int fd, u_char *data,
+    size_t len, char *path)
+{
+    size_t   done;
+    ssize_t  n;
 
     for (done = 0; done < len; done += n) {
         n = write(fd, data + done, len - done);
@@ -440,22 +691,9 @@ ngx_http_agent_write_file_atomically(ngx_cycle_t *cycle, ngx_str_t *dir,
             }
 
             ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
-                          "agent: cannot write \"%s\"", temp);
-            ngx_http_agent_close_fd(cycle, fd);
+                          "agent: cannot write \"%s\"", path);
             return NGX_ERROR;
         }
-    }
-
-    if (close(fd) == -1) {
-        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
-                      "agent: cannot write \"%s\"", temp);
-        return NGX_ERROR;
-    }
-
-    if (rename(temp, path) == -1) {
-        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
-                      "agent: cannot rename \"%s\" to \"%s\"", temp, path);
-        return NGX_ERROR;
     }
 
     return NGX_OK;
@@ -480,11 +718,14 @@ ngx_http_agent_file_path(ngx_pool_t *pool, ngx_str_t *dir, char *name)
 
 /*
  * Returns the pid of the watchdog that holds the lock on watchdog.pid, 0
- * when none does, NGX_INVALID_PID on error.
+ * when none does, NGX_INVALID_PID on error.  The pid is signalled, as root,
+ * so it is taken only from a file of the master's user (never through a
+ * symbolic link) and only when it is this instance's watchdog.
  */
 
 static ngx_pid_t
-ngx_http_agent_running_watchdog(ngx_cycle_t *cycle, ngx_str_t *dir)
+ngx_http_agent_running_watchdog(ngx_cycle_t *cycle, ngx_str_t *dir,
+    int dir_fd)
 {
     char       *path;
     ngx_fd_t    fd;
@@ -496,7 +737,7 @@ ngx_http_agent_running_watchdog(ngx_cycle_t *cycle, ngx_str_t *dir)
         return NGX_INVALID_PID;
     }
 
-    fd = open(path, O_RDONLY|O_CLOEXEC);
+    fd = openat(dir_fd, "watchdog.pid", O_RDONLY|O_NOFOLLOW|O_CLOEXEC);
 
     if (fd == -1) {
         if (ngx_errno == NGX_ENOENT) {
@@ -505,6 +746,11 @@ ngx_http_agent_running_watchdog(ngx_cycle_t *cycle, ngx_str_t *dir)
 
         ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
                       "agent: cannot open \"%s\"", path);
+        return NGX_INVALID_PID;
+    }
+
+    if (ngx_http_agent_check_pid_file(cycle, fd, path) != NGX_OK) {
+        ngx_http_agent_close_fd(cycle, fd);
         return NGX_INVALID_PID;
     }
 
@@ -527,7 +773,86 @@ ngx_http_agent_running_watchdog(ngx_cycle_t *cycle, ngx_str_t *dir)
 
     ngx_http_agent_close_fd(cycle, fd);
 
+    if (pid > 0 && ngx_http_agent_is_our_watchdog(cycle, pid, dir) != NGX_OK)
+    {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "agent: \"%s\" is locked but pid %P is not the agent "
+                      "of \"%V\"; not signalling it", path, pid, dir);
+        return NGX_INVALID_PID;
+    }
+
     return pid;
+}
+
+
+static ngx_int_t
+ngx_http_agent_check_pid_file(ngx_cycle_t *cycle, ngx_fd_t fd, char *path)
+{
+    struct stat  st;
+
+    if (fstat(fd, &st) == -1) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: fstat(\"%s\") failed", path);
+        return NGX_ERROR;
+    }
+
+    if (!S_ISREG(st.st_mode) || st.st_uid != geteuid()) {
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+                      "agent: \"%s\" is not a regular file of uid %uL "
+                      "(owner uid %uL): remove it", path,
+                      (uint64_t) geteuid(), (uint64_t) st.st_uid);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The process runs as the master's user and its command line is the one
+ * ngx_http_agent_watchdog_argv() gives: "... watchdog --instance-dir DIR".
+ */
+
+static ngx_int_t
+ngx_http_agent_is_our_watchdog(ngx_cycle_t *cycle, ngx_pid_t pid,
+    ngx_str_t *dir)
+{
+    int          fd;
+    u_char       proc[sizeof("/proc//cmdline") + NGX_INT64_LEN];
+    u_char       cmdline[4096], want[NGX_MAX_PATH + 64], *last;
+    size_t       want_len;
+    ssize_t      n;
+    struct stat  st;
+
+    (void) ngx_sprintf(proc, "/proc/%P%Z", pid);
+
+    if (stat((char *) proc, &st) == -1 || st.st_uid != geteuid()) {
+        return NGX_DECLINED;
+    }
+
+    (void) ngx_sprintf(proc, "/proc/%P/cmdline%Z", pid);
+
+    fd = open((char *) proc, O_RDONLY|O_CLOEXEC);
+    if (fd == -1) {
+        return NGX_DECLINED;
+    }
+
+    n = read(fd, cmdline, sizeof(cmdline));
+    ngx_http_agent_close_fd(cycle, fd);
+
+    if (n <= 0 || dir->len > NGX_MAX_PATH) {
+        return NGX_DECLINED;
+    }
+
+    last = ngx_sprintf(want, "%cwatchdog%c--instance-dir%c%V%c",
+                       0, 0, 0, dir, 0);
+    want_len = last - want;
+
+    if (memmem(cmdline, n, want, want_len) == NULL) {
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
 }
 
 

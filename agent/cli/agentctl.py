@@ -55,7 +55,7 @@ examples:
   agentctl top --interval 1              the table, refreshed every second
   agentctl restart-app /srv/shop --blocking
   agentctl detach-process 2001
-  agentctl --instance /tmp/agent-1a2b3c4d memory-stats
+  agentctl --instance /run/agent-1a2b3c4d memory-stats
   agentctl serve ./shop --config agent.yaml --port 8000
 
 """ + EXIT_CODES
@@ -384,7 +384,7 @@ def add_status_commands(commands: Any) -> None:
         commands, "status", command_status, "every app and process, with counts",
         "Show every app of the agent and each of its processes: state, requests in flight, requests "
         "processed, uptime, CPU, private memory and last use.",
-        ["agentctl status", "agentctl status --json", "agentctl --instance /tmp/agent-1a2b3c4d status"])
+        ["agentctl status", "agentctl status --json", "agentctl --instance /run/agent-1a2b3c4d status"])
     status.add_argument("--json", action="store_true", help="print the status socket's /server and /pool as JSON")
     top = add_agent_command(
         commands, "top", command_top, "the status table, refreshed live",
@@ -424,7 +424,7 @@ def add_action_commands(commands: Any) -> None:
     add_agent_command(
         commands, "list-instances", command_list_instances, "the running agents",
         "List every running agent: its instance directory, watchdog pid and number of apps.",
-        ["agentctl list-instances", "agentctl --instance /tmp/agent-1a2b3c4d list-instances"])
+        ["agentctl list-instances", "agentctl --instance /run/agent-1a2b3c4d list-instances"])
 
 
 def add_serve_command(commands: Any) -> None:
@@ -441,7 +441,8 @@ def add_serve_command(commands: Any) -> None:
     add("--config", type=Path, metavar="FILE", help="YAML settings: directives without the agent_ prefix")
     for setting in SERVE_SETTINGS:
         add_setting_flag(serve_parser, setting)
-    add("--run-dir", type=Path, help="where the config, pid and sockets go (/tmp/agent-serve-PORT)")
+    add("--run-dir", type=Path, help="where the config, pid and sockets go "
+        "(/run/agent-serve-PORT as root, else a new /tmp/agent-serve-PORT-*)")
     add("--module", type=Path, help="path to ngx_http_agent_module.so")
     add("--nginx", default="nginx", help="the nginx binary (nginx)")
     add("--print-config", action="store_true", help="print the nginx config and exit")

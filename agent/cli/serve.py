@@ -8,22 +8,29 @@ agent and every worker; serve returns once they are all gone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.instance import Instance
+from agent.instance import Instance, UnsafeDirectory, make_private_directory, open_directory
 from agent.settings import SERVE_SETTINGS, Kind, Scope, quote, render_directive_value
 
 MODULE_NAME = "ngx_http_agent_module.so"
 AGENT_STOP_WAIT = 90.0
+# nginx's workers run as the first of these that exists, when serve runs as
+# root: never as nobody, which apps whose files belong to root run as.
+NGINX_USERS = ("www-data", "nginx")
+RUN_DIR_ADVICE = "name a directory of your own with --run-dir"
 
 
 class ServeError(Exception):
@@ -55,7 +62,14 @@ class ServeOptions:
         return int(self.settings["port"])
 
     def resolved_run_dir(self) -> Path:
-        return self.run_dir or Path(f"/tmp/agent-serve-{self.port}")
+        """--run-dir, else a place no other user can make first: /run for
+        root; for other users a fresh directory that prepare_run_dir()
+        makes (mkdtemp), whose name --print-config can only show."""
+        if self.run_dir is not None:
+            return self.run_dir
+        if os.geteuid() == 0:
+            return Path(f"/run/agent-serve-{self.port}")
+        return Path(tempfile.gettempdir()) / f"agent-serve-{self.port}-XXXXXXXX"
 
     def directive_lines(self, scopes: tuple[Scope, ...], indent: str) -> str:
         """`agent_NAME VALUE;` for each setting of these scopes that has a
@@ -100,7 +114,7 @@ def render_config(options: ServeOptions, module: Path) -> str:
 load_module {quote(str(module))};
 daemon off;
 master_process on;
-worker_processes 1;
+{user_directive()}worker_processes 1;
 pid {quote(str(run_dir / 'nginx.pid'))};
 error_log stderr notice;
 
@@ -137,18 +151,65 @@ http {{
 """
 
 
+def user_directive() -> str:
+    """As root, nginx's workers get a user of their own (docs/security.md):
+    without one they would be nobody, as are the apps of root's files, and
+    such an app could talk to agent.sock or signal them."""
+    if os.geteuid() != 0:
+        return ""
+    for name in NGINX_USERS:
+        with contextlib.suppress(KeyError):
+            return f"user {pwd.getpwnam(name).pw_name};\n"
+    raise ServeError(f"no user for nginx's workers: create one of {', '.join(NGINX_USERS)} "
+                     "(useradd --system www-data), so that they never run as an app's user")
+
+
+def prepare_run_dir(options: ServeOptions) -> Path:
+    """Make (or check: agent.instance.check_directory) the run directory,
+    and fix options.run_dir to it. Returns it."""
+    if options.run_dir is None and os.geteuid() != 0:
+        options.run_dir = Path(tempfile.mkdtemp(prefix=f"agent-serve-{options.port}-"))
+    run_dir = options.run_dir = options.resolved_run_dir()
+    try:
+        make_private_directory(run_dir, advice=RUN_DIR_ADVICE)
+        # nginx's workers reach agent.sock and the temporary files through it
+        dir_fd = open_directory(run_dir)
+        try:
+            os.fchmod(dir_fd, 0o755)
+        finally:
+            os.close(dir_fd)
+        make_private_directory(run_dir / "tmp", advice=RUN_DIR_ADVICE)
+    except UnsafeDirectory as e:
+        raise ServeError(str(e)) from None
+    return run_dir
+
+
 def write_config(options: ServeOptions) -> Path:
     app_dir = options.app_dir.resolve()
     startup_file = options.settings["startup_file"]
     if not (app_dir / startup_file).is_file():
         raise ServeError(f"{app_dir / startup_file} does not exist: "
                          "APP_DIR must hold the startup file (see --startup-file)")
-    run_dir = options.resolved_run_dir()
-    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
-    os.chmod(run_dir, 0o755)
-    config = run_dir / "nginx.conf"
-    config.write_text(render_config(options, find_module(options.module)))
-    return config
+    run_dir = prepare_run_dir(options)
+    write_private_file(run_dir, "nginx.conf", render_config(options, find_module(options.module)))
+    return run_dir / "nginx.conf"
+
+
+def write_private_file(directory: Path, name: str, text: str) -> None:
+    """A fresh file (O_EXCL|O_NOFOLLOW: never one planted, never through a
+    link), renamed into place, which replaces a link rather than follow it."""
+    dir_fd = open_directory(directory)
+    temporary = f".{name}.tmp"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary, dir_fd=dir_fd)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=dir_fd)
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def find_nginx(name: str) -> str:
@@ -160,8 +221,17 @@ def find_nginx(name: str) -> str:
 
 def serve(options: ServeOptions) -> int:
     nginx = find_nginx(options.nginx)
+    made_run_dir = options.run_dir is None and os.geteuid() != 0
     config = write_config(options)
     run_dir = options.resolved_run_dir()
+    try:
+        return run_nginx(options, nginx, config, run_dir)
+    finally:
+        if made_run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_nginx(options: ServeOptions, nginx: str, config: Path, run_dir: Path) -> int:
     command = [nginx, "-p", str(run_dir), "-c", str(config), "-e", "stderr"]
     test = subprocess.run([*command, "-t", "-q"], capture_output=True, text=True)
     if test.returncode != 0:

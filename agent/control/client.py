@@ -13,12 +13,14 @@ import http.client
 import json
 import os
 import socket
-from collections.abc import Mapping
+import stat
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.instance import Instance
+from agent.instance import Instance, ancestor_problem
 
 EXIT_FAILED = 1
 EXIT_NO_AGENT = 3
@@ -27,9 +29,10 @@ EXIT_NOT_FOUND = 5
 
 DEFAULT_TIMEOUT = 30.0
 INSTANCE_DIR_ENV = "AGENT_INSTANCE_DIR"
-# The module's default instance directories and those of `agentctl serve`.
+# The module's default instance directories and those of `agentctl serve`:
+# under /run for root, under /tmp for other users.
 DISCOVERY_GLOBS = ("agent-*", "agent-serve-*/instance")
-DISCOVERY_ROOT = Path("/tmp")
+DISCOVERY_ROOTS = (Path("/run"), Path("/tmp"))
 
 
 class StatusError(Exception):
@@ -158,15 +161,55 @@ def inspect_instance(root: Path) -> InstanceInfo:
     return InstanceInfo(root, read_pid(instance.watchdog_pid_file), running)
 
 
-def candidate_dirs(environ: Mapping[str, str] | None = None, tmp: Path = DISCOVERY_ROOT) -> list[Path]:
+def planted_problem(root: Path, base: Path) -> str | None:
+    """Why a directory found under base may have been planted by another
+    local user, or None. Only root's and the invoking user's directories
+    are trusted: whoever made one could otherwise receive the --token
+    given, or answer in the agent's place."""
+    me = os.getuid()
+    path = root
+    while path != base and base in path.parents:
+        try:
+            info = os.lstat(path)
+        except OSError as e:
+            return f"cannot lstat {path}: {e.strerror}"
+        owner, mode = info.st_uid, stat.S_IMODE(info.st_mode)
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{path} is not a directory"
+        if owner not in (0, me) or mode & 0o022:
+            return f"{path} belongs to uid {owner} with mode {mode:04o} (not root's or yours, or writable by others)"
+        path = path.parent
+    try:
+        return ancestor_problem(base)
+    except OSError as e:
+        return f"cannot lstat {base}: {e.strerror}"
+
+
+def warn_ignored(message: str) -> None:
+    print(f"agentctl: warning: {message}", file=sys.stderr)
+
+
+def discovery_roots(tmp: Path | Sequence[Path]) -> tuple[Path, ...]:
+    return (tmp,) if isinstance(tmp, Path) else tuple(tmp)
+
+
+def candidate_dirs(environ: Mapping[str, str] | None = None, tmp: Path | Sequence[Path] = DISCOVERY_ROOTS,
+                   warn: Callable[[str], None] = warn_ignored) -> list[Path]:
     """Directories that may hold an agent: $AGENT_INSTANCE_DIR, then the
-    default places, each once."""
+    default places, each once. A default place another user may have
+    planted is left out, with a warning naming it."""
     env = os.environ if environ is None else environ
     found: list[Path] = []
     if env.get(INSTANCE_DIR_ENV):
         found.append(Path(env[INSTANCE_DIR_ENV]))
-    for pattern in DISCOVERY_GLOBS:
-        found += sorted(p for p in tmp.glob(pattern) if (p / "watchdog.pid").exists())
+    for base in discovery_roots(tmp):
+        for pattern in DISCOVERY_GLOBS:
+            for path in sorted(p for p in base.glob(pattern) if (p / "watchdog.pid").exists()):
+                problem = planted_problem(path, base)
+                if problem is None:
+                    found.append(path)
+                else:
+                    warn(f"ignoring {path}: {problem}")
     unique: list[Path] = []
     for path in found:
         if path.resolve() not in {u.resolve() for u in unique}:
@@ -174,12 +217,13 @@ def candidate_dirs(environ: Mapping[str, str] | None = None, tmp: Path = DISCOVE
     return unique
 
 
-def running_instances(environ: Mapping[str, str] | None = None, tmp: Path = DISCOVERY_ROOT) -> list[InstanceInfo]:
+def running_instances(environ: Mapping[str, str] | None = None,
+                      tmp: Path | Sequence[Path] = DISCOVERY_ROOTS) -> list[InstanceInfo]:
     return [info for info in map(inspect_instance, candidate_dirs(environ, tmp)) if info.running]
 
 
 def choose_instance(explicit: Path | None, environ: Mapping[str, str] | None = None,
-                    tmp: Path = DISCOVERY_ROOT) -> Path:
+                    tmp: Path | Sequence[Path] = DISCOVERY_ROOTS) -> Path:
     """The instance a command talks to: --instance, else $AGENT_INSTANCE_DIR,
     else the one running agent. An explicit choice is used as given, so that
     the error names the socket that did not answer."""
@@ -190,7 +234,8 @@ def choose_instance(explicit: Path | None, environ: Mapping[str, str] | None = N
         return Path(env[INSTANCE_DIR_ENV])
     running = running_instances(env, tmp)
     if not running:
-        raise NoAgentError(f"no running agent found (looked in {tmp}/agent-*); "
+        places = ", ".join(f"{base}/agent-*" for base in discovery_roots(tmp))
+        raise NoAgentError(f"no running agent found (looked in {places}); "
                            "is nginx running with agent_enabled? Use --instance DIR to name one")
     if len(running) > 1:
         listing = "\n".join(f"  {info.root}" for info in running)
