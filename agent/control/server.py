@@ -61,6 +61,7 @@ HTML_TYPE = "text/html; charset=utf-8"
 TOKEN_CHARS = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 CONTROL_CHARS = re.compile(r"[\x00-\x20\x7f]")        # none may be in a request target
 HEADER_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # nor in a header value (HTAB may)
+PATH = re.compile(r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@%]*)+")   # RFC 3986's absolute path
 BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 DIGITS = re.compile(r"[0-9]{1,12}")                  # ASCII only: str.isdigit() takes "²"
 ADMIN_PEER_UIDS = frozenset({0})                     # see StatusServer.rights_of
@@ -178,6 +179,8 @@ def split_target(target: str) -> tuple[str, dict[str, list[str]]]:
         raise StatusError(400, "control characters in the request target", close=True)
     before_fragment = target.partition("#")[0]
     path, _, query = before_fragment.partition("?")
+    if not PATH.fullmatch(path):
+        raise StatusError(400, "malformed request target", close=True)
     return path, parse_query(query)
 
 
