@@ -167,7 +167,7 @@ class Response:
 
 def shown(text: str, limit: int = 40) -> str:
     """A client's text quoted in an error message: short, printable."""
-    quoted = repr(text)
+    quoted = ascii(text)
     return quoted if len(quoted) <= limit else quoted[:limit] + "..."
 
 
