@@ -3,7 +3,7 @@
 #   make run     install what is missing, build, serve examples/hello at http://127.0.0.1:8080
 #   make test    the whole test suite (real nginx, real agent, real workers)
 #   make bench   the benchmark against nginx+gunicorn and nginx+uWSGI
-#   make fuzz    the engine's wire parsers under libFuzzer (FUZZ_SECONDS each)
+#   make fuzz    the engine's wire parsers and the status socket's request parser under libFuzzer (FUZZ_SECONDS each)
 #
 # Everything Python lives in a virtualenv ($(VENV)); the nginx module is built
 # against the system nginx's own source and configure flags (nginx-dev).
@@ -13,7 +13,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST_PYTHON ?= python3
 APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv python3-dev wrk chromium chromium-driver
-PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium
+PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium hypothesis atheris
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
 MODULE_SRC := nginx-module/config $(wildcard nginx-module/*.c nginx-module/*.h)
@@ -23,6 +23,7 @@ RUN_DIR ?= /tmp/agent-demo
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 60
 FUZZERS := fuzz_frame fuzz_records
+PY_FUZZERS := fuzz_status_request
 FUZZ_FLAGS := -g -O1 -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 
 .PHONY: all deps system-deps python-deps build native module run test lint sanitize fuzz bench clean
@@ -102,7 +103,7 @@ sanitize: deps module
 # Each harness runs FUZZ_SECONDS on a copy of its seed corpus (the repo's
 # stays as committed); a crash or a failed check fails the target and
 # leaves the input in build/fuzz/<harness>-crash-*.
-fuzz: system-deps
+fuzz: system-deps python-deps
 	@mkdir -p build/fuzz
 	@for f in $(FUZZERS); do \
 		clang $(FUZZ_FLAGS) -Icsrc tests/fuzz/$$f.c csrc/frame.c csrc/records.c -o build/fuzz/$$f || exit 1; \
@@ -111,6 +112,14 @@ fuzz: system-deps
 		build/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/$$f.dict -print_final_stats=1 \
 			-artifact_prefix=build/fuzz/$$f- build/fuzz/$$f-corpus > build/fuzz/$$f.log 2>&1 \
 			|| { tail -40 build/fuzz/$$f.log; echo "$$f failed: see build/fuzz/$$f.log"; exit 1; }; \
+		grep -E '^stat::number_of_executed_units' build/fuzz/$$f.log; \
+	done
+	@for f in $(PY_FUZZERS); do \
+		rm -rf build/fuzz/$$f-corpus && cp -r tests/fuzz/corpus/$$f build/fuzz/$$f-corpus; \
+		echo "fuzzing $$f for $(FUZZ_SECONDS) s"; \
+		$(PY) tests/fuzz/$$f.py -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/$$f.dict -print_final_stats=1 \
+			-artifact_prefix=build/fuzz/$$f- build/fuzz/$$f-corpus > build/fuzz/$$f.log 2>&1 \
+			|| { grep -v '^INFO: Instrumenting' build/fuzz/$$f.log | tail -40; echo "$$f failed: see build/fuzz/$$f.log"; exit 1; }; \
 		grep -E '^stat::number_of_executed_units' build/fuzz/$$f.log; \
 	done
 

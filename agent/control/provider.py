@@ -58,6 +58,16 @@ class CoreView(Protocol):
     def reopen_logs(self) -> None: ...
 
 
+# An error summary quotes the app's traceback or output, which may hold its
+# secrets: readers without the admin right see only that there was one.
+HIDDEN_ERROR = "the last start failed; the details need the admin right"
+
+
+def path_only(uri: str) -> str:
+    """A request's URI without its query string, which may carry secrets."""
+    return uri.partition("?")[0]
+
+
 def worker_state(worker: Worker) -> str:
     if worker.is_serving() and worker.is_idle():
         return "idle"
@@ -111,17 +121,19 @@ class CoreStatus:
             "apps": len(core.pool.apps),
         }
 
-    def pool_info(self) -> dict[str, Any]:
+    def pool_info(self, detailed: bool) -> dict[str, Any]:
         core = self.core
         app_stats = core.refresh_stats()
         now = monotonic_ms()
         return {
             "max_pool_size": core.pool.max_pool_size,
-            "apps": [self.app_document(app, app_stats.get(app.id), now) for app in core.pool.apps.values()],
+            "apps": [self.app_document(app, app_stats.get(app.id), now, detailed)
+                     for app in core.pool.apps.values()],
         }
 
-    def app_document(self, app: App, stats: Any, now: int) -> dict[str, Any]:
-        error = None if not app.last_error else {"summary": app.last_error, "at": app.last_error_at}
+    def app_document(self, app: App, stats: Any, now: int, detailed: bool) -> dict[str, Any]:
+        error = None if not app.last_error else {
+            "summary": app.last_error if detailed else HIDDEN_ERROR, "at": app.last_error_at}
         return {
             "name": app.name,
             "app_root": app.config.app_root,
@@ -141,11 +153,11 @@ class CoreStatus:
             "processes": [process_document(w, now) for w in sorted(app.workers.values(), key=lambda w: w.pid)],
         }
 
-    def requests_info(self) -> dict[str, Any]:
+    def requests_info(self, detailed: bool) -> dict[str, Any]:
         names = {app.id: app.name for app in self.core.pool.apps.values()}
         return {"requests": [
-            {"app": names.get(r.app), "method": r.method, "path": r.path, "pid": r.pid,
-             "age": round(r.age, 3), "state": r.state}
+            {"app": names.get(r.app), "method": r.method, "path": r.path if detailed else path_only(r.path),
+             "pid": r.pid, "age": round(r.age, 3), "state": r.state}
             for r in self.core.engine.requests()
         ]}
 

@@ -3,8 +3,15 @@
 The server lives inside the core's policy loop, which is single-threaded:
 it registers its listening socket and every connection on the core's
 selector, with a callback `data(fd)`, and never blocks. Reads and writes
-are nonblocking and buffered; a request is at most MAX_REQUEST bytes; a
-connection that stays silent for IDLE_LIMIT seconds is closed by tick().
+are nonblocking and buffered; a request is at most MAX_REQUEST bytes and
+must arrive whole within REQUEST_LIMIT seconds of its first byte; a
+connection that waits IDLE_LIMIT seconds for its next request is closed by
+tick().
+
+Any local user may connect (the socket is mode 0666), so connections are
+limited per peer uid (SO_PEERCRED), and ADMIN_RESERVE of them are kept for
+root and for connections that have shown the admin token: one user's
+clients cannot shut out another's, nor the operator.
 
 Everything the server reports or does goes through a Provider, the small
 interface the core implements; the server itself knows HTTP, rights and
@@ -16,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
-import os
 import re
 import selectors
 import socket
@@ -28,7 +34,7 @@ from enum import Enum
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import unquote_to_bytes
 
 import msgpack  # type: ignore[import-untyped]
 
@@ -39,8 +45,11 @@ from agent.logs import log
 MAX_REQUEST = 65536            # request line, headers and body together
 MAX_HEADERS = 100
 IDLE_LIMIT = 30.0              # seconds a connection may wait between requests
+REQUEST_LIMIT = 10.0           # seconds from a request's first byte to its last; not reset by each byte
 LINGER = 2.0                   # seconds a closing connection waits for the client to close first
 MAX_CONNECTIONS = 128
+ADMIN_RESERVE = 16             # of MAX_CONNECTIONS, only for root and admin-token connections
+MAX_PER_UID = 32               # connections of one peer uid, root's and admin-token ones aside
 ACCEPTS_PER_WAKEUP = 32        # so that a flood of clients cannot starve the core's other work
 READS_PER_WAKEUP = 16
 REQUESTS_PER_WAKEUP = 32
@@ -50,6 +59,12 @@ JSON_TYPE = "application/json"
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 HTML_TYPE = "text/html; charset=utf-8"
 TOKEN_CHARS = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+CONTROL_CHARS = re.compile(r"[\x00-\x20\x7f]")        # none may be in a request target
+HEADER_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # nor in a header value (HTAB may)
+PATH = re.compile(r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@%]*)+")   # RFC 3986's absolute path
+BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+DIGITS = re.compile(r"[0-9]{1,12}")                  # ASCII only: str.isdigit() takes "²"
+ADMIN_PEER_UIDS = frozenset({0})                     # see StatusServer.rights_of
 
 Details = dict[str, Any]
 
@@ -65,11 +80,13 @@ class Provider(Protocol):
     def server_info(self) -> Details:
         """The body of GET /server."""
 
-    def pool_info(self) -> Details:
-        """The body of GET /pool."""
+    def pool_info(self, detailed: bool) -> Details:
+        """The body of GET /pool. Without `detailed` (a reader without the
+        admin right), no error details: they may quote an app's secrets."""
 
-    def requests_info(self) -> Details:
-        """The body of GET /requests: {"requests": [...]}."""
+    def requests_info(self, detailed: bool) -> Details:
+        """The body of GET /requests: {"requests": [...]}. Without
+        `detailed`, each request's path has no query string."""
 
     def metrics_snapshot(self) -> metrics.MetricsSnapshot:
         """The counters rendered at GET /metrics."""
@@ -122,12 +139,7 @@ class Request:
     query: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.target)
-        self.path = parts.path
-        try:
-            self.query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
-        except ValueError as error:
-            raise StatusError(400, f"bad query string: {error}") from None
+        self.path, self.query = split_target(self.target)
 
     @property
     def keep_alive(self) -> bool:
@@ -153,10 +165,50 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """A client's text quoted in an error message: short, printable."""
+    quoted = ascii(text)
+    return quoted if len(quoted) <= limit else quoted[:limit] + "..."
+
+
+def split_target(target: str) -> tuple[str, dict[str, list[str]]]:
+    """The path (as sent: not percent-decoded) and the query's parameters.
+    Parsed here rather than by urllib, whose urlsplit raises ValueError on
+    a target such as //[x and whose parse_qs hides bad escapes."""
+    if CONTROL_CHARS.search(target):
+        raise StatusError(400, "control characters in the request target", close=True)
+    before_fragment = target.partition("#")[0]
+    path, _, query = before_fragment.partition("?")
+    if not PATH.fullmatch(path):
+        raise StatusError(400, "malformed request target", close=True)
+    return path, parse_query(query)
+
+
+def parse_query(query: str) -> dict[str, list[str]]:
+    """name=value pairs joined by &, in order; a name without = has the
+    value "" (as parse_qs with keep_blank_values)."""
+    params: dict[str, list[str]] = {}
+    for pair in query.split("&"):
+        if pair:
+            name, _, value = pair.partition("=")
+            params.setdefault(decode_component(name), []).append(decode_component(value))
+    return params
+
+
+def decode_component(text: str) -> str:
+    raw = text.replace("+", " ").encode("latin-1")
+    if BAD_PERCENT.search(raw):
+        raise StatusError(400, "bad percent-encoding in the query string")
+    try:
+        return unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise StatusError(400, "the query string is not UTF-8") from None
+
+
 def parse_request(buffer: bytearray | bytes) -> tuple[Request, int] | None:
     """The first complete request in `buffer` and the bytes it took, or
-    None while it is incomplete. Raises StatusError for a malformed or
-    oversized request."""
+    None while it is incomplete. Raises StatusError, and nothing else, for
+    a malformed or oversized request (tests/fuzz/fuzz_status_request.py)."""
     # Empty lines before a request line are ignored (RFC 9112, 2.2).
     start = len(buffer) - len(bytes(buffer).lstrip(b"\r\n"))
     if start:
@@ -188,7 +240,7 @@ def parse_request_line(line: str) -> tuple[str, str, str]:
     if not TOKEN_CHARS.match(method.encode("latin-1")):
         raise StatusError(400, "malformed method", close=True)
     if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise StatusError(400, f"unsupported protocol version {version!r}", close=True)
+        raise StatusError(400, f"unsupported protocol version {shown(version)}", close=True)
     if not target.startswith("/"):
         raise StatusError(400, "the request target must be a path", close=True)
     return method, target, version
@@ -204,6 +256,8 @@ def parse_headers(lines: list[str]) -> dict[str, str]:
             raise StatusError(400, "malformed header line", close=True)
         key = name.lower()
         value = value.strip(" \t")
+        if HEADER_CONTROL_CHARS.search(value):
+            raise StatusError(400, f"control characters in header {shown(name)}", close=True)
         if key in headers and key == "content-length" and headers[key] != value:
             raise StatusError(400, "conflicting Content-Length headers", close=True)
         # Repeated headers are joined, as RFC 9110 allows for list-valued ones.
@@ -215,7 +269,7 @@ def content_length(headers: dict[str, str]) -> int:
     if "transfer-encoding" in headers:
         raise StatusError(400, "chunked request bodies are not supported; send Content-Length", close=True)
     value = headers.get("content-length", "0")
-    if not value.isdigit() or len(value) > 12:
+    if not DIGITS.fullmatch(value):
         raise StatusError(400, "malformed Content-Length", close=True)
     return int(value)
 
@@ -270,6 +324,8 @@ class Peer:
 
 
 PEERCRED = struct.Struct("3i")
+REFUSED = serialize_response(error_response(503, "too many connections from this user"),
+                             keep_alive=False, head_only=False)
 UNKNOWN_PEER = Peer(pid=0, uid=-1, gid=-1)
 
 
@@ -294,6 +350,9 @@ class Connection:
     backlog: bool = False       # buffered requests left for the next wakeup
     closed: bool = False
     events: int = 0             # the selector interest currently registered
+    peer_admin: bool = False    # the peer's uid alone gives the admin right
+    token_admin: bool = False   # a request on it showed the admin token
+    request_started: float | None = None  # the first byte of the request being received
 
     @property
     def fd(self) -> int:
@@ -312,6 +371,11 @@ class Connection:
 
     def can_take_request(self) -> bool:
         return not (self.awaiting or self.closing or self.outbuf or self.closed)
+
+    @property
+    def limited(self) -> bool:
+        """Counted against its uid's share and outside the admins' reserve."""
+        return not (self.peer_admin or self.token_admin)
 
 
 # -- the server -------------------------------------------------------------------
@@ -337,14 +401,14 @@ class StatusServer:
         self.tokens = read_tokens(instance_dir)
         self.dashboard = dashboard
         self.clock = clock
-        self.admin_uids = {0, os.geteuid()}
         self.connections: dict[int, Connection] = {}
-        self.reads: dict[str, Callable[[Request], Response]] = {
-            "/server": lambda r: encode_data(self.provider.server_info(), r),
-            "/pool": lambda r: encode_data(self.provider.pool_info(), r),
-            "/requests": lambda r: encode_data(self.provider.requests_info(), r),
-            "/metrics": self.get_metrics,
-            "/dashboard": self.get_dashboard,
+        self.refused: dict[int, int] = {}   # peer uid: connections refused since the last tick
+        self.reads: dict[str, Callable[[Request, bool], Response]] = {
+            "/server": lambda r, detailed: encode_data(self.provider.server_info(), r),
+            "/pool": lambda r, detailed: encode_data(self.provider.pool_info(detailed), r),
+            "/requests": lambda r, detailed: encode_data(self.provider.requests_info(detailed), r),
+            "/metrics": lambda r, detailed: self.get_metrics(r),
+            "/dashboard": lambda r, detailed: self.get_dashboard(r),
         }
         listener.setblocking(False)
         selector.register(listener, selectors.EVENT_READ, self.on_listener_ready)
@@ -357,15 +421,39 @@ class StatusServer:
             self.drop(conn)
 
     def tick(self, now: float | None = None) -> None:
-        """Called by the core about once a second: drops connections idle
-        past their limit (now: the server's clock, read when not given)."""
+        """Called by the core about once a second: answers 408 to requests
+        not complete within REQUEST_LIMIT and drops connections idle past
+        their limit (now: the server's clock, read when not given)."""
         now = self.clock() if now is None else now
         for conn in list(self.connections.values()):
-            if conn.awaiting:
+            if conn.awaiting or conn.closed:
+                continue
+            if conn.request_started is not None:
+                if now - conn.request_started > REQUEST_LIMIT:
+                    self.time_out(conn)
                 continue
             limit = LINGER if conn.closing and not conn.outbuf else IDLE_LIMIT
             if now - conn.last_activity > limit:
                 self.drop(conn)
+        self.report_refused()
+
+    def time_out(self, conn: Connection) -> None:
+        conn.request_started = None
+        self.answer_error(conn, StatusError(408, f"the request was not complete within {REQUEST_LIMIT:g} s"),
+                          keep_alive=False, head_only=False)
+        try:
+            self.flush(conn)
+        except OSError:
+            self.drop(conn)
+            return
+        self.settle(conn)
+
+    def report_refused(self) -> None:
+        """One log line a tick, however many clients were refused."""
+        if self.refused:
+            counts = ", ".join(f"uid {uid}: {count}" for uid, count in sorted(self.refused.items()))
+            log.warning("status socket: connections refused at the connection limits (%s)", counts)
+            self.refused.clear()
 
     # -- accepting ----------------------------------------------------------
 
@@ -382,13 +470,31 @@ class StatusServer:
             self.admit(sock)
 
     def admit(self, sock: socket.socket) -> None:
-        if len(self.connections) >= MAX_CONNECTIONS:
+        sock.setblocking(False)
+        peer = peer_of(sock)
+        peer_admin = peer.uid in ADMIN_PEER_UIDS
+        if not self.has_room(peer, peer_admin):
+            self.refused[peer.uid] = self.refused.get(peer.uid, 0) + 1
+            with contextlib.suppress(OSError):
+                sock.send(REFUSED)
             sock.close()
             return
-        sock.setblocking(False)
-        conn = Connection(sock=sock, peer=peer_of(sock), last_activity=self.clock())
+        conn = Connection(sock=sock, peer=peer, last_activity=self.clock(), peer_admin=peer_admin)
         self.connections[conn.fd] = conn
         self.update_interest(conn)
+
+    def has_room(self, peer: Peer, peer_admin: bool) -> bool:
+        """Root may use every slot; any other peer shares MAX_CONNECTIONS -
+        ADMIN_RESERVE with the others, at most MAX_PER_UID for its uid. A
+        connection that shows the admin token leaves both counts."""
+        if len(self.connections) >= MAX_CONNECTIONS:
+            return False
+        if peer_admin:
+            return True
+        limited = [conn for conn in self.connections.values() if conn.limited]
+        if len(limited) >= MAX_CONNECTIONS - ADMIN_RESERVE:
+            return False
+        return sum(conn.peer.uid == peer.uid for conn in limited) < MAX_PER_UID
 
     # -- one connection's I/O -------------------------------------------------
 
@@ -424,7 +530,9 @@ class StatusServer:
             if not chunk:
                 conn.eof = True
                 return
-            conn.last_activity = self.clock()
+            # Bytes received never reset a timer: REQUEST_LIMIT bounds a
+            # request sent a byte at a time, LINGER a client that keeps
+            # sending after the answer.
             if not conn.closing:
                 conn.inbuf += chunk
 
@@ -480,6 +588,17 @@ class StatusServer:
         """Answer the complete requests in the buffer, one at a time: the
         next is parsed only once the previous answer is sent."""
         conn.backlog = False
+        self.serve_requests(conn)
+        # The clock of REQUEST_LIMIT runs while a request is partly
+        # received and the connection could answer it; it restarts for
+        # the next request.
+        if conn.inbuf and conn.can_take_request():
+            if conn.request_started is None:
+                conn.request_started = self.clock()
+        else:
+            conn.request_started = None
+
+    def serve_requests(self, conn: Connection) -> None:
         for _ in range(REQUESTS_PER_WAKEUP):
             if not conn.can_take_request():
                 return
@@ -488,10 +607,19 @@ class StatusServer:
             except StatusError as error:
                 self.answer_error(conn, error, keep_alive=False, head_only=False)
                 return
+            except Exception as error:
+                # parse_request raises only StatusError (it is fuzzed for
+                # that); should it ever fail otherwise, the client still
+                # gets its 400 and the log one line, not a traceback.
+                log.warning("status socket: unparsable request: %s: %s", type(error).__name__, error)
+                self.answer_error(conn, StatusError(400, "malformed request", close=True),
+                                  keep_alive=False, head_only=False)
+                return
             if parsed is None:
                 return
             request, used = parsed
             del conn.inbuf[:used]
+            conn.request_started = None
             self.handle(conn, request)
             self.flush(conn)
         # The budget ran out with requests still buffered: the write
@@ -530,26 +658,32 @@ class StatusServer:
         if read is not None:
             if request.method not in ("GET", "HEAD"):
                 raise StatusError(405, f"{request.path} takes GET", allow="GET, HEAD")
-            return read(request)
+            return read(request, rights is Rights.ADMIN)
         action = self.find_action(request.path)
         if action is None:
-            raise StatusError(404, f"no resource {request.path}")
+            raise StatusError(404, f"no resource {shown(request.path)}")
         if request.method != "POST":
             raise StatusError(405, f"{request.path} takes POST", allow="POST")
         if rights is not Rights.ADMIN:
-            raise StatusError(403, "actions need the agent's user, root or the admin token")
+            raise StatusError(403, "actions need root or the admin token")
         return action(conn, request)
 
     def rights_of(self, conn: Connection, request: Request) -> Rights:
         """A token, when given, decides alone: a wrong one is refused, never
-        taken as the peer's own rights."""
+        taken as the peer's own rights.
+
+        Without a token, only root is admin by its uid. Not the agent's own
+        uid when that is another: in a deployment without root, nginx's
+        workers and the apps' workers run as that uid too, and a request
+        through nginx, or an app's code, would be admin."""
         authorization = request.headers.get("authorization")
         if authorization is None:
-            return Rights.ADMIN if conn.peer.uid in self.admin_uids else Rights.READ
+            return Rights.ADMIN if conn.peer_admin else Rights.READ
         scheme, _, token = authorization.partition(" ")
         given = token.strip().encode("latin-1")
         if scheme.lower() == "bearer" and given:
             if self.tokens.admin is not None and hmac.compare_digest(given, self.tokens.admin):
+                conn.token_admin = True
                 return Rights.ADMIN
             if self.tokens.read is not None and hmac.compare_digest(given, self.tokens.read):
                 return Rights.READ
@@ -623,8 +757,8 @@ class StatusServer:
         self.settle(conn)
 
     def detach_process(self, request: Request, pid_text: str) -> Response:
-        if not pid_text.isdigit():
-            raise StatusError(400, f"not a pid: {pid_text!r}")
+        if not DIGITS.fullmatch(pid_text):
+            raise StatusError(400, f"not a pid: {shown(pid_text)}")
         pid = int(pid_text)
         try:
             details = self.provider.detach_process(pid)

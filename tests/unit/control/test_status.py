@@ -44,16 +44,19 @@ class FakeProvider:
     detached: list[int] = field(default_factory=list)
     reopened: int = 0
     broken: bool = False
+    detailed: list[bool] = field(default_factory=list)   # what pool_info and requests_info were asked
 
     def server_info(self) -> dict[str, Any]:
         if self.broken:
             raise RuntimeError("the provider failed")
         return dict(SERVER_INFO)
 
-    def pool_info(self) -> dict[str, Any]:
+    def pool_info(self, detailed: bool) -> dict[str, Any]:
+        self.detailed.append(detailed)
         return self.pool
 
-    def requests_info(self) -> dict[str, Any]:
+    def requests_info(self, detailed: bool) -> dict[str, Any]:
+        self.detailed.append(detailed)
         return {"requests": [{"app": "/srv/shop", "method": "GET", "path": "/", "pid": None, "age": 0.5,
                               "state": "queued"}]}
 
