@@ -58,6 +58,8 @@ class Supervision:
         if self.cgroup_parent is None:
             return None
         self.remove_empty()
+        with contextlib.suppress(FileExistsError):  # removed when it emptied
+            os.mkdir(self.cgroup_parent, 0o755)
         path = self.cgroup_parent / f"w{next(self.numbers)}"
         os.mkdir(path, 0o755)
         try:
@@ -113,10 +115,15 @@ class Supervision:
             self.remove_empty()
 
     def remove_empty(self) -> None:
-        """A killed cgroup can be removed once its last process is gone."""
+        """A killed cgroup can be removed once its last process is gone;
+        the instance's own once it holds no worker's (so that a stopped
+        agent leaves nothing behind)."""
         for path in list(self.to_remove):
             if remove_cgroup(path):
                 self.to_remove.discard(path)
+        if self.cgroup_parent is not None and not self.cgroups and not self.to_remove:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.cgroup_parent)
 
     def kill_leftovers(self) -> None:
         assert self.cgroup_parent is not None
