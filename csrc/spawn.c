@@ -30,6 +30,7 @@ typedef struct {
 
 enum {
     STEP_SESSION = 1,
+    STEP_CGROUP,
     STEP_FDS,
     STEP_GROUPS,
     STEP_GID,
@@ -43,6 +44,7 @@ static const char *step_name(int step)
 {
     switch (step) {
     case STEP_SESSION: return "setsid";
+    case STEP_CGROUP: return "joining the worker's cgroup";
     case STEP_FDS: return "setting up file descriptors";
     case STEP_GROUPS: return "setgroups";
     case STEP_GID: return "setgid";
@@ -88,25 +90,66 @@ static int close_fds_from(int first, int keep)
     return 0;
 }
 
-/* The three source fds may sit on each other's targets (0..4), so first
- * lift them above the range, then place them. */
+/* An optional fd (-1: none) lifted above the worker's range; -2 when
+ * dup fails, so the caller tells "none" from an error. */
+static int lift_optional(int fd)
+{
+    if (fd < 0)
+        return -1;
+    fd = fcntl(fd, F_DUPFD_CLOEXEC, 10);
+    return fd < 0 ? -2 : fd;
+}
+
+/* The source fds may sit on each other's targets (0..6), so first lift
+ * them above the range, then place them. */
 static int arrange_fds(const agent_spawn_spec *spec, int error_pipe)
 {
     int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     int listen_fd = fcntl(spec->listen_fd, F_DUPFD_CLOEXEC, 10);
     int ready_fd = fcntl(spec->ready_fd, F_DUPFD_CLOEXEC, 10);
     int output_fd = fcntl(spec->output_fd, F_DUPFD_CLOEXEC, 10);
+    int startup_fd = lift_optional(spec->startup_fd);
+    int env_fd = lift_optional(spec->env_fd);
+    int first_closed = 5;
 
-    if (devnull < 0 || listen_fd < 0 || ready_fd < 0 || output_fd < 0)
+    if (devnull < 0 || listen_fd < 0 || ready_fd < 0 || output_fd < 0 || startup_fd == -2 || env_fd == -2)
         return -1;
     if (place_fd(devnull, 0) < 0 || place_fd(output_fd, 1) < 0 || place_fd(output_fd, 2) < 0
         || place_fd(listen_fd, 3) < 0 || place_fd(ready_fd, 4) < 0)
         return -1;
-    /* Everything above 4 goes, except the error pipe, which is CLOEXEC and
+    /* fd 5 stays free when there is no startup fd, so that the loader
+     * never mistakes another fd for the checked file. */
+    if (startup_fd >= 0 && place_fd(startup_fd, 5) < 0)
+        return -1;
+    if (env_fd >= 0) {
+        if (place_fd(env_fd, 6) < 0)
+            return -1;
+        first_closed = 7;
+    } else if (startup_fd >= 0) {
+        first_closed = 6;
+    }
+    if (startup_fd < 0 && env_fd >= 0 && close(5) < 0 && errno != EBADF)
+        return -1;
+    /* Everything above goes, except the error pipe, which is CLOEXEC and
      * closes itself at exec. */
-    if (close_fds_from(5, error_pipe) < 0)
+    if (close_fds_from(first_closed, error_pipe) < 0)
         return -1;
     return 0;
+}
+
+/* Moves this process into the worker's cgroup, while still root: the
+ * kernel then counts every process the app starts in it, setsid or not. */
+static int join_cgroup(int procs_fd)
+{
+    static const char self[] = "0";
+    ssize_t n;
+
+    if (procs_fd < 0)
+        return 0;
+    do {
+        n = write(procs_fd, self, sizeof self - 1);
+    } while (n < 0 && errno == EINTR);
+    return n == (ssize_t) (sizeof self - 1) ? 0 : -1;
 }
 
 static void reset_signals(void)
@@ -145,6 +188,8 @@ static void run_child(const agent_spawn_spec *spec, pid_t parent, int error_pipe
     reset_signals();
     if (setsid() < 0)
         report_and_exit(error_pipe, STEP_SESSION);
+    if (join_cgroup(spec->cgroup_procs_fd) < 0)
+        report_and_exit(error_pipe, STEP_CGROUP);
     if (arrange_fds(spec, error_pipe) < 0)
         report_and_exit(error_pipe, STEP_FDS);
     switch_user(spec, error_pipe);

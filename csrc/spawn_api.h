@@ -1,11 +1,13 @@
 /*
  * Starting worker processes.
  *
- * agent_spawn() forks a child that becomes a worker: its own session,
- * stdin on /dev/null, stdout and stderr on the core's log pipe, the
- * listening socket on fd 3, the handshake pipe on fd 4, every other fd
- * closed, the app's environment, cwd at the app root, the app's user and
- * groups, then execve(). The child uses only async-signal-safe calls
+ * agent_spawn() forks a child that becomes a worker: its own session (so
+ * its own process group, which the core kills whole), its own cgroup when
+ * the core made one, stdin on /dev/null, stdout and stderr on the core's
+ * log pipe, the listening socket on fd 3, the handshake pipe on fd 4, the
+ * startup file the core checked on fd 5 and the app's environment on fd 6
+ * (when given), every other fd closed, cwd at the app root, the app's user
+ * and groups, then execve(). The child uses only async-signal-safe calls
  * between fork and exec, because the core is multithreaded. An exec that
  * fails is reported back through a close-on-exec pipe, so the caller gets
  * the errno rather than a worker that silently never answers.
@@ -25,6 +27,9 @@ typedef struct {
     int listen_fd;               /* becomes fd 3 */
     int ready_fd;                /* becomes fd 4 */
     int output_fd;               /* becomes fds 1 and 2 */
+    int startup_fd;              /* becomes fd 5; -1: none */
+    int env_fd;                  /* becomes fd 6; -1: none */
+    int cgroup_procs_fd;         /* the child writes its pid here before the user switch; -1: none */
     int death_signal;            /* sent to the worker when the core dies; 0: none */
 } agent_spawn_spec;
 

@@ -268,8 +268,12 @@ class SpawnSpec:
     death_signal: int = 0
 
 
-def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int) -> int:
-    """Forks and execs a worker; returns its pid or raises NativeError."""
+def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int, *,
+          startup_fd: int = -1, env_fd: int = -1, cgroup_procs_fd: int = -1) -> int:
+    """Forks and execs a worker; returns its pid or raises NativeError. The
+    optional fds (-1: none) are the checked startup file (fd 5 in the
+    worker), the app's environment (fd 6) and the cgroup.procs file the
+    child joins before it drops root."""
     keep: list[Any] = []
 
     def cstr(text: str) -> Any:
@@ -298,6 +302,9 @@ def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int) -> int
     c_spec.listen_fd = listen_fd
     c_spec.ready_fd = ready_fd
     c_spec.output_fd = output_fd
+    c_spec.startup_fd = startup_fd
+    c_spec.env_fd = env_fd
+    c_spec.cgroup_procs_fd = cgroup_procs_fd
     c_spec.death_signal = spec.death_signal
     error = ffi.new("char[]", _ERROR_SIZE)
     pid = lib.agent_spawn(c_spec, error, _ERROR_SIZE)

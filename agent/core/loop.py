@@ -44,6 +44,7 @@ from agent.core.engine import (
 from agent.core.error_page import startup_error_response
 from agent.core.pool import App, Pool, ProcessUsage, Worker, WorkerState
 from agent.core.spawner import SpawnError, StartedProcess, install_loaders, start_worker
+from agent.core.supervision import Supervision
 from agent.instance import Instance
 from agent.logs import OutputCapture, log
 from agent.settings import default
@@ -94,6 +95,7 @@ class Core:
     def prepare(self) -> None:
         self.instance.workers_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         install_loaders(self.instance.loaders_dir)
+        self.supervision = Supervision.setup(self.instance.root)
         self.instance.core_pid_file.write_text(f"{os.getpid()}\n")
         self.signals = SignalInbox(self.selector, (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
         self.selector.register(self.engine.notify_fd(), selectors.EVENT_READ, self.on_engine_notify)
@@ -306,7 +308,7 @@ class Core:
     def spawn(self, app: App) -> None:
         socket_path = str(self.instance.workers_dir / f"{app.id}-{next(self.socket_numbers)}.sock")
         try:
-            started = start_worker(app.config, self.instance.loaders_dir, socket_path)
+            started = start_worker(app.config, self.instance, socket_path, self.supervision)
         except SpawnError as e:
             self.spawn_failed(app, e.summary, e.details)
             return
@@ -452,6 +454,11 @@ class Core:
         self.signal(worker, signal.SIGKILL)
 
     def signal(self, worker: Worker, signum: int) -> None:
+        """SIGTERM asks the worker alone (it may stop its own children);
+        SIGKILL takes its whole process group and cgroup."""
+        if signum == signal.SIGKILL:
+            self.supervision.kill(worker.pid)
+            return
         # A worker already gone is removed by reap_workers.
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signum)
@@ -459,12 +466,29 @@ class Core:
     def reap_workers(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                exited = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if exited is None or exited.si_pid == 0:
                 return
+            pid = exited.si_pid
+            # Before the reap, while the zombie keeps its pid from reuse:
+            # what the worker started dies with it.
+            self.supervision.exited(pid)
+            _, status = os.waitpid(pid, 0)
             self.worker_exited(pid, status)
+            self.close_output(pid)
+
+    def close_output(self, pid: int) -> None:
+        """A reaped worker's output pipe is closed now, not at its end of
+        file, which a process the worker started could hold off forever."""
+        for fd, capture in list(self.captures.items()):
+            if capture.pid == pid:
+                capture.read()   # what the worker wrote last
+                capture.flush()
+                self.selector.unregister(fd)
+                os.close(fd)
+                del self.captures[fd]
 
     def worker_exited(self, pid: int, status: int) -> None:
         found = self.pool.find_worker(pid)

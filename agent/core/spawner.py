@@ -4,20 +4,26 @@ and the pipes for its handshake and its output (docs/protocol.md §3)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import os
 import pwd
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.core.config import AppConfig
 from agent.core.engine import SpawnSpec, spawn
+from agent.core.supervision import Supervision
+from agent.instance import Instance
 from agent.unix import listen_unix
 
 LOADERS = {"wsgi": "wsgi_loader.py"}
 WORKER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The worker's fd for the startup file the core checked (csrc/spawn_api.h).
+STARTUP_FD = 5
 
 
 class SpawnError(Exception):
@@ -64,21 +70,42 @@ def install_loaders(loaders_dir: Path) -> None:
         os.replace(tmp, target)
 
 
-def resolve_user(config: AppConfig) -> WorkerUser | None:
+def resolve_user(config: AppConfig, nginx_uid: int | None) -> tuple[WorkerUser | None, int | None]:
     """The user a worker runs as, or None when the agent is not root (it
     cannot switch users then, and keeps its own). As Passenger: the user
     the config names, else the owner of the startup file, else (owner root)
-    the default user. Root only when the config names it."""
+    the default user. Root only when the config names it; nginx's worker
+    user never.
+
+    When the user comes from the startup file, the file is also returned,
+    open: the worker runs that very file, so that swapping it after this
+    check runs nothing as the user it chose. When the config names the
+    user, the worker opens the path itself, with that user's rights."""
     if os.geteuid() != 0:
-        return None
+        return None, None
+    startup_fd = None
     try:
         if config.user:
             entry = pwd.getpwnam(config.user)
         else:
-            owner = _owner_of(config)
+            owner, startup_fd = _checked_owner(config)
             entry = pwd.getpwnam(config.default_user) if owner == 0 else pwd.getpwuid(owner)
+        user = _worker_user(config, entry, nginx_uid)
     except KeyError as e:
+        _close(startup_fd)
         raise SpawnError(f"cannot run the app as a user: {e.args[0]}") from e
+    except SpawnError:
+        _close(startup_fd)
+        raise
+    return user, startup_fd
+
+
+def _worker_user(config: AppConfig, entry: pwd.struct_passwd, nginx_uid: int | None) -> WorkerUser:
+    if entry.pw_uid == nginx_uid:
+        # The engine trusts whatever reaches agent.sock, and nginx's workers
+        # hold every client's requests: an app must not share their user.
+        raise SpawnError(f"app would run as nginx's worker user {entry.pw_name} (uid {entry.pw_uid}): "
+                         "set agent_user or agent_default_user")
     gid = entry.pw_gid
     if config.group:
         try:
@@ -89,16 +116,63 @@ def resolve_user(config: AppConfig) -> WorkerUser | None:
     return WorkerUser(entry.pw_name, entry.pw_uid, gid, groups, entry.pw_dir, entry.pw_shell)
 
 
-def _owner_of(config: AppConfig) -> int:
-    for path in (config.startup_path, Path(config.app_root)):
-        try:
-            return path.stat().st_uid
-        except OSError:
-            continue
-    raise SpawnError(f"app root {config.app_root} does not exist")
+def _checked_owner(config: AppConfig) -> tuple[int, int | None]:
+    """The owner the worker's user comes from, and the startup file opened
+    without following a symbolic link (None when it does not exist: the
+    loader reports that). A file that does not belong to the app root's
+    owner would let whoever can write the app root run code as that file's
+    owner (through a module the file imports), so it is refused."""
+    try:
+        root_owner = os.stat(config.app_root).st_uid
+    except OSError as e:
+        raise SpawnError(f"app root {config.app_root}: {e.strerror}") from e
+    path = config.startup_path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return root_owner, None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SpawnError(f"the startup file {path} is a symbolic link: the user to run the app as is "
+                             "not taken from a link; set agent_user") from e
+        raise SpawnError(f"cannot open the startup file {path}: {e.strerror}") from e
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise SpawnError(f"the startup file {path} is not a regular file")
+    if info.st_uid != root_owner:
+        os.close(fd)
+        raise SpawnError(f"the startup file {path} belongs to {_user_name(info.st_uid)}, but the app root "
+                         f"{config.app_root} to {_user_name(root_owner)}: set agent_user to say who the app "
+                         "runs as")
+    return info.st_uid, fd
 
 
-def worker_env(config: AppConfig, user: WorkerUser | None) -> dict[str, str]:
+def nginx_worker_uid(agent_socket: Path) -> int | None:
+    """nginx's worker user: the watchdog, as root, gives agent.sock to it.
+    None when the socket still belongs to the agent (user not known)."""
+    try:
+        info = os.lstat(agent_socket)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid == os.geteuid():
+        return None
+    return info.st_uid
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def worker_env(config: AppConfig, user: WorkerUser | None, startup_fd: bool = False) -> dict[str, str]:
     """A clean environment: nothing of the agent's own leaks into the app."""
     env = {"PATH": WORKER_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"), "PYTHONUNBUFFERED": "1"}
     if user is not None:
@@ -112,6 +186,10 @@ def worker_env(config: AppConfig, user: WorkerUser | None) -> dict[str, str]:
         AGENT_READY_FD="4",
     )
     env.update(config.env)
+    # Set here only: the loader must never take another fd for the file.
+    env.pop("AGENT_STARTUP_FD", None)
+    if startup_fd:
+        env["AGENT_STARTUP_FD"] = str(STARTUP_FD)
     return env
 
 
@@ -127,14 +205,54 @@ def resolve_python(config: AppConfig, env: dict[str, str]) -> str:
     return python
 
 
-def start_worker(config: AppConfig, loaders_dir: Path, socket_path: str) -> StartedProcess:
+def start_worker(config: AppConfig, instance: Instance, socket_path: str,
+                 supervision: Supervision) -> StartedProcess:
     """Forks a worker for config. Raises SpawnError when it cannot even be
-    forked (bad user, interpreter or directory); a worker that forks but
-    fails to load the app reports that through its handshake."""
-    user = resolve_user(config)
-    env = worker_env(config, user)
+    forked (bad user, startup file, interpreter or directory); a worker that
+    forks but fails to load the app reports that through its handshake."""
+    user, startup_fd = resolve_user(config, nginx_worker_uid(instance.agent_socket))
+    if user is not None:
+        supervision.note_user(config.name, user.uid, user.name)
+    core_ends: list[int] = []    # the core's read ends, kept
+    child_ends: list[int] = [] if startup_fd is None else [startup_fd]   # closed once forked
+    cgroup = None
+    try:
+        env = worker_env(config, user, startup_fd is not None)
+        spec = worker_spec(config, instance.loaders_dir, user, env)
+        made = supervision.new_cgroup()
+        procs_fd = -1
+        if made is not None:
+            cgroup, procs_fd = made
+            child_ends.append(procs_fd)
+        listen_fd = listen_unix(socket_path, 1024).detach()
+        child_ends.append(listen_fd)
+        # Only the core's ends are nonblocking: a worker's print() must block
+        # on a full pipe, not fail.
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        core_ends.append(ready_r)
+        child_ends.append(ready_w)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        core_ends.append(out_r)
+        child_ends.append(out_w)
+        os.set_blocking(ready_r, False)
+        os.set_blocking(out_r, False)
+        pid = spawn(spec, listen_fd, ready_w, out_w, startup_fd=-1 if startup_fd is None else startup_fd,
+                    cgroup_procs_fd=procs_fd)
+    except (OSError, SpawnError) as e:  # the engine module's NativeError is an OSError too
+        _close_all(core_ends + child_ends)
+        supervision.abandon(cgroup)
+        _unlink(socket_path)
+        if isinstance(e, SpawnError):
+            raise
+        raise SpawnError(f"cannot start a worker: {e.strerror}") from e
+    _close_all(child_ends)
+    supervision.adopt(pid, cgroup)
+    return StartedProcess(pid, socket_path, ready_r, out_r)
+
+
+def worker_spec(config: AppConfig, loaders_dir: Path, user: WorkerUser | None, env: dict[str, str]) -> SpawnSpec:
     python = resolve_python(config, env)
-    spec = SpawnSpec(
+    return SpawnSpec(
         path=python,
         argv=[python, str(loaders_dir / LOADERS[config.app_type])],
         env=env,
@@ -144,27 +262,11 @@ def start_worker(config: AppConfig, loaders_dir: Path, socket_path: str) -> Star
         groups=user.groups if user else (),
         death_signal=signal.SIGKILL,
     )
-    fds: list[int] = []
-    try:
-        listen_fd = listen_unix(socket_path, 1024).detach()
-        fds.append(listen_fd)
-        # Only the core's ends are nonblocking: a worker's print() must block
-        # on a full pipe, not fail.
-        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        fds += [ready_r, ready_w]
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        fds += [out_r, out_w]
-        os.set_blocking(ready_r, False)
-        os.set_blocking(out_r, False)
-        pid = spawn(spec, listen_fd, ready_w, out_w)
-    except OSError as e:  # the engine module's NativeError is one too
-        for fd in fds:
-            os.close(fd)
-        _unlink(socket_path)
-        raise SpawnError(f"cannot start a worker: {e.strerror}") from e
-    for fd in (listen_fd, ready_w, out_w):
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
         os.close(fd)
-    return StartedProcess(pid, socket_path, ready_r, out_r)
 
 
 def _unlink(path: str) -> None:

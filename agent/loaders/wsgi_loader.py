@@ -170,15 +170,47 @@ def classify_load_exception(exc: BaseException) -> str:
     return "exception"
 
 
-def import_startup_file(path: str) -> ModuleType:
+class CheckedSourceLoader(SourceFileLoader):
+    """Runs the source the core checked and handed over on an fd, never
+    what the path holds by now (nor a bytecode cache of it)."""
+
+    def __init__(self, name: str, path: str, source: bytes) -> None:
+        super().__init__(name, path)
+        self.source = source
+
+    def get_code(self, fullname: str) -> Any:
+        return compile(self.source, self.path, "exec", dont_inherit=True)
+
+    def get_source(self, fullname: str) -> str:
+        return self.source.decode("utf-8", "replace")
+
+
+def read_startup_fd(fd: int) -> bytes:
+    """The startup file's text from the fd the core opened (it checked the
+    file's owner, and chose this worker's user from it)."""
+    chunks = []
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def import_startup_file(path: str, source: bytes | None = None) -> ModuleType:
     """Execute the startup file as a module registered in sys.modules.
 
     Registering it (under the file's stem, as `import` would) lets pickle
     and the app's own imports find it. SourceFileLoader accepts any file
-    extension (mod_wsgi-style ``app.wsgi`` files included).
+    extension (mod_wsgi-style ``app.wsgi`` files included). With source,
+    that text runs instead of the file's.
     """
     name = module_name_for(path)
-    loader = SourceFileLoader(name, path)
+    loader = SourceFileLoader(name, path) if source is None else CheckedSourceLoader(name, path, source)
     spec = spec_from_file_location(name, path, loader=loader)
     if spec is None:  # only for a loader that refuses the path
         raise ImportError("cannot create a module spec for " + path)
@@ -192,12 +224,16 @@ def import_startup_file(path: str) -> ModuleType:
     return module
 
 
-def load_application(app_root: str, startup_file: str) -> WSGIApp:
+def load_application(app_root: str, startup_file: str, startup_fd: int | None = None) -> WSGIApp:
     path = resolve_startup_file(app_root, startup_file)
-    if not os.path.isfile(path):
+    if startup_fd is None and not os.path.isfile(path):
         raise LoadError("missing_startup_file", "startup file not found: " + path, "")
     try:
-        module = import_startup_file(path)
+        source = None if startup_fd is None else read_startup_fd(startup_fd)
+    except OSError as exc:
+        raise LoadError("exception", f"cannot read the startup file {path}: {exc}", "") from exc
+    try:
+        module = import_startup_file(path, source)
     except BaseException as exc:  # anything the app raises is reported
         summary, trace = describe_exception(exc)
         raise LoadError(classify_load_exception(exc), summary, trace) from exc
@@ -955,11 +991,25 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGINT, handle_sigterm)
 
 
+def make_undumpable() -> None:
+    """Other processes of this user may no longer read /proc/PID/environ,
+    /proc/PID/mem or ptrace this worker (PR_SET_DUMPABLE 0). execve() sets
+    the flag back, so it is done here, after exec, before the app loads."""
+    import ctypes  # only here: it costs every worker memory
+
+    pr_set_dumpable = 4
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        log("prctl(PR_SET_DUMPABLE, 0): " + os.strerror(ctypes.get_errno()))
+
+
 def main() -> int:
+    make_undumpable()
     app_root = os.environ.get("AGENT_APP_ROOT") or os.getcwd()
     startup_file = os.environ.get("AGENT_STARTUP_FILE", "wsgi.py")
     listen_fd = int(os.environ.get("AGENT_LISTEN_FD", "3"))
     ready_fd = int(os.environ.get("AGENT_READY_FD", "4"))
+    startup_fd = os.environ.pop("AGENT_STARTUP_FD", None)
     fix_sys_path(app_root)
     try:
         os.set_inheritable(ready_fd, False)
@@ -971,7 +1021,7 @@ def main() -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
     try:
-        app = load_application(app_root, startup_file)
+        app = load_application(app_root, startup_file, None if startup_fd is None else int(startup_fd))
     except LoadError as error:
         report_load_error(ready_fd, error)
         return 1

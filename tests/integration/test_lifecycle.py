@@ -58,6 +58,9 @@ def test_nginx_stop_stops_the_agent_and_every_worker() -> None:
 def test_workers_run_as_the_owner_of_the_startup_file() -> None:
     owner = pwd.getpwnam("daemon")
     with running_stack([ONE]) as stack:
+        # The app root and its startup file belong to one user (a startup
+        # file of another user's is refused: test_security_workers.py).
+        os.chown(stack.app_root(ONE), owner.pw_uid, owner.pw_gid)
         os.chown(stack.app_root(ONE) / "wsgi.py", owner.pw_uid, owner.pw_gid)
         response = stack.get("/one/")
         pid = int(response.text.split('"pid": ')[1].split(",")[0])

@@ -1,0 +1,210 @@
+"""Keeping every process an app starts under the core's hand.
+
+Each worker is a session leader (csrc/spawn.c), so its process group is its
+pid and lasts as long as any process of the group: killing the group kills
+the children the app forked too. A child can leave the group with setsid(),
+so where the core (as root) can write to a cgroup v2 hierarchy each worker
+also gets a cgroup of its own, under one this agent instance owns; the
+kernel keeps every descendant in it, and cgroup.kill ends them all.
+Leftovers of a previous core of the same instance (workers that cleared
+their PDEATHSIG and outlived it) are killed when the next core starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import signal
+import stat
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.logs import log
+
+MOUNTS = Path("/proc/self/mounts")
+OWN_CGROUP = Path("/proc/self/cgroup")
+
+
+@dataclass
+class Supervision:
+    """The core's record of its workers' process groups and cgroups."""
+
+    cgroup_parent: Path | None = None              # None: process groups only
+    cgroups: dict[int, Path] = field(default_factory=dict)    # worker pid -> its cgroup
+    to_remove: set[Path] = field(default_factory=set)         # killed, not yet empty
+    users: dict[int, set[str]] = field(default_factory=dict)  # uid -> apps that ran as it
+    numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    @classmethod
+    def setup(cls, instance_root: Path) -> Supervision:
+        """Chooses cgroups when available, and says which in the log."""
+        parent, why_not = find_cgroup_parent(instance_root)
+        if parent is None:
+            log.info("workers are supervised by process group (no cgroup: %s)", why_not)
+            return cls()
+        supervision = cls(cgroup_parent=parent)
+        supervision.kill_leftovers()
+        log.info("workers are supervised by cgroup, each in its own under %s", parent)
+        return supervision
+
+    # -- before and after a spawn --------------------------------------
+
+    def new_cgroup(self) -> tuple[Path, int] | None:
+        """A fresh cgroup for the next worker and its cgroup.procs opened
+        for writing (the child joins it before dropping root), or None."""
+        if self.cgroup_parent is None:
+            return None
+        self.remove_empty()
+        with contextlib.suppress(FileExistsError):  # removed when it emptied
+            os.mkdir(self.cgroup_parent, 0o755)
+        path = self.cgroup_parent / f"w{next(self.numbers)}"
+        os.mkdir(path, 0o755)
+        try:
+            return path, os.open(path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            remove_cgroup(path)
+            raise
+
+    def adopt(self, pid: int, cgroup: Path | None) -> None:
+        if cgroup is not None:
+            self.cgroups[pid] = cgroup
+
+    def abandon(self, cgroup: Path | None) -> None:
+        """A cgroup made for a spawn that failed."""
+        if cgroup is not None:
+            kill_cgroup(cgroup)
+            self.to_remove.add(cgroup)
+
+    def note_user(self, app: str, uid: int, user: str) -> None:
+        """Apps that share a user can read each other's files and signal
+        each other's processes: worth a warning, once per app."""
+        apps = self.users.setdefault(uid, set())
+        if app in apps:
+            return
+        apps.add(app)
+        if len(apps) > 1:
+            others = ", ".join(sorted(apps - {app}))
+            log.warning("app %s runs as %s (uid %d), as app(s) %s do: apps that share a user can signal, "
+                        "trace and read each other's files; give each app its own user (agent_user)",
+                        app, user, uid, others)
+
+    # -- stopping ------------------------------------------------------
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL to the worker, everything in its process group and,
+        with cgroups, everything in its cgroup."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        cgroup = self.cgroups.get(pid)
+        if cgroup is not None:
+            kill_cgroup(cgroup)
+
+    def exited(self, pid: int) -> None:
+        """The worker has exited and not yet been reaped: its zombie keeps
+        its pid (the group's id) from being reused, so what it left behind
+        is killed now."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        cgroup = self.cgroups.pop(pid, None)
+        if cgroup is not None:
+            kill_cgroup(cgroup)
+            self.to_remove.add(cgroup)
+            self.remove_empty()
+
+    def remove_empty(self) -> None:
+        """A killed cgroup can be removed once its last process is gone;
+        the instance's own once it holds no worker's (so that a stopped
+        agent leaves nothing behind)."""
+        for path in list(self.to_remove):
+            if remove_cgroup(path):
+                self.to_remove.discard(path)
+        if self.cgroup_parent is not None and not self.cgroups and not self.to_remove:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.cgroup_parent)
+
+    def kill_leftovers(self) -> None:
+        assert self.cgroup_parent is not None
+        for child in self.cgroup_parent.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                log.warning("killing what is left in %s (a previous core's worker)", child)
+                kill_cgroup(child)
+                self.to_remove.add(child)
+        self.remove_empty()
+
+
+def find_cgroup_parent(instance_root: Path) -> tuple[Path | None, str]:
+    """The cgroup under which this instance's workers go, made if needed:
+    beside the core's own, named after the instance directory (so that two
+    agents never touch each other's workers). None with the reason when
+    there is no writable cgroup v2 hierarchy with cgroup.kill."""
+    if os.geteuid() != 0:
+        return None, "the agent is not root"
+    mount = cgroup2_mount()
+    own = own_cgroup()
+    if mount is None or own is None:
+        return None, "no cgroup v2 hierarchy"
+    name = f"agent-{zlib.crc32(str(instance_root).encode()):08x}"
+    parent = mount / own.lstrip("/") / name
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(parent, 0o755)
+        info = os.lstat(parent)
+    except OSError as e:
+        return None, f"cannot make {parent}: {e.strerror}"
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0:
+        return None, f"{parent} is not a directory of root's"
+    if not (parent / "cgroup.kill").exists():
+        return None, "the kernel has no cgroup.kill (before Linux 5.14)"
+    return parent, ""
+
+
+def cgroup2_mount() -> Path | None:
+    try:
+        lines = MOUNTS.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    return None
+
+
+def own_cgroup() -> str | None:
+    try:
+        lines = OWN_CGROUP.read_text().splitlines()
+    except OSError:
+        return None
+    return next((line[3:] for line in lines if line.startswith("0::")), None)
+
+
+def kill_cgroup(path: Path) -> None:
+    try:
+        fd = os.open(path / "cgroup.kill", os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        log.warning("cannot kill the processes of %s: %s", path, e.strerror)
+        return
+    try:
+        os.write(fd, b"1")
+    except OSError as e:
+        log.warning("cannot kill the processes of %s: %s", path, e.strerror)
+    finally:
+        os.close(fd)
+
+
+def remove_cgroup(path: Path) -> bool:
+    """True once the cgroup is gone; False while processes remain in it."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            return False
+        log.warning("cannot remove %s: %s", path, e.strerror)
+    return True

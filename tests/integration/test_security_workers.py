@@ -1,0 +1,357 @@
+"""Attacks on the boundaries around app workers, on the real stack: as the
+local user who owns an app, and as app code (docs/security.md).
+
+- the worker's user is never taken through a symbolic link, nor from a file
+  that is not the app root owner's, and a file swapped after the core's
+  check never runs;
+- an app never runs as nginx's worker user;
+- apps that share a user cannot read each other's environment nor ptrace
+  each other (workers are not dumpable);
+- whatever a worker starts dies with it, and the core keeps no fd of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import pwd
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.integration import apps
+from tests.integration.stack import NGINX_USER, AppSpec, Response, Stack, running_stack, wait_until
+from tests.integration.users import ATTACKER, ensure_user, run_as
+
+VICTIM = "agent-victim"
+BYSTANDER = AppSpec("bystander", apps.HELLO, "/bystander/")
+
+# Another user's program, which imports a module from the directory it is
+# run in: the way an app owner would get code run as that user.
+VICTIM_TOOL = "from helper import application\n"
+
+# Planted by the attacker next to the link: records who ran it.
+HELPER = """
+import os
+
+open(os.path.join({scratch!r}, "helper-ran-as-%d" % os.getuid()), "w").close()
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"helper"]
+"""
+
+CHECKED = """
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"the checked file"]
+"""
+
+# Reads another worker's environment and tries to ptrace it.
+PROBE = """
+import ctypes, json, os
+
+PTRACE_ATTACH, PTRACE_DETACH = 16, 17
+
+def probe(pid):
+    found = {}
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            found["environ"] = f.read().decode("latin-1")
+    except OSError as e:
+        found["environ_errno"] = e.errno
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.ptrace(PTRACE_ATTACH, pid, None, None) == 0:
+        found["ptrace"] = "attached"
+        os.waitpid(pid, 0)
+        libc.ptrace(PTRACE_DETACH, pid, None, None)
+    else:
+        found["ptrace_errno"] = ctypes.get_errno()
+    return found
+
+def application(environ, start_response):
+    body = {"pid": os.getpid(), "uid": os.getuid()}
+    if environ["QUERY_STRING"]:
+        body.update(probe(int(environ["QUERY_STRING"])))
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(body).encode()]
+"""
+
+# /fork starts two children that hold the output pipe (one leaves the
+# process group with setsid); /crash ends the worker. The worker clears its
+# own PDEATHSIG, so the core's death does not take it.
+FORKER = """
+import ctypes, json, os, time
+
+PR_SET_PDEATHSIG = 1
+ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0)
+
+def child(leave_group):
+    pid = os.fork()
+    if pid == 0:
+        if leave_group:
+            os.setsid()
+        os.closerange(3, 65536)   # keeps stdout and stderr: the core's pipe
+        time.sleep(3600)
+        os._exit(0)
+    return pid
+
+def application(environ, start_response):
+    if environ["PATH_INFO"].endswith("/crash"):
+        os._exit(3)
+    body = {"pid": os.getpid()}
+    if environ["PATH_INFO"].endswith("/fork"):
+        body["children"] = [child(False), child(True)]
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(body).encode()]
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def log_text(stack: Stack) -> str:
+    return stack.log_file.read_text(errors="replace") if stack.log_file.exists() else ""
+
+
+def still_serving(stack: Stack) -> None:
+    response = stack.get("/bystander/")
+    assert response.status == 200 and response.body.startswith(b"hello from"), response
+
+
+def give_app_to(stack: Stack, app: AppSpec, user: pwd.struct_passwd) -> Path:
+    """The app root becomes the user's, emptied of the startup file."""
+    root = stack.app_root(app)
+    (root / app.startup_file).unlink()
+    os.chown(root, user.pw_uid, user.pw_gid)
+    return root
+
+
+def victim_tool(stack: Stack) -> Path:
+    """A program of the victim's that imports `helper` from its cwd."""
+    victim = ensure_user(VICTIM)
+    directory = stack.root / "victim"
+    directory.mkdir(exist_ok=True)
+    tool = directory / "tool.py"
+    tool.write_text(VICTIM_TOOL)
+    os.chown(tool, victim.pw_uid, victim.pw_gid)
+    return tool
+
+
+def plant_helper(stack: Stack, root: Path) -> None:
+    result = run_as(ATTACKER, ["sh", "-c", f"cat > {root}/helper.py"],
+                    input_text=HELPER.format(scratch=str(stack.scratch)))
+    assert result.returncode == 0, result.stderr
+
+
+def helper_runs(stack: Stack) -> list[str]:
+    return sorted(p.name for p in stack.scratch.glob("helper-ran-as-*"))
+
+
+# -- finding 3: the user switch and the startup file ---------------------------
+
+
+def test_a_startup_file_linked_to_another_users_file_is_refused() -> None:
+    app = AppSpec("linked", CHECKED, "/linked/")
+    with running_stack([app, BYSTANDER]) as stack:
+        still_serving(stack)  # the agent is up
+        attacker = ensure_user(ATTACKER)
+        root = give_app_to(stack, app, attacker)
+        tool = victim_tool(stack)
+        plant_helper(stack, root)
+        made = run_as(ATTACKER, ["ln", "-s", str(tool), str(root / "wsgi.py")])
+        assert made.returncode == 0, made.stderr
+
+        response = stack.get("/linked/")
+        assert response.status == 500 and "could not be started" in response.text
+        assert f"the startup file {root / 'wsgi.py'} is a symbolic link" in log_text(stack)
+        assert helper_runs(stack) == []
+        still_serving(stack)
+
+
+def test_a_startup_file_of_another_user_in_the_app_root_is_refused() -> None:
+    """As a hard link to another user's file would be."""
+    app = AppSpec("foreign", CHECKED, "/foreign/")
+    with running_stack([app, BYSTANDER]) as stack:
+        still_serving(stack)  # the agent is up
+        attacker = ensure_user(ATTACKER)
+        victim = ensure_user(VICTIM)
+        root = give_app_to(stack, app, attacker)
+        plant_helper(stack, root)
+        (root / "wsgi.py").write_text(VICTIM_TOOL)
+        os.chown(root / "wsgi.py", victim.pw_uid, victim.pw_gid)
+
+        response = stack.get("/foreign/")
+        assert response.status == 500 and "could not be started" in response.text
+        assert f"belongs to {VICTIM} (uid {victim.pw_uid}), but the app root" in log_text(stack)
+        assert helper_runs(stack) == []
+        still_serving(stack)
+
+
+def test_a_startup_file_swapped_after_the_check_runs_nothing_of_the_new_file() -> None:
+    """The interpreter is made slow to start (a sitecustomize that sleeps),
+    which opens a window between the core's check and the app's load: the
+    attacker replaces the startup file with a link to the victim's file in
+    it. The worker still runs the file the core checked."""
+    slow = Path(tempfile.mkdtemp(prefix="agent-slow-start-", dir="/tmp"))
+    os.chmod(slow, 0o755)
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(2)\n")
+    os.chmod(slow / "sitecustomize.py", 0o644)
+    app = AppSpec("swapped", CHECKED, "/swapped/", env={"PYTHONPATH": str(slow)})
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, slow, ignore_errors=True)
+        stack = cleanup.enter_context(running_stack([app, BYSTANDER]))
+        still_serving(stack)  # the agent is up
+        attacker = ensure_user(ATTACKER)
+        root = give_app_to(stack, app, attacker)
+        made = run_as(ATTACKER, ["sh", "-c", f"cat > {root}/wsgi.py"], input_text=CHECKED)
+        assert made.returncode == 0, made.stderr
+        tool = victim_tool(stack)
+        plant_helper(stack, root)
+
+        answer: list[Response] = []
+        asking = threading.Thread(target=lambda: answer.append(stack.get("/swapped/")))
+        asking.start()
+        wait_until(lambda: f"app {root}: spawned worker" in log_text(stack), what="the spawn")
+        swapped = run_as(ATTACKER, ["sh", "-c", f"ln -s {tool} {root}/new && mv -T {root}/new {root}/wsgi.py"])
+        assert swapped.returncode == 0, swapped.stderr
+        asking.join(timeout=30)
+
+        assert answer and answer[0].status == 200, answer
+        assert answer[0].body == b"the checked file"
+        assert helper_runs(stack) == []
+        still_serving(stack)
+
+
+# -- finding 4: nginx's worker user ------------------------------------------------
+
+
+def test_an_app_never_runs_as_nginx_worker_user() -> None:
+    owned = AppSpec("owned", apps.INTROSPECT, "/owned/")
+    defaulted = AppSpec("defaulted", apps.INTROSPECT, "/defaulted/",
+                        directives={"agent_default_user": NGINX_USER})
+    with running_stack([owned, defaulted, BYSTANDER]) as stack:
+        still_serving(stack)  # the agent is up
+        nginx = pwd.getpwnam(NGINX_USER)
+        os.chown(stack.app_root(owned), nginx.pw_uid, nginx.pw_gid)
+        os.chown(stack.app_root(owned) / "wsgi.py", nginx.pw_uid, nginx.pw_gid)
+        message = (f"app would run as nginx's worker user {NGINX_USER} (uid {nginx.pw_uid}): "
+                   "set agent_user or agent_default_user")
+        for app in (owned, defaulted):
+            response = stack.get(app.location)
+            assert response.status == 500 and "could not be started" in response.text
+            assert f"app {stack.app_root(app)} could not start" in log_text(stack)
+        assert log_text(stack).count(message) >= 2
+        assert not any(p.uids().real == nginx.pw_uid for p in stack.worker_processes())
+        still_serving(stack)
+
+
+# -- finding 5: apps under one user ---------------------------------------------
+
+
+def test_an_app_cannot_read_nor_trace_another_app_of_the_same_user() -> None:
+    prober = AppSpec("prober", PROBE, "/prober/")
+    target = AppSpec("target", PROBE, "/target/", env={"SECRET": "s3cr3t-token"})
+    with running_stack([prober, target, BYSTANDER]) as stack:
+        still_serving(stack)  # the agent is up
+        victim = json.loads(stack.get("/target/").body)
+        found = json.loads(stack.get(f"/prober/?{victim['pid']}").body)
+        assert found["uid"] == victim["uid"]  # both nobody: the case at hand
+        assert "environ" not in found and found["environ_errno"] == errno.EACCES, found
+        assert "ptrace" not in found and found["ptrace_errno"] == errno.EPERM, found
+        assert json.loads(stack.get("/target/").body)["pid"] == victim["pid"]
+        wait_until(lambda: "give each app its own user" in log_text(stack), what="the shared-user warning")
+        still_serving(stack)
+
+
+# -- finding 7: supervision --------------------------------------------------
+
+
+def cgroups_available() -> bool:
+    """A cgroup v2 hierarchy this (root) process may write to, with
+    cgroup.kill (Linux 5.14): where the agent must use cgroups."""
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    mount = next((line.split()[1] for line in mounts if line.split()[2] == "cgroup2"), None)
+    own = next((line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if line.startswith("0::")), None)
+    if mount is None or own is None or os.geteuid() != 0:
+        return False
+    probe = Path(mount) / own.lstrip("/") / f"agent-test-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    try:
+        return (probe / "cgroup.kill").exists()
+    finally:
+        probe.rmdir()
+
+
+def test_what_a_crashed_worker_started_dies_with_it() -> None:
+    app = AppSpec("forker", FORKER, "/forker/")
+    with running_stack([app, BYSTANDER]) as stack:
+        still_serving(stack)  # the agent is up
+        started = json.loads(stack.get("/forker/fork").body)
+        in_group, left_group = started["children"]
+        assert alive(in_group) and alive(left_group)
+        assert stack.get("/forker/crash").status >= 500
+        wait_until(lambda: not alive(started["pid"]), what="the worker to exit")
+        wait_until(lambda: not alive(in_group), what="the child in the worker's group to die")
+        if cgroups_available():
+            assert "workers are supervised by cgroup" in log_text(stack)
+            wait_until(lambda: not alive(left_group), what="the child that left the group to die")
+        else:
+            os.kill(left_group, signal.SIGKILL)  # only a cgroup holds it
+        assert stack.get("/forker/").status == 200
+        still_serving(stack)
+
+
+def test_a_worker_that_cleared_its_pdeathsig_dies_when_its_core_does() -> None:
+    app = AppSpec("orphan", FORKER, "/orphan/")
+    with running_stack([app, BYSTANDER]) as stack:
+        still_serving(stack)  # the agent is up
+        if not cgroups_available():
+            return  # only a cgroup holds a worker that left its core's reach
+        started = json.loads(stack.get("/orphan/fork").body)
+        old_core = stack.core_pid()
+        os.kill(old_core, signal.SIGKILL)
+        wait_until(lambda: stack.core_pid() != old_core, timeout=15, what="a new core")
+        for pid in (started["pid"], *started["children"]):
+            wait_until(lambda pid=pid: not alive(pid), timeout=15, what=f"process {pid} to die")
+        assert json.loads(stack.get("/orphan/").body)["pid"] != started["pid"]
+        still_serving(stack)
+
+
+def test_a_crash_loop_of_workers_whose_children_hold_the_output_leaks_no_fd() -> None:
+    app = AppSpec("crashloop", FORKER, "/crashloop/")
+    with running_stack([app, BYSTANDER]) as stack:
+        still_serving(stack)  # the agent is up
+
+        def crash_once() -> None:
+            assert stack.get("/crashloop/fork").status == 200
+            assert stack.get("/crashloop/crash").status >= 500
+
+        def core_fds() -> int:
+            return len(os.listdir(f"/proc/{stack.core_pid()}/fd"))
+
+        still_serving(stack)
+        crash_once()
+        time.sleep(0.5)
+        before = core_fds()
+        for _ in range(15):
+            crash_once()
+        wait_until(lambda: core_fds() <= before + 2, timeout=5, what=f"the core's fds back to {before}")
+        # A new worker may be starting already; no child is left.
+        wait_until(lambda: len(stack.worker_pids(app)) <= 1, what="the crashed workers' children to go")
+        still_serving(stack)

@@ -1,0 +1,70 @@
+"""The checks that choose a worker's user (agent/core/spawner.py): no
+symbolic link, the app root owner's file only, never nginx's worker user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+from pathlib import Path
+
+import pytest
+
+from agent.core.config import AppConfig
+from agent.core.spawner import SpawnError, nginx_worker_uid, resolve_user
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the user switch needs root")
+NOBODY = pwd.getpwnam("nobody")
+
+
+def app_in(root: Path, **settings: str) -> AppConfig:
+    return AppConfig(name=str(root), app_root=str(root), **settings)  # type: ignore[arg-type]
+
+
+def test_a_symlinked_startup_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real.py").write_text("")
+    (tmp_path / "wsgi.py").symlink_to(tmp_path / "real.py")
+    with pytest.raises(SpawnError, match=r"is a symbolic link.*set agent_user"):
+        resolve_user(app_in(tmp_path), None)
+
+
+def test_a_symlinked_startup_file_runs_as_the_named_user_read_by_that_user(tmp_path: Path) -> None:
+    (tmp_path / "real.py").write_text("")
+    (tmp_path / "wsgi.py").symlink_to(tmp_path / "real.py")
+    user, fd = resolve_user(app_in(tmp_path, user="nobody"), None)
+    assert user is not None and user.uid == NOBODY.pw_uid and fd is None
+
+
+def test_a_startup_file_not_of_the_app_root_owner_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "wsgi.py").write_text("")
+    os.chown(tmp_path / "wsgi.py", NOBODY.pw_uid, NOBODY.pw_gid)
+    with pytest.raises(SpawnError, match=r"belongs to nobody .*but the app root"):
+        resolve_user(app_in(tmp_path), None)
+
+
+def test_the_checked_file_is_handed_over_open(tmp_path: Path) -> None:
+    (tmp_path / "wsgi.py").write_text("checked")
+    user, fd = resolve_user(app_in(tmp_path), None)
+    assert user is not None and user.uid == NOBODY.pw_uid  # root's files: the default user
+    assert fd is not None
+    try:
+        assert os.read(fd, 100) == b"checked"
+    finally:
+        os.close(fd)
+
+
+def test_nginx_worker_user_is_refused_whatever_names_it(tmp_path: Path) -> None:
+    (tmp_path / "wsgi.py").write_text("")
+    for settings in ({}, {"user": "nobody"}):
+        with pytest.raises(SpawnError, match=r"nginx's worker user nobody \(uid \d+\)"):
+            resolve_user(app_in(tmp_path, **settings), NOBODY.pw_uid)
+
+
+def test_nginx_worker_uid_is_the_agent_socket_owner(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    assert nginx_worker_uid(path) is None
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+        assert nginx_worker_uid(path) is None  # still the agent's: not known
+        os.chown(path, NOBODY.pw_uid, -1)
+        assert nginx_worker_uid(path) == NOBODY.pw_uid
