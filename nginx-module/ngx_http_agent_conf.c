@@ -298,7 +298,7 @@ ngx_http_agent_init_main_conf(ngx_conf_t *cf, void *conf)
         /*
          * One instance per nginx configuration file, in a directory no
          * other user can make first: /run for root, else one named after
-         * the user (ngx_http_agent_launch.c checks whose it is).
+         * the user (ngx_http_agent_instance.c checks whose it is).
          */
         crc = ngx_crc32_short(cf->cycle->conf_file.data,
                               cf->cycle->conf_file.len);

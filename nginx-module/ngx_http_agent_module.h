@@ -7,7 +7,8 @@
  *     ngx_http_agent_settings.h   every directive, declared once
  *     ngx_http_agent_conf.c       the directives, create/merge, the apps
  *     ngx_http_agent_handler.c    the request path
- *     ngx_http_agent_launch.c     apps.json and the agent's start
+ *     ngx_http_agent_instance.c   the instance directory and apps.json
+ *     ngx_http_agent_launch.c     the agent's start: the watchdog
  */
 
 
@@ -84,6 +85,13 @@ typedef struct {
 
 ngx_int_t ngx_http_agent_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_agent_status_handler(ngx_http_request_t *r);
+
+int ngx_http_agent_open_instance_dir(ngx_cycle_t *cycle, ngx_str_t *dir);
+ngx_int_t ngx_http_agent_write_app_table(ngx_cycle_t *cycle,
+    ngx_http_agent_main_conf_t *amcf, int dir_fd);
+char *ngx_http_agent_file_path(ngx_pool_t *pool, ngx_str_t *dir, char *name);
+char *ngx_http_agent_cstring(ngx_pool_t *pool, ngx_str_t *s);
+void ngx_http_agent_close_fd(ngx_cycle_t *cycle, int fd);
 
 ngx_int_t ngx_http_agent_init_module(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_agent_init_process(ngx_cycle_t *cycle);

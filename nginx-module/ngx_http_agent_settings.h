@@ -52,7 +52,7 @@
  * in docs/directives.md, and the agent's code that reads it.  A new KIND
  * needs its C type (ngx_http_agent_module.h), its parsing, unset value,
  * merge and comparison (ngx_http_agent_conf.c) and its apps.json form
- * (ngx_http_agent_launch.c).
+ * (ngx_http_agent_instance.c).
  */
 
 
