@@ -89,6 +89,7 @@
     X(max_request_queue_size, NUM, APP, 100, NULL)                            \
     X(max_request_queue_time, MSEC, APP, 0, NULL)                             \
     X(prestart, FLAG, APP, 0, NULL)                                           \
+    X(friendly_error_pages, FLAG, APP, 0, NULL)                               \
     X(memory_limit, SIZE_MB, APP, 0, NULL)                                    \
     X(max_requests, NUM, APP, 0, NULL)                                        \
     X(max_request_time, MSEC, APP, 0, NULL)                                   \

@@ -37,6 +37,7 @@ class AppConfig:
     max_request_queue_size: int = default("max_request_queue_size")
     max_request_queue_time_ms: int = default("max_request_queue_time")
     prestart: bool = default("prestart")
+    friendly_error_pages: bool = default("friendly_error_pages")
     memory_limit_mb: int = default("memory_limit")
     max_requests: int = default("max_requests")
     max_request_time_ms: int = default("max_request_time")

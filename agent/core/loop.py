@@ -18,6 +18,7 @@ import random
 import selectors
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,32 @@ from agent.unix import describe_exit
 
 TICK_MS = 1000
 MEMORY_SAMPLE_INTERVAL_MS = 1000
+GUARD_LOG_INTERVAL_MS = 10_000
+
+
+class Guard:
+    """Runs each step and callback of the loop: an exception is logged with
+    its traceback and the loop goes on, since the core ending would take
+    every app's workers with it (PDEATHSIG). The same step failing again
+    within GUARD_LOG_INTERVAL_MS is counted, not logged again, so that one
+    that fails at every turn cannot flood the log."""
+
+    def __init__(self) -> None:
+        self.logged_at: dict[str, int] = {}
+        self.unlogged: Counter[str] = Counter()
+
+    def run(self, what: str, call: Callable[..., object], *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception:
+            now = monotonic_ms()
+            if now - self.logged_at.get(what, -GUARD_LOG_INTERVAL_MS) < GUARD_LOG_INTERVAL_MS:
+                self.unlogged[what] += 1
+                return
+            self.logged_at[what] = now
+            also = self.unlogged.pop(what, 0)
+            log.exception("core: %s failed%s; the core carries on", what,
+                          f" (and {also} more time(s) since last logged)" if also else "")
 
 
 class Core:
@@ -72,6 +99,7 @@ class Core:
         self.notifying: dict[int, int] = {}                        # app id -> NOTIFY_* asked for
         self.restart_waiters: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         self.tickers: list[Callable[[], None]] = []   # called about once a second, on this loop
+        self.guard = Guard()
 
     # -- the loop ---------------------------------------------------------
 
@@ -83,11 +111,7 @@ class Core:
         self.engine.start()
         log.info("core ready, pid %d, serving %d app(s)", os.getpid(), len(self.pool.apps))
         while not self.stopping or self.pool.workers():
-            self.wait_for_events()
-            self.handle_signals()
-            self.handle_engine_events()
-            self.reap_workers()
-            self.reconcile()
+            self.turn()
         self.engine.close()
         log.info("core stopped")
         return 0
@@ -100,10 +124,16 @@ class Core:
         self.signals = SignalInbox(self.selector, (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
         self.selector.register(self.engine.notify_fd(), selectors.EVENT_READ, self.on_engine_notify)
 
+    def turn(self) -> None:
+        """One turn of the loop; no step's exception ends it (Guard)."""
+        for step in (self.wait_for_events, self.handle_signals, self.handle_engine_events, self.reap_workers,
+                     self.reconcile):
+            self.guard.run(step.__name__, step)
+
     def wait_for_events(self) -> None:
         for key, _ in self.selector.select(timeout=TICK_MS / 1000):
             callback: Callable[[int], None] = key.data
-            callback(key.fd)
+            self.guard.run(getattr(callback, "__qualname__", "a callback"), callback, key.fd)
 
     def on_engine_notify(self, fd: int) -> None:
         """Events are drained in handle_engine_events; nothing to do here."""
@@ -177,7 +207,7 @@ class Core:
 
     def handle_engine_events(self) -> None:
         for event in self.engine.poll():
-            self.on_engine_event(event)
+            self.guard.run("an engine event", self.on_engine_event, event)
 
     def on_engine_event(self, event: EngineEvent) -> None:
         if event.type == EV_QUEUED:
@@ -256,9 +286,12 @@ class Core:
     def on_handshake(self, fd: int) -> None:
         pid, data = self.handshakes[fd]
         try:
-            chunk = os.read(fd, 4096)
+            chunk = os.read(fd, handshake.LIMIT - len(data))
         except BlockingIOError:
             return
+        except OSError as e:
+            log.warning("worker %d: cannot read its handshake: %s", pid, e.strerror)
+            chunk = b""
         data += chunk
         if not handshake.complete(data, eof=not chunk):
             return
@@ -269,19 +302,60 @@ class Core:
         app, worker = found
         if not worker.is_starting():
             return  # killed on purpose while starting (shutdown, new settings)
-        self.finish_handshake(app, worker, handshake.parse(bytes(data)))
+        if not chunk and not handshake.has_line(data) and len(data) < handshake.LIMIT:
+            # Closed without a line: it is exiting, or was killed. Its exit
+            # status says whose failure that is (start_ended); one that
+            # lives on is killed after a grace (policy.worker_deadline_actions).
+            worker.handshake_closed_at = monotonic_ms()
+            return
+        self.finish_handshake(app, worker, bytes(data))
 
     def forget_handshake(self, fd: int) -> None:
         self.selector.unregister(fd)
         os.close(fd)
         del self.handshakes[fd]
 
-    def finish_handshake(self, app: App, worker: Worker, said: handshake.Handshake) -> None:
+    def finish_handshake(self, app: App, worker: Worker, data: bytes) -> None:
+        said = handshake.read(worker.pid, data)
         if said.ready:
             self.worker_ready(app, worker, said.concurrency)
             return
         self.spawn_failed(app, said.summary, said.details)
         self.kill(worker, "failed to start")
+
+    def take_handshake(self, pid: int) -> bytes:
+        """What a worker that just exited wrote to its handshake pipe and
+        this loop had not read yet; the pipe is closed."""
+        for fd, (handshake_pid, data) in list(self.handshakes.items()):
+            if handshake_pid != pid:
+                continue
+            with contextlib.suppress(OSError):
+                while len(data) < handshake.LIMIT and (chunk := os.read(fd, handshake.LIMIT - len(data))):
+                    data += chunk
+            self.forget_handshake(fd)
+            return bytes(data)
+        return b""
+
+    def start_ended(self, app: App, worker: Worker, exitcode: int) -> None:
+        """A starting worker exited. Only the app's own failure counts as a
+        failed start (docs/policy.md rule 18): an error line, an exit status,
+        a signal its own code raised. One killed from outside (the OOM
+        killer, an operator) is replaced at once, with no back-off."""
+        data = self.take_handshake(worker.pid)
+        said = handshake.read(worker.pid, data) if handshake.has_line(data) else None
+        description = describe_exit(exitcode)
+        if said is not None and not said.ready:   # its error line, read late
+            self.spawn_failed(app, said.summary, said.details)
+        elif policy.start_failed_by_app(exitcode):
+            self.spawn_failed(app, f"the worker {description} before it was ready",
+                              f"worker {worker.pid} {description} before reporting readiness; see the log above")
+        else:
+            app.outside_kills += 1
+            spacing = policy.outside_kill_spacing_ms(app.outside_kills)
+            app.start_not_before = monotonic_ms() + spacing
+            log.warning("app %s: worker %d %s while starting, by a signal the agent did not send: "
+                        "not counted as a failed start; replaced %s", app.name, worker.pid, description,
+                        f"in {seconds_text(spacing)}" if spacing else "at once")
 
     def worker_ready(self, app: App, worker: Worker, concurrency: int) -> None:
         worker.state = WorkerState.SERVING
@@ -289,6 +363,7 @@ class Core:
         worker.concurrency = concurrency
         app.spawn_durations.observe((worker.ready_at - worker.spawned_at) / 1000)
         app.spawn_failures = 0
+        app.outside_kills = 0
         self.clear_failure(app)
         self.engine.add_worker(app.id, worker.pid, worker.socket_path, worker.concurrency)
         # The engine hands it waiting requests at once; a count from an
@@ -335,11 +410,14 @@ class Core:
         app.spawn_failures_total += 1
         log.error("app %s could not start (%d in a row, next try in %s): %s%s", app.name, app.spawn_failures,
                   seconds_text(delay), summary, "" if details == summary else "\n" + details)
-        outcome = policy.after_start_failure(app)
+        outcome = policy.after_start_failure(app, delay)
         if outcome == "abandon_restart":
             self.abandon_restart(app)
+        elif outcome == "wait":
+            log.info("app %s: its requests wait for the next try", app.name)
         elif outcome == "show_error":
-            self.engine.fail_app(app.id, startup_error_response(app.name, summary, details))
+            page = startup_error_response(app.name, summary, details, app.config.friendly_error_pages)
+            self.engine.fail_app(app.id, page)
             app.failure_shown = True
 
     # -- restarts --------------------------------------------------------------
@@ -405,11 +483,27 @@ class Core:
         for app in self.pool.apps.values():
             if app.removed:
                 continue
-            mtime = restart_file_mtime(app.config)
+            restart = self.look_at(app, "tmp/restart.txt")
+            mtime = restart.st_mtime if restart is not None else None
             if policy.restart_file_touched(app, mtime):
                 self.begin_restart(app, "tmp/restart.txt touched")
             app.restart_mtime = mtime
-            app.always_restart = (Path(app.config.app_root) / "tmp" / "always_restart.txt").exists()
+            app.always_restart = self.look_at(app, "tmp/always_restart.txt") is not None
+
+    def look_at(self, app: App, name: str) -> os.stat_result | None:
+        """stat() of a file in the app's root, None when it is not there.
+        The app's owner controls that path (a symlink loop, a FUSE mount, a
+        name too long), so any error means "not there": it is logged once
+        per app, file and errno, not at every look."""
+        try:
+            found = os.stat(Path(app.config.app_root) / name)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, None) and (name, e.errno) not in app.stat_errors:
+                app.stat_errors.add((name, e.errno))
+                log.warning("app %s: cannot look at %s: %s (taken as absent)", app.name, name, e.strerror)
+            return None
+        app.stat_errors = {(n, code) for n, code in app.stat_errors if n != name}
+        return found
 
     def clear_failure(self, app: App) -> None:
         if app.failure_shown:
@@ -497,8 +591,7 @@ class Core:
         app, worker = found
         description = describe_exit(os.waitstatus_to_exitcode(status))
         if worker.is_starting():
-            self.spawn_failed(app, f"the worker {description} before it was ready",
-                              f"worker {pid} {description} before reporting readiness; see the log above")
+            self.start_ended(app, worker, os.waitstatus_to_exitcode(status))
         elif worker.is_stopping():
             log.info("app %s: worker %d stopped (%s)", app.name, pid, description)
         else:
@@ -525,7 +618,7 @@ class Core:
             self.refresh_stats()
             self.check_restart_files(now)
             for tick in self.tickers:
-                tick()
+                self.guard.run("a ticker", tick)
             self.next_tick = now + TICK_MS
         if now >= self.next_memory_sample:
             self.sample_memory([w for w in self.pool.workers() if w.is_serving()])
@@ -538,7 +631,7 @@ class Core:
                 fresh = True
                 actions = policy.plan(self.pool, now)
             for action in actions:
-                self.apply(action)
+                self.guard.run(f"applying {action}", self.apply, action)
             if not any(isinstance(a, policy.Detach) for a in actions):
                 break
         self.check_restarts_finished()

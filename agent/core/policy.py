@@ -9,6 +9,7 @@ rule in a sentence.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,27 @@ from agent.core.pool import App, Pool, Worker
 # Back-off after consecutive start failures: 1 s, 2 s, 4 s, ... at most 30 s.
 BACKOFF_FIRST_MS = 1000
 BACKOFF_MAX_MS = 30_000
+
+# A worker killed from outside while it starts is replaced at once; only
+# after this many such kills in a row (no worker ready in between) are the
+# replacements spaced, so that an app that kills itself cannot make the core
+# fork without pause.
+OUTSIDE_KILLS_FREE = 3
+OUTSIDE_KILL_SPACING_MS = 250
+
+# A starting worker that closed its handshake pipe without a whole line is
+# given this long for its exit status to arrive, then killed as a failure.
+HANDSHAKE_CLOSED_GRACE_MS = 1000
+
+# Signals a process's own code brings on itself (faults, abort(), its own
+# resource limits, a write to a closed pipe, its own alarm): a worker ended
+# by one before its handshake failed to start. Any other signal (SIGKILL
+# from the OOM killer or an operator, SIGTERM, SIGINT, ...) came from
+# outside.
+APP_CAUSED_SIGNALS = frozenset({
+    signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS,
+    signal.SIGTRAP, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGPIPE, signal.SIGALRM,
+})
 
 
 @dataclass(frozen=True)
@@ -95,8 +117,10 @@ def may_grow(app: App, room: int) -> bool:
 
 def may_start(app: App, now: int) -> bool:
     """One start at a time per app, none while it backs off after failures,
-    shows its error page, or is being removed."""
-    return not (app.removed or app.in_backoff(now) or app.failure_shown or app.starting_workers())
+    shows its error page, waits out the spacing after outside kills, or is
+    being removed."""
+    return not (app.removed or app.in_backoff(now) or app.failure_shown or now < app.start_not_before
+                or app.starting_workers())
 
 
 # -- growing ----------------------------------------------------------------
@@ -221,19 +245,45 @@ def plan_restarts(pool: Pool, now: int) -> list[Action]:
 # -- failures and deadlines -----------------------------------------------------
 
 
-StartFailure = Literal["abandon_restart", "show_error", "retry"]
+StartFailure = Literal["abandon_restart", "show_error", "wait", "retry"]
 
 
-def after_start_failure(app: App) -> StartFailure:
-    """A worker did not start. During a rolling restart the new code is
-    abandoned and the old workers keep serving; an app with no serving
-    worker shows its error page until the back-off ends; otherwise the
-    app's workers serve on and the back-off delays the next try."""
+def after_start_failure(app: App, delay_ms: int | None = None) -> StartFailure:
+    """A worker did not start (app.spawn_failures counts it; the next try
+    is due in delay_ms). During a rolling restart the new code is abandoned
+    and the old workers keep serving. An app with no serving worker lets its
+    requests wait for the retry when waits_for_retry allows, and otherwise
+    shows its error page until the back-off ends. An app with serving
+    workers serves on, and the back-off delays the next try."""
     if app.restarting():
         return "abandon_restart"
-    if not app.serving_workers():
-        return "show_error"
-    return "retry"
+    if app.serving_workers():
+        return "retry"
+    delay = backoff_delay_ms(app.spawn_failures) if delay_ms is None else delay_ms
+    return "wait" if waits_for_retry(app, delay) else "show_error"
+
+
+def waits_for_retry(app: App, delay_ms: int) -> bool:
+    """Requests wait for the next start rather than get the error page at
+    once: after the first failure in a row only (a second one shows the
+    page), and only when the retry is due before agent_max_request_queue_time
+    would turn them away (0: no limit)."""
+    limit = app.config.max_request_queue_time_ms
+    return app.spawn_failures == 1 and (limit == 0 or delay_ms < limit)
+
+
+def start_failed_by_app(exitcode: int) -> bool:
+    """A worker ended before its handshake, with exitcode as
+    os.waitstatus_to_exitcode gives it (-N: killed by signal N). An exit
+    status, or a signal the app's own code raises, is the app's failed
+    start; a signal from outside is not (docs/policy.md rule 18)."""
+    return exitcode >= 0 or -exitcode in APP_CAUSED_SIGNALS
+
+
+def outside_kill_spacing_ms(kills_in_a_row: int) -> int:
+    """How long after the latest outside kill of a starting worker the
+    next start waits: nothing for the first few in a row, then a little."""
+    return 0 if kills_in_a_row <= OUTSIDE_KILLS_FREE else OUTSIDE_KILL_SPACING_MS
 
 
 ConfigChange = Literal["replace", "update", "same"]
@@ -261,6 +311,9 @@ def plan_failures(pool: Pool, now: int) -> list[Action]:
 def worker_deadline_actions(app: App, worker: Worker, now: int) -> list[Action]:
     if worker.is_starting() and now - worker.spawned_at > app.config.start_timeout_ms:
         return [Kill(worker.pid, f"did not finish starting within {seconds_text(app.config.start_timeout_ms)}")]
+    closed = worker.handshake_closed_at
+    if worker.is_starting() and closed is not None and now - closed > HANDSHAKE_CLOSED_GRACE_MS:
+        return [Kill(worker.pid, "closed its handshake pipe without a whole handshake line")]
     if worker.is_detaching() and worker.is_idle():
         return [Stop(worker.pid)]
     if worker.is_stopping() and worker.stop_deadline is not None and now > worker.stop_deadline:

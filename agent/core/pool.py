@@ -79,6 +79,7 @@ class Worker:
     generation: int = 0              # the app's generation it was started for
     max_requests: int = 0            # recycled after this many requests (0: never)
     detach_reason: str = ""
+    handshake_closed_at: int | None = None  # monotonic_ms() when its pipe closed without a line
 
     def is_starting(self) -> bool:
         return self.state is WorkerState.STARTING
@@ -122,6 +123,9 @@ class App:
     queue_length: int = 0
     spawn_failures: int = 0          # consecutive
     failed_until: int = 0            # monotonic_ms(): no spawn before this time
+    outside_kills: int = 0           # starting workers killed from outside in a row (none ready since)
+    start_not_before: int = 0        # monotonic_ms(): spacing after outside kills (policy.outside_kill_spacing_ms)
+    stat_errors: set[tuple[str, int]] = field(default_factory=set)  # (app file, errno) already logged
     failure_shown: bool = False      # the engine answers with the error page
     last_error: str = ""
     removed: bool = False            # gone from the app table; stops when drained

@@ -27,7 +27,8 @@ SHA = AppSpec("sha", apps.ECHO_SHA, "/sha/")
 ECHO = AppSpec("echo", apps.ECHO, "/echo/")
 STREAM = AppSpec("stream", apps.STREAM, "/stream/")
 RAISES = AppSpec("raises", apps.RAISES, "/raises/")
-BROKEN = AppSpec("broken", apps.IMPORT_ERROR, "/broken/")
+# Friendly pages on: the test below reads the error on the page.
+BROKEN = AppSpec("broken", apps.IMPORT_ERROR, "/broken/", directives={"agent_friendly_error_pages": "on"})
 VICTIM = AppSpec("victim", apps.SLOW, "/victim/", directives={"agent_max_instances": "1"})
 SPREAD = AppSpec("spread", apps.SLOW, "/spread/",
                  directives={"agent_min_instances": "4", "agent_max_instances": "4"})

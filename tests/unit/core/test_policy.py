@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from agent.core import policy
 from agent.core.config import AppConfig
 from agent.core.pool import App, Pool, Worker, WorkerState
@@ -315,3 +317,63 @@ def test_a_restart_file_restarts_when_it_appears_or_changes() -> None:
     app.restart_mtime = 5.0
     assert not policy.restart_file_touched(app, 5.0)
     assert policy.restart_file_touched(app, 6.0)
+
+
+# -- starts that fail, and starts killed from outside ---------------------------
+
+
+def test_after_a_first_failure_requests_wait_for_the_retry_when_it_is_due_in_time() -> None:
+    app = App(id=1, config=config("a"))
+    app.spawn_failures = 1
+    assert policy.after_start_failure(app, 1 * SECOND) == "wait"      # no queue time limit
+    app.config = config("a", max_request_queue_time_ms=5 * SECOND)
+    assert policy.after_start_failure(app, 1 * SECOND) == "wait"
+    app.config = config("a", max_request_queue_time_ms=1 * SECOND)
+    assert policy.after_start_failure(app, 1 * SECOND) == "show_error"  # they would time out first
+    app.config = config("a")
+    app.spawn_failures = 2                                               # the retry failed too
+    assert policy.after_start_failure(app, 2 * SECOND) == "show_error"
+    add_worker(app, 10)
+    assert policy.after_start_failure(app, 2 * SECOND) == "retry"
+
+
+def test_requests_that_wait_for_the_retry_start_it_when_the_back_off_ends() -> None:
+    pool = make_pool(a=config("a"))
+    app = pool.apps["a"]
+    app.spawn_failures = 1
+    app.failed_until = NOW + 1 * SECOND
+    app.queue_length = 2
+    assert policy.plan(pool, NOW) == []
+    assert policy.plan(pool, NOW + 1 * SECOND) == [policy.Spawn("a")]
+
+
+def test_only_the_apps_own_failure_counts_as_a_failed_start() -> None:
+    assert policy.start_failed_by_app(1)
+    assert policy.start_failed_by_app(0)
+    for signum in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGXCPU):
+        assert policy.start_failed_by_app(-signum), signum
+    for signum in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        assert not policy.start_failed_by_app(-signum), signum
+
+
+def test_a_worker_killed_while_starting_is_replaced_at_once_until_it_happens_too_often() -> None:
+    assert [policy.outside_kill_spacing_ms(n) for n in range(1, 6)] == [0, 0, 0, 250, 250]
+    pool = make_pool(a=config("a", min_instances=2))
+    app = pool.apps["a"]
+    app.activated = True
+    add_worker(app, 10)
+    assert policy.plan(pool, NOW) == [policy.Spawn("a")]
+    app.start_not_before = NOW + 250
+    assert policy.plan(pool, NOW) == []
+    assert policy.plan(pool, NOW + 250) == [policy.Spawn("a")]
+
+
+def test_a_worker_that_closed_its_handshake_pipe_and_lives_on_is_killed_after_a_grace() -> None:
+    app = App(id=1, config=config("a"))
+    worker = add_worker(app, 10, WorkerState.STARTING, spawned_at=NOW - 2 * SECOND)
+    assert policy.worker_deadline_actions(app, worker, NOW) == []
+    worker.handshake_closed_at = NOW - 500
+    assert policy.worker_deadline_actions(app, worker, NOW) == []
+    worker.handshake_closed_at = NOW - 1500
+    assert policy.worker_deadline_actions(app, worker, NOW) == [
+        policy.Kill(10, "closed its handshake pipe without a whole handshake line")]
