@@ -126,7 +126,7 @@ def error_for_status(status: int, method: str, path: str, document: Any) -> Stat
     detail = message or http.client.responses.get(status, "error")
     if status == 403:
         return NoRightsError(f"no rights to {method} {path}: {detail} "
-                             "(actions need root, the agent's user or the admin token)")
+                             "(actions need root or the admin token)")
     if status == 404:
         return NotFoundError(f"{detail}")
     return StatusError(f"{method} {path}: {status} {detail}")

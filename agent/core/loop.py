@@ -218,8 +218,10 @@ class Core:
         elif event.type == EV_WORKER_FAILED:
             found = self.pool.find_worker(event.pid)
             if found is not None:
-                log.warning("worker %d refused a connection: %s", event.pid, event.message)
-                self.detach(*found, "refused a connection")
+                # The engine says why: a refused connection, or a response
+                # that went on past the drain's bounds after nginx left.
+                log.warning("worker %d failed its connection: %s", event.pid, event.message)
+                self.detach(*found, "its connection failed")
         elif event.type == EV_WORKER_IDLE:
             self.worker_finished_requests(event.pid, int(event.value))
         elif event.type == EV_REQUEST_TIMEOUT:

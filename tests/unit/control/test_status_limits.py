@@ -313,6 +313,8 @@ def agent_as_nobody(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     directory = Path(tempfile.mkdtemp(prefix="agent-status-test-"))
     directory.chmod(0o755)
     ensure_tokens(directory)
+    for token in directory.glob("*.token"):
+        os.chown(token, NOBODY, NOBODY)  # an agent running as nobody made them
     socket_path = directory / "status.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
@@ -335,7 +337,7 @@ def agent_as_nobody(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
 
 def test_the_agents_own_uid_is_not_admin_without_the_token(agent_as_nobody: Harness) -> None:
     harness = agent_as_nobody
-    admin = bearer(harness.tokens.admin)
+    admin = bearer((harness.directory / "admin.token").read_bytes().strip())
     statuses = run_as_nobody(harness.socket_path, [
         ("GET", "/server", {}),
         ("POST", "/logs/reopen", {}),
