@@ -86,7 +86,7 @@ class Core:
     def __init__(self, instance: Instance, listen_fd: int) -> None:
         self.instance = instance
         self.engine = Engine(listen_fd)
-        self.pool = Pool(max_pool_size=6)
+        self.pool = Pool(max_pool_size=default("max_pool_size"))
         self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.handshakes: dict[int, tuple[int, bytearray]] = {}   # fd -> (pid, data)
