@@ -36,7 +36,9 @@ def build() -> str:
 
 
 def run_once(exe: str, mode: str, conc: int, requests: int, procs: int, workers: int) -> dict[str, list[float]]:
-    res = subprocess.run([exe, mode, str(conc), str(requests), str(procs), str(workers)], check=True, capture_output=True, text=True)
+    res = subprocess.run(
+        [exe, mode, str(conc), str(requests), str(procs), str(workers)], check=True, capture_output=True, text=True
+    )
     per: dict[str, list[float]] = {r: [0.0, 0.0, 0.0] for r in ROLES}  # cpu us, nvcsw, nivcsw
     elapsed = 0.0
     for line in res.stdout.splitlines():
@@ -52,13 +54,31 @@ def run_once(exe: str, mode: str, conc: int, requests: int, procs: int, workers:
     return out
 
 
-def syscalls(exe: str, mode: str, conc: int, procs: int, workers: int, n1: int = 2000, n2: int = 6000) -> dict[str, collections.Counter[str]]:
+def syscalls(
+    exe: str, mode: str, conc: int, procs: int, workers: int, n1: int = 2000, n2: int = 6000
+) -> dict[str, dict[str, float]]:
     counts = []
     for n in (n1, n2):
         d = tempfile.mkdtemp(prefix="dp-strace-")
         try:
-            res = subprocess.run(["strace", "-f", "-ff", "-o", os.path.join(d, "t"), exe, mode, str(conc), str(n), str(procs), str(workers)],
-                                 check=True, capture_output=True, text=True)
+            res = subprocess.run(
+                [
+                    "strace",
+                    "-f",
+                    "-ff",
+                    "-o",
+                    os.path.join(d, "t"),
+                    exe,
+                    mode,
+                    str(conc),
+                    str(n),
+                    str(procs),
+                    str(workers),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             role_of = {}
             for line in res.stdout.splitlines():
                 f = line.split()
@@ -78,9 +98,9 @@ def syscalls(exe: str, mode: str, conc: int, procs: int, workers: int, n1: int =
             counts.append(per)
         finally:
             shutil.rmtree(d)
-    diff = {}
+    diff: dict[str, dict[str, float]] = {}
     for r in ROLES:
-        c = collections.Counter()
+        c: dict[str, float] = {}
         for k in set(counts[0][r]) | set(counts[1][r]):
             v = (counts[1][r][k] - counts[0][r][k]) / (n2 - n1)
             if v > 0.05:
@@ -105,10 +125,18 @@ def main() -> int:
         print(s, flush=True)
         lines.append(s)
 
-    emit(f"{a.workers} workers; {a.requests} requests per run; median of {a.repeats} runs; CPU in µs per request; wake-ups = voluntary context switches per request; syscalls per request from strace -ff")
+    emit(
+        f"{a.workers} workers; {a.requests} requests per run; median of {a.repeats} runs; "
+        "CPU in µs per request; wake-ups = voluntary context switches per request; "
+        "syscalls per request from strace -ff"
+    )
     emit("")
-    emit("| path | conns x nginx procs | nginx CPU | core CPU | workers CPU | total CPU | nginx wake-ups | core wake-ups | workers wake-ups | nginx syscalls | core syscalls | worker syscalls | req/s (no app, noisy) |")
-    emit("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = ["path", "conns x nginx procs"]
+    head += [f"{r} CPU" for r in ROLES] + ["total CPU"]
+    head += [f"{r} wake-ups" for r in ROLES] + [f"{r} syscalls" for r in ROLES]
+    head += ["req/s (no app, noisy)"]
+    emit("| " + " | ".join(head) + " |")
+    emit("|" + " --- |" * len(head))
     details = []
     for case in a.cases.split(","):
         conc, procs = (int(x) for x in case.split("x"))
@@ -118,12 +146,18 @@ def main() -> int:
             rate = statistics.median(run["rate"][0] for run in runs)
             sc = syscalls(exe, mode, conc, procs, a.workers)
             tot = sum(med[r][0] for r in ROLES)
-            def s(r: str) -> str:
-                return f"{sum(sc[r].values()):.1f}" if sc[r] else "—"
-            emit(f"| {mode} | {conc} x {procs} | {med['nginx'][0]:.1f} | {med['core'][0]:.1f} | {med['worker'][0]:.1f} | {tot:.1f} | "
-                 f"{med['nginx'][1]:.2f} | {med['core'][1]:.2f} | {med['worker'][1]:.2f} | {s('nginx')} | {s('core')} | {s('worker')} | {rate:,.0f} |")
-            details.append(f"- {mode} {conc}x{procs}: " + "; ".join(
-                f"{r}: " + ", ".join(f"{k} {v}" for k, v in sorted(sc[r].items(), key=lambda kv: -kv[1])) for r in ROLES if sc[r]))
+            row = [mode, f"{conc} x {procs}"]
+            row += [f"{med[r][0]:.1f}" for r in ROLES] + [f"{tot:.1f}"]
+            row += [f"{med[r][1]:.2f}" for r in ROLES]
+            row += [f"{sum(sc[r].values()):.1f}" if sc[r] else "—" for r in ROLES]
+            row += [f"{rate:,.0f}"]
+            emit("| " + " | ".join(row) + " |")
+            by_role = []
+            for r in ROLES:
+                if sc[r]:
+                    names = sorted(sc[r].items(), key=lambda kv: -kv[1])
+                    by_role.append(f"{r}: " + ", ".join(f"{k} {v}" for k, v in names))
+            details.append(f"- {mode} {conc}x{procs}: " + "; ".join(by_role))
     emit("")
     emit("System calls per request, by name:")
     emit("")
