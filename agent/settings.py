@@ -142,7 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("temp_path", Kind.TEMP_PATH, LOC, None, "where buffered responses spill to disk", serve=False),
     Setting("buffer_size", Kind.SIZE, LOC, "16k", "the buffer for the first part of the response, its headers",
             "passenger_buffer_size"),
-    Setting("buffers", Kind.BUFS, LOC, "8 16k", "number and size of the buffers for one response, in memory",
+    Setting("buffers", Kind.BUFS, LOC, "4 32k", "number and size of the buffers for one response, in memory",
             "passenger_buffers"),
     Setting("busy_buffers_size", Kind.SIZE, LOC, None,
             "most of a response's buffers busy sending to the client "

@@ -56,7 +56,9 @@
  * in docs/directives.md, and the agent's code that reads it.  A new KIND
  * needs its C type (ngx_http_agent_module.h), its parsing, unset value,
  * merge and comparison (ngx_http_agent_conf.c) and its apps.json form
- * (ngx_http_agent_instance.c).
+ * (ngx_http_agent_instance.c); a kind only LOCATION rows use (SIZE, BUFS)
+ * needs only its parsing, unset value and merge, since its rows name
+ * nginx's own fields.
  */
 
 
@@ -111,7 +113,7 @@
     X(connect_timeout, MSEC, LOCATION, 60000, NULL, upstream.connect_timeout) \
     X(temp_path, TEMP_PATH, LOCATION, NONE, NULL, upstream.temp_path)         \
     X(buffer_size, SIZE, LOCATION, "16k", NULL, upstream.buffer_size)         \
-    X(buffers, BUFS, LOCATION, "8 16k", NULL, upstream.bufs)                  \
+    X(buffers, BUFS, LOCATION, "4 32k", NULL, upstream.bufs)                  \
     X(busy_buffers_size, SIZE, LOCATION, NONE, NULL,                          \
       upstream.busy_buffers_size_conf)                                        \
     X(max_temp_file_size, SIZE, LOCATION, "1024m", NULL,                      \

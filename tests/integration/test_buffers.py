@@ -166,7 +166,7 @@ def nginx_t(directives: str) -> subprocess.CompletedProcess[str]:
     "agent_buffer_size 4k; agent_buffers 4 4k;",
     "agent_buffers 16 8k; agent_busy_buffers_size 64k; agent_temp_file_write_size 64k;",
     "agent_max_temp_file_size 0;",
-    "agent_max_temp_file_size 1m; agent_temp_file_write_size 16k;",
+    "agent_max_temp_file_size 1m; agent_temp_file_write_size 32k;",
     "agent_buffer_response off; agent_buffers 3 4k; agent_buffer_size 4k;",
 ])
 def test_good_buffer_settings_pass_nginx_t(line: str) -> None:
