@@ -36,6 +36,8 @@ class Kind(enum.Enum):
     ENV = "env"            # NAME VALUE pairs (agent_env, repeatable)
     TEMP_PATH = "temp_path"  # nginx's PATH [L1 [L2 [L3]]]
     STATUS = "status"      # on | off: the location is a door to the status socket
+    SIZE = "size"          # nginx's size syntax (8k, 1m), kept as written
+    BUFS = "bufs"          # NUMBER SIZE, as proxy_buffers, kept as written
 
 
 class Scope(enum.Enum):
@@ -138,6 +140,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("send_timeout", T, LOC, 60_000, "how long nginx waits to send the request between two writes"),
     Setting("connect_timeout", T, LOC, 60_000, "how long nginx waits to connect to the agent"),
     Setting("temp_path", Kind.TEMP_PATH, LOC, None, "where buffered responses spill to disk", serve=False),
+    Setting("buffer_size", Kind.SIZE, LOC, "16k", "the buffer for the first part of the response, its headers",
+            "passenger_buffer_size"),
+    Setting("buffers", Kind.BUFS, LOC, "4 32k", "number and size of the buffers for one response, in memory",
+            "passenger_buffers"),
+    Setting("busy_buffers_size", Kind.SIZE, LOC, None,
+            "most of a response's buffers busy sending to the client "
+            "(default: twice the larger of buffer_size and one of buffers)", "passenger_busy_buffers_size"),
+    Setting("max_temp_file_size", Kind.SIZE, LOC, "1024m",
+            "most of a response written to a temporary file; 0: none, the app waits for the client"),
+    Setting("temp_file_write_size", Kind.SIZE, LOC, None,
+            "most written to the temporary file at once "
+            "(default: twice the larger of buffer_size and one of buffers)"),
     # -- agentctl serve only ----------------------------------------------------------
     Setting("host", S, Scope.SERVE, "127.0.0.1", "the address nginx listens on"),
     Setting("port", N, Scope.SERVE, 8080, "the port nginx listens on", minimum=1, maximum=65535),
@@ -148,6 +162,10 @@ DIRECTIVES: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.scope is not Sc
 APP_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.scope is APP)
 HTTP_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.scope is HTTP)
 SERVE_SETTINGS: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.serve)
+
+# nginx's size syntax (ngx_parse_size): bytes, or k/K, m/M.
+SIZE_SYNTAX = re.compile(r"^\d+[kKmM]?$")
+SIZE_UNITS = {"k": 1024, "m": 1024 * 1024}
 
 # nginx's time syntax, as agentctl serve accepts it: a bare number is seconds.
 TIME_SYNTAX = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
@@ -166,6 +184,14 @@ def parse_time_ms(text: str) -> int:
     if match is None:
         raise ValueError(f"must be a time such as 30, 500ms, 30s, 5m or 1h, not {text!r}")
     return int(match.group(1)) * TIME_UNITS_MS[match.group(2) or "s"]
+
+
+def parse_size(text: str) -> int:
+    """nginx's size syntax (8k, 1m, 4096) in bytes. Raises ValueError."""
+    if not SIZE_SYNTAX.match(text):
+        raise ValueError(f"must be a size such as 4096, 8k or 1m, not {text!r}")
+    unit = text[-1].lower()
+    return int(text[:-1]) * SIZE_UNITS[unit] if unit in SIZE_UNITS else int(text)
 
 
 def render_directive_value(setting: Setting, value: Any) -> str:
@@ -207,6 +233,15 @@ def check_value(setting: Setting, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"must be an integer, not {value!r}")
         return _at_least(setting, value)
+    if kind is Kind.SIZE:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"must be a size such as 4096, 8k or 1m, not {value!r}")
+        parse_size(value.strip())
+        return value.strip()
+    if kind is Kind.BUFS:
+        return _check_bufs(value)
     if kind is Kind.ENV:
         return _check_env(value)
     if not isinstance(value, str) or not value:
@@ -222,6 +257,16 @@ def _at_least(setting: Setting, value: int) -> int:
         bound = f"between {setting.minimum} and {maximum}" if maximum is not None else f">= {setting.minimum}"
         raise ValueError(f"must be {bound}, not {value}")
     return value
+
+
+def _check_bufs(value: Any) -> str:
+    """NUMBER SIZE, as nginx takes it: at least 2 buffers of more than 0 bytes."""
+    parts = value.split() if isinstance(value, str) else []
+    if len(parts) != 2 or not parts[0].isascii() or not parts[0].isdigit() or not SIZE_SYNTAX.match(parts[1]):
+        raise ValueError(f"must be a number of buffers and their size such as '8 16k', not {value!r}")
+    if int(parts[0]) < 2 or parse_size(parts[1]) == 0:
+        raise ValueError(f"must be at least 2 buffers of more than 0 bytes, not {value!r}")
+    return f"{int(parts[0])} {parts[1]}"
 
 
 def _check_env(value: Any) -> dict[str, str]:

@@ -103,6 +103,23 @@
         return NGX_CONF_ERROR;                                                \
     }
 
+/* a default in nginx's syntax ("16k", "8 16k"); NONE leaves it unset */
+#define NGX_HTTP_AGENT_ARGS_SIZE(where)      (where|NGX_CONF_TAKE1)
+#define NGX_HTTP_AGENT_SET_SIZE              ngx_conf_set_size_slot
+#define NGX_HTTP_AGENT_UNSET_SIZE            NGX_CONF_UNSET_SIZE
+#define NGX_HTTP_AGENT_MERGE_SIZE(cf, c, p, d)                                \
+    if (ngx_http_agent_merge_size(cf, &(c), p, d) != NGX_OK) {                \
+        return NGX_CONF_ERROR;                                                \
+    }
+
+#define NGX_HTTP_AGENT_ARGS_BUFS(where)      (where|NGX_CONF_TAKE2)
+#define NGX_HTTP_AGENT_SET_BUFS              ngx_conf_set_bufs_slot
+#define NGX_HTTP_AGENT_UNSET_BUFS            (ngx_bufs_t) { 0, 0 }
+#define NGX_HTTP_AGENT_MERGE_BUFS(cf, c, p, d)                                \
+    if (ngx_http_agent_merge_bufs(cf, &(c), &(p), d) != NGX_OK) {             \
+        return NGX_CONF_ERROR;                                                \
+    }
+
 
 /* what the module makes of each row of the settings tables */
 
@@ -156,6 +173,12 @@ static char *ngx_http_agent_merge_settings(ngx_conf_t *cf,
     ngx_http_agent_app_t *conf, ngx_http_agent_app_t *prev);
 static void ngx_http_agent_merge_str(ngx_str_t *conf, ngx_str_t *prev,
     char *dflt);
+static ngx_int_t ngx_http_agent_merge_size(ngx_conf_t *cf, size_t *conf,
+    size_t prev, char *dflt);
+static ngx_int_t ngx_http_agent_merge_bufs(ngx_conf_t *cf, ngx_bufs_t *conf,
+    ngx_bufs_t *prev, char *dflt);
+static char *ngx_http_agent_check_buffers(ngx_conf_t *cf,
+    ngx_http_upstream_conf_t *u);
 static char *ngx_http_agent_enable_location(ngx_conf_t *cf,
     ngx_http_agent_loc_conf_t *alcf);
 static ngx_int_t ngx_http_agent_parent_dir(ngx_conf_t *cf, ngx_str_t *path,
@@ -420,12 +443,6 @@ ngx_http_agent_create_loc_conf(ngx_conf_t *cf)
     conf->upstream.next_upstream_timeout = 0;
     conf->upstream.send_lowat = 0;
     conf->upstream.limit_rate = 0;
-    conf->upstream.buffer_size = 8 * 1024;
-    conf->upstream.bufs.num = 8;
-    conf->upstream.bufs.size = 8 * 1024;
-    conf->upstream.busy_buffers_size = 16 * 1024;
-    conf->upstream.temp_file_write_size = 16 * 1024;
-    conf->upstream.max_temp_file_size = 1024 * 1024 * 1024;
     conf->upstream.ignore_headers = NGX_CONF_BITMASK_SET;
     conf->upstream.next_upstream = NGX_CONF_BITMASK_SET
                                    |NGX_HTTP_UPSTREAM_FT_ERROR
@@ -451,6 +468,10 @@ ngx_http_agent_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_hash_init_t  hash;
 
     NGX_HTTP_AGENT_LOCATION_SETTINGS(NGX_HTTP_AGENT_LOC_MERGE)
+
+    if (ngx_http_agent_check_buffers(cf, &conf->upstream) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
 
     hash.max_size = 512;
     hash.bucket_size = ngx_align(64, ngx_cacheline_size);
@@ -514,6 +535,160 @@ ngx_http_agent_merge_str(ngx_str_t *conf, ngx_str_t *prev, char *dflt)
         conf->len = ngx_strlen(dflt);
         conf->data = (u_char *) dflt;
     }
+}
+
+
+/* a SIZE's default in nginx's syntax, parsed when it is needed */
+
+static ngx_int_t
+ngx_http_agent_merge_size(ngx_conf_t *cf, size_t *conf, size_t prev,
+    char *dflt)
+{
+    ssize_t    size;
+    ngx_str_t  text;
+
+    if (*conf != NGX_CONF_UNSET_SIZE) {
+        return NGX_OK;
+    }
+
+    if (prev != NGX_CONF_UNSET_SIZE || dflt == NULL) {
+        *conf = prev;
+        return NGX_OK;
+    }
+
+    text.len = ngx_strlen(dflt);
+    text.data = (u_char *) dflt;
+
+    size = ngx_parse_size(&text);
+
+    if (size == NGX_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "agent: the built-in default \"%s\" is not a "
+                           "size", dflt);
+        return NGX_ERROR;
+    }
+
+    *conf = (size_t) size;
+
+    return NGX_OK;
+}
+
+
+/* a BUFS's default: "N SIZE" */
+
+static ngx_int_t
+ngx_http_agent_merge_bufs(ngx_conf_t *cf, ngx_bufs_t *conf, ngx_bufs_t *prev,
+    char *dflt)
+{
+    u_char     *space;
+    ssize_t     size;
+    ngx_int_t   num;
+    ngx_str_t   text;
+
+    if (conf->num != 0) {
+        return NGX_OK;
+    }
+
+    if (prev->num != 0 || dflt == NULL) {
+        *conf = *prev;
+        return NGX_OK;
+    }
+
+    text.len = ngx_strlen(dflt);
+    text.data = (u_char *) dflt;
+
+    space = ngx_strlchr(text.data, text.data + text.len, ' ');
+
+    if (space == NULL) {
+        goto invalid;
+    }
+
+    num = ngx_atoi(text.data, space - text.data);
+
+    text.len -= space + 1 - text.data;
+    text.data = space + 1;
+
+    size = ngx_parse_size(&text);
+
+    if (num == NGX_ERROR || num == 0 || size == NGX_ERROR || size == 0) {
+        goto invalid;
+    }
+
+    conf->num = num;
+    conf->size = (size_t) size;
+
+    return NGX_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "agent: the built-in default \"%s\" is not "
+                       "\"NUMBER SIZE\"", dflt);
+    return NGX_ERROR;
+}
+
+
+/*
+ * The buffers' rules are proxy_*'s (ngx_http_proxy_merge_loc_conf), in its
+ * words: unset, the busy buffers and the temp file's write size are twice
+ * the larger of agent_buffer_size and one of agent_buffers.
+ */
+
+static char *
+ngx_http_agent_check_buffers(ngx_conf_t *cf, ngx_http_upstream_conf_t *u)
+{
+    size_t  size;
+
+    if (u->bufs.num < 2) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "there must be at least 2 \"agent_buffers\"");
+        return NGX_CONF_ERROR;
+    }
+
+    size = ngx_max(u->buffer_size, u->bufs.size);
+
+    u->busy_buffers_size = (u->busy_buffers_size_conf == NGX_CONF_UNSET_SIZE)
+                           ? 2 * size : u->busy_buffers_size_conf;
+
+    if (u->busy_buffers_size < size) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+             "\"agent_busy_buffers_size\" must be equal to or greater than "
+             "the maximum of the value of \"agent_buffer_size\" and "
+             "one of the \"agent_buffers\"");
+        return NGX_CONF_ERROR;
+    }
+
+    if (u->busy_buffers_size > (u->bufs.num - 1) * u->bufs.size) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+             "\"agent_busy_buffers_size\" must be less than "
+             "the size of all \"agent_buffers\" minus one buffer");
+        return NGX_CONF_ERROR;
+    }
+
+    u->temp_file_write_size =
+        (u->temp_file_write_size_conf == NGX_CONF_UNSET_SIZE)
+        ? 2 * size : u->temp_file_write_size_conf;
+
+    if (u->temp_file_write_size < size) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+             "\"agent_temp_file_write_size\" must be equal to or greater "
+             "than the maximum of the value of \"agent_buffer_size\" and "
+             "one of the \"agent_buffers\"");
+        return NGX_CONF_ERROR;
+    }
+
+    u->max_temp_file_size = u->max_temp_file_size_conf;
+
+    if (u->max_temp_file_size != 0 && u->max_temp_file_size < size) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+             "\"agent_max_temp_file_size\" must be equal to zero to disable "
+             "temporary files usage or must be equal to or greater than "
+             "the maximum of the value of \"agent_buffer_size\" and "
+             "one of the \"agent_buffers\"");
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
 }
 
 

@@ -28,6 +28,8 @@
  *            STATUS     on|off, makes the location a door to the status
  *                       socket; location blocks only, not inherited
  *            TEMP_PATH  PATH [L1 [L2 [L3]]], as proxy_temp_path
+ *            SIZE       nginx's size syntax (8k, 1m)  size_t; LOCATION rows
+ *            BUFS       N SIZE, as proxy_buffers  ngx_bufs_t; LOCATION rows
  *
  * SCOPE    HTTP      the http block only (ngx_http_agent_main_conf_t);
  *          APP       http, server, location; one app's setting: written to
@@ -38,8 +40,10 @@
  *
  * DEFAULT  as docs/directives.md gives it, in apps.json's unit: integer
  *          milliseconds (MSEC), megabytes (SIZE_MB), 0|1 (FLAG), a string
- *          literal, or NONE where the default is computed or empty (the app
- *          root is the parent of root, the user the startup file's owner...).
+ *          literal (SIZE and BUFS: in nginx's syntax, "16k", "8 16k"), or
+ *          NONE where the default is computed or empty (the app root is the
+ *          parent of root, the user the startup file's owner, the busy
+ *          buffers twice the larger of a buffer and agent_buffer_size...).
  *
  * POST     an ngx_conf_post_t checking the value (NULL for none); for ENUM,
  *          the list of names.
@@ -52,7 +56,9 @@
  * in docs/directives.md, and the agent's code that reads it.  A new KIND
  * needs its C type (ngx_http_agent_module.h), its parsing, unset value,
  * merge and comparison (ngx_http_agent_conf.c) and its apps.json form
- * (ngx_http_agent_instance.c).
+ * (ngx_http_agent_instance.c); a kind only LOCATION rows use (SIZE, BUFS)
+ * needs only its parsing, unset value and merge, since its rows name
+ * nginx's own fields.
  */
 
 
@@ -105,7 +111,15 @@
     X(read_timeout, MSEC, LOCATION, 600000, NULL, upstream.read_timeout)      \
     X(send_timeout, MSEC, LOCATION, 60000, NULL, upstream.send_timeout)       \
     X(connect_timeout, MSEC, LOCATION, 60000, NULL, upstream.connect_timeout) \
-    X(temp_path, TEMP_PATH, LOCATION, NONE, NULL, upstream.temp_path)
+    X(temp_path, TEMP_PATH, LOCATION, NONE, NULL, upstream.temp_path)         \
+    X(buffer_size, SIZE, LOCATION, "16k", NULL, upstream.buffer_size)         \
+    X(buffers, BUFS, LOCATION, "4 32k", NULL, upstream.bufs)                  \
+    X(busy_buffers_size, SIZE, LOCATION, NONE, NULL,                          \
+      upstream.busy_buffers_size_conf)                                        \
+    X(max_temp_file_size, SIZE, LOCATION, "1024m", NULL,                      \
+      upstream.max_temp_file_size_conf)                                       \
+    X(temp_file_write_size, SIZE, LOCATION, NONE, NULL,                       \
+      upstream.temp_file_write_size_conf)
 
 
 #endif /* _NGX_HTTP_AGENT_SETTINGS_H_INCLUDED_ */

@@ -335,7 +335,8 @@ def add_setting_flag(parser: argparse.ArgumentParser, setting: Setting) -> None:
         parser.add_argument(setting.flag, type=env_pair, action="append", default=[], metavar="NAME=VALUE",
                             help=f"{help_text}; may be repeated")
         return
-    metavar = {Kind.FLAG: "on|off", Kind.MSEC: "TIME", Kind.NUM: "N", Kind.SIZE_MB: "MB"}.get(setting.kind)
+    metavar = {Kind.FLAG: "on|off", Kind.MSEC: "TIME", Kind.NUM: "N", Kind.SIZE_MB: "MB", Kind.SIZE: "SIZE",
+               Kind.BUFS: "'N SIZE'"}.get(setting.kind)
     parser.add_argument(setting.flag, type=setting_value(setting), metavar=metavar, help=help_text)
 
 

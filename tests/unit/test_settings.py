@@ -21,6 +21,7 @@ from agent.settings import (
     Kind,
     Scope,
     check_value,
+    parse_size,
     parse_time_ms,
 )
 
@@ -92,9 +93,11 @@ def test_the_docs_describe_every_directive_in_its_scope() -> None:
         assert BY_NAME[name].scope in DOC_SECTIONS[section], f"agent_{name} is documented under {section}"
 
 
-def doc_default(text: str) -> object:
+def doc_default(text: str, kind: Kind) -> object:
     """The value a docs default cell starts with, in the registry's unit."""
     first = text.split(" (")[0].strip().strip("`")
+    if kind in (Kind.SIZE, Kind.BUFS):
+        return first                     # nginx's syntax, as written (1024m is no time)
     if first in ("on", "off"):
         return first == "on"
     if re.fullmatch(r"\d+(ms|s|m|h|d)", first):
@@ -109,7 +112,7 @@ def doc_default(text: str) -> object:
 def test_the_documented_default_is_the_registry_default(setting: object) -> None:
     s = BY_NAME[setting.name]  # type: ignore[attr-defined]
     _, cell = doc_rows()[s.name]
-    assert doc_default(cell) == s.default, f"docs say {cell!r} for agent_{s.name}"
+    assert doc_default(cell, s.kind) == s.default, f"docs say {cell!r} for agent_{s.name}"
 
 
 def test_app_config_and_app_table_carry_exactly_the_registry_keys() -> None:
@@ -151,3 +154,33 @@ def test_every_serve_setting_is_a_flag_and_reaches_the_config(tmp_path: Path) ->
     args = cli.build_parser().parse_args(["serve", str(tmp_path), "--max-request-time", "90s", "--prestart", "on",
                                           "--memory-limit", "300", "--pool-idle-time", "500ms"])
     assert (args.max_request_time, args.prestart, args.memory_limit, args.pool_idle_time) == (90_000, True, 300, 500)
+
+
+@pytest.mark.parametrize(("text", "size"), [("0", 0), ("4096", 4096), ("8k", 8192), ("16K", 16384),
+                                            ("1m", 1 << 20), ("1024M", 1 << 30)])
+def test_sizes_are_nginx_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+    assert check_value(BY_NAME["buffer_size"], text) == text
+
+
+@pytest.mark.parametrize("text", ["", "8x", "1g", "-1", "8 k", "1.5k"])
+def test_a_size_nginx_would_refuse_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="must be a size such as 4096, 8k or 1m"):
+        check_value(BY_NAME["busy_buffers_size"], text)
+
+
+def test_buffers_are_a_number_and_a_size() -> None:
+    assert check_value(BY_NAME["buffers"], "16  8k") == "16 8k"
+    assert check_value(BY_NAME["buffer_size"], 16384) == "16384"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("8", "a number of buffers and their size"),
+    ("8k 8", "a number of buffers and their size"),
+    (8, "a number of buffers and their size"),
+    ("1 8k", "at least 2 buffers of more than 0 bytes"),
+    ("8 0", "at least 2 buffers of more than 0 bytes"),
+])
+def test_bad_buffers_are_refused(value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_value(BY_NAME["buffers"], value)

@@ -212,6 +212,42 @@ def test_serve_print_config_uses_the_file_and_the_flags(tmp_path: Path, capsys: 
     assert 'agent_startup_file "app.py";' in out.getvalue()
 
 
+def test_serve_writes_the_buffer_directives_from_the_file_and_the_flags(tmp_path: Path) -> None:
+    """A buffer size from YAML (as written or in bytes) and --buffers from
+    the command line reach the location; an unset busy size is left to
+    nginx, which computes it from the buffers as proxy_* does."""
+    config = tmp_path / "agent.yaml"
+    config.write_text("buffer_size: 32k\nmax_temp_file_size: 0\ntemp_file_write_size: 65536\n")
+    module = tmp_path / "ngx_http_agent_module.so"
+    module.write_bytes(b"")
+    out = io.StringIO()
+    code = cli.main(["serve", str(tmp_path), "--config", str(config), "--buffers", "4 64k", "--module", str(module),
+                     "--print-config"], out)
+    assert code == 0
+    text = out.getvalue()
+    assert "agent_buffer_size 32k;" in text and "agent_buffers 4 64k;" in text
+    assert "agent_max_temp_file_size 0;" in text and "agent_temp_file_write_size 65536;" in text
+    assert "agent_busy_buffers_size" not in text
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("buffers: 8\n", "agent.yaml:1: buffers must be a number of buffers and their size such as '8 16k', not 8"),
+    ("buffers: 1 64k\n", "agent.yaml:1: buffers must be at least 2 buffers of more than 0 bytes"),
+    ("busy_buffers_size: 1g\n", "agent.yaml:1: busy_buffers_size must be a size such as 4096, 8k or 1m, not '1g'"),
+])
+def test_a_bad_buffer_setting_names_the_key_and_its_line(text: str, message: str) -> None:
+    with pytest.raises(ServeConfigError) as caught:
+        parse(text, Path("agent.yaml"))
+    assert message in str(caught.value)
+
+
+def test_a_bad_buffers_flag_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["serve", ".", "--buffers", "8"])
+    assert caught.value.code == 2
+    assert "--buffers: must be a number of buffers and their size" in capsys.readouterr().err
+
+
 def test_serve_with_a_bad_settings_file_fails_naming_the_line(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "agent.yaml"
