@@ -4,6 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The roles of a stack's processes, in the order the report lists them.
+NGINX_MASTER = "nginx master"
+NGINX_WORKERS = "nginx workers"
+SERVE = "agentctl serve"
+AGENT_WATCHDOG = "agent watchdog"
+AGENT_CORE = "agent core"
+APP_MASTER = "app server master"      # uWSGI's master, gunicorn's arbiter
+APP_WORKERS = "app workers"
+OTHER = "other"
+ROLES = [NGINX_MASTER, NGINX_WORKERS, SERVE, AGENT_WATCHDOG, AGENT_CORE, APP_MASTER, APP_WORKERS, OTHER]
+
 
 @dataclass
 class Run:
@@ -18,6 +29,11 @@ class Run:
     agent_cpu: float | None = None    # seconds of CPU, the agent core alone
     other_cpu: float = 0.0            # seconds of CPU, every other process but wrk (noise)
     seconds: float = 0.0              # how long the run took
+    nginx_workers: int = 1            # nginx's worker_processes
+    cpu_split: dict[str, float] = field(default_factory=dict)   # seconds of CPU by role (ROLES)
+
+    def us_per_request(self, seconds: float | None) -> float | None:
+        return None if seconds is None or not self.requests else seconds / self.requests * 1e6
 
 
 @dataclass
@@ -32,8 +48,8 @@ class StackResult:
     idle_agent_cpu: float | None = None
     error: str | None = None
 
-    def run(self, workload: str, connections: int) -> Run | None:
+    def run(self, workload: str, connections: int, nginx_workers: int = 1) -> Run | None:
         for run in self.runs:
-            if run.workload == workload and run.connections == connections:
+            if run.workload == workload and run.connections == connections and run.nginx_workers == nginx_workers:
                 return run
         return None

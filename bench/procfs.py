@@ -111,3 +111,16 @@ def machine_busy_seconds() -> float:
         fields = [int(v) for v in f.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def cpu_split(before: dict[Proc, tuple[str, float]], after: dict[Proc, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds by role between two snapshots of (role, CPU seconds so
+    far) by process: a process in both counts its difference; one that
+    started in between counts all of its time; one that exited in between
+    cannot be read any more and counts nothing."""
+    split: dict[str, float] = {}
+    for proc, (role, seconds) in after.items():
+        earlier = before.get(proc)
+        used = seconds - earlier[1] if earlier is not None else seconds
+        split[role] = split.get(role, 0.0) + max(0.0, used)
+    return split

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from figures import Run, StackResult
+from figures import APP_MASTER, ROLES, Run, StackResult
+from procfs import CLOCK_TICKS
 
-AGENT_CPU_BAR_US = 15.0
+AGENT_CPU_BAR_US = 5.0
 GUNICORN_FACTOR = 3.0
 NOISY_PERCENT = 10.0
 SHORT = {"ours": "agent", "uwsgi": "uWSGI", "gunicorn": "gunicorn"}
+ROLE_TITLES = {APP_MASTER: "uWSGI master / gunicorn arbiter"}
 
 
 @dataclass
@@ -30,6 +32,8 @@ class Machine:
     duration: float
     load: str
     load_end: str = "?"
+    buffers: list[tuple[str, str]] = field(default_factory=list)    # (stack, the directives it is given)
+    more_nginx_workers: int = 1    # nginx's worker_processes in the second pass (1: none)
 
 
 def cpu_model() -> str:
@@ -79,8 +83,16 @@ def agent_us(run: Run | None) -> float | None:
     return run.agent_cpu / run.requests * 1e6
 
 
+def run_keys(results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
+             connections: Sequence[int], nginx_workers: int) -> list[tuple[str, str, int]]:
+    """(workload, title, connections) of the runs made with nginx_workers,
+    in the order of workloads and connections."""
+    made = {(run.workload, run.connections) for r in results for run in r.runs if run.nginx_workers == nginx_workers}
+    return [(key, title, c) for key, title, _ in workloads for c in connections if (key, c) in made]
+
+
 def throughput_table(results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
-                     connections: Sequence[int]) -> str:
+                     connections: Sequence[int], nginx_workers: int = 1) -> str:
     ran = [r for r in results if r.runs]
     header = ["workload", "conns"]
     for r in ran:
@@ -89,15 +101,72 @@ def throughput_table(results: Sequence[StackResult], workloads: Sequence[tuple[s
     ratios = [k for k in ("uwsgi", "gunicorn") if "ours" in found and k in found]
     header += [f"agent/{SHORT[k]}" for k in ratios]
     rows = []
-    for key, title, _ in workloads:
-        for c in connections:
-            row = [title, str(c)]
-            for r in ran:
-                run = r.run(key, c)
-                row += ["-", "-", "-"] if run is None else [f"{run.rate:,.0f}", ms(run.p50), ms(run.p99)]
-            row += [ratio(found["ours"].run(key, c), found[k].run(key, c)) for k in ratios]
-            rows.append(row)
+    for key, title, c in run_keys(ran, workloads, connections, nginx_workers):
+        row = [title, str(c)]
+        for r in ran:
+            run = r.run(key, c, nginx_workers)
+            row += ["-", "-", "-"] if run is None else [f"{run.rate:,.0f}", ms(run.p50), ms(run.p99)]
+        row += [ratio(found["ours"].run(key, c, nginx_workers), found[k].run(key, c, nginx_workers))
+                for k in ratios]
+        rows.append(row)
     return table(header, rows)
+
+
+def us(seconds: float | None, run: Run | None) -> float | None:
+    return None if run is None else run.us_per_request(seconds)
+
+
+def fraction(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def cpu_split_table(results: Sequence[StackResult], workload: str, connections: int, nginx_workers: int) -> str:
+    """µs of CPU per request by process role, each stack a column, with
+    totals, and each stack's figures divided by uWSGI's."""
+    ran: list[tuple[StackResult, Run]] = []
+    for r in results:
+        found = r.run(workload, connections, nginx_workers)
+        if found is not None:
+            ran.append((r, found))
+    peer = next((run for r, run in ran if r.key == "uwsgi"), None)
+    ratios = [(r, run) for r, run in ran if r.key != "uwsgi"] if peer is not None else []
+    roles = [role for role in ROLES if any(role in run.cpu_split for _, run in ran)]
+    rows = []
+    for role in roles:
+        row = [ROLE_TITLES.get(role, role)]
+        row += ["-" if role not in run.cpu_split else f"{us(run.cpu_split[role], run):.1f}" for _, run in ran]
+        row += [fraction(us(run.cpu_split.get(role), run), us(peer.cpu_split.get(role), peer)) if peer else "-"
+                for _, run in ratios]
+        rows.append(row)
+    def total(run: Run) -> float | None:
+        return us(sum(run.cpu_split.values()), run)
+    rows.append(["**total**", *(f"**{total(run) or 0:.1f}**" for _, run in ran),
+                 *(f"**{fraction(total(run), total(peer))}**" if peer else "-" for _, run in ratios)])
+    rows.append(["requests", *(f"{run.requests:,}" for _, run in ran), *("" for _ in ratios)])
+    rows.append(["one clock tick (resolution)", *(f"{us(1 / CLOCK_TICKS, run) or 0:.2f}" for _, run in ran),
+                 *("" for _ in ratios)])
+    header = ["process", *(f"{SHORT[r.key]} µs/req" for r, _ in ran), *(f"{SHORT[r.key]}/uWSGI" for r, _ in ratios)]
+    return table(header, rows)
+
+
+def cpu_split_section(results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
+                      connections: Sequence[int], more_nginx_workers: int) -> list[str]:
+    parts = ["## CPU per request, by process", "",
+             "utime + stime (from /proc/PID/stat, every thread) of each process of the stack over the wrk run, "
+             "divided by the requests wrk completed, summed by role: nginx's master and workers (told apart by "
+             "the title nginx gives them), `agentctl serve`, the agent's watchdog and core (by their pid files), "
+             "uWSGI's master and gunicorn's arbiter (the process the benchmark starts), and the app workers (the "
+             "children of the agent core, of uWSGI's master, of gunicorn's arbiter). A process that exited "
+             "during a run is not counted; one that started during it counts whole. The ratio columns divide "
+             "each stack's figure by uWSGI's (below 1: less CPU than uWSGI). wrk is not counted. The kernel "
+             f"counts CPU time in clock ticks ({1000 / CLOCK_TICKS:g} ms here): the last row of each table is one "
+             "tick in µs per request, the resolution of that column.", ""]
+    for nginx_workers in dict.fromkeys([1, more_nginx_workers]):
+        for key, title, c in run_keys(results, workloads, connections, nginx_workers):
+            where = f", nginx with {nginx_workers} worker processes" if nginx_workers != 1 else ""
+            parts += [f"### {title}, {c} connection{'s' if c != 1 else ''}{where}", "",
+                      cpu_split_table(results, key, c, nginx_workers), ""]
+    return parts
 
 
 def agent_cpu_table(ours: StackResult, connections: Sequence[int]) -> str:
@@ -114,26 +183,57 @@ def agent_cpu_table(ours: StackResult, connections: Sequence[int]) -> str:
 
 
 def bars_table(results: Sequence[StackResult], connections: Sequence[int]) -> str:
+    """The bars of the data-path issue: the agent against uWSGI in the same
+    run, its core's CPU, and the whole stack's CPU."""
     found = by_key(results)
-    ours = found.get("ours")
+    ours, peer = found.get("ours"), found.get("uwsgi")
     rows = []
-    costs = [(c, agent_us(ours.run("hello", c))) for c in connections] if ours else []
-    measured = [(c, us) for c, us in costs if us is not None]
-    if measured:
-        worst = max(us for _, us in measured)
-        rows.append([f"agent core CPU ≤ {AGENT_CPU_BAR_US:g} µs per request (hello world)",
-                     ", ".join(f"{us:.1f} µs at {c}" for c, us in measured), verdict(worst <= AGENT_CPU_BAR_US)])
-    else:
-        rows.append([f"agent core CPU ≤ {AGENT_CPU_BAR_US:g} µs per request (hello world)", "not measured", "-"])
-    mine = ours.run("hello", 16) if ours else None
-    for key, factor in (("uwsgi", 1.0), ("gunicorn", GUNICORN_FACTOR)):
-        peer = found[key].run("hello", 16) if key in found else None
-        name = f"hello world, 16 connections: ≥ {'' if factor == 1 else f'{factor:g}x '}{SHORT[key]}'s rate"
-        if mine is None or peer is None:
+
+    def pairs(workload: str, conns: Sequence[int]) -> list[tuple[int, Run, Run]]:
+        if ours is None or peer is None:
+            return []
+        got = [(c, ours.run(workload, c), peer.run(workload, c)) for c in conns]
+        return [(c, a, b) for c, a, b in got if a is not None and b is not None]
+
+    def rate_row(name: str, workload: str, conns: Sequence[int]) -> None:
+        got = pairs(workload, conns)
+        if len(got) != len(conns):
             rows.append([name, "not measured", "-"])
-            continue
-        rows.append([name, f"{mine.rate:,.0f} vs {peer.rate:,.0f} req/s ({mine.rate / peer.rate:.2f}x)",
-                     verdict(mine.rate >= factor * peer.rate)])
+            return
+        rows.append([name, ", ".join(f"{a.rate / b.rate:.2f}x at {c}" for c, a, b in got),
+                     verdict(all(a.rate >= b.rate for _, a, b in got))])
+
+    rate_row("hello world at 1, 16, 64 connections: ≥ uWSGI's rate", "hello", [1, 16, 64])
+    rate_row("100 KB body at 16 connections: ≥ uWSGI's rate", "100k", [16])
+    got = pairs("hello", [16])
+    rows.append(["hello world at 16 connections: p99 ≤ uWSGI's",
+                 f"{ms(got[0][1].p99)} vs {ms(got[0][2].p99)}" if got else "not measured",
+                 verdict(got[0][1].p99 <= got[0][2].p99) if got else "-"])
+    name = f"agent core CPU ≤ {AGENT_CPU_BAR_US:g} µs per request (hello world)"
+    costs = [(c, agent_us(ours.run("hello", c))) for c in connections] if ours else []
+    measured = [(c, cost) for c, cost in costs if cost is not None]
+    if measured:
+        rows.append([name, ", ".join(f"{cost:.1f} µs at {c}" for c, cost in measured),
+                     verdict(max(cost for _, cost in measured) <= AGENT_CPU_BAR_US)])
+    else:
+        rows.append([name, "not measured", "-"])
+    got = pairs("hello", connections)
+    if got:
+        rows.append(["whole-stack CPU per request ≤ uWSGI's (hello world)",
+                     ", ".join(f"{a.stack_cpu / a.requests * 1e6:.1f} vs {b.stack_cpu / b.requests * 1e6:.1f} µs "
+                               f"at {c}" for c, a, b in got if a.requests and b.requests),
+                     verdict(all(a.requests and b.requests and a.stack_cpu / a.requests <= b.stack_cpu / b.requests
+                                 for _, a, b in got))])
+    else:
+        rows.append(["whole-stack CPU per request ≤ uWSGI's (hello world)", "not measured", "-"])
+    mine = ours.run("hello", 16) if ours else None
+    other = found["gunicorn"].run("hello", 16) if "gunicorn" in found else None
+    name = f"hello world at 16 connections: ≥ {GUNICORN_FACTOR:g}x gunicorn's rate (an earlier bar)"
+    if mine is None or other is None:
+        rows.append([name, "not measured", "-"])
+    else:
+        rows.append([name, f"{mine.rate:,.0f} vs {other.rate:,.0f} req/s ({mine.rate / other.rate:.2f}x)",
+                     verdict(mine.rate >= GUNICORN_FACTOR * other.rate)])
     return table(["bar", "measured", "result"], rows)
 
 
@@ -162,16 +262,33 @@ def memory_table(results: Sequence[StackResult]) -> str:
     return table(["stack", "worker PSS (each)", "mean", "other processes"], rows)
 
 
+def settings_section(machine: Machine) -> str:
+    """The nginx settings that are the same in every stack, as given."""
+    rows = [[stack, f"`{directives}`"] for stack, directives in machine.buffers]
+    workers = ("1; then " + f"{machine.more_nginx_workers} for the second pass" if machine.more_nginx_workers > 1
+               else "1")
+    return "\n".join(["## nginx settings, the same in every stack", "",
+                      f"`worker_processes` {workers}; upstream response buffers (proxy_*'s meanings, under "
+                      "each stack's prefix), set in one place (bench/stacks.py, Buffers; run.py's "
+                      "--buffer-size, --buffers and --busy-buffers-size):", "",
+                      table(["stack", "buffer directives"], rows), ""])
+
+
 def results_section(results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
-                    connections: Sequence[int]) -> str:
+                    connections: Sequence[int], more_nginx_workers: int = 1) -> str:
     if not any(r.runs for r in results):
         reasons = "".join(f"- {r.label}: {r.error}\n" for r in results)
         return f"## Results\n\nNo stack ran.\n\n{reasons}"
     parts = ["## Throughput and latency", "",
-             "Requests per second and wrk's 50th and 99th latency percentiles; the last columns divide "
-             "the agent's rate by each peer's.", "",
-             throughput_table(results, workloads, connections), "",
-             "## Bars", "", bars_table(results, connections), ""]
+             "Requests per second and wrk's 50th and 99th latency percentiles, nginx with one worker process; "
+             "the last columns divide the agent's rate by each peer's.", "",
+             throughput_table(results, workloads, connections), ""]
+    if more_nginx_workers > 1 and run_keys(results, workloads, connections, more_nginx_workers):
+        parts += [f"### nginx with {more_nginx_workers} worker processes", "",
+                  f"Each stack started again with `worker_processes {more_nginx_workers}`, everything else "
+                  "the same.", "",
+                  throughput_table(results, workloads, connections, more_nginx_workers), ""]
+    parts += ["## Bars", "", bars_table(results, connections), ""]
     ours = by_key(results).get("ours")
     if ours and ours.runs:
         parts += ["## Agent core CPU per request (hello world)", "",
@@ -187,6 +304,7 @@ def results_section(results: Sequence[StackResult], workloads: Sequence[tuple[st
               "master and workers, or the agent's watchdog, core and workers) over the run, divided by "
               "the requests. wrk runs on the same cores and is not counted.", "",
               stack_cpu_table(results, connections), "",
+              *cpu_split_section(results, workloads, connections, more_nginx_workers),
               "## Memory", "",
               "PSS (from /proc/PID/smaps_rollup) of each app worker, and of the peers' masters, after all "
               "the runs; RSS (from /proc/PID/status) of the agent's core and watchdog.", "",
@@ -215,7 +333,8 @@ def noise_note(results: Sequence[StackResult], cores: int) -> str:
     mean = sum(share for _, _, share in shares) / len(shares)
     text = (f"Processes other than the stack under test and wrk used {mean:.1f} % of the machine's CPU "
             f"on average during the measured runs")
-    noisy = [f"{SHORT[r.key]} {run.workload} at {run.connections} ({share:.0f} %)"
+    noisy = [f"{SHORT[r.key]} {run.workload} at {run.connections}"
+             f"{'' if run.nginx_workers == 1 else f' with {run.nginx_workers} nginx workers'} ({share:.0f} %)"
              for r, run, share in shares if share >= NOISY_PERCENT]
     if noisy:
         return (text + f"; {NOISY_PERCENT:g} % or more during these runs: {', '.join(noisy)}. "
@@ -241,6 +360,9 @@ def markdown(machine: Machine, results: Sequence[StackResult], workloads: Sequen
         ["wrk", machine.wrk],
     ])
     busy_note = f"\n{noise_note(results, machine.cores)}\n"
+    second_pass = (f"- After a stack's runs it starts again with nginx at {machine.more_nginx_workers} worker\n"
+                   "  processes, for hello world at 16 and 64 connections (`--more-nginx-workers`).\n"
+                   if machine.more_nginx_workers > 1 else "")
     return f"""# Benchmarks
 
 The figures below come from {kind}, as measured; nothing is adjusted.
@@ -249,7 +371,7 @@ The figures below come from {kind}, as measured; nothing is adjusted.
 
     make bench                                  # installs what is missing, builds, runs (about 5 minutes)
     .venv/bin/python bench/run.py --quick       # 3 s per run; report in bench/results/quick.md
-    .venv/bin/python bench/run.py --help        # --duration, --stacks, --app-python, --output
+    .venv/bin/python bench/run.py --help        # --duration, --stacks, --buffers, --more-nginx-workers, ...
 
 The script installs what it lacks when run as root (wrk and nginx with
 apt-get; gunicorn and uWSGI with pip, from bench/requirements.txt, into a
@@ -279,9 +401,13 @@ bench/stacks.py to match it.
 - nginx is the system's, one worker process, `access_log off`, `sendfile on`,
   4096 worker connections; one request per upstream connection in every
   stack (none of the three backends keeps upstream connections alive).
-- nginx's upstream buffers are the same in every stack: the agent module's
-  defaults (8k header buffer, 8 x 8k buffers, 16k busy), set for the peers
-  with `proxy_*`/`uwsgi_*` directives.
+- nginx's upstream buffers are the same in every stack, set from one place
+  (bench/stacks.py) as `agent_*`, `uwsgi_*` and `proxy_*` directives: see
+  "nginx settings" below.
+{second_pass}- Our stack's nginx configuration is written by `agentctl serve`; the
+  benchmark passes serve a small script as its nginx (bench/nginx_shim.py)
+  that sets `worker_processes` and the buffer directives in a copy of it and
+  runs nginx on the copy.
 - The workers run as `nobody` in every stack (the agent drops to nobody when
   it runs as root; gunicorn with `--user`, uWSGI with `--uid`).
 - Workloads: `/` answers a 13-byte "Hello, world"; `/100k` a 100 KB body;
@@ -292,4 +418,5 @@ bench/stacks.py to match it.
   the stack under test, so the figures compare the stacks with each other on
   this machine; they are not the capacity of a machine given to the server.
 
-"""  + results_section(results, workloads, connections)
+{settings_section(machine)}
+"""  + results_section(results, workloads, connections, machine.more_nginx_workers)

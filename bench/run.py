@@ -6,10 +6,14 @@
 
 Each stack runs behind the system nginx (one worker process) with two app
 workers serving bench/apps/wsgi.py under the same interpreter
-(/usr/bin/python3). wrk loads each workload (hello world, a 100 KB body, a
-10 ms sleep) at 1, 16 and 64 connections. The report goes to stdout and, as
-Markdown, to docs/benchmarks.md (bench/results/quick.md for --quick); the raw
-figures go to bench/results/last.json.
+(/usr/bin/python3), with the same upstream buffers (stacks.Buffers). wrk
+loads each workload (hello world, a 100 KB body, a 10 ms sleep) at 1, 16 and
+64 connections; then each stack starts again with nginx at two worker
+processes for hello world at 16 and 64 connections. Every run's CPU time is
+read from /proc for each process of the stack and split by role (nginx,
+agent core and watchdog, app server master, app workers). The report goes to
+stdout and, as Markdown, to docs/benchmarks.md (bench/results/quick.md for
+--quick); the raw figures go to bench/results/last.json.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -34,8 +39,8 @@ from types import FrameType
 import procfs
 import report
 import wrk
-from figures import Run, StackResult
-from stacks import AgentStack, GunicornStack, Stack, StackError, UwsgiStack
+from figures import AGENT_CORE, Run, StackResult
+from stacks import AgentStack, Buffers, GunicornStack, Stack, StackError, UwsgiStack
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -45,7 +50,10 @@ REQUIREMENTS = BENCH / "requirements.txt"
 
 WORKLOADS = [("hello", "hello world", "/"), ("100k", "100 KB body", "/100k"), ("sleep", "10 ms sleep", "/sleep")]
 CONNECTIONS = [1, 16, 64]
+# The second pass, with nginx at --more-nginx-workers worker processes.
+MORE_WORKERS_RUNS = [("hello", 16), ("hello", 64)]
 STACK_KEYS = ["ours", "uwsgi", "gunicorn"]
+STACK_LABELS = {"ours": AgentStack.label, "uwsgi": UwsgiStack.label, "gunicorn": GunicornStack.label}
 WARMUP_SECONDS = 1.0
 IDLE_SECONDS = 3.0
 APT_HINT = "apt-get install nginx wrk build-essential python3-dev python3-venv"
@@ -145,79 +153,120 @@ def prepare_app(base: Path) -> Path:
     return app_dir
 
 
-def measure(stack: Stack, wrk_bin: str, duration: float, log: list[str]) -> StackResult:
-    result = StackResult(stack.key, stack.label)
-    core = stack.core_pid() if isinstance(stack, AgentStack) else None
+Plan = list[tuple[str, str, str, int]]     # (workload, title, path, connections)
+
+
+def full_plan() -> Plan:
+    return [(key, title, path, c) for key, title, path in WORKLOADS for c in CONNECTIONS]
+
+
+def more_workers_plan() -> Plan:
+    titles = {key: (title, path) for key, title, path in WORKLOADS}
+    return [(key, *titles[key], c) for key, c in MORE_WORKERS_RUNS]
+
+
+def measure(stack: Stack, wrk_bin: str, duration: float, log: list[str], result: StackResult, plan: Plan,
+            full: bool) -> None:
+    """Runs wrk for each entry of plan, adding a Run to result for each.
+    full: also every path's warm-up, the stack at rest, and memory."""
     stack.check_answers({"/": b"Hello, world\n", "/100k": b"x" * 102400, "/sleep": b"Hello, world\n"})
-    for _, _, path in WORKLOADS:
+    for path in dict.fromkeys(path for _, _, path, _ in (full_plan() if full else plan)):
         wrk.run(wrk_bin, f"http://127.0.0.1:{stack.port}{path}", 16, WARMUP_SECONDS)
-    agent_before = procfs.cpu_seconds(core) if core else None
-    stack_before = stack.cpu_seconds()
-    time.sleep(IDLE_SECONDS)
-    agent_after = procfs.cpu_seconds(core) if core else None
-    result.idle_seconds = IDLE_SECONDS
-    result.idle_stack_cpu = stack.cpu_seconds() - stack_before
-    if agent_before is not None and agent_after is not None:
-        result.idle_agent_cpu = agent_after - agent_before
-    for workload, title, path in WORKLOADS:
-        for connections in CONNECTIONS:
-            stack.check_running()
-            agent_before = procfs.cpu_seconds(core) if core else None
-            stack_before = stack.cpu_seconds()
-            machine_before, started = procfs.machine_busy_seconds(), time.monotonic()
-            got = wrk.run(wrk_bin, f"http://127.0.0.1:{stack.port}{path}", connections, duration)
-            machine_cpu, elapsed = procfs.machine_busy_seconds() - machine_before, time.monotonic() - started
-            stack_cpu = stack.cpu_seconds() - stack_before
-            agent_after = procfs.cpu_seconds(core) if core else None
-            agent_cpu = (agent_after - agent_before
-                         if agent_before is not None and agent_after is not None else None)
-            run = Run(workload, connections, got.rate, got.p50, got.p99, got.requests, got.errors,
-                      stack_cpu, agent_cpu, other_cpu=max(0.0, machine_cpu - stack_cpu - got.cpu),
-                      seconds=elapsed)
-            result.runs.append(run)
-            line = (f"  {stack.label:15} {title:12} c={connections:<3} {got.rate:10,.0f} req/s  "
-                    f"p50 {report.ms(got.p50):>8}  p99 {report.ms(got.p99):>8}")
-            if got.errors:
-                line += f"  errors {got.errors}"
-            if agent_cpu is not None and got.requests:
-                line += f"  agent {agent_cpu / got.requests * 1e6:.1f} µs/req"
-            print(line, flush=True)
-            log.append(got.output)
-    for pid in stack.workers():
-        pss = procfs.pss_kib(pid)
-        if pss is not None:
-            result.worker_pss_kib.append(pss)
-    result.other_memory = stack.other_memory()
-    return result
+    if full:
+        before = stack.cpu_by_process()
+        time.sleep(IDLE_SECONDS)
+        idle = procfs.cpu_split(before, stack.cpu_by_process())
+        result.idle_seconds = IDLE_SECONDS
+        result.idle_stack_cpu = sum(idle.values())
+        if isinstance(stack, AgentStack):
+            result.idle_agent_cpu = idle.get(AGENT_CORE, 0.0)
+    where = f" ({stack.nginx_workers} nginx workers)" if stack.nginx_workers != 1 else ""
+    for workload, title, path, connections in plan:
+        stack.check_running()
+        before = stack.cpu_by_process()
+        machine_before, started = procfs.machine_busy_seconds(), time.monotonic()
+        got = wrk.run(wrk_bin, f"http://127.0.0.1:{stack.port}{path}", connections, duration)
+        machine_cpu, elapsed = procfs.machine_busy_seconds() - machine_before, time.monotonic() - started
+        split = procfs.cpu_split(before, stack.cpu_by_process())
+        stack_cpu = sum(split.values())
+        agent_cpu = split.get(AGENT_CORE, 0.0) if isinstance(stack, AgentStack) else None
+        run = Run(workload, connections, got.rate, got.p50, got.p99, got.requests, got.errors,
+                  stack_cpu, agent_cpu, other_cpu=max(0.0, machine_cpu - stack_cpu - got.cpu),
+                  seconds=elapsed, nginx_workers=stack.nginx_workers, cpu_split=split)
+        result.runs.append(run)
+        line = (f"  {stack.label:15} {title:12} c={connections:<3} {got.rate:10,.0f} req/s  "
+                f"p50 {report.ms(got.p50):>8}  p99 {report.ms(got.p99):>8}  "
+                f"stack {run.us_per_request(stack_cpu) or 0:6.1f} µs/req")
+        if agent_cpu is not None:
+            line += f"  agent core {run.us_per_request(agent_cpu) or 0:5.1f}"
+        if got.errors:
+            line += f"  errors {got.errors}"
+        print(line + where, flush=True)
+        log.append(got.output)
+    if full:
+        for pid in stack.workers():
+            pss = procfs.pss_kib(pid)
+            if pss is not None:
+                result.worker_pss_kib.append(pss)
+        result.other_memory = stack.other_memory()
 
 
-def bench_stack(stack: Stack, wrk_bin: str, duration: float) -> StackResult:
-    print(f"bench: {stack.label}: starting (run dir {stack.run_dir}, port {stack.port})", flush=True)
+def bench_stack(stack: Stack, wrk_bin: str, duration: float, result: StackResult, plan: Plan, full: bool) -> None:
+    what = f"{stack.label} with {stack.nginx_workers} nginx worker{'s' if stack.nginx_workers > 1 else ''}"
+    print(f"bench: {what}: starting (run dir {stack.run_dir}, port {stack.port})", flush=True)
     log: list[str] = []
     try:
         stack.start()
         stack.wait_ready()
-        result = measure(stack, wrk_bin, duration, log)
+        measure(stack, wrk_bin, duration, log, result, plan, full)
     except (StackError, wrk.WrkError, OSError) as e:
-        print(f"bench: {stack.label} failed: {e}", file=sys.stderr, flush=True)
-        result = StackResult(stack.key, stack.label, error=str(e).splitlines()[0])
+        print(f"bench: {what} failed: {e}", file=sys.stderr, flush=True)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(stack, AgentStack) and 'unknown directive "agent_buf' in str(e):
+            first += " (this module has no agent_* buffer directives: run with --no-agent-buffers)"
+            print(f"bench: {first}", file=sys.stderr, flush=True)
+        error = first if full else f"with {stack.nginx_workers} nginx workers: {first}"
+        result.error = error if result.error is None else f"{result.error}; {error}"
     finally:
         stack.stop()
-        (RESULTS / f"wrk-{stack.key}.txt").write_text("\n".join(log))
-    return result
+        suffix = "" if stack.nginx_workers == 1 else f"-nginx{stack.nginx_workers}"
+        (RESULTS / f"wrk-{stack.key}{suffix}.txt").write_text("\n".join(log))
 
 
-def make_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path | None,
-               app_python: str) -> Stack:
-    run_dir = base / key
+def make_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path | None, args: argparse.Namespace,
+               nginx_workers: int) -> Stack:
+    run_dir = base / (key if nginx_workers == 1 else f"{key}-nginx{nginx_workers}")
     run_dir.mkdir()
     port = free_port()
     if key == "ours":
-        return AgentStack(run_dir, port, app_dir, REPO, sys.executable, app_python)
+        return AgentStack(run_dir, port, app_dir, nginx_workers, args.buffers, nginx, REPO, sys.executable,
+                          args.app_python, agent_buffers=not args.no_agent_buffers)
     assert peers_bin is not None
     if key == "uwsgi":
-        return UwsgiStack(run_dir, port, app_dir, nginx, peers_bin)
-    return GunicornStack(run_dir, port, app_dir, nginx, peers_bin)
+        return UwsgiStack(run_dir, port, app_dir, nginx_workers, args.buffers, nginx, peers_bin)
+    return GunicornStack(run_dir, port, app_dir, nginx_workers, args.buffers, nginx, peers_bin)
+
+
+def buffer_settings(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(stack, directives) for the report."""
+    rows = [(report.SHORT["gunicorn"], " ".join(args.buffers.directives("proxy"))),
+            (report.SHORT["uwsgi"], " ".join(args.buffers.directives("uwsgi")))]
+    ours = ("the module's defaults (--no-agent-buffers)" if args.no_agent_buffers
+            else " ".join(args.buffers.directives("agent")))
+    return [(report.SHORT["ours"], ours), *rows]
+
+
+def nginx_size(text: str) -> str:
+    if re.fullmatch(r"[1-9][0-9]*[kKmM]?", text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an nginx size (like 8k)")
+    return text
+
+
+def nginx_buffers(text: str) -> str:
+    parts = text.split()
+    if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NUMBER SIZE (like '8 8k'; NUMBER at least 2)")
+    return f"{int(parts[0])} {nginx_size(parts[1])}"
 
 
 def raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -238,7 +287,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "bench/results/quick.md with --quick)")
     parser.add_argument("--no-install", action="store_true", help="never install anything; name what is missing")
     parser.add_argument("--keep", action="store_true", help="keep the run directory (configs, logs) under /tmp")
+    defaults = Buffers()
+    parser.add_argument("--buffer-size", type=nginx_size, default=defaults.buffer_size,
+                        help=f"every stack's *_buffer_size ({defaults.buffer_size})")
+    parser.add_argument("--buffers", type=nginx_buffers, default=defaults.buffers,
+                        help=f"every stack's *_buffers, NUMBER SIZE ({defaults.buffers})")
+    parser.add_argument("--busy-buffers-size", type=nginx_size, default=defaults.busy_buffers_size,
+                        help=f"every stack's *_busy_buffers_size ({defaults.busy_buffers_size})")
+    parser.add_argument("--no-agent-buffers", action="store_true",
+                        help="leave the agent_* buffer directives out of our stack's nginx config "
+                        "(for a module without them; the peers keep theirs)")
+    parser.add_argument("--more-nginx-workers", type=int, default=2, metavar="N",
+                        help="nginx's worker_processes in the second pass (hello world at 16 and 64 "
+                        "connections); 0 or 1 skips it (2)")
     args = parser.parse_args(argv)
+    args.buffers = Buffers(args.buffer_size, args.buffers, args.busy_buffers_size)
     if args.quick:
         args.duration = 3.0
     args.stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
@@ -281,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         gunicorn=version_of([str(peers_bin / "gunicorn"), "--version"]).split()[-1].strip(")") if peers_bin
         else "-",
         uwsgi=version_of([str(peers_bin / "uwsgi"), "--version"]) if peers_bin else "-",
-        duration=args.duration, load=f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        duration=args.duration, load=f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        buffers=buffer_settings(args), more_nginx_workers=max(1, args.more_nginx_workers))
 
     results: list[StackResult] = []
     base = Path(tempfile.mkdtemp(prefix="agent-bench-", dir="/tmp"))
@@ -293,9 +357,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: nginx→agent skipped: {why}", file=sys.stderr, flush=True)
                 results.append(StackResult("ours", AgentStack.label, error=why))
                 continue
-            stack = make_stack(key, base, app_dir, nginx, peers_bin, args.app_python)
+            result = StackResult(key, STACK_LABELS[key])
+            results.append(result)
+            stack = make_stack(key, base, app_dir, nginx, peers_bin, args, 1)
             stacks.append(stack)
-            results.append(bench_stack(stack, wrk_bin, args.duration))
+            bench_stack(stack, wrk_bin, args.duration, result, full_plan(), full=True)
+            if args.more_nginx_workers > 1 and result.error is None:
+                stack = make_stack(key, base, app_dir, nginx, peers_bin, args, args.more_nginx_workers)
+                stacks.append(stack)
+                bench_stack(stack, wrk_bin, args.duration, result, more_workers_plan(), full=False)
     except KeyboardInterrupt:
         print("\nbench: interrupted; stopping what was started", file=sys.stderr)
         return 130
@@ -311,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     info.load_end = f"{end[0]:.2f} {end[1]:.2f} {end[2]:.2f}"
     text = report.markdown(info, results, WORKLOADS, CONNECTIONS, quick=args.quick)
     print()
-    print(report.results_section(results, WORKLOADS, CONNECTIONS))
+    print(report.settings_section(info))
+    print(report.results_section(results, WORKLOADS, CONNECTIONS, info.more_nginx_workers))
     print(report.noise_note(results, info.cores))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

@@ -17,20 +17,40 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import nginx_shim
 import procfs
+from figures import AGENT_CORE, AGENT_WATCHDOG, APP_MASTER, APP_WORKERS, NGINX_MASTER, NGINX_WORKERS, OTHER, SERVE
 
 WORKERS = 2
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 UWSGI_PARAMS = Path("/etc/nginx/uwsgi_params")
 
-# nginx's upstream buffers, set for the peers as the agent module sets them
-# for itself, so that a 100 KB response is buffered alike in every stack.
-BUFFERS = "buffer_size 8k; {p}_buffers 8 8k; {p}_busy_buffers_size 16k;"
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """nginx's upstream response buffers, the same in every stack: proxy_*'s
+    meanings, given as proxy_* (gunicorn), uwsgi_* (uWSGI) and agent_* (ours).
+    The defaults here are the one place the benchmark sets them; run.py's
+    --buffer-size, --buffers and --busy-buffers-size override them."""
+
+    buffer_size: str = "8k"
+    buffers: str = "8 8k"
+    busy_buffers_size: str = "16k"
+
+    def directives(self, prefix: str) -> list[str]:
+        return [f"{prefix}_buffer_size {self.buffer_size};", f"{prefix}_buffers {self.buffers};",
+                f"{prefix}_busy_buffers_size {self.busy_buffers_size};"]
+
+    def location_lines(self, prefix: str) -> str:
+        return "".join(f"            {line}\n" for line in self.directives(prefix))
 
 
 class StackError(Exception):
@@ -41,10 +61,12 @@ class Stack:
     key = ""
     label = ""
 
-    def __init__(self, run_dir: Path, port: int, app_dir: Path) -> None:
+    def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx_workers: int, buffers: Buffers) -> None:
         self.run_dir = run_dir
         self.port = port
         self.app_dir = app_dir
+        self.nginx_workers = nginx_workers
+        self.buffers = buffers
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.known: set[procfs.Proc] = set()
         self.logs: list[IO[bytes]] = []
@@ -151,6 +173,29 @@ class Stack:
         """CPU time of every process of the stack (nginx included)."""
         return sum(procfs.cpu_seconds(pid) or 0.0 for pid in self.pids())
 
+    def cpu_by_process(self) -> dict[procfs.Proc, tuple[str, float]]:
+        """Each process of the stack, with its role (figures.ROLES) and its
+        CPU time so far: the snapshot procfs.cpu_split() compares."""
+        found: dict[procfs.Proc, tuple[str, float]] = {}
+        for pid in self.pids():
+            proc, seconds = procfs.Proc.of(pid), procfs.cpu_seconds(pid)
+            if proc is not None and seconds is not None:
+                found[proc] = (self.role(pid), seconds)
+        return found
+
+    def role(self, pid: int) -> str:
+        """What the process is: nginx's master or a worker by the title
+        nginx gives them, else what the stack says."""
+        title = procfs.command_line(pid)
+        if title.startswith("nginx: worker"):
+            return NGINX_WORKERS
+        if title.startswith("nginx:"):
+            return NGINX_MASTER
+        return self.server_role(pid)
+
+    def server_role(self, pid: int) -> str:
+        return OTHER
+
     def other_memory(self) -> list[tuple[str, int | None]]:
         """(what, KiB) of processes other than the workers, for the report."""
         return []
@@ -202,8 +247,9 @@ def worker_user() -> tuple[str, str] | None:
 class PeerStack(Stack):
     """nginx in front of an app server on a Unix socket."""
 
-    def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx: str, peers_bin: Path) -> None:
-        super().__init__(run_dir, port, app_dir)
+    def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx_workers: int, buffers: Buffers, nginx: str,
+                 peers_bin: Path) -> None:
+        super().__init__(run_dir, port, app_dir, nginx_workers, buffers)
         self.nginx = nginx
         self.peers_bin = peers_bin
         self.socket = run_dir / "sockets" / f"{self.key}.sock"
@@ -242,7 +288,7 @@ class PeerStack(Stack):
         config = self.run_dir / "nginx.conf"
         config.write_text(f"""daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {self.nginx_workers};
 pid {self.run_dir / 'nginx.pid'};
 error_log {self.run_dir / 'nginx-error.log'} warn;
 
@@ -271,6 +317,13 @@ http {{
             return []
         return procfs.children(self.server.pid)
 
+    def server_role(self, pid: int) -> str:
+        if self.server is None:
+            return OTHER
+        if pid == self.server.pid:
+            return APP_MASTER
+        return APP_WORKERS if procfs.parent(pid) == self.server.pid else OTHER
+
     def other_memory(self) -> list[tuple[str, int | None]]:
         if self.server is None:
             return []
@@ -291,7 +344,7 @@ class GunicornStack(PeerStack):
     def nginx_location(self) -> str:
         return (f"            proxy_pass http://unix:{self.socket}:;\n"
                 "            proxy_set_header Host $host;\n"
-                f"            proxy_{BUFFERS.format(p='proxy')}\n")
+                + self.buffers.location_lines("proxy"))
 
 
 class UwsgiStack(PeerStack):
@@ -315,31 +368,42 @@ class UwsgiStack(PeerStack):
                       ("SERVER_PROTOCOL", "server_protocol"), ("REMOTE_ADDR", "remote_addr"),
                       ("SERVER_NAME", "server_name"), ("SERVER_PORT", "server_port"))))
         return (params + f"            uwsgi_pass unix:{self.socket};\n"
-                f"            uwsgi_{BUFFERS.format(p='uwsgi')}\n")
+                + self.buffers.location_lines("uwsgi"))
 
 
 # -- ours --------------------------------------------------------------------
 
 class AgentStack(Stack):
     """agentctl serve: it writes the nginx config and runs nginx in the
-    foreground; nginx starts the agent, which starts the workers."""
+    foreground; nginx starts the agent, which starts the workers.
+
+    serve is given bench/nginx_shim.py's script as its nginx, which sets
+    worker_processes and the agent_* buffer directives (unless
+    agent_buffers is False) as the peers' configurations have them."""
 
     key = "ours"
     label = "nginx→agent"
 
-    def __init__(self, run_dir: Path, port: int, app_dir: Path, repo: Path, agent_python: str,
-                 app_python: str) -> None:
-        super().__init__(run_dir, port, app_dir)
+    def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx_workers: int, buffers: Buffers, nginx: str,
+                 repo: Path, agent_python: str, app_python: str, agent_buffers: bool = True) -> None:
+        super().__init__(run_dir, port, app_dir, nginx_workers, buffers)
+        self.nginx = nginx
         self.repo = repo
         self.agent_python = agent_python
         self.app_python = app_python
+        self.agent_buffers = agent_buffers
         self.instance = run_dir / "instance"
+        self.serve: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.launch("agentctl-serve", [
+        shim = self.run_dir / "nginx-shim"
+        lines = self.buffers.directives("agent") if self.agent_buffers else []
+        shim.write_text(nginx_shim.script(sys.executable, self.nginx, self.nginx_workers, lines))
+        shim.chmod(0o755)
+        self.serve = self.launch("agentctl-serve", [
             self.agent_python, "-m", "agent.cli", "serve", str(self.app_dir), "--port", str(self.port),
             "--run-dir", str(self.run_dir), "--min-instances", str(WORKERS), "--max-instances", str(WORKERS),
-            "--python", self.app_python], cwd=self.repo)
+            "--python", self.app_python, "--nginx", str(shim)], cwd=self.repo)
 
     def pid_from(self, name: str) -> int | None:
         try:
@@ -361,6 +425,16 @@ class AgentStack(Stack):
     def workers(self) -> list[int]:
         core = self.core_pid()
         return [] if core is None else procfs.children(core)
+
+    def server_role(self, pid: int) -> str:
+        core, watchdog = self.core_pid(), self.watchdog_pid()
+        if pid == core:
+            return AGENT_CORE
+        if pid == watchdog:
+            return AGENT_WATCHDOG
+        if self.serve is not None and pid == self.serve.pid:
+            return SERVE
+        return APP_WORKERS if core is not None and procfs.parent(pid) == core else OTHER
 
     def other_memory(self) -> list[tuple[str, int | None]]:
         core, watchdog = self.core_pid(), self.watchdog_pid()
