@@ -155,6 +155,7 @@ SETTINGS: tuple[Setting, ...] = (
     # -- agentctl serve only ----------------------------------------------------------
     Setting("host", S, Scope.SERVE, "127.0.0.1", "the address nginx listens on"),
     Setting("port", N, Scope.SERVE, 8080, "the port nginx listens on", minimum=1, maximum=65535),
+    Setting("nginx_workers", N, Scope.SERVE, 1, "nginx's worker processes (its worker_processes)", minimum=1),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -404,10 +404,9 @@ bench/stacks.py to match it.
 - nginx's upstream buffers are the same in every stack, set from one place
   (bench/stacks.py) as `agent_*`, `uwsgi_*` and `proxy_*` directives: see
   "nginx settings" below.
-{second_pass}- Our stack's nginx configuration is written by `agentctl serve`; the
-  benchmark passes serve a small script as its nginx (bench/nginx_shim.py)
-  that sets `worker_processes` and the buffer directives in a copy of it and
-  runs nginx on the copy.
+{second_pass}- Our stack's nginx configuration is written by `agentctl serve`, given
+  the worker processes and the buffers as flags (`--nginx-workers`,
+  `--buffer-size`, `--buffers`, `--busy-buffers-size`).
 - The workers run as `nobody` in every stack (the agent drops to nobody when
   it runs as root; gunicorn with `--user`, uWSGI with `--uid`).
 - Workloads: `/` answers a 13-byte "Hello, world"; `/100k` a 100 KB body;

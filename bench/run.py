@@ -222,9 +222,6 @@ def bench_stack(stack: Stack, wrk_bin: str, duration: float, result: StackResult
     except (StackError, wrk.WrkError, OSError) as e:
         print(f"bench: {what} failed: {e}", file=sys.stderr, flush=True)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(stack, AgentStack) and 'unknown directive "agent_buf' in str(e):
-            first += " (this module has no agent_* buffer directives: run with --no-agent-buffers)"
-            print(f"bench: {first}", file=sys.stderr, flush=True)
         error = first if full else f"with {stack.nginx_workers} nginx workers: {first}"
         result.error = error if result.error is None else f"{result.error}; {error}"
     finally:
@@ -240,7 +237,7 @@ def make_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path 
     port = free_port()
     if key == "ours":
         return AgentStack(run_dir, port, app_dir, nginx_workers, args.buffers, nginx, REPO, sys.executable,
-                          args.app_python, agent_buffers=not args.no_agent_buffers)
+                          args.app_python)
     assert peers_bin is not None
     if key == "uwsgi":
         return UwsgiStack(run_dir, port, app_dir, nginx_workers, args.buffers, nginx, peers_bin)
@@ -251,9 +248,7 @@ def buffer_settings(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(stack, directives) for the report."""
     rows = [(report.SHORT["gunicorn"], " ".join(args.buffers.directives("proxy"))),
             (report.SHORT["uwsgi"], " ".join(args.buffers.directives("uwsgi")))]
-    ours = ("the module's defaults (--no-agent-buffers)" if args.no_agent_buffers
-            else " ".join(args.buffers.directives("agent")))
-    return [(report.SHORT["ours"], ours), *rows]
+    return [(report.SHORT["ours"], " ".join(args.buffers.directives("agent"))), *rows]
 
 
 def nginx_size(text: str) -> str:
@@ -294,9 +289,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"every stack's *_buffers, NUMBER SIZE ({defaults.buffers})")
     parser.add_argument("--busy-buffers-size", type=nginx_size, default=defaults.busy_buffers_size,
                         help=f"every stack's *_busy_buffers_size ({defaults.busy_buffers_size})")
-    parser.add_argument("--no-agent-buffers", action="store_true",
-                        help="leave the agent_* buffer directives out of our stack's nginx config "
-                        "(for a module without them; the peers keep theirs)")
     parser.add_argument("--more-nginx-workers", type=int, default=2, metavar="N",
                         help="nginx's worker_processes in the second pass (hello world at 16 and 64 "
                         "connections); 0 or 1 skips it (2)")

@@ -17,13 +17,11 @@ import os
 import pwd
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import nginx_shim
 import procfs
 from figures import AGENT_CORE, AGENT_WATCHDOG, APP_MASTER, APP_WORKERS, NGINX_MASTER, NGINX_WORKERS, OTHER, SERVE
 
@@ -41,9 +39,9 @@ class Buffers:
     The defaults here are the one place the benchmark sets them; run.py's
     --buffer-size, --buffers and --busy-buffers-size override them."""
 
-    buffer_size: str = "8k"
-    buffers: str = "8 8k"
-    busy_buffers_size: str = "16k"
+    buffer_size: str = "16k"        # the agent module's defaults (docs/directives.md)
+    buffers: str = "4 32k"
+    busy_buffers_size: str = "64k"
 
     def directives(self, prefix: str) -> list[str]:
         return [f"{prefix}_buffer_size {self.buffer_size};", f"{prefix}_buffers {self.buffers};",
@@ -51,6 +49,11 @@ class Buffers:
 
     def location_lines(self, prefix: str) -> str:
         return "".join(f"            {line}\n" for line in self.directives(prefix))
+
+    def serve_flags(self) -> list[str]:
+        """The same settings as `agentctl serve` flags."""
+        return ["--buffer-size", self.buffer_size, "--buffers", self.buffers,
+                "--busy-buffers-size", self.busy_buffers_size]
 
 
 class StackError(Exception):
@@ -374,36 +377,30 @@ class UwsgiStack(PeerStack):
 # -- ours --------------------------------------------------------------------
 
 class AgentStack(Stack):
-    """agentctl serve: it writes the nginx config and runs nginx in the
-    foreground; nginx starts the agent, which starts the workers.
-
-    serve is given bench/nginx_shim.py's script as its nginx, which sets
-    worker_processes and the agent_* buffer directives (unless
-    agent_buffers is False) as the peers' configurations have them."""
+    """agentctl serve: it writes the nginx config (worker processes and
+    buffers from its flags, as the peers' configurations have them) and runs
+    nginx in the foreground; nginx starts the agent, which starts the
+    workers."""
 
     key = "ours"
     label = "nginx→agent"
 
     def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx_workers: int, buffers: Buffers, nginx: str,
-                 repo: Path, agent_python: str, app_python: str, agent_buffers: bool = True) -> None:
+                 repo: Path, agent_python: str, app_python: str) -> None:
         super().__init__(run_dir, port, app_dir, nginx_workers, buffers)
         self.nginx = nginx
         self.repo = repo
         self.agent_python = agent_python
         self.app_python = app_python
-        self.agent_buffers = agent_buffers
         self.instance = run_dir / "instance"
         self.serve: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        shim = self.run_dir / "nginx-shim"
-        lines = self.buffers.directives("agent") if self.agent_buffers else []
-        shim.write_text(nginx_shim.script(sys.executable, self.nginx, self.nginx_workers, lines))
-        shim.chmod(0o755)
         self.serve = self.launch("agentctl-serve", [
             self.agent_python, "-m", "agent.cli", "serve", str(self.app_dir), "--port", str(self.port),
             "--run-dir", str(self.run_dir), "--min-instances", str(WORKERS), "--max-instances", str(WORKERS),
-            "--python", self.app_python, "--nginx", str(shim)], cwd=self.repo)
+            "--python", self.app_python, "--nginx", self.nginx, "--nginx-workers", str(self.nginx_workers),
+            *self.buffers.serve_flags()], cwd=self.repo)
 
     def pid_from(self, name: str) -> int | None:
         try:

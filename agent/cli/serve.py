@@ -114,7 +114,7 @@ def render_config(options: ServeOptions, module: Path) -> str:
 load_module {quote(str(module))};
 daemon off;
 master_process on;
-{user_directive()}worker_processes 1;
+{user_directive()}worker_processes {options.settings['nginx_workers']};
 pid {quote(str(run_dir / 'nginx.pid'))};
 error_log stderr notice;
 
