@@ -58,10 +58,11 @@ BODY_RECV_SIZE = 1024 * 1024
 # connection can carry the next request; past it the connection is closed
 # after the response (section 2).
 DRAIN_LIMIT = 1024 * 1024
-# A body chunk up to this size is copied into the same send as its record
-# header (and the head, or the end record, where they go out with it); a
-# larger one is not worth copying and is sent on its own.
-COALESCE_LIMIT = 256 * 1024
+# A body chunk up to this size is copied into one buffer with its record
+# header (and the head, or the end record, where they go out with it) and
+# sent with send(); a larger one is gathered with them by sendmsg() instead,
+# which copies nothing in the worker. Either way one system call.
+COALESCE_LIMIT = 16 * 1024
 # Largest record the loader sends. Records of a large chunk or of a file
 # sent with sendfile() are cut to this size: a record length is 32 bits,
 # and a file's size is read once, before its first record is announced.
@@ -397,6 +398,11 @@ class InputStream:
         return True
 
 
+# wsgi.input of every request without a body. It never receives: its
+# socket is never used.
+EMPTY_INPUT = InputStream(None, b"", 0)  # type: ignore[arg-type]
+
+
 # --------------------------------------------------------------------------
 # The response (section 2)
 
@@ -423,11 +429,16 @@ class FileWrapper:
 
 def encode_head(status: str, headers: Iterable[tuple[str, str]]) -> bytes:
     """The status line and headers of a response, checked and encoded."""
-    lines = [name + ": " + value + "\r\n" for name, value in headers]
-    head = "HTTP/1.1 " + status + "\r\n" + "".join(lines) + "\r\n"
+    # One join over a flat list: no string per header line.
+    parts = ["HTTP/1.1 ", status]
+    for name, value in headers:
+        parts += ("\r\n", name, ": ", value)
+    parts.append("\r\n\r\n")
+    head = "".join(parts)
     # Every line break must be one the loader put there: an app must not
-    # be able to split its response by putting one in a header.
-    breaks = len(lines) + 2
+    # be able to split its response by putting one in a header. There is
+    # one per header (4 parts each), one after the status and one at the end.
+    breaks = (len(parts) - 3) // 4 + 2
     if head.count("\n") != breaks or head.count("\r") != breaks:
         raise ValueError("a response status or header contains a line break")
     if not status[:3].isdigit() or status[3:4] not in ("", " "):
@@ -499,7 +510,7 @@ class Response:
                 if len(data) <= COALESCE_LIMIT:
                     self.conn.sendall(_pack_u32(len(data)) + data)
                 else:
-                    self._send_large(data)
+                    self._send_chunk(b"", data, b"")
                 return
             head = self._head()
             if len(data) <= COALESCE_LIMIT:
@@ -509,46 +520,69 @@ class Response:
                 self.sent = True
                 self.conn.sendall(payload)
             else:
-                self.sent = True
-                self.conn.sendall(_pack_u32(len(head)) + head)
-                self._send_large(data)
+                self._send_chunk(head, data, b"")
         except OSError as exc:
             raise ClientDisconnected(f"sending the response: {exc}") from exc
 
-    def _send_large(self, data: bytes) -> None:
-        """Send a chunk too large to copy, in records of its own."""
-        view = memoryview(data).cast("B")
-        sendall = self.conn.sendall
-        for start in range(0, len(view), MAX_RECORD_SIZE):
+    def _send_chunk(self, head: bytes, data: bytes, tail: bytes) -> None:
+        """Send *head* (b"" once it has left), a chunk too large to copy as
+        records of its own, and *tail* (the end record, or b""), gathered
+        by sendmsg() rather than joined: one call, no copy of the chunk."""
+        view = memoryview(data).cast("B")  # a body that is not bytes raises before `sent`
+        self.sent = True
+        size = len(view)
+        if len(head) + size <= MAX_RECORD_SIZE:
+            self._send_parts([_pack_u32(len(head) + size) + head, view, tail])
+            return
+        prefix = _pack_u32(len(head)) + head if head else b""
+        for start in range(0, size, MAX_RECORD_SIZE):
             piece = view[start : start + MAX_RECORD_SIZE]
-            sendall(_pack_u32(len(piece)))
-            sendall(piece)
+            self._send_parts([prefix + _pack_u32(len(piece)), piece])
+            prefix = b""
+        if tail:
+            self.conn.sendall(tail)
+
+    def _send_parts(self, parts: list[Any]) -> None:
+        """Send byte strings and byte memoryviews in order, with one
+        sendmsg(). It sends all on a blocking socket unless a signal cuts
+        it short; then the rest follows with sendall()."""
+        conn = self.conn
+        sent = conn.sendmsg(parts)
+        for part in parts:
+            size = len(part)
+            if sent >= size:
+                sent -= size
+                continue
+            conn.sendall(memoryview(part)[sent:])
+            sent = 0
 
     def finish(self, last: bytes = b"") -> None:
         """Send *last* (the final chunk, maybe empty), the head if it has not
-        left yet, and the end record, in one send when they are small.
+        left yet, and the end record, in one system call.
 
         The unread body is settled first: the engine may send the next
         frame as soon as it has the end record.
         """
         if self.stream.unread:
             self.settle_body()
-        if self.sent:
-            if not last:
-                payload = END_RECORD
-            elif len(last) <= COALESCE_LIMIT:
-                payload = _pack_u32(len(last)) + last + END_RECORD
-            else:
-                self.write(last)
-                payload = END_RECORD
-        elif len(last) <= COALESCE_LIMIT:
-            head = self._head()
-            payload = _pack_u32(len(head) + len(last)) + head + last + END_RECORD
-            self.sent = True
-        else:
-            self.write(last)
-            payload = END_RECORD
         try:
+            if self.sent:
+                if not last:
+                    payload = END_RECORD
+                elif len(last) <= COALESCE_LIMIT:
+                    payload = _pack_u32(len(last)) + last + END_RECORD
+                else:
+                    self._send_chunk(b"", last, END_RECORD)
+                    self.ended = True
+                    return
+            elif len(last) <= COALESCE_LIMIT:
+                head = self._head()
+                payload = _pack_u32(len(head) + len(last)) + head + last + END_RECORD
+                self.sent = True
+            else:
+                self._send_chunk(self._head(), last, END_RECORD)
+                self.ended = True
+                return
             self.conn.sendall(payload)
         except OSError as exc:
             raise ClientDisconnected(f"sending the response: {exc}") from exc
@@ -794,12 +828,18 @@ def path_from_request_uri(environ: dict[str, Any]) -> str:
     return unquote_to_bytes(path).decode("latin-1")
 
 
+# Every key add_fallbacks may add: a frame from nginx holds them all, and
+# one set comparison (in C) tells so.
+CGI_KEYS = frozenset([key for key, _ in CGI_FALLBACKS] + ["PATH_INFO"])
+
+
 def add_fallbacks(environ: dict[str, Any]) -> None:
-    for key, value in CGI_FALLBACKS:
-        if key not in environ:
-            environ[key] = value
-    if "PATH_INFO" not in environ:
-        environ["PATH_INFO"] = path_from_request_uri(environ)
+    if not environ.keys() >= CGI_KEYS:
+        for key, value in CGI_FALLBACKS:
+            if key not in environ:
+                environ[key] = value
+        if "PATH_INFO" not in environ:
+            environ["PATH_INFO"] = path_from_request_uri(environ)
     if "HTTPS" in environ and environ["HTTPS"].lower() == "on":
         environ["wsgi.url_scheme"] = "https"
 
@@ -817,7 +857,9 @@ def read_request(
         raise MalformedFrame("no REQUEST_METHOD")
     length = request_content_length(environ)
     add_fallbacks(environ)
-    stream = InputStream(conn, body_prefix, length)
+    # Most requests have no body: they share one empty stream, which
+    # holds nothing a request could change (reads of it return b"").
+    stream = InputStream(conn, body_prefix, length) if length or body_prefix else EMPTY_INPUT
     environ["wsgi.input"] = stream
     return environ, stream
 
