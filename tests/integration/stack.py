@@ -36,6 +36,18 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NGINX_USER = "www-data"
 
 
+def hello_answers(port: int) -> bool:
+    """examples/hello answers on 127.0.0.1:port."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/")
+        ok = conn.getresponse().read().startswith(b"Hello from worker")
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

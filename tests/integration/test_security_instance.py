@@ -13,7 +13,6 @@ attacker's sockets, and that a stack still serves.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import pwd
 import shutil
@@ -33,7 +32,7 @@ import pytest
 from agent.control.client import NoAgentError, StatusClient, choose_instance
 from agent.instance import Instance
 from tests.integration import apps
-from tests.integration.stack import APP_PYTHON, REPO, AppSpec, Stack, free_port, wait_until
+from tests.integration.stack import APP_PYTHON, REPO, AppSpec, Stack, free_port, hello_answers, wait_until
 from tests.integration.users import ATTACKER, ensure_user, run_as
 
 HELLO = AppSpec("hello", apps.HELLO)
@@ -319,17 +318,6 @@ def hello_app() -> Iterator[Path]:
         yield root / "hello"
 
 
-def answers(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/")
-        ok = conn.getresponse().read().startswith(b"Hello from worker")
-        conn.close()
-        return ok
-    except OSError:
-        return False
-
-
 def test_serve_ignores_a_planted_run_dir_and_gives_nginx_workers_their_own_user() -> None:
     port = free_port()
     old_default, run_dir = Path(f"/tmp/agent-serve-{port}"), Path(f"/run/agent-serve-{port}")
@@ -339,7 +327,7 @@ def test_serve_ignores_a_planted_run_dir_and_gives_nginx_workers_their_own_user(
                 process = subprocess.Popen([*AGENTCTL, "serve", str(app), "--port", str(port)], cwd=REPO,
                                            stderr=subprocess.PIPE, start_new_session=True)
                 try:
-                    wait_until(lambda: answers(port), timeout=30, what="agentctl serve to answer")
+                    wait_until(lambda: hello_answers(port), timeout=30, what="agentctl serve to answer")
                     assert "\nuser www-data;\n" in (run_dir / "nginx.conf").read_text()
                     master = next(p for p in psutil.process_iter(["cmdline"])
                                   if str(run_dir / "nginx.conf") in " ".join(p.info["cmdline"] or []))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import os
 import shutil
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.stack import REPO, free_port, wait_until
+from tests.integration.stack import REPO, free_port, hello_answers, wait_until
 
 AGENTCTL = [sys.executable, "-m", "agent.cli"]
 
@@ -60,17 +59,7 @@ def test_serve_runs_the_app_and_ctrl_c_leaves_nothing_behind(workdir: Path) -> N
                                 "--run-dir", str(run_dir), "--min-instances", "2"],
                                stderr=subprocess.PIPE, start_new_session=True)
     try:
-        def answers() -> bool:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/")
-                ok = conn.getresponse().read().startswith(b"Hello from worker")
-                conn.close()
-                return ok
-            except OSError:
-                return False
-
-        wait_until(answers, timeout=20, what="agentctl serve to answer")
+        wait_until(lambda: hello_answers(port), timeout=20, what="agentctl serve to answer")
         wait_until(lambda: len(processes_mentioning(str(run_dir / "instance" / "loaders"))) == 2,
                    what="two workers (--min-instances 2)")
         assert processes_mentioning(str(run_dir))

@@ -139,23 +139,32 @@ class Harness:
         return read_tokens(self.directory)
 
 
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    # A directory that nobody may traverse, unlike pytest's tmp_path, so
-    # that a client running as nobody can reach the socket.
+@contextlib.contextmanager
+def running_server(token_owner: int | None = None, backlog: int = 64,
+                   dashboard: bool = False) -> Iterator[Harness]:
+    """A status server on its own loop thread, in a directory anyone may
+    traverse (unlike pytest's tmp_path), so that a client running as nobody
+    can reach the socket. token_owner: the uid that made the tokens (the
+    agent's), when not this process's; dashboard: serve a small page as
+    the dashboard, from the same directory."""
     directory = Path(tempfile.mkdtemp(prefix="agent-status-test-"))
     directory.chmod(0o755)
     ensure_tokens(directory)
+    if token_owner is not None:
+        for token in directory.glob("*.token"):
+            os.chown(token, token_owner, token_owner)
     socket_path = directory / "status.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
     socket_path.chmod(0o666)
-    listener.listen(64)
-    dashboard = directory / "dashboard.html"
-    dashboard.write_text("<html><title>agent</title></html>")
+    listener.listen(backlog)
+    options: dict[str, Any] = {}
+    if dashboard:
+        options["dashboard"] = directory / "dashboard.html"
+        options["dashboard"].write_text("<html><title>agent</title></html>")
     provider = FakeProvider()
     loop = Loop()
-    server = StatusServer(listener, loop.selector, provider, directory, dashboard=dashboard)
+    server = StatusServer(listener, loop.selector, provider, directory, **options)
     loop.thread.start()
     try:
         yield Harness(directory, socket_path, provider, loop, server)
@@ -164,6 +173,12 @@ def harness() -> Iterator[Harness]:
         loop.stop()
         listener.close()
         shutil.rmtree(directory)
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    with running_server(dashboard=True) as running:
+        yield running
 
 
 # -- a minimal client -------------------------------------------------------------

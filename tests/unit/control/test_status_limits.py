@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,17 +19,14 @@ import pytest
 
 from agent.control import server as status
 from agent.control.provider import HIDDEN_ERROR, CoreStatus, path_only
-from agent.control.server import StatusError, StatusServer, parse_request
-from agent.control.tokens import ensure_tokens
+from agent.control.server import StatusError, parse_request
 from agent.core.config import AppConfig
 from agent.core.pool import App
 
 from .test_status import (
     NOBODY,
     SERVER_INFO,
-    FakeProvider,
     Harness,
-    Loop,
     bearer,
     closed_by_server,
     connect,
@@ -39,6 +34,7 @@ from .test_status import (
     read_reply,
     request_bytes,
     run_as_nobody,
+    running_server,
 )
 
 # -- code as another uid --------------------------------------------------------------
@@ -309,30 +305,13 @@ def test_the_provider_hides_query_strings_and_error_summaries() -> None:
 @pytest.fixture
 def agent_as_nobody(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
     """A status server whose process runs as nobody, as in a deployment
-    without root: nobody is also nginx's workers' and the apps' uid."""
-    directory = Path(tempfile.mkdtemp(prefix="agent-status-test-"))
-    directory.chmod(0o755)
-    ensure_tokens(directory)
-    for token in directory.glob("*.token"):
-        os.chown(token, NOBODY, NOBODY)  # an agent running as nobody made them
-    socket_path = directory / "status.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(socket_path))
-    socket_path.chmod(0o666)
-    listener.listen(16)
-    provider = FakeProvider()
-    loop = Loop()
+    without root: nobody is also nginx's workers' and the apps' uid (and it
+    made the tokens)."""
     with monkeypatch.context() as patch:
         patch.setattr(os, "geteuid", lambda: NOBODY)
-        server = StatusServer(listener, loop.selector, provider, directory)
-    loop.thread.start()
-    try:
-        yield Harness(directory, socket_path, provider, loop, server)
-    finally:
-        loop.call(server.close)
-        loop.stop()
-        listener.close()
-        shutil.rmtree(directory)
+        with running_server(token_owner=NOBODY, backlog=16) as running:
+            patch.undo()
+            yield running
 
 
 def test_the_agents_own_uid_is_not_admin_without_the_token(agent_as_nobody: Harness) -> None:
