@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -24,6 +25,11 @@ LOADERS = {"wsgi": "wsgi_loader.py"}
 WORKER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The worker's fd for the startup file the core checked (csrc/spawn_api.h).
 STARTUP_FD = 5
+ENV_FD = 6
+# agent_env names the interpreter or the dynamic linker reads at exec: these
+# alone go into the exec environment.
+EXEC_ENV_PREFIXES = ("PYTHON", "LD_", "LC_")
+EXEC_ENV_NAMES = frozenset({"LANG", "LANGUAGE", "PATH", "HOME", "TZ", "TMPDIR"})
 
 
 class SpawnError(Exception):
@@ -172,8 +178,40 @@ def _close(fd: int | None) -> None:
         os.close(fd)
 
 
+def at_exec(name: str) -> bool:
+    """An agent_env variable that must be in the environment at exec, because
+    the interpreter or the dynamic linker reads it before the loader runs."""
+    return name.startswith(EXEC_ENV_PREFIXES) or name in EXEC_ENV_NAMES
+
+
+def private_env(config: AppConfig) -> dict[str, str]:
+    """The app's agent_env values that reach it through fd 6 rather than the
+    exec environment: they never appear in /proc/PID/environ, and the loader
+    sets them only once the worker is undumpable (docs/security.md)."""
+    return {name: value for name, value in config.env if not at_exec(name)}
+
+
+def private_env_fd(env: dict[str, str]) -> int | None:
+    """A memfd holding env as JSON, read from its start; None when empty."""
+    if not env:
+        return None
+    fd = os.memfd_create("agent-env", os.MFD_CLOEXEC)
+    try:
+        data = json.dumps(env).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 def worker_env(config: AppConfig, user: WorkerUser | None, startup_fd: bool = False) -> dict[str, str]:
-    """A clean environment: nothing of the agent's own leaks into the app."""
+    """A clean environment: nothing of the agent's own leaks into the app.
+    Of agent_env, only what the interpreter reads at exec is here; the rest
+    comes through fd 6 (private_env)."""
     env = {"PATH": WORKER_PATH, "LANG": os.environ.get("LANG", "C.UTF-8"), "PYTHONUNBUFFERED": "1"}
     if user is not None:
         env.update(HOME=user.home, USER=user.name, LOGNAME=user.name, SHELL=user.shell)
@@ -185,18 +223,22 @@ def worker_env(config: AppConfig, user: WorkerUser | None, startup_fd: bool = Fa
         AGENT_LISTEN_FD="3",
         AGENT_READY_FD="4",
     )
-    env.update(config.env)
-    # Set here only: the loader must never take another fd for the file.
+    env.update((name, value) for name, value in config.env if at_exec(name))
+    # Set here only: the loader must never take another fd for these.
     env.pop("AGENT_STARTUP_FD", None)
+    env.pop("AGENT_ENV_FD", None)
     if startup_fd:
         env["AGENT_STARTUP_FD"] = str(STARTUP_FD)
+    if private_env(config):
+        env["AGENT_ENV_FD"] = str(ENV_FD)
     return env
 
 
 def resolve_python(config: AppConfig, env: dict[str, str]) -> str:
     python = config.python
     if "/" not in python:
-        found = shutil.which(python, path=env.get("PATH", WORKER_PATH))
+        path = dict(config.env).get("PATH") or env.get("PATH", WORKER_PATH)
+        found = shutil.which(python, path=path)
         if found is None:
             raise SpawnError(f"the app's Python interpreter {python!r} is not on PATH ({env.get('PATH')})")
         python = found
@@ -219,6 +261,9 @@ def start_worker(config: AppConfig, instance: Instance, socket_path: str,
     try:
         env = worker_env(config, user, startup_fd is not None)
         spec = worker_spec(config, instance.loaders_dir, user, env)
+        env_fd = private_env_fd(private_env(config))
+        if env_fd is not None:
+            child_ends.append(env_fd)
         made = supervision.new_cgroup()
         procs_fd = -1
         if made is not None:
@@ -237,7 +282,7 @@ def start_worker(config: AppConfig, instance: Instance, socket_path: str,
         os.set_blocking(ready_r, False)
         os.set_blocking(out_r, False)
         pid = spawn(spec, listen_fd, ready_w, out_w, startup_fd=-1 if startup_fd is None else startup_fd,
-                    cgroup_procs_fd=procs_fd)
+                    env_fd=-1 if env_fd is None else env_fd, cgroup_procs_fd=procs_fd)
     except (OSError, SpawnError) as e:  # the engine module's NativeError is an OSError too
         _close_all(core_ends + child_ends)
         supervision.abandon(cgroup)

@@ -1045,6 +1045,23 @@ def make_undumpable() -> None:
         log("prctl(PR_SET_DUMPABLE, 0): " + os.strerror(ctypes.get_errno()))
 
 
+def load_private_env() -> None:
+    """The app's agent_env values the core passed on fd 6 (AGENT_ENV_FD), not
+    in the exec environment: set only now that the worker is undumpable, so
+    that they never show in /proc/PID/environ. Raises LoadError."""
+    fd_text = os.environ.pop("AGENT_ENV_FD", None)
+    if fd_text is None:
+        return
+    try:
+        with os.fdopen(int(fd_text), "rb") as source:
+            env = json.loads(source.read())
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ValueError("not an object of strings")
+    except (OSError, ValueError) as exc:
+        raise LoadError("exception", f"cannot read the app's environment from fd {fd_text}: {exc}", "") from exc
+    os.environ.update(env)
+
+
 def main() -> int:
     make_undumpable()
     app_root = os.environ.get("AGENT_APP_ROOT") or os.getcwd()
@@ -1063,6 +1080,7 @@ def main() -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
     try:
+        load_private_env()
         app = load_application(app_root, startup_file, None if startup_fd is None else int(startup_fd))
     except LoadError as error:
         report_load_error(ready_fd, error)

@@ -275,6 +275,32 @@ def test_an_app_cannot_read_nor_trace_another_app_of_the_same_user() -> None:
         still_serving(stack)
 
 
+# What an app's environment holds, as the app sees it.
+ENV_REPORTER = """
+import json, os
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/json")])
+    keys = ("SECRET", "PYTHONDONTWRITEBYTECODE", "AGENT_ENV_FD")
+    return [json.dumps({"pid": os.getpid(), "env": {k: os.environ.get(k) for k in keys}}).encode()]
+"""
+
+
+def test_agent_env_values_never_show_in_the_workers_proc_environ() -> None:
+    """agent_env reaches the app through a private descriptor once the worker
+    is undumpable: its values are never in /proc/PID/environ, not even in
+    the moments before the loader runs. What the interpreter reads at exec
+    (PYTHON*) stays in the exec environment."""
+    app = AppSpec("env", ENV_REPORTER, "/env/", env={"SECRET": "s3cr3t-token", "PYTHONDONTWRITEBYTECODE": "1"})
+    with running_stack([app, BYSTANDER]) as stack:
+        seen = json.loads(stack.get("/env/").body)
+        assert seen["env"] == {"SECRET": "s3cr3t-token", "PYTHONDONTWRITEBYTECODE": "1", "AGENT_ENV_FD": None}
+        exec_env = Path(f"/proc/{seen['pid']}/environ").read_bytes()  # root reads any process's
+        assert b"s3cr3t-token" not in exec_env
+        assert b"PYTHONDONTWRITEBYTECODE=1" in exec_env
+        still_serving(stack)
+
+
 # -- finding 7: supervision --------------------------------------------------
 
 

@@ -3,6 +3,7 @@ symbolic link, the app root owner's file only, never nginx's worker user."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import socket
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.core.config import AppConfig
-from agent.core.spawner import SpawnError, nginx_worker_uid, resolve_user
+from agent.core.spawner import SpawnError, nginx_worker_uid, private_env, private_env_fd, resolve_user, worker_env
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the user switch needs root")
 NOBODY = pwd.getpwnam("nobody")
@@ -68,3 +69,21 @@ def test_nginx_worker_uid_is_the_agent_socket_owner(tmp_path: Path) -> None:
         assert nginx_worker_uid(path) is None  # still the agent's: not known
         os.chown(path, NOBODY.pw_uid, -1)
         assert nginx_worker_uid(path) == NOBODY.pw_uid
+
+
+def test_agent_env_goes_through_a_private_fd_but_what_the_interpreter_reads_at_exec(tmp_path: Path) -> None:
+    config = app_in(tmp_path)
+    config = AppConfig(name=config.name, app_root=config.app_root,
+                       env=(("DB_PASSWORD", "hunter2"), ("LD_LIBRARY_PATH", "/opt/lib"), ("PYTHONPATH", "/opt/py")))
+    env = worker_env(config, None)
+    assert "DB_PASSWORD" not in env and env["AGENT_ENV_FD"] == "6"
+    assert (env["LD_LIBRARY_PATH"], env["PYTHONPATH"]) == ("/opt/lib", "/opt/py")
+    assert private_env(config) == {"DB_PASSWORD": "hunter2"}
+    fd = private_env_fd(private_env(config))
+    assert fd is not None
+    try:
+        assert json.loads(os.read(fd, 4096)) == {"DB_PASSWORD": "hunter2"}
+    finally:
+        os.close(fd)
+    assert private_env_fd({}) is None
+    assert "AGENT_ENV_FD" not in worker_env(AppConfig(name="a", app_root="/srv/a", env=(("PYTHONPATH", "/x"),)), None)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.loaders import wsgi_loader
 
 FIRST = "def application(environ, start_response):\n    return [b'checked']\n"
@@ -61,3 +63,27 @@ def test_the_worker_is_not_dumpable_after_make_undumpable() -> None:
     )
     result = subprocess.run([sys.executable, "-I", "-c", program], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["1", "0"]
+
+
+def test_the_private_environment_is_read_from_its_fd(monkeypatch: pytest.MonkeyPatch) -> None:
+    read, write = os.pipe()
+    os.write(write, b'{"DB_PASSWORD": "hunter2"}')
+    os.close(write)
+    monkeypatch.setenv("AGENT_ENV_FD", str(read))
+    monkeypatch.delenv("DB_PASSWORD", raising=False)
+    wsgi_loader.load_private_env()
+    assert os.environ.pop("DB_PASSWORD") == "hunter2"
+    assert "AGENT_ENV_FD" not in os.environ
+    with pytest.raises(OSError):
+        os.fstat(read)  # closed once read
+
+
+@pytest.mark.parametrize("content", [b"not json", b'["A"]', b'{"A": 1}'])
+def test_a_private_environment_that_is_not_an_object_of_strings_is_a_load_error(
+        monkeypatch: pytest.MonkeyPatch, content: bytes) -> None:
+    read, write = os.pipe()
+    os.write(write, content)
+    os.close(write)
+    monkeypatch.setenv("AGENT_ENV_FD", str(read))
+    with pytest.raises(wsgi_loader.LoadError, match="cannot read the app's environment"):
+        wsgi_loader.load_private_env()
