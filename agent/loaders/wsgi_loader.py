@@ -21,6 +21,7 @@ import gc
 import io
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -999,6 +1000,7 @@ def serve(listener: socket.socket, app: WSGIApp) -> None:
     view = memoryview(buf)
     base = wsgi_environ_base()
     state = STATE
+    wait_for_connection = idle_waiter(listener)
     try:
         while True:
             state.idle = True
@@ -1006,6 +1008,9 @@ def serve(listener: socket.socket, app: WSGIApp) -> None:
                 return
             try:
                 fd = accept()[0]
+            except BlockingIOError:
+                wait_for_connection()
+                continue
             except OSError as exc:  # EMFILE, ECONNABORTED: try the next one
                 state.idle = False
                 log(f"accept: {exc}")
@@ -1018,6 +1023,32 @@ def serve(listener: socket.socket, app: WSGIApp) -> None:
                 close_connection(conn)
     except _StopServing:
         return
+
+
+def idle_waiter(listener: socket.socket) -> Callable[[], None]:
+    """What the serve loop calls when no connection is waiting: block until
+    one comes or a signal arrives.
+
+    A blocking accept() would lose a SIGTERM that lands after the loop last
+    looked at `stopping` but before the call blocks: Python runs a signal's
+    handler between bytecodes, so that one would wait for the next
+    connection, which a detached worker never gets. Here the listener does
+    not block, and the wait is a poll() that also watches the signal
+    wake-up pipe, to which the interpreter writes as the signal arrives,
+    whenever that is."""
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    listener.setblocking(False)
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
+
+    def wait() -> None:
+        poller.poll()  # an arriving signal's handler runs as this returns
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_read, 512)
+
+    return wait
 
 
 def open_listener(listen_fd: int) -> socket.socket:
