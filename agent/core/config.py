@@ -89,7 +89,7 @@ def read_value(entry: dict[str, Any], setting: Setting, where: str) -> Any:
     return value
 
 
-APP_FIELDS = frozenset(f.name for f in fields(AppConfig))
+# The HTTP rows nginx computes (instance_dir, ...) start the agent; they are not in the table.
 TABLE_FIELDS = frozenset(f.name for f in fields(AppTable))
 
 
@@ -99,7 +99,7 @@ def parse_app(entry: dict[str, Any], where: str) -> AppConfig:
     name = entry.get("name", "")
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string, not {name!r}")
-    values = {s.key: read_value(entry, s, where) for s in APP_SETTINGS if s.key in APP_FIELDS}
+    values = {s.key: read_value(entry, s, where) for s in APP_SETTINGS}  # every row is a field (test_settings)
     values["app_root"] = values.get("app_root") or name
     if not values["app_root"].startswith("/"):
         raise ConfigError(f"{where}: app_root must be an absolute path, not {values['app_root']!r}")

@@ -296,3 +296,18 @@ def running_stack(apps: list[AppSpec], http_directives: dict[str, str] | None = 
     finally:
         stack.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def nginx_t_with(directives: str, app_source: str = "") -> subprocess.CompletedProcess[str]:
+    """`nginx -t` on a one-app stack's configuration with directives added to
+    its location (no nginx is started)."""
+    root = Path(tempfile.mkdtemp(prefix="agent-conf-", dir="/tmp"))
+    try:
+        source = app_source or "def application(environ, start_response):\n    return []\n"
+        stack = Stack(root, [AppSpec("a", source, "/")])
+        stack.write_config()
+        config = stack.config_text().replace("agent_enabled on;", f"agent_enabled on;\n{directives}")
+        (root / "nginx.conf").write_text(config)
+        return subprocess.run(stack.nginx_command("-t"), capture_output=True, text=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

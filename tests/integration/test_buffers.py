@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import AppSpec, Stack, running_stack
+from tests.integration.stack import AppSpec, Stack, nginx_t_with, running_stack
 
 # /big?N: N bytes of body; /header?N: an N-byte header and a short body.
 SIZES = """
@@ -149,18 +149,6 @@ def test_the_default_buffer_size_takes_a_header_of_8_kib() -> None:
 # -- nginx -t ------------------------------------------------------------------
 
 
-def nginx_t(directives: str) -> subprocess.CompletedProcess[str]:
-    root = Path(tempfile.mkdtemp(prefix="agent-conf-", dir="/tmp"))
-    try:
-        stack = Stack(root, [AppSpec("a", SIZES, "/")])
-        stack.write_config()
-        config = stack.config_text().replace("agent_enabled on;", f"agent_enabled on;\n{directives}")
-        (root / "nginx.conf").write_text(config)
-        return subprocess.run(stack.nginx_command("-t"), capture_output=True, text=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.mark.parametrize("line", [
     "",
     "agent_buffer_size 4k; agent_buffers 4 4k;",
@@ -170,7 +158,7 @@ def nginx_t(directives: str) -> subprocess.CompletedProcess[str]:
     "agent_buffer_response off; agent_buffers 3 4k; agent_buffer_size 4k;",
 ])
 def test_good_buffer_settings_pass_nginx_t(line: str) -> None:
-    result = nginx_t(line)
+    result = nginx_t_with(line)
     assert result.returncode == 0, result.stderr
 
 
@@ -198,7 +186,7 @@ def test_good_buffer_settings_pass_nginx_t(line: str) -> None:
      'equal to or greater than the maximum of the value of "agent_buffer_size" and one of the "agent_buffers"'),
 ])
 def test_bad_buffer_settings_are_refused_by_nginx_t_as_proxy_refuses_them(line: str, message: str) -> None:
-    result = nginx_t(line)
+    result = nginx_t_with(line)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
 

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.integration import apps
-from tests.integration.stack import AppSpec, Stack, running_stack, wait_until
+from tests.integration.stack import AppSpec, nginx_t_with, running_stack, wait_until
 
 ONE = AppSpec("one", apps.INTROSPECT, "/one/", env={"COLOR": "one"})
 TWO = AppSpec("two", apps.INTROSPECT, "/two/", env={"COLOR": "two"})
@@ -73,20 +69,8 @@ def test_root_runs_workers_only_when_asked() -> None:
         assert '"uid": 0' in stack.get("/").text
 
 
-def nginx_test(directives: str) -> subprocess.CompletedProcess[str]:
-    root = Path(tempfile.mkdtemp(prefix="agent-conf-", dir="/tmp"))
-    try:
-        stack = Stack(root, [AppSpec("a", apps.HELLO, "/", directives={})])
-        stack.write_config()
-        config = stack.config_text().replace("agent_enabled on;", f"agent_enabled on;\n{directives}")
-        (root / "nginx.conf").write_text(config)
-        return subprocess.run(stack.nginx_command("-t"), capture_output=True, text=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def test_valid_configuration_passes_nginx_t() -> None:
-    result = nginx_test("agent_min_instances 2; agent_max_instances 3; agent_env A b;")
+    result = nginx_t_with("agent_min_instances 2; agent_max_instances 3; agent_env A b;")
     assert result.returncode == 0, result.stderr
 
 
@@ -99,13 +83,13 @@ def test_valid_configuration_passes_nginx_t() -> None:
     ("agent_env ONLY_NAME;", "agent_env"),
 ])
 def test_bad_values_are_rejected_by_nginx_t_naming_the_directive(line: str, directive: str) -> None:
-    result = nginx_test(line)
+    result = nginx_t_with(line)
     assert result.returncode != 0
     assert directive in result.stderr, result.stderr
 
 
 def test_nginx_t_does_not_start_an_agent() -> None:
-    result = nginx_test("")
+    result = nginx_t_with("")
     assert result.returncode == 0, result.stderr
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if "agent-conf-" in " ".join(p.info["cmdline"] or [])]
