@@ -12,7 +12,7 @@ from procfs import CLOCK_TICKS
 AGENT_CPU_BAR_US = 5.0
 GUNICORN_FACTOR = 3.0
 NOISY_PERCENT = 10.0
-SHORT = {"ours": "agent", "uwsgi": "uWSGI", "gunicorn": "gunicorn"}
+SHORT = {"ours": "agent", "relay": "agent relay", "uwsgi": "uWSGI", "gunicorn": "gunicorn"}
 ROLE_TITLES = {APP_MASTER: "uWSGI master / gunicorn arbiter"}
 
 
@@ -386,7 +386,7 @@ bench/results/last.json.
 
 ## What runs
 
-Three stacks, one after another, on the same machine, with the same app
+Four stacks, one after another, on the same machine, with the same app
 (bench/apps/wsgi.py) under the same interpreter. The agent's stack is
 `agentctl serve APP --min-instances 2 --max-instances 2`, which writes its
 own nginx configuration; the peers' configurations are written by
@@ -395,12 +395,16 @@ bench/stacks.py to match it.
 | stack | front | app server | workers |
 | --- | --- | --- | --- |
 | agent | nginx with ngx_http_agent_module | the agent: watchdog and core | 2 (min and max instances) |
+| agent relay | the same, `--fast-path off`: every request through the relay | the same | 2 |
 | uWSGI | nginx, `uwsgi_pass` to a Unix socket | uWSGI, `--master --processes 2` | 2 |
 | gunicorn | nginx, `proxy_pass` to a Unix socket | gunicorn, `--workers 2 --worker-class sync` | 2 |
 
 - nginx is the system's, one worker process, `access_log off`, `sendfile on`,
-  4096 worker connections; one request per upstream connection in every
-  stack (none of the three backends keeps upstream connections alive).
+  4096 worker connections. The agent's fast path keeps one connection from
+  each nginx worker to each app worker; the relay and both peers make one
+  upstream connection per request.
+- The relay runs hello world at 1, 16 and 64 connections and 100 KB at 16:
+  the before of the fast path, measured in the same run.
 - nginx's upstream buffers are the same in every stack, set from one place
   (bench/stacks.py) as `agent_*`, `uwsgi_*` and `proxy_*` directives: see
   "nginx settings" below.

@@ -40,7 +40,7 @@ import procfs
 import report
 import wrk
 from figures import AGENT_CORE, Run, StackResult
-from stacks import AgentStack, Buffers, GunicornStack, Stack, StackError, UwsgiStack
+from stacks import AgentStack, Buffers, GunicornStack, RelayStack, Stack, StackError, UwsgiStack
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -52,8 +52,11 @@ WORKLOADS = [("hello", "hello world", "/"), ("100k", "100 KB body", "/100k"), ("
 CONNECTIONS = [1, 16, 64]
 # The second pass, with nginx at --more-nginx-workers worker processes.
 MORE_WORKERS_RUNS = [("hello", 16), ("hello", 64)]
-STACK_KEYS = ["ours", "uwsgi", "gunicorn"]
-STACK_LABELS = {"ours": AgentStack.label, "uwsgi": UwsgiStack.label, "gunicorn": GunicornStack.label}
+# The relay (agent_fast_path off) runs what the issue's before-table has.
+RELAY_RUNS = [("hello", 1), ("hello", 16), ("hello", 64), ("100k", 16)]
+STACK_KEYS = ["ours", "relay", "uwsgi", "gunicorn"]
+STACK_LABELS = {"ours": AgentStack.label, "relay": RelayStack.label, "uwsgi": UwsgiStack.label,
+                "gunicorn": GunicornStack.label}
 WARMUP_SECONDS = 1.0
 IDLE_SECONDS = 3.0
 APT_HINT = "apt-get install nginx wrk build-essential python3-dev python3-venv"
@@ -160,9 +163,9 @@ def full_plan() -> Plan:
     return [(key, title, path, c) for key, title, path in WORKLOADS for c in CONNECTIONS]
 
 
-def more_workers_plan() -> Plan:
+def partial_plan(runs: list[tuple[str, int]]) -> Plan:
     titles = {key: (title, path) for key, title, path in WORKLOADS}
-    return [(key, *titles[key], c) for key, c in MORE_WORKERS_RUNS]
+    return [(key, *titles[key], c) for key, c in runs]
 
 
 def measure(stack: Stack, wrk_bin: str, duration: float, log: list[str], result: StackResult, plan: Plan,
@@ -235,8 +238,9 @@ def make_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path 
     run_dir = base / (key if nginx_workers == 1 else f"{key}-nginx{nginx_workers}")
     run_dir.mkdir()
     port = free_port()
-    if key == "ours":
-        return AgentStack(run_dir, port, app_dir, nginx_workers, args.buffers, nginx, REPO, sys.executable,
+    if key in ("ours", "relay"):
+        kind = AgentStack if key == "ours" else RelayStack
+        return kind(run_dir, port, app_dir, nginx_workers, args.buffers, nginx, REPO, sys.executable,
                           args.app_python)
     assert peers_bin is not None
     if key == "uwsgi":
@@ -345,19 +349,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app_dir = prepare_app(base)
         for key in args.stacks:
-            if key == "ours" and (why := agent_missing()):
-                print(f"bench: nginx→agent skipped: {why}", file=sys.stderr, flush=True)
-                results.append(StackResult("ours", AgentStack.label, error=why))
+            if key in ("ours", "relay") and (why := agent_missing()):
+                print(f"bench: {STACK_LABELS[key]} skipped: {why}", file=sys.stderr, flush=True)
+                results.append(StackResult(key, STACK_LABELS[key], error=why))
                 continue
             result = StackResult(key, STACK_LABELS[key])
             results.append(result)
             stack = make_stack(key, base, app_dir, nginx, peers_bin, args, 1)
             stacks.append(stack)
-            bench_stack(stack, wrk_bin, args.duration, result, full_plan(), full=True)
-            if args.more_nginx_workers > 1 and result.error is None:
+            plan = partial_plan(RELAY_RUNS) if key == "relay" else full_plan()
+            bench_stack(stack, wrk_bin, args.duration, result, plan, full=key != "relay")
+            if args.more_nginx_workers > 1 and result.error is None and key != "relay":
                 stack = make_stack(key, base, app_dir, nginx, peers_bin, args, args.more_nginx_workers)
                 stacks.append(stack)
-                bench_stack(stack, wrk_bin, args.duration, result, more_workers_plan(), full=False)
+                bench_stack(stack, wrk_bin, args.duration, result, partial_plan(MORE_WORKERS_RUNS), full=False)
     except KeyboardInterrupt:
         print("\nbench: interrupted; stopping what was started", file=sys.stderr)
         return 130

@@ -395,12 +395,14 @@ class AgentStack(Stack):
         self.instance = run_dir / "instance"
         self.serve: subprocess.Popen[bytes] | None = None
 
+    fast_path = "on"
+
     def start(self) -> None:
         self.serve = self.launch("agentctl-serve", [
             self.agent_python, "-m", "agent.cli", "serve", str(self.app_dir), "--port", str(self.port),
             "--run-dir", str(self.run_dir), "--min-instances", str(WORKERS), "--max-instances", str(WORKERS),
             "--python", self.app_python, "--nginx", self.nginx, "--nginx-workers", str(self.nginx_workers),
-            *self.buffers.serve_flags()], cwd=self.repo)
+            "--fast-path", self.fast_path, *self.buffers.serve_flags()], cwd=self.repo)
 
     def pid_from(self, name: str) -> int | None:
         try:
@@ -437,3 +439,13 @@ class AgentStack(Stack):
         core, watchdog = self.core_pid(), self.watchdog_pid()
         return [("agent core RSS", None if core is None else procfs.rss_kib(core)),
                 ("agent watchdog RSS", None if watchdog is None else procfs.rss_kib(watchdog))]
+
+
+class RelayStack(AgentStack):
+    """The same agent with `agent_fast_path off`: every request through the
+    core's relay (agent.sock), the path the fast path replaced. Measured in
+    the same run so that the report carries the before and the after."""
+
+    key = "relay"
+    label = "nginx→agent relay"
+    fast_path = "off"
