@@ -90,10 +90,12 @@ class Response:
 class Stack:
     """nginx + agent + workers, started from a config these tests write."""
 
-    def __init__(self, root: Path, apps: list[AppSpec], http_directives: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, apps: list[AppSpec], http_directives: dict[str, str] | None = None,
+                 nginx_workers: int = 1) -> None:
         self.root = root
         self.apps = apps
         self.http_directives = http_directives or {}
+        self.nginx_workers = nginx_workers
         self.port = free_port()
         self.instance = root / "instance"
         self.log_file = root / "agent.log"
@@ -136,7 +138,7 @@ class Stack:
 daemon off;
 master_process on;
 user {NGINX_USER};
-worker_processes 1;
+worker_processes {self.nginx_workers};
 pid {self.root / 'nginx.pid'};
 error_log {self.error_log} info;
 events {{ worker_connections 1024; }}
@@ -283,10 +285,11 @@ http {{
 
 
 @contextlib.contextmanager
-def running_stack(apps: list[AppSpec], http_directives: dict[str, str] | None = None) -> Iterator[Stack]:
+def running_stack(apps: list[AppSpec], http_directives: dict[str, str] | None = None,
+                  nginx_workers: int = 1) -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="agent-it-", dir="/tmp"))
     os.chmod(root, 0o755)
-    stack = Stack(root, apps, http_directives)
+    stack = Stack(root, apps, http_directives, nginx_workers)
     try:
         stack.start()
         yield stack
