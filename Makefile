@@ -16,7 +16,8 @@ APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv pytho
 PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium hypothesis atheris
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
-MODULE_SRC := nginx-module/config $(wildcard nginx-module/*.c nginx-module/*.h)
+MODULE_SRC := nginx-module/config $(wildcard nginx-module/*.c nginx-module/*.h) \
+	csrc/fastpath.h csrc/records.c csrc/wire.h
 NATIVE_SRC := $(wildcard csrc/*.c csrc/*.h) csrc/native_build.py
 RUN_PORT ?= 8080
 RUN_DIR ?= /tmp/agent-demo

@@ -134,6 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("enabled", F, LOC, False, "hand this location's dynamic requests to the agent",
             "passenger_enabled", serve=False),
     Setting("status", Kind.STATUS, LOC, False, "this location is a door to the agent's status socket", serve=False),
+    Setting("fast_path", F, LOC, True,
+            "nginx's workers hand requests straight to an idle worker; off: every request through agent.sock"),
     Setting("buffer_response", F, LOC, True, "nginx buffers the app's response", "passenger_buffer_response"),
     Setting("read_timeout", T, LOC, 600_000, "how long nginx waits for the app's response between two reads",
             "passenger_read_timeout"),

@@ -256,7 +256,7 @@ ngx_module_t  ngx_http_agent_module = {
     ngx_http_agent_init_process,           /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_agent_exit_process,           /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -489,6 +489,13 @@ ngx_http_agent_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     {
         return NGX_CONF_ERROR;
     }
+
+    /*
+     * The fast path takes nginx's peer choice: a request that claimed a
+     * worker leaves u->resolved NULL, so that nginx asks this upstream's
+     * peer.init (ngx_http_agent_handler.c); the slow path sets u->resolved.
+     */
+    conf->upstream.upstream = ngx_http_agent_fp_upstream();
 
     if (conf->enabled) {
         return ngx_http_agent_enable_location(cf, conf);

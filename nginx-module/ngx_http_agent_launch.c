@@ -82,6 +82,9 @@ ngx_http_agent_init_module(ngx_cycle_t *cycle)
     rc = ngx_http_agent_write_app_table(cycle, amcf, dir_fd);
 
     if (rc == NGX_OK) {
+        /* never fatal: without its table the fast path stays off */
+        ngx_http_agent_fp_init_master(cycle, dir_fd);
+
         pid = ngx_http_agent_running_watchdog(cycle, &amcf->instance_dir,
                                               dir_fd);
 
@@ -116,7 +119,20 @@ ngx_http_agent_init_process(ngx_cycle_t *cycle)
         ngx_http_agent_nginx_fd = -1;
     }
 
+    if (ngx_process == NGX_PROCESS_WORKER
+        || ngx_process == NGX_PROCESS_SINGLE)
+    {
+        ngx_http_agent_fp_init_worker(cycle);
+    }
+
     return NGX_OK;
+}
+
+
+void
+ngx_http_agent_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_agent_fp_exit_worker(cycle);
 }
 
 

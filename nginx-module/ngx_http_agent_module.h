@@ -6,7 +6,11 @@
  *
  *     ngx_http_agent_settings.h   every directive, declared once
  *     ngx_http_agent_conf.c       the directives, create/merge, the apps
- *     ngx_http_agent_handler.c    the request path
+ *     ngx_http_agent_handler.c    the request path: the frame, the upstream
+ *                                 callbacks, the fast path's peer (its
+ *                                 connections and the records' stripping)
+ *     ngx_http_agent_fastpath.c   the fast path's table (csrc/fastpath.h):
+ *                                 claims, waiting, wake-ups, release
  *     ngx_http_agent_instance.c   the instance directory and apps.json
  *     ngx_http_agent_launch.c     the agent's start: the watchdog
  */
@@ -28,6 +32,10 @@
 
 
 #include "ngx_http_agent_settings.h"
+
+/* the engine's own headers (csrc/): the shared table, the records' parser */
+#include "fastpath.h"
+#include "wire.h"
 
 
 #ifndef NGX_HTTP_AGENT_CORE_PYTHON
@@ -78,9 +86,47 @@ typedef struct {
 
     ngx_flag_t                 enabled;
     ngx_flag_t                 status;
+    ngx_flag_t                 fast_path;
+    ngx_uint_t                 fp_row;          /* cached: app row + 1 */
     ngx_http_agent_app_t       settings;
     ngx_http_agent_app_t      *app;
 } ngx_http_agent_loc_conf_t;
+
+
+/* a request's state (the module's ctx) */
+typedef struct {
+    ngx_http_status_t          status;          /* the status line's parse */
+
+    /* the fast path (ngx_http_agent_fastpath.c) */
+    ngx_http_request_t        *request;
+    ngx_http_upstream_resolved_t  *resolved;    /* agent.sock: the slow path */
+    ngx_uint_t                 row;
+    ngx_uint_t                 slot;
+    uint32_t                   generation;
+    uint32_t                   head_len;
+    uint32_t                   time_limit_ms;   /* the app's, at the claim */
+    uint64_t                   body_read_us;    /* the body was read */
+    uint64_t                   wait_ms;         /* began to wait */
+    ngx_queue_t                queue;           /* in its row's FIFO */
+    ngx_event_t                wait_timer;      /* queue time limit */
+    ngx_event_t                run_event;       /* posted: a claim was won */
+    ngx_event_t                time_limit;      /* request time limit */
+    record_decoder             decoder;
+    u_char                     head[16];        /* first payload bytes */
+    struct sockaddr_un         addr;            /* the worker's socket */
+    ngx_str_t                  addr_text;
+
+    unsigned                   waiting:1;       /* in a FIFO */
+    unsigned                   claimed:1;       /* holds a claim */
+    unsigned                   fast:1;          /* the current try: the worker */
+    unsigned                   tried:1;         /* the fast try was made */
+    unsigned                   served:1;        /* the worker answered it */
+    unsigned                   retry:1;         /* may go to agent.sock */
+    unsigned                   reused:1;        /* on a kept connection */
+    unsigned                   got_bytes:1;     /* the worker sent a byte */
+    unsigned                   failed:1;        /* the worker failed */
+    unsigned                   timed_out:1;     /* request time limit */
+} ngx_http_agent_ctx_t;
 
 
 ngx_int_t ngx_http_agent_handler(ngx_http_request_t *r);
@@ -95,6 +141,32 @@ void ngx_http_agent_close_fd(ngx_cycle_t *cycle, int fd);
 
 ngx_int_t ngx_http_agent_init_module(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_agent_init_process(ngx_cycle_t *cycle);
+void ngx_http_agent_exit_process(ngx_cycle_t *cycle);
+
+/* the fast path: ngx_http_agent_fastpath.c */
+void ngx_http_agent_fp_init_master(ngx_cycle_t *cycle, int dir_fd);
+void ngx_http_agent_fp_init_worker(ngx_cycle_t *cycle);
+void ngx_http_agent_fp_exit_worker(ngx_cycle_t *cycle);
+ngx_int_t ngx_http_agent_fp_start(ngx_http_request_t *r,
+    ngx_http_agent_ctx_t *ctx);
+void ngx_http_agent_fp_begin(ngx_http_request_t *r,
+    ngx_http_agent_ctx_t *ctx);
+ngx_int_t ngx_http_agent_fp_socket(ngx_http_agent_ctx_t *ctx);
+ngx_connection_t *ngx_http_agent_fp_kept(ngx_http_agent_ctx_t *ctx);
+void ngx_http_agent_fp_keep(ngx_http_agent_ctx_t *ctx, ngx_connection_t *c);
+void ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx);
+void ngx_http_agent_fp_count(ngx_http_agent_ctx_t *ctx, ngx_uint_t what);
+void ngx_http_agent_fp_duration(ngx_http_agent_ctx_t *ctx);
+uint64_t ngx_http_agent_fp_now_us(void);
+
+#define NGX_HTTP_AGENT_FP_FAILED            0
+#define NGX_HTTP_AGENT_FP_REQUEST_TIMEOUT   1
+
+/* ngx_http_agent_handler.c */
+void ngx_http_agent_fp_run(ngx_http_request_t *r);
+ngx_int_t ngx_http_agent_answer(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *body, ngx_uint_t retry_after);
+ngx_http_upstream_srv_conf_t *ngx_http_agent_fp_upstream(void);
 
 
 extern ngx_module_t  ngx_http_agent_module;

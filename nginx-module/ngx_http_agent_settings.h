@@ -107,6 +107,7 @@
 #define NGX_HTTP_AGENT_LOCATION_SETTINGS(X)                                   \
     X(enabled, FLAG, LOCATION, 0, NULL, enabled)                              \
     X(status, STATUS, LOCATION, 0, NULL, status)                              \
+    X(fast_path, FLAG, LOCATION, 1, NULL, fast_path)                          \
     X(buffer_response, FLAG, LOCATION, 1, NULL, upstream.buffering)           \
     X(read_timeout, MSEC, LOCATION, 600000, NULL, upstream.read_timeout)      \
     X(send_timeout, MSEC, LOCATION, 60000, NULL, upstream.send_timeout)       \
