@@ -130,6 +130,52 @@ class FastPathTable:
     def app(self, row: int) -> App:
         return self.t.apps[row]
 
+    # -- reading what the engine and nginx wrote --------------------------
+
+    @property
+    def epoch(self) -> int:
+        return int(self.t.header.epoch)
+
+    def row_of(self, name: str) -> int | None:
+        """The row the engine gave the app named `name`, open or not."""
+        wanted = name.encode()
+        for row in range(APPS):
+            a = self.t.apps[row]
+            if a.name_len == len(wanted) and bytes(a.name)[:a.name_len] == wanted:
+                return row
+        return None
+
+    def app_slots(self, name: str) -> list[Slot]:
+        """The slots holding a worker of the app (any state but FREE)."""
+        row = self.row_of(name)
+        if row is None:
+            return []
+        used = min(int(self.t.header.slots_used), SLOTS)
+        return [s for s in self.t.slots[:used] if s.app == row and kind(s.word) != FREE]
+
+    def serving_pids(self, name: str) -> set[int]:
+        """Workers nginx may claim or holds: IDLE or CLAIMED, in an open row."""
+        row = self.row_of(name)
+        if row is None or not self.t.apps[row].open:
+            return set()
+        return {int(s.worker_pid) for s in self.app_slots(name) if kind(s.word) in (IDLE, CLAIMED)}
+
+    def claims(self, name: str) -> int:
+        return sum(int(s.claims) for s in self.app_slots(name))
+
+    def worker_slot(self, worker_pid: int) -> Slot | None:
+        used = min(int(self.t.header.slots_used), SLOTS)
+        found = [s for s in self.t.slots[:used] if s.worker_pid == worker_pid and kind(s.word) != FREE]
+        return found[0] if found else None
+
+    def claimed_by_nginx(self, worker_pid: int) -> bool:
+        s = self.worker_slot(worker_pid)
+        return s is not None and kind(s.word) == CLAIMED and pid_of(s.word) != self.t.header.engine_pid
+
+    def detach_requested(self, worker_pid: int) -> bool:
+        s = self.worker_slot(worker_pid)
+        return s is not None and bool(flags(s.word) & DETACH)
+
 
 def read_frame(conn: socket.socket, buf: bytearray) -> dict[str, bytes] | None:
     """One request frame (docs/protocol.md section 1) and its body; None at end of file."""
