@@ -254,3 +254,14 @@ def test_a_malformed_agent_peer_uids_is_a_start_error(tmp_path: Path) -> None:
 def test_agent_peer_uids_parses_and_defaults() -> None:
     assert loader.allowed_peer_uids("0,33,33") == frozenset({0, 33})
     assert loader.allowed_peer_uids(None) == frozenset({0, os.geteuid()})
+
+
+def test_the_core_gives_the_worker_its_peers_and_agent_env_cannot_change_them() -> None:
+    from agent.core.config import AppConfig
+    from agent.core.spawner import worker_env
+
+    config = AppConfig(name="a", app_root="/srv/a", env=(("AGENT_PEER_UIDS", "1234"), ("LD_X", "1")))
+    env = worker_env(config, None, nginx_uid=33)
+    assert env["AGENT_PEER_UIDS"] == f"{os.geteuid()},33"
+    assert worker_env(config, None, nginx_uid=os.geteuid())["AGENT_PEER_UIDS"] == str(os.geteuid())
+    assert worker_env(config, None)["AGENT_PEER_UIDS"] == str(os.geteuid())
