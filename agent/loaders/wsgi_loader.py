@@ -77,6 +77,9 @@ MAX_CONNECTIONS = 256
 # Refused peers and failed accepts are logged at most once per this many
 # seconds: a local user must not be able to flood the log.
 REFUSAL_LOG_INTERVAL = 10.0
+# Out of descriptors with no connection to close: the pause before the
+# next accept().
+ACCEPT_RETRY_DELAY = 0.1
 
 _U32 = struct.Struct(">I")
 _unpack_u32 = _U32.unpack_from
@@ -1128,8 +1131,13 @@ class Server:
             return
         except OSError as exc:  # EMFILE, ECONNABORTED: try the next one
             self.accept_error_log(f"accept: {exc}")
-            if exc.errno in (errno.EMFILE, errno.ENFILE) and self.conns:
-                self.close_oldest()
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # The connection stays in the backlog and the listener
+                # readable: make room, or wait a little rather than spin.
+                if self.conns:
+                    self.close_oldest()
+                else:
+                    time.sleep(ACCEPT_RETRY_DELAY)
             return
         conn = _socket.socket(self.listener.family, self.listener.type, 0, fd)
         try:
