@@ -44,7 +44,7 @@ from agent.core.engine import (
 )
 from agent.core.error_page import startup_error_response
 from agent.core.pool import App, Pool, ProcessUsage, Worker, WorkerState
-from agent.core.spawner import SpawnError, StartedProcess, install_loaders, start_worker
+from agent.core.spawner import SpawnError, StartedProcess, install_loaders, prepare_workers_dir, start_worker
 from agent.core.supervision import Supervision
 from agent.instance import Instance
 from agent.logs import OutputCapture, log
@@ -117,7 +117,7 @@ class Core:
         return 0
 
     def prepare(self) -> None:
-        self.instance.workers_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        prepare_workers_dir(self.instance)
         install_loaders(self.instance.loaders_dir)
         self.supervision = Supervision.setup(self.instance.root)
         self.instance.core_pid_file.write_text(f"{os.getpid()}\n")

@@ -166,6 +166,58 @@ def nginx_worker_uid(agent_socket: Path) -> int | None:
     return info.st_uid
 
 
+def nginx_worker_owner(agent_socket: Path) -> tuple[int, int] | None:
+    """nginx's worker user and its primary group (the group agent.sock was
+    given when the user has no passwd entry), or None when not known."""
+    uid = nginx_worker_uid(agent_socket)
+    if uid is None:
+        return None
+    try:
+        return uid, pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        try:
+            return uid, os.lstat(agent_socket).st_gid
+        except OSError:
+            return None
+
+
+def peer_uids(nginx_uid: int | None) -> str:
+    """AGENT_PEER_UIDS: who may connect to a worker's socket, which the
+    loader checks on every connection (SO_PEERCRED): the agent (its engine)
+    and nginx's worker user (the fast path)."""
+    uids = [os.geteuid()]
+    if nginx_uid is not None and nginx_uid not in uids:
+        uids.append(nginx_uid)
+    return ",".join(map(str, uids))
+
+
+def prepare_workers_dir(instance: Instance) -> None:
+    """The directory of the workers' sockets. Under a root agent that knows
+    nginx's worker user: root's, group nginx's worker group, mode 0710, so
+    that nginx's workers (the fast path) and root may reach a socket and no
+    one else may even look up its name; else private to the agent (0700).
+    Set on every start: a previous run may have left it otherwise."""
+    path = instance.workers_dir
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        owner = nginx_worker_owner(instance.agent_socket) if os.geteuid() == 0 else None
+        if owner is not None:
+            os.fchown(fd, 0, owner[1])
+            os.fchmod(fd, 0o710)
+        else:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def worker_socket_owner(nginx: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Who owns a worker's socket (mode 0600): nginx's worker user under a
+    root agent, so that its workers can connect; else the agent, whose user
+    nginx's workers then share."""
+    return nginx if os.geteuid() == 0 else None
+
+
 def _user_name(uid: int) -> str:
     try:
         return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
@@ -208,7 +260,8 @@ def private_env_fd(env: dict[str, str]) -> int | None:
     return fd
 
 
-def worker_env(config: AppConfig, user: WorkerUser | None, startup_fd: bool = False) -> dict[str, str]:
+def worker_env(config: AppConfig, user: WorkerUser | None, startup_fd: bool = False,
+               nginx_uid: int | None = None) -> dict[str, str]:
     """A clean environment: nothing of the agent's own leaks into the app.
     Of agent_env, only what the interpreter reads at exec is here; the rest
     comes through fd 6 (private_env)."""
@@ -227,6 +280,7 @@ def worker_env(config: AppConfig, user: WorkerUser | None, startup_fd: bool = Fa
     # Set here only: the loader must never take another fd for these.
     env.pop("AGENT_STARTUP_FD", None)
     env.pop("AGENT_ENV_FD", None)
+    env["AGENT_PEER_UIDS"] = peer_uids(nginx_uid)
     if startup_fd:
         env["AGENT_STARTUP_FD"] = str(STARTUP_FD)
     if private_env(config):
@@ -252,14 +306,16 @@ def start_worker(config: AppConfig, instance: Instance, socket_path: str,
     """Forks a worker for config. Raises SpawnError when it cannot even be
     forked (bad user, startup file, interpreter or directory); a worker that
     forks but fails to load the app reports that through its handshake."""
-    user, startup_fd = resolve_user(config, nginx_worker_uid(instance.agent_socket))
+    nginx = nginx_worker_owner(instance.agent_socket)
+    nginx_uid = None if nginx is None else nginx[0]
+    user, startup_fd = resolve_user(config, nginx_uid)
     if user is not None:
         supervision.note_user(config.name, user.uid, user.name)
     core_ends: list[int] = []    # the core's read ends, kept
     child_ends: list[int] = [] if startup_fd is None else [startup_fd]   # closed once forked
     cgroup = None
     try:
-        env = worker_env(config, user, startup_fd is not None)
+        env = worker_env(config, user, startup_fd is not None, nginx_uid)
         spec = worker_spec(config, instance.loaders_dir, user, env)
         env_fd = private_env_fd(private_env(config))
         if env_fd is not None:
@@ -269,7 +325,7 @@ def start_worker(config: AppConfig, instance: Instance, socket_path: str,
         if made is not None:
             cgroup, procs_fd = made
             child_ends.append(procs_fd)
-        listen_fd = listen_unix(socket_path, 1024).detach()
+        listen_fd = listen_unix(socket_path, 1024, mode=0o600, owner=worker_socket_owner(nginx)).detach()
         child_ends.append(listen_fd)
         # Only the core's ends are nonblocking: a worker's print() must block
         # on a full pipe, not fail.

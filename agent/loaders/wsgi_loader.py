@@ -3,9 +3,10 @@
 Started as ``PYTHON wsgi_loader.py`` by the agent core with the environment
 and file descriptors of docs/protocol.md section 3. It loads the app's
 startup file, reports readiness (or a structured error) on the handshake
-pipe, then accepts connections on the listening socket, one at a time
-(its concurrency is 1), and serves requests on each in sequence: request
-frames as in section 1, responses cut into records as in section 2.
+pipe, then serves requests one at a time (its concurrency is 1) over many
+connections: the engine's, and one kept by each nginx worker process that
+takes the fast path. Request frames as in section 1, responses cut into
+records as in section 2. Only the uids in AGENT_PEER_UIDS may connect.
 
 The core copies this file next to the other loaders and runs it under the
 app's own interpreter (often a virtualenv without the agent installed), so
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import _socket
 import contextlib
+import errno
 import gc
 import io
 import json
@@ -27,6 +29,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 import traceback
 from importlib.machinery import SourceFileLoader
 from importlib.util import module_from_spec, spec_from_file_location
@@ -68,6 +71,15 @@ COALESCE_LIMIT = 16 * 1024
 # sent with sendfile() are cut to this size: a record length is 32 bits,
 # and a file's size is read once, before its first record is announced.
 MAX_RECORD_SIZE = 16 * 1024 * 1024
+# Most connections a worker keeps open: the engine's and one per nginx
+# worker process. Past it, the connection idle the longest is closed.
+MAX_CONNECTIONS = 256
+# Refused peers and failed accepts are logged at most once per this many
+# seconds: a local user must not be able to flood the log.
+REFUSAL_LOG_INTERVAL = 10.0
+# Out of descriptors with no connection to close: the pause before the
+# next accept().
+ACCEPT_RETRY_DELAY = 0.1
 
 _U32 = struct.Struct(">I")
 _unpack_u32 = _U32.unpack_from
@@ -114,8 +126,8 @@ class LoadError(Exception):
 
 
 class _StopServing(BaseException):
-    """Raised by the SIGTERM handler to leave a blocking accept() or the
-    wait for the next frame on an idle connection."""
+    """Raised by the SIGTERM handler to leave the serve loop while the
+    worker has no request in hand."""
 
 
 # --------------------------------------------------------------------------
@@ -905,8 +917,8 @@ class ServeState:
 
     def __init__(self) -> None:
         self.stopping = False
-        # True only while the worker blocks with no request in hand: in
-        # accept(), or waiting for the first bytes of a frame.
+        # True only while the worker has no request in hand: waiting in
+        # poll(), accepting, or closing a connection.
         self.idle = False
         # Set once the app has forked: a child may then hold a copy of the
         # connection, and only shutdown() ends it for the peer.
@@ -935,120 +947,231 @@ def handle_sigterm(signum: int, frame: FrameType | None) -> None:
         raise _StopServing
 
 
-def serve_connection(
+def serve_request(
     conn: _socket.socket,
     app: WSGIApp,
     buf: bytearray,
     view: memoryview,
     base: dict[str, Any],
-) -> None:
-    """Serve requests on one connection until it closes or must close.
+) -> bool:
+    """Serve the one request whose frame is arriving on *conn* (poll() said
+    it is readable); return whether the connection may carry another.
 
-    This loop runs once per request and is the worker's own main cost, so
-    it keeps to the least work: one recv for a frame that fits the buffer,
+    This runs once per request and is the worker's own main cost, so it
+    keeps to the least work: one recv for a frame that fits the buffer,
     one send for a response of a single small chunk.
     """
-    state = STATE
-    recv_into = conn.recv_into
-    while True:
-        # `idle` is set before `stopping` is read: a SIGTERM that lands in
-        # between then raises in the handler instead of going unnoticed.
-        state.idle = True
-        if state.stopping:
-            return
-        try:
-            received = recv_into(buf)
-        except OSError:  # reset by the peer while idle: an ordinary close
-            return
-        state.idle = False
-        if not received:  # the engine closed the idle connection
-            return
-        try:
-            environ, stream = read_request(conn, buf, view, received, base)
-        except MalformedFrame as exc:
-            log(f"malformed request frame ({exc}); connection closed")
-            return
-        except OSError as exc:
-            log(f"reading the request frame: {exc}")
-            return
-        response = Response(conn, stream)
-        try:
-            run_app(app, environ, response)
-        except ClientDisconnected as exc:
-            log(f"client went away: {exc}")
-            return
-        except Exception:
-            if not answer_app_error(response):
-                return
-            continue
-        if not response.keep:
-            return
-
-
-def serve(listener: socket.socket, app: WSGIApp) -> None:
-    """Accept and serve one connection at a time until SIGTERM.
-
-    Further connections wait in the listen backlog until the current one
-    closes. Connections are wrapped in the C socket type: the Python
-    subclass in the socket module adds a cost per connection and nothing
-    used.
-    """
-    accept = listener._accept  # type: ignore[attr-defined]
-    family, kind = listener.family, listener.type
-    new_socket = _socket.socket
-    buf = bytearray(RECV_BUFFER_SIZE)
-    view = memoryview(buf)
-    base = wsgi_environ_base()
-    state = STATE
-    wait_for_connection = idle_waiter(listener)
     try:
+        received = conn.recv_into(buf)
+    except OSError:  # reset by the peer while idle: an ordinary close
+        return False
+    if not received:  # the peer closed the idle connection
+        return False
+    try:
+        environ, stream = read_request(conn, buf, view, received, base)
+    except MalformedFrame as exc:
+        log(f"malformed request frame ({exc}); connection closed")
+        return False
+    except OSError as exc:
+        log(f"reading the request frame: {exc}")
+        return False
+    response = Response(conn, stream)
+    try:
+        run_app(app, environ, response)
+    except ClientDisconnected as exc:
+        log(f"client went away: {exc}")
+        return False
+    except Exception:
+        return answer_app_error(response)
+    return response.keep
+
+
+# --------------------------------------------------------------------------
+# Connections and who may open them
+
+
+def allowed_peer_uids(text: str | None) -> frozenset[int]:
+    """The uids that may connect (AGENT_PEER_UIDS: decimal uids separated
+    by commas, set by the core: its own and nginx's worker user's). Absent:
+    this process's euid and root. Raises ValueError on anything else."""
+    if text is None:
+        return frozenset((os.geteuid(), 0))
+    uids = set()
+    for part in text.split(","):
+        if not (part.isascii() and part.isdigit()):
+            raise ValueError(f"AGENT_PEER_UIDS {text!r} is not a list of uids")
+        uids.add(int(part))
+    return frozenset(uids)
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(conn: _socket.socket) -> tuple[int, int, int]:
+    """The connecting process's pid, uid and gid, as the kernel took them
+    at connect() (SO_PEERCRED)."""
+    return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))  # type: ignore[return-value]
+
+
+class RateLimitedLog:
+    """At most one line per interval; the lines held back are counted in
+    the next one."""
+
+    __slots__ = ("held", "interval", "next_at")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.held = 0
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.held += 1
+            return
+        if self.held:
+            message += f" ({self.held} more since the last such line)"
+        self.held = 0
+        self.next_at = now + self.interval
+        log(message)
+
+
+class Server:
+    """The worker's connections: the engine's and one per nginx worker
+    process that keeps one (docs/design.md, "The loader's system calls").
+
+    Requests are served one at a time, whichever connection brings one.
+    With no request in hand the worker waits in poll() on the listener,
+    every open connection and the signal wake-up pipe. Connections are
+    blocking sockets: poll() said a frame is arriving, so its recv does not
+    wait, and the response is sent whole. They are wrapped in the C socket
+    type: the Python subclass in the socket module adds a cost per
+    connection and nothing used.
+    """
+
+    def __init__(self, listener: socket.socket, app: WSGIApp, peer_uids: frozenset[int]) -> None:
+        self.listener = listener
+        self.app = app
+        self.peer_uids = peer_uids
+        # fd -> connection, least recently used first.
+        self.conns: dict[int, _socket.socket] = {}
+        self.refusal_log = RateLimitedLog(REFUSAL_LOG_INTERVAL)
+        self.accept_error_log = RateLimitedLog(REFUSAL_LOG_INTERVAL)
+        self.wake_read = install_wakeup_pipe()
+        listener.setblocking(False)
+        self.listen_fd = listener.fileno()
+        self.poller = select.poll()
+        self.poller.register(self.listen_fd, select.POLLIN)
+        self.poller.register(self.wake_read, select.POLLIN)
+
+    def serve(self) -> None:
+        """Serve requests until SIGTERM; then close every connection."""
+        state = STATE
+        try:
+            self.run(state)
+        except _StopServing:
+            pass
+        finally:
+            state.idle = False  # a second SIGTERM must not cut the closing short
+            for conn in self.conns.values():
+                close_connection(conn)
+            self.conns.clear()
+
+    def run(self, state: ServeState) -> None:
+        """The loop. A blocking accept() or recv() would lose a SIGTERM
+        that lands after the loop last looked at `stopping` but before the
+        call blocks: Python runs a signal's handler between bytecodes, so
+        that one would wait for the next connection or frame, which a
+        detached worker never gets. Here the only wait is poll(), which
+        also watches the signal wake-up pipe: the interpreter writes to it
+        as the signal arrives, whenever that is, and the handler runs as
+        poll() returns."""
+        conns = self.conns
+        poll = self.poller.poll
+        app = self.app
+        buf = bytearray(RECV_BUFFER_SIZE)
+        view = memoryview(buf)
+        base = wsgi_environ_base()
         while True:
             state.idle = True
             if state.stopping:
                 return
-            try:
-                fd = accept()[0]
-            except BlockingIOError:
-                wait_for_connection()
-                continue
-            except OSError as exc:  # EMFILE, ECONNABORTED: try the next one
+            for fd, _ in poll():
+                conn = conns.get(fd)
+                if conn is None:
+                    if fd == self.listen_fd:
+                        # Connections come and go here: poll again rather
+                        # than act on events of an fd that changed hands.
+                        self.accept()
+                        break
+                    if fd == self.wake_read:
+                        self.drain_wakeups()
+                    continue
                 state.idle = False
-                log(f"accept: {exc}")
-                continue
-            state.idle = False
-            conn = new_socket(family, kind, 0, fd)
-            try:
-                serve_connection(conn, app, buf, view, base)
-            finally:
-                close_connection(conn)
-    except _StopServing:
-        return
+                del conns[fd]
+                if serve_request(conn, app, buf, view, base):
+                    conns[fd] = conn  # now the most recently used
+                else:
+                    self.poller.unregister(fd)
+                    close_connection(conn)
+                state.idle = True
+                if state.stopping:
+                    return
+
+    def drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_read, 512)
+
+    def accept(self) -> None:
+        """Take one connection from the backlog, if its peer may send
+        requests; at the cap, close the connection idle the longest."""
+        try:
+            fd = self.listener._accept()[0]  # type: ignore[attr-defined]
+        except BlockingIOError:
+            return
+        except OSError as exc:  # EMFILE, ECONNABORTED: try the next one
+            self.accept_error_log(f"accept: {exc}")
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                # The connection stays in the backlog and the listener
+                # readable: make room, or wait a little rather than spin.
+                if self.conns:
+                    self.close_oldest()
+                else:
+                    time.sleep(ACCEPT_RETRY_DELAY)
+            return
+        conn = _socket.socket(self.listener.family, self.listener.type, 0, fd)
+        try:
+            pid, uid, _ = peer_credentials(conn)
+        except OSError as exc:
+            conn.close()
+            self.accept_error_log(f"cannot read a connection's peer credentials: {exc}")
+            return
+        if uid not in self.peer_uids:
+            conn.close()  # unread
+            self.refusal_log(f"refused a connection from uid {uid} (pid {pid}): only uids "
+                             f"{','.join(map(str, sorted(self.peer_uids)))} may connect")
+            return
+        if len(self.conns) >= MAX_CONNECTIONS:
+            self.close_oldest()
+        self.conns[fd] = conn
+        self.poller.register(fd, select.POLLIN)
+
+    def close_oldest(self) -> None:
+        fd = next(iter(self.conns))
+        self.poller.unregister(fd)
+        close_connection(self.conns.pop(fd))
 
 
-def idle_waiter(listener: socket.socket) -> Callable[[], None]:
-    """What the serve loop calls when no connection is waiting: block until
-    one comes or a signal arrives.
-
-    A blocking accept() would lose a SIGTERM that lands after the loop last
-    looked at `stopping` but before the call blocks: Python runs a signal's
-    handler between bytecodes, so that one would wait for the next
-    connection, which a detached worker never gets. Here the listener does
-    not block, and the wait is a poll() that also watches the signal
-    wake-up pipe, to which the interpreter writes as the signal arrives,
-    whenever that is."""
+def install_wakeup_pipe() -> int:
+    """A pipe the interpreter writes a byte to whenever a signal arrives;
+    returns its read end, for poll()."""
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
-    listener.setblocking(False)
-    poller = select.poll()
-    poller.register(listener.fileno(), select.POLLIN)
-    poller.register(wake_read, select.POLLIN)
+    return wake_read
 
-    def wait() -> None:
-        poller.poll()  # an arriving signal's handler runs as this returns
-        with contextlib.suppress(BlockingIOError):
-            os.read(wake_read, 512)
 
-    return wait
+def serve(listener: socket.socket, app: WSGIApp, peer_uids: frozenset[int]) -> None:
+    Server(listener, app, peer_uids).serve()
 
 
 def open_listener(listen_fd: int) -> socket.socket:
@@ -1100,12 +1223,19 @@ def main() -> int:
     listen_fd = int(os.environ.get("AGENT_LISTEN_FD", "3"))
     ready_fd = int(os.environ.get("AGENT_READY_FD", "4"))
     startup_fd = os.environ.pop("AGENT_STARTUP_FD", None)
+    # Read before the app's private environment is set: it cannot change it.
+    peer_uids_text = os.environ.pop("AGENT_PEER_UIDS", None)
     fix_sys_path(app_root)
     try:
         os.set_inheritable(ready_fd, False)
         listener = open_listener(listen_fd)
     except OSError as exc:
         report_load_error(ready_fd, LoadError("exception", f"bad listening socket: {exc}", ""))
+        return 1
+    try:
+        peer_uids = allowed_peer_uids(peer_uids_text)
+    except ValueError as exc:
+        report_load_error(ready_fd, LoadError("exception", str(exc), ""))
         return 1
     # Logs are read line by line; block-buffered prints would arrive late.
     if isinstance(sys.stdout, io.TextIOWrapper):
@@ -1123,7 +1253,7 @@ def main() -> int:
     gc.freeze()
     report_ready(ready_fd)
     try:
-        serve(listener, app)
+        serve(listener, app, peer_uids)
     finally:
         listener.close()
     return 0

@@ -7,7 +7,9 @@ local user who owns an app, and as app code (docs/security.md).
 - an app never runs as nginx's worker user;
 - apps that share a user cannot read each other's environment nor ptrace
   each other (workers are not dumpable);
-- whatever a worker starts dies with it, and the core keeps no fd of it.
+- whatever a worker starts dies with it, and the core keeps no fd of it;
+- a worker's socket admits nginx's workers and root, nobody else: its mode
+  and its directory's, and the loader's check of the peer's uid.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -29,6 +32,7 @@ import psutil
 from tests.integration import apps
 from tests.integration.stack import NGINX_USER, AppSpec, Response, Stack, running_stack, wait_until
 from tests.integration.users import ATTACKER, ensure_user, run_as
+from tests.unit.loaders.test_wsgi_loader import request_frame
 
 VICTIM = "agent-victim"
 BYSTANDER = AppSpec("bystander", apps.HELLO, "/bystander/")
@@ -380,4 +384,100 @@ def test_a_crash_loop_of_workers_whose_children_hold_the_output_leaks_no_fd() ->
         wait_until(lambda: core_fds() <= before + 2, timeout=5, what=f"the core's fds back to {before}")
         # A new worker may be starting already; no child is left.
         wait_until(lambda: len(stack.worker_pids(app)) <= 1, what="the crashed workers' children to go")
+        still_serving(stack)
+
+
+# -- the worker sockets: nginx's workers and root may connect, nobody else ----
+
+# Run as a local user: connects to a worker socket, sends a request frame and
+# prints what came back: the errno of a refused connect, "closed" when the
+# worker closed the connection unread, else the bytes of the answer.
+SOCKET_PEER = """
+import socket, sys
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+conn.settimeout(10)
+try:
+    conn.connect(sys.argv[1])
+except OSError as e:
+    print("errno", e.errno)
+    sys.exit(0)
+try:
+    conn.sendall(bytes.fromhex(sys.argv[2]))
+    data = b""
+    while not data.endswith(b"\\0\\0\\0\\0"):
+        more = conn.recv(65536)
+        if not more:
+            break
+        data += more
+except (ConnectionResetError, BrokenPipeError):
+    data = b""
+print("answered " + data.hex() if data else "closed")
+"""
+# Another user cannot run the test's own interpreter (it may live in a
+# private directory): the system's runs the peer.
+PEER_PYTHON = "/usr/bin/python3"
+
+
+def worker_socket_of(stack: Stack, pid: int) -> Path:
+    """The socket the worker listens on, found through its fd 3's inode."""
+    inode = os.stat(f"/proc/{pid}/fd/3").st_ino
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and int(fields[6]) == inode:
+            return Path(fields[7])
+    raise AssertionError(f"no socket path for worker {pid}")
+
+
+def socket_attempt(user: str, path: Path) -> str:
+    frame = request_frame("/bystander/").hex()
+    result = run_as(user, [PEER_PYTHON, "-I", "-c", SOCKET_PEER, str(path), frame])
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_workers_directory_and_sockets_belong_to_nginx_workers_and_root() -> None:
+    with running_stack([BYSTANDER]) as stack:
+        still_serving(stack)
+        nginx = pwd.getpwnam(NGINX_USER)
+        workers_dir = stack.instance / "workers"
+        info = os.lstat(workers_dir)
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, nginx.pw_gid, 0o710)
+        pids = stack.worker_pids(BYSTANDER)
+        assert pids
+        for pid in pids:
+            path = worker_socket_of(stack, pid)
+            assert path.parent == workers_dir
+            info = os.lstat(path)
+            assert stat.S_ISSOCK(info.st_mode)
+            assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (nginx.pw_uid, nginx.pw_gid, 0o600)
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"AGENT_PEER_UIDS=0,{nginx.pw_uid}".encode() in environ
+
+
+def test_nginx_worker_user_can_reach_a_worker_socket() -> None:
+    with running_stack([BYSTANDER]) as stack:
+        still_serving(stack)
+        pid = next(iter(stack.worker_pids(BYSTANDER)))
+        answer = socket_attempt(NGINX_USER, worker_socket_of(stack, pid))
+        assert answer.startswith("answered "), answer
+        assert f"hello from {pid}".encode() in bytes.fromhex(answer.split()[1])
+        still_serving(stack)
+
+
+def test_a_local_user_cannot_reach_a_worker_socket_nor_be_served_through_it() -> None:
+    """EACCES from the modes; and with the modes opened (by root, here), the
+    loader's own check of the peer's uid still closes the connection unread."""
+    with running_stack([BYSTANDER]) as stack:
+        still_serving(stack)
+        attacker = ensure_user(ATTACKER)
+        pid = next(iter(stack.worker_pids(BYSTANDER)))
+        path = worker_socket_of(stack, pid)
+        assert socket_attempt(ATTACKER, path) == f"errno {errno.EACCES}"
+        os.chmod(path.parent, 0o711)
+        assert socket_attempt(ATTACKER, path) == f"errno {errno.EACCES}"  # the socket's own mode
+        os.chmod(path, 0o666)
+        assert socket_attempt(ATTACKER, path) == "closed"
+        wait_until(lambda: f"refused a connection from uid {attacker.pw_uid}" in log_text(stack),
+                   what="the refusal in the log")
+        assert stack.worker_pids(BYSTANDER) >= {pid}
         still_serving(stack)

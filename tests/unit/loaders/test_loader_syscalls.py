@@ -3,7 +3,8 @@ system calls"): one receive for a frame that fits the buffer, one send for a
 whole response, a large chunk gathered by sendmsg() rather than copied, and
 a sendmsg() cut short by a signal finished with the rest, in order.
 
-serve_connection runs in-process on a connection that records each call.
+serve_request runs in-process, request after request, on a connection that
+records each call.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def split_responses(raw: bytes) -> list[tuple[bytes, list[int]]]:
 def serve(app: Callable[..., Iterable[bytes]], requests: int = 1, sendmsg_limit: int | None = None) -> RecordingConn:
     conn = RecordingConn([build_frame(request_pairs("/"))] * requests, sendmsg_limit)
     buf = bytearray(loader.RECV_BUFFER_SIZE)
-    loader.serve_connection(conn, app, buf, memoryview(buf), loader.wsgi_environ_base())  # type: ignore[arg-type]
+    view, base = memoryview(buf), loader.wsgi_environ_base()
+    while loader.serve_request(conn, app, buf, view, base):  # type: ignore[arg-type]
+        pass
     return conn
 
 

@@ -302,11 +302,15 @@ def start_worker(
     app_root: Path = APPS,
     python: str = sys.executable,
     loader: Path = LOADER,
+    extra_env: dict[str, str] | None = None,
+    socket_mode: int | None = None,
 ) -> Worker:
     sock_path = tmp_path / f"worker-{time.monotonic_ns()}.sock"
     log_path = sock_path.with_suffix(".log")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(sock_path))
+    if socket_mode is not None:
+        os.chmod(sock_path, socket_mode)
     listener.listen(64)
     read_fd, write_fd = os.pipe()
     env = {
@@ -317,6 +321,7 @@ def start_worker(
         "AGENT_LISTEN_FD": "3",
         "AGENT_READY_FD": "4",
         "AGENT_APP_NAME": str(app_root),
+        **(extra_env or {}),
     }
     command = [
         sys.executable, "-I", "-c", FD_PLACER,
@@ -413,21 +418,20 @@ def test_idle_connection_reset_by_the_peer(worker: Worker) -> None:
     assert request(worker.sock_path).body == b"Hello, world!"
 
 
-def test_second_connection_waits_for_the_first(worker: Worker) -> None:
-    """With concurrency 1 a second connection waits in the listen backlog
-    while the first is open, and is served once it closes."""
-    first = connect(worker.sock_path)
-    try:
+def test_second_connection_is_served_while_the_first_stays_open(worker: Worker) -> None:
+    """Each nginx worker process keeps a connection of its own: a second
+    connection is served at once, and the first still carries requests."""
+    with connect(worker.sock_path) as first, connect(worker.sock_path) as second:
         assert request_on(first).ended
-        with connect(worker.sock_path) as second:
-            second.sendall(request_frame())
-            assert_open(second, wait=0.3)
-            assert request_on(first).ended
-            first.close()
-            reply = receive_reply(second)
-            assert (reply.body, reply.ended) == (b"Hello, world!", True)
-    finally:
-        first.close()
+        reply = request_on(second)
+        assert (reply.body, reply.ended) == (b"Hello, world!", True)
+        assert request_on(first).ended
+        assert_open(first, wait=0.05)
+        assert_open(second, wait=0.05)
+
+
+# --------------------------------------------------------------------------
+# The environ
 
 
 def test_environ(worker: Worker) -> None:
