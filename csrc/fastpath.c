@@ -307,11 +307,16 @@ static void row_seed(app *a, const agent_fp_app *r)
     a->fp_seen.sum_us = __atomic_load_n(&r->duration_sum_us, __ATOMIC_RELAXED);
 }
 
-/* Writes the app's row and opens it iff nginx may claim its workers: one
- * active slotted worker at least, no failure response, no HOLD (those apps
- * need the core after every request). A change of name closes the row
- * while it is written. */
-void fp_app_update(agent_engine *e, app *a)
+static bool serves_fast_path(const worker *w)
+{
+    return w->fp_slotted && !w->fp_failed && w->state == AGENT_WORKER_ACTIVE;
+}
+
+/* Writes the app's row, open iff has_worker (an active slotted worker),
+ * no failure response and no HOLD (those apps need the core after every
+ * request). A change of name closes the row while it is written. Rewriting
+ * the engine's fields on every sweep also undoes whatever nginx wrote there. */
+static void row_write(agent_engine *e, app *a, bool has_worker)
 {
     agent_fp_app *r = row_of(e, a);
     if (!r)
@@ -323,15 +328,9 @@ void fp_app_update(agent_engine *e, app *a)
     }
     a->fp_engine_queue = &r->engine_queue;
     app_queue_note(a);
-    bool open = !a->failure && !(a->notify & AGENT_NOTIFY_HOLD) && a->name_len <= AGENT_FP_NAME_MAX;
-    if (open) {
-        open = false;
-        for (int i = 0; i < e->nworkers && !open; i++) {
-            const worker *w = e->workers[i];
-            open = w->app == a->id && w->fp_slotted && !w->fp_failed && w->state == AGENT_WORKER_ACTIVE;
-        }
-    }
-    bool same_name = r->name_len == a->name_len && memcmp(r->name, a->name, a->name_len) == 0;
+    bool open = has_worker && !a->failure && !(a->notify & AGENT_NOTIFY_HOLD) && a->name_len <= AGENT_FP_NAME_MAX;
+    bool same_name = a->name_len <= AGENT_FP_NAME_MAX && r->name_len == a->name_len
+                     && memcmp(r->name, a->name, a->name_len) == 0;
     if (!open || !same_name)
         __atomic_store_n(&r->open, 0, __ATOMIC_RELEASE);
     if (a->name_len <= AGENT_FP_NAME_MAX && !same_name) {
@@ -344,6 +343,16 @@ void fp_app_update(agent_engine *e, app *a)
     r->request_time_ms = a->request_time_ms;
     if (open)
         __atomic_store_n(&r->open, 1, __ATOMIC_RELEASE);
+}
+
+void fp_app_update(agent_engine *e, app *a)
+{
+    if (!row_of(e, a))
+        return;
+    bool has_worker = false;
+    for (int i = 0; i < e->nworkers && !has_worker; i++)
+        has_worker = e->workers[i]->app == a->id && serves_fast_path(e->workers[i]);
+    row_write(e, a, has_worker);
 }
 
 /* The app leaves the table (or the engine stops): its row closes. */
@@ -392,6 +401,28 @@ static bool pid_gone(uint32_t pid)
     return kill((pid_t)pid, 0) < 0 && errno == ESRCH;
 }
 
+/* nginx has a few worker processes and many slots: a sweep asks the kernel
+ * about each claimant once. */
+#define PID_CACHE 8
+typedef struct {
+    uint32_t pid[PID_CACHE];
+    bool gone[PID_CACHE];
+    int n;
+} pid_cache;
+
+static bool pid_gone_cached(pid_cache *c, uint32_t pid)
+{
+    for (int i = 0; i < c->n; i++)
+        if (c->pid[i] == pid)
+            return c->gone[i];
+    bool gone = pid_gone(pid);
+    if (c->n < PID_CACHE) {
+        c->pid[c->n] = pid;
+        c->gone[c->n++] = gone;
+    }
+    return gone;
+}
+
 static void report_failed(agent_engine *e, worker *w, uint64_t word, int64_t ran_ms)
 {
     w->fp_failed = true;
@@ -420,7 +451,7 @@ static bool fail_slot(worker *w, agent_fp_slot *s, uint64_t *seen, uint32_t flag
     return true;
 }
 
-static void sweep_worker(agent_engine *e, worker *w)
+static void sweep_worker(agent_engine *e, worker *w, pid_cache *pids)
 {
     agent_fp_slot *s = slot_of(e, w);
     app *a = app_by_id(e, w->app);
@@ -449,7 +480,7 @@ static void sweep_worker(agent_engine *e, worker *w)
     }
     if (kind == AGENT_FP_CLAIMED && pid != e->fp_pid) {
         nginx_claim = true;
-        if (pid_gone(pid)) {  /* an nginx worker died holding it */
+        if (pid_gone_cached(pids, pid)) {  /* an nginx worker died holding it */
             if (fail_slot(w, s, &word, 0))
                 report_failed(e, w, word, 0);
             goto count;
@@ -489,7 +520,7 @@ count:
         emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed);
 }
 
-static void sweep_app(agent_engine *e, app *a)
+static void sweep_app(agent_engine *e, app *a, bool has_worker)
 {
     agent_fp_app *r = row_of(e, a);
     if (!r || !a->fp_row)
@@ -510,7 +541,7 @@ static void sweep_app(agent_engine *e, app *a)
     a->duration_count += count;
     a->duration_sum_us += take_delta(__atomic_load_n(&r->duration_sum_us, __ATOMIC_RELAXED), &a->fp_seen.sum_us,
                                      count * FP_DURATION_MAX_US);
-    fp_app_update(e, a);
+    row_write(e, a, has_worker);
     uint32_t waiting = fp_waiting(e, a);
     if (waiting > 0 && (a->notify & AGENT_NOTIFY_QUEUED))
         emit_coalesced(e, &a->queued_event, AGENT_EV_QUEUED, a->id, 0, (int64_t)a->queue_length + waiting);
@@ -518,13 +549,13 @@ static void sweep_app(agent_engine *e, app *a)
 
 /* An nginx worker that died with requests waiting leaves its counts in
  * the rows: they are taken out, and its row freed. */
-static void sweep_procs(agent_engine *e)
+static void sweep_procs(agent_engine *e, pid_cache *pids)
 {
     agent_fp_table *t = e->fp;
     for (int i = 0; i < AGENT_FP_PROCS; i++) {
         agent_fp_proc *p = &t->procs[i];
         uint32_t pid = __atomic_load_n(&p->pid, __ATOMIC_ACQUIRE);
-        if (pid == 0 || !pid_gone(pid))
+        if (pid == 0 || !pid_gone_cached(pids, pid))
             continue;
         for (int j = 0; j < AGENT_FP_APPS; j++) {
             uint32_t mine = __atomic_load_n(&p->waiting[j], __ATOMIC_RELAXED);
@@ -548,13 +579,20 @@ void fp_sweep(agent_engine *e)
 {
     if (!e->fp)
         return;
-    for (int i = 0; i < e->nworkers; i++)
-        if (e->workers[i]->fp_slotted)
-            sweep_worker(e, e->workers[i]);
+    pid_cache pids = {.n = 0};
+    bool has_worker[AGENT_FP_APPS] = {false};
+    for (int i = 0; i < e->nworkers; i++) {
+        worker *w = e->workers[i];
+        if (!w->fp_slotted)
+            continue;
+        sweep_worker(e, w, &pids);
+        if (serves_fast_path(w) && w->app >= 0 && w->app < AGENT_FP_APPS)
+            has_worker[w->app] = true;
+    }
     for (int i = 0; i < e->apps_cap && i < AGENT_FP_APPS; i++)
         if (e->apps[i])
-            sweep_app(e, e->apps[i]);
-    sweep_procs(e);
+            sweep_app(e, e->apps[i], has_worker[i]);
+    sweep_procs(e, &pids);
 }
 
 /* nginx releases a worker to IDLE while the engine's queue for its app is
