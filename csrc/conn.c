@@ -61,6 +61,7 @@ void conn_leave_wait_list(conn *c)
         return;
     if (c->queued_in) {
         c->queued_in->queue_length--;
+        app_queue_note(c->queued_in);
         c->queued_in = NULL;
     }
     list_unlink(&c->wait_link);

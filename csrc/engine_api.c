@@ -130,6 +130,7 @@ void agent_engine_free(agent_engine *e)
         return;
     agent_engine_stop(e);
     close_all_connections(e);  /* for an engine never started: nothing */
+    fp_detach_table(e);
     conn_pools_free(e);
     while (e->removed_apps) {
         app *a = e->removed_apps;
@@ -238,6 +239,7 @@ int agent_engine_app_set(agent_engine *e, int app_id, const char *name, int max_
     a->name_len = strlen(copy);
     a->max_queue = max_queue;
     a->queue_timeout_ms = queue_timeout_ms;
+    fp_app_update(e, a);
     pthread_mutex_unlock(&e->lock);
     return 0;
 }
@@ -253,6 +255,7 @@ int agent_engine_app_remove(agent_engine *e, int app_id)
         return -ENOENT;
     }
     e->apps[app_id] = NULL;
+    fp_app_removed(e, a);
     a->next_removed = e->removed_apps;
     e->removed_apps = a;
     pthread_mutex_unlock(&e->lock);
@@ -280,6 +283,7 @@ int agent_engine_app_fail(agent_engine *e, int app_id, const char *response, siz
     shared_reply_release(&a->failure);
     a->failure = r;
     a->needs_dispatch = true;
+    fp_app_update(e, a);
     pthread_mutex_unlock(&e->lock);
     wake_loop(e);
     return 0;
@@ -306,6 +310,7 @@ int agent_engine_app_notify(agent_engine *e, int app_id, unsigned events)
                 e->workers[i]->held = false;
         a->needs_dispatch = true;
     }
+    fp_app_update(e, a);
     pthread_mutex_unlock(&e->lock);
     if (hold_off)
         wake_loop(e);
@@ -316,8 +321,10 @@ int agent_engine_app_request_time(agent_engine *e, int app_id, uint32_t max_requ
 {
     pthread_mutex_lock(&e->lock);
     app *a = app_by_id(e, app_id);
-    if (a)
+    if (a) {
         a->request_time_ms = max_request_time_ms;
+        fp_app_update(e, a);
+    }
     pthread_mutex_unlock(&e->lock);
     return a ? 0 : -ENOENT;
 }
@@ -331,6 +338,7 @@ int agent_engine_app_clear_failure(agent_engine *e, int app_id)
         return -ENOENT;
     }
     shared_reply_release(&a->failure);
+    fp_app_update(e, a);
     pthread_mutex_unlock(&e->lock);
     return 0;
 }
@@ -384,6 +392,8 @@ int agent_engine_worker_add(agent_engine *e, int app_id, int pid, const char *so
     }
     w->last_used_ms = monotonic_ms();
     e->workers[e->nworkers++] = w;
+    fp_publish(e, w);
+    fp_app_update(e, a);
     a->needs_dispatch = true;
     pthread_mutex_unlock(&e->lock);
     wake_loop(e);
@@ -408,6 +418,10 @@ static int change_worker(agent_engine *e, int pid, bool (*change)(agent_engine *
 static bool detach_worker(agent_engine *e, worker *w)
 {
     w->state = AGENT_WORKER_DETACHED;
+    fp_detach(e, w);
+    app *a = app_by_id(e, w->app);
+    if (a)
+        fp_app_update(e, a);
     w->close_idle = !list_empty(&w->idle);
     return w->close_idle;
 }
@@ -449,6 +463,10 @@ int agent_engine_worker_remove(agent_engine *e, int pid)
     worker *w = e->workers[i];
     e->workers[i] = e->workers[--e->nworkers];
     w->state = AGENT_WORKER_DETACHED;
+    fp_unpublish(e, w);
+    app *a = app_by_id(e, w->app);
+    if (a)
+        fp_app_update(e, a);
     bool wake = !list_empty(&w->idle);
     if (w->sessions > 0 || w->open > 0) {
         w->removed = true;
@@ -469,8 +487,9 @@ int agent_engine_worker_stats(agent_engine *e, agent_worker_stats *out, int max)
     int n = 0;
     for (int i = 0; i < e->nworkers && n < max; i++, n++) {
         const worker *w = e->workers[i];
+        /* A claim nginx holds is a session the engine does not see. */
         out[n] = (agent_worker_stats){w->pid, w->app, w->state, w->concurrency,
-                                      w->sessions, w->processed, w->last_used_ms};
+                                      w->sessions + (fp_nginx_claimed(e, w) ? 1 : 0), w->processed, w->last_used_ms};
     }
     pthread_mutex_unlock(&e->lock);
     return n;
@@ -484,7 +503,8 @@ static int free_slots(const agent_engine *e, int app_id)
     int slots = 0;
     for (int i = 0; i < e->nworkers; i++) {
         const worker *w = e->workers[i];
-        if (w->app == app_id && w->state == AGENT_WORKER_ACTIVE && !w->held && w->sessions < w->concurrency)
+        if (w->app == app_id && w->state == AGENT_WORKER_ACTIVE && !w->held && w->sessions < w->concurrency
+            && fp_available(e, w))
             slots += w->concurrency - w->sessions;
     }
     return slots;
@@ -498,7 +518,8 @@ int agent_engine_app_stats(agent_engine *e, agent_app_stats *out, int max)
         const app *a = e->apps[i];
         if (!a)
             continue;
-        out[n++] = (agent_app_stats){a->id, a->queue_length, a->requests,
+        /* Requests waiting in nginx's workers wait for this app too. */
+        out[n++] = (agent_app_stats){a->id, a->queue_length + (int)fp_waiting(e, a), a->requests,
                                      a->queue_full, a->queue_timeouts, a->failed, a->request_timeouts,
                                      free_slots(e, a->id)};
     }
@@ -544,6 +565,27 @@ int agent_engine_requests(agent_engine *e, agent_request_info *out, int max)
         memcpy(r->method, c->method, strlen(c->method) + 1);
         memcpy(r->path, c->path, strlen(c->path) + 1);
     }
+    n = fp_requests(e, out, n, max, now_us / 1000);
     pthread_mutex_unlock(&e->lock);
     return n;
+}
+
+int agent_engine_fastpath_attach(agent_engine *e, const char *path, int nginx_uid)
+{
+    if (!path)
+        return -EINVAL;
+    pthread_mutex_lock(&e->lock);
+    int r = fp_attach(e, path, nginx_uid);
+    pthread_mutex_unlock(&e->lock);
+    if (r == 0)
+        wake_loop(e);
+    return r;
+}
+
+int agent_engine_fastpath_attached(agent_engine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    int r = e->fp != NULL;
+    pthread_mutex_unlock(&e->lock);
+    return r;
 }

@@ -163,3 +163,15 @@ int agent_engine_app_stats(agent_engine *engine, agent_app_stats *out, int max);
 int agent_engine_app_durations(agent_engine *engine, agent_app_durations *out, int max);
 /* Oldest first (in arrival order). */
 int agent_engine_requests(agent_engine *engine, agent_request_info *out, int max);
+
+/* The fast path's shared table (fastpath.h; docs/protocol.md section 5):
+ * nginx's workers claim idle workers of concurrency 1 there and serve
+ * requests without the engine. Attach opens the table at path (never a
+ * symlink) and checks it: a regular file with one link, owned by nginx's
+ * worker uid (the engine's euid when the engine is not root; nginx_uid -1:
+ * unknown, root's), not writable by group or others, of the table's size,
+ * magic and version. Then a new epoch: every slot FREE, every row closed,
+ * and the engine's workers and apps published. Without a table, or when
+ * this fails, agent.sock serves every request. -EALREADY when attached. */
+int agent_engine_fastpath_attach(agent_engine *engine, const char *path, int nginx_uid);
+int agent_engine_fastpath_attached(agent_engine *engine);  /* 1 or 0 */

@@ -16,6 +16,9 @@
  *   session.c      the routing table, worker connections, sessions, pumping
  *   conn.c         connection records, buffers, the responses the engine makes
  *   events.c       the events for the policy
+ *   fastpath.c     the engine's side of the fast path's shared table
+ *                  (fastpath.h): publishing workers, the slow path's claims,
+ *                  detaching, the tick's sweep, the stats nginx adds
  *   engine_api.c   engine_api.h: the calls the policy makes
  *   this header    what they share: the structs and the internal calls
  *
@@ -56,6 +59,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "fastpath.h"
 #include "wire.h"
 
 #define TICK_MS 100
@@ -130,6 +134,18 @@ typedef struct worker {
     int open;                   /* wconns open, idle or busy; at most concurrency */
     bool close_idle;            /* detached or removed: the loop must close its idle wconns */
     bool held;                  /* waits for the policy's check after a request (AGENT_NOTIFY_HOLD) */
+    /* Its slot in the fast path's table (fastpath.c), when it has one. */
+    bool fp_slotted;
+    bool fp_engine_claimed;     /* the engine's own session holds the slot's claim */
+    bool fp_failed;             /* the slot went FAILED: reported once, no more requests */
+    bool fp_detached_seen;      /* the slot's DETACHED was reported (WORKER_IDLE) */
+    bool fp_watching;           /* an nginx claim is being timed against the request time limit */
+    int fp_slot;
+    uint32_t fp_gen;
+    uint64_t fp_claims_seen;    /* the slot's claims at the last sweep */
+    uint64_t fp_engine_claims;  /* claims the engine itself made since */
+    uint64_t fp_watch_claims;   /* claims when fp_watch_since_ms was taken */
+    int64_t fp_watch_since_ms;
 } worker;
 
 /* A connection to a worker, kept across requests (docs/protocol.md §2). */
@@ -167,6 +183,14 @@ typedef struct app {
     uint64_t duration_buckets[AGENT_DURATION_BUCKETS];  /* per bucket, see agent_app_durations */
     uint64_t duration_count;
     uint64_t duration_sum_us;
+    /* Its row in the fast path's table (fastpath.c), when it has one. */
+    uint32_t *fp_engine_queue;  /* the row's engine_queue, kept equal to queue_length */
+    bool fp_row;                /* the row is this app's: fp_seen holds its counters at the last sweep */
+    struct {
+        uint64_t queue_full, queue_timeouts, request_timeouts, failed;
+        uint64_t buckets[AGENT_DURATION_BUCKETS];
+        uint64_t sum_us;
+    } fp_seen;
 } app;
 
 typedef enum {
@@ -275,6 +299,14 @@ struct agent_engine {
     wconn *dead_wconns;         /* closed this batch; freed after it */
     char *free_buffers;         /* linked through their first bytes */
     int free_buffers_count;
+
+    /* The fast path's shared table (fastpath.c), or NULL: not attached. */
+    agent_fp_table *fp;
+    uint32_t fp_pid;            /* getpid() at attach: the slow path's claims carry it */
+    uint32_t fp_epoch;          /* the epoch this engine wrote */
+    worker *fp_owner[AGENT_FP_SLOTS];  /* the worker each slot holds */
+    bool fp_retry;              /* an open app's queue waits: dispatch is retried every ms */
+    int64_t fp_retry_ms;
 
     event_ring events;          /* everything but log lines */
     event_ring logs;
@@ -406,6 +438,32 @@ void dispatch_queue(agent_engine *e, app *a);
 void answer_queue_with_failure(agent_engine *e, app *a);
 void pump(agent_engine *e, conn *c);
 void drain_abandon(agent_engine *e, conn *c, const char *why);
+
+/* Keeps the app's fast path row's engine_queue current (fastpath.h). */
+static inline void app_queue_note(app *a)
+{
+    if (a->fp_engine_queue)
+        __atomic_store_n(a->fp_engine_queue, (uint32_t)a->queue_length, __ATOMIC_RELEASE);
+}
+
+/* ------------------------------------------------------------------------ */
+/* fastpath.c: the engine's side of the fast path's table                   */
+
+int fp_attach(agent_engine *e, const char *path, int nginx_uid);
+void fp_detach_table(agent_engine *e);
+void fp_publish(agent_engine *e, worker *w);
+void fp_unpublish(agent_engine *e, worker *w);
+bool fp_available(const agent_engine *e, const worker *w);
+bool fp_claim(agent_engine *e, worker *w);
+void fp_release(agent_engine *e, worker *w, bool failed);
+void fp_detach(agent_engine *e, worker *w);
+bool fp_nginx_claimed(const agent_engine *e, const worker *w);
+void fp_app_update(agent_engine *e, app *a);
+void fp_app_removed(agent_engine *e, app *a);
+uint32_t fp_waiting(const agent_engine *e, const app *a);
+void fp_sweep(agent_engine *e);
+void fp_retry_dispatch(agent_engine *e);
+int fp_requests(agent_engine *e, agent_request_info *out, int n, int max, int64_t now_ms);
 
 /* ------------------------------------------------------------------------ */
 /* loop.c: the thread                                                       */

@@ -457,6 +457,7 @@ static void on_tick(agent_engine *e)
     check_frame_times(e);
     check_queue_times(e);
     check_request_times(e);
+    fp_sweep(e);
     /* Sessions that outlive a tick get their nginx side watched, so that
      * nginx going away ends them (see watch_client). Registering ends no
      * connection (a failure is retried on the next tick), which keeps this
@@ -511,6 +512,8 @@ void *engine_loop(void *arg)
     struct epoll_event events[EVENTS_PER_WAIT];
     for (;;) {
         int64_t wait_ms = e->next_tick_ms - monotonic_ms();
+        if (e->fp_retry && wait_ms > 1)  /* only this thread writes it */
+            wait_ms = 1;
         int n = epoll_wait(e->epoll_fd, events, EVENTS_PER_WAIT,
                            (int)(wait_ms < 0 ? 0 : wait_ms > TICK_MS ? TICK_MS : wait_ms));
         if (n < 0 && errno != EINTR) {
@@ -525,6 +528,8 @@ void *engine_loop(void *arg)
         engine_clock_read(e);
         for (int i = 0; i < n; i++)
             handle_event(e, &events[i]);
+        if (e->fp_retry && e->now_ms >= e->fp_retry_ms)
+            fp_retry_dispatch(e);
         if (e->now_ms >= e->next_tick_ms) {
             on_tick(e);
             e->next_tick_ms = e->now_ms + TICK_MS;

@@ -55,7 +55,8 @@ static worker *pick_worker(agent_engine *e, int app_id)
     worker *best = NULL;
     for (int i = 0; i < e->nworkers; i++) {
         worker *w = e->workers[i];
-        if (w->app != app_id || w->state != AGENT_WORKER_ACTIVE || w->held || w->sessions >= w->concurrency)
+        if (w->app != app_id || w->state != AGENT_WORKER_ACTIVE || w->held || w->sessions >= w->concurrency
+            || !fp_available(e, w))
             continue;
         if (!best || w->sessions < best->sessions
             || (w->sessions == best->sessions && w->last_use_seq < best->last_use_seq))
@@ -211,6 +212,7 @@ void end_session(agent_engine *e, conn *c, bool counted, bool reusable)
         return;
     c->worker = NULL;
     w->sessions--;
+    fp_release(e, w, false);
     if (counted)
         w->processed++;
     worker_touch(e, w);
@@ -305,6 +307,9 @@ static void enqueue(agent_engine *e, app *a, conn *c, bool at_head)
     c->in_wait_list = true;
     c->queued_in = a;
     a->queue_length++;
+    app_queue_note(a);
+    if (a->fp_row)
+        e->fp_retry = true;  /* nginx may hold the worker that would take it */
     if (a->notify & AGENT_NOTIFY_QUEUED)
         emit_coalesced(e, &a->queued_event, AGENT_EV_QUEUED, a->id, 0, a->queue_length);
 }
@@ -325,7 +330,10 @@ void route(agent_engine *e, app *a, conn *c, bool at_head)
             enqueue(e, a, c, at_head);
             return;
         }
+        if (!fp_claim(e, w))
+            continue;  /* nginx took it first: pick again */
         if (!c->down && !(c->down = buffer_get(e))) {
+            fp_release(e, w, false);
             reply_local_failure(e, c, a, ENOMEM);
             return;
         }
@@ -340,10 +348,12 @@ void route(agent_engine *e, app *a, conn *c, bool at_head)
             return;
         }
         if (r == LOCAL_FAILURE) {
+            fp_release(e, w, false);
             reply_local_failure(e, c, a, err);
             return;
         }
         worker_failed(e, w, err);
+        fp_release(e, w, true);
     }
 }
 

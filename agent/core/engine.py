@@ -32,6 +32,10 @@ assert len(DURATION_BOUNDS) == lib.AGENT_DURATION_BUCKETS
 
 _ERROR_SIZE = 512
 
+# The fast path's shared table in the instance directory (AGENT_FP_FILE in
+# csrc/fastpath.h, which the nginx module includes too).
+FASTPATH_FILE = "fastpath.table"
+
 
 class NativeError(OSError):
     """A call into the C side failed; the message says which and why."""
@@ -161,6 +165,18 @@ class Engine:
     def refused_peers(self) -> int:
         """Connections to the agent socket closed for their peer's uid."""
         return int(lib.agent_engine_refused_peers(self._engine))
+
+    def attach_fastpath(self, path: str | os.PathLike[str], nginx_uid: int | None) -> None:
+        """Maps the fast path's table (csrc/fastpath.h) after checking it; raises
+        NativeError when it cannot, and agent.sock then serves every request.
+        nginx_uid: nginx's worker user, the table's owner when the core is root
+        (None: not known, root's)."""
+        uid = -1 if nginx_uid is None else nginx_uid
+        _check(lib.agent_engine_fastpath_attach(self._engine, os.fsencode(path), uid),
+               f"attaching the fast path table {os.fsdecode(path)}")
+
+    def fastpath_attached(self) -> bool:
+        return bool(lib.agent_engine_fastpath_attached(self._engine))
 
     def poll(self) -> list[EngineEvent]:
         events: list[EngineEvent] = []

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from agent.control.provider import CoreStatus
 from agent.control.server import StatusServer
+from agent.core.engine import FASTPATH_FILE, NativeError
 from agent.core.loop import Core
+from agent.core.spawner import nginx_worker_uid
 from agent.instance import Instance
 from agent.logs import log
 
@@ -40,10 +42,44 @@ def agent_socket_peers(instance: Instance) -> set[int]:
     return peers | {info.st_uid}
 
 
+class FastPathAttacher:
+    """Maps nginx's fast path table (csrc/fastpath.h) into the engine. nginx's
+    master makes the table, which may come after the core starts: until the
+    engine has it, every request goes through agent.sock, and the core tries
+    again about once a second. A failure is logged once per reason."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.path = core.instance.root / FASTPATH_FILE
+        self.attached = False
+        self.last_error: int | None = None
+
+    def tick(self) -> None:
+        if self.attached:
+            return
+        try:
+            self.core.engine.attach_fastpath(self.path, nginx_worker_uid(self.core.instance.agent_socket))
+        except NativeError as e:
+            if e.errno != self.last_error:
+                self.last_error = e.errno
+                log.warning("fast path off: %s; requests go through agent.sock", e.strerror)
+            return
+        self.attached = True
+        log.info("fast path on: %s attached", self.path)
+
+
+def attach_fast_path(core: Core) -> FastPathAttacher:
+    attacher = FastPathAttacher(core)
+    attacher.tick()
+    core.tickers.append(attacher.tick)
+    return attacher
+
+
 def run(instance_dir: Path, listen_fd: int, status_fd: int | None = None) -> int:
     try:
         core = Core(Instance(instance_dir), listen_fd)
         core.engine.allow_peers(agent_socket_peers(core.instance))
+        attach_fast_path(core)
         if status_fd is not None:
             attach_status_server(core, status_fd)
         return core.run()
