@@ -1157,6 +1157,10 @@ ngx_http_agent_fp_keep(ngx_http_agent_ctx_t *ctx, ngx_connection_t *c)
         ngx_del_timer(c->write);
     }
 
+    /* the end record read as an end of file; the connection goes on */
+    c->read->eof = 0;
+    c->read->ready = 0;
+
     c->write->handler = ngx_http_agent_fp_keep_dummy_handler;
     c->read->handler = ngx_http_agent_fp_keep_close_handler;
 

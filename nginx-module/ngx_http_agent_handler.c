@@ -1350,6 +1350,10 @@ ngx_http_agent_fp_recv(ngx_connection_t *c, u_char *buf, size_t size)
 
     for ( ;; ) {
         if (ctx->decoder.end) {
+            /* as ngx_unix_recv() reports an end of file, so that every
+             * reading loop of the upstream module stops here */
+            c->read->ready = 0;
+            c->read->eof = 1;
             return 0;
         }
 
@@ -1382,6 +1386,15 @@ ngx_http_agent_fp_recv(ngx_connection_t *c, u_char *buf, size_t size)
             ctx->failed = 1;
             c->read->error = 1;
             return NGX_ERROR;
+        }
+
+        if (ctx->decoder.end) {
+            /*
+             * The end record came with this read: nothing more will wake
+             * the connection, so say it is ready and the next read reports
+             * the end of file at once.
+             */
+            c->read->ready = 1;
         }
 
         if (n > 0) {

@@ -160,6 +160,11 @@ class FastPathTable:
             return set()
         return {int(s.worker_pid) for s in self.app_slots(name) if kind(s.word) in (IDLE, CLAIMED)}
 
+    def failed(self, name: str) -> int:
+        """502s nginx answered for the app on the fast path."""
+        row = self.row_of(name)
+        return 0 if row is None else int(self.t.apps[row].failed)
+
     def claims(self, name: str) -> int:
         return sum(int(s.claims) for s in self.app_slots(name))
 

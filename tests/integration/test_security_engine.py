@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 import psutil
 import pytest
 
+from tests.integration.fastpath_table import FastPathTable
 from tests.integration.stack import APP_PYTHON, AppSpec, Stack, running_stack, wait_until
 from tests.integration.users import ATTACKER, ensure_user, run_as
 
@@ -120,12 +121,15 @@ def application(environ, start_response):
 
 WITNESS = AppSpec("witness", WITNESS_APP, "/witness/")
 FORGER = AppSpec("forger", FORGER_APP, "/forger/")
-ENDLESS = AppSpec("endless", ENDLESS_APP, "/endless/")
+# The relay's drain bound is what the first test attacks: that app stays
+# off the fast path, where nginx itself closes an abandoned response.
+ENDLESS = AppSpec("endless", ENDLESS_APP, "/endless/", directives={"agent_fast_path": "off"})
+ENDLESS_FAST = AppSpec("endless-fast", ENDLESS_APP, "/endless-fast/", directives={"agent_min_instances": "1"})
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with running_stack([WITNESS, FORGER, ENDLESS]) as s:
+    with running_stack([WITNESS, FORGER, ENDLESS, ENDLESS_FAST]) as s:
         yield s
 
 
@@ -236,3 +240,22 @@ def test_an_endless_response_nobody_reads_does_not_hold_its_worker(stack: Stack,
     response = stack.get("/endless/?finite")
     assert (response.status, response.text) == (200, "finite\n")
     assert stack.get("/witness/").status == 200
+
+
+@pytest.mark.parametrize("mode", ["", "trickle"])
+def test_on_the_fast_path_an_abandoned_endless_response_ends_with_nginx_s_connection(stack: Stack,
+                                                                                       mode: str) -> None:
+    """nginx talks to the worker itself: when the client goes, nginx closes
+    its connection to the worker, whose next write fails, and the worker is
+    free again without being given up."""
+    assert stack.get("/endless-fast/?finite").status == 200
+    wait_until(lambda: FastPathTable(stack.instance).serving_pids(str(stack.app_root(ENDLESS_FAST))),
+               what="the fast path open for the app")
+    pid = abandon(stack, f"/endless-fast/?{mode}")
+    wait_until(lambda: (stack.scratch / f"closed-{pid}").exists(), timeout=15,
+               what=f"worker {pid}'s response to end")
+    for _ in range(5):
+        response = stack.get("/endless-fast/?finite")
+        assert (response.status, response.text) == (200, "finite\n")
+    assert psutil.pid_exists(pid)
+    assert f"worker pid {pid} kept a response going" not in agent_log(stack)
