@@ -56,6 +56,8 @@ static uint64_t ngx_http_agent_fp_now_ms(void);
 
 
 /* inherited from the master: the mapping, or NULL when the fast path is off */
+#define NGX_HTTP_AGENT_FP_FAIR_MS  2
+
 static agent_fp_table     *ngx_http_agent_fp_table;
 
 /* this worker's */
@@ -1313,7 +1315,14 @@ ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx)
 }
 
 
-/* another process has a waiter for the row older than ours */
+/*
+ * Another process has a waiter for the row older than ours by more than
+ * NGX_HTTP_AGENT_FP_FAIR_MS.  Within that slack a release stays in this
+ * process: a hand-off here costs no system call, one to another process a
+ * wake-up and the time until that process runs, during which the worker
+ * idles.  The slack bounds how much longer another process's request can
+ * wait than ours.
+ */
 
 static ngx_uint_t
 ngx_http_agent_fp_others_older(ngx_uint_t row, uint64_t ours)
@@ -1335,7 +1344,7 @@ ngx_http_agent_fp_others_older(ngx_uint_t row, uint64_t ours)
 
         t = __atomic_load_n(&p->oldest_ms[row], __ATOMIC_ACQUIRE);
 
-        if (t != 0 && t < ours) {
+        if (t != 0 && t + NGX_HTTP_AGENT_FP_FAIR_MS < ours) {
             return 1;
         }
     }
