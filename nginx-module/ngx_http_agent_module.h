@@ -6,11 +6,19 @@
  *
  *     ngx_http_agent_settings.h   every directive, declared once
  *     ngx_http_agent_conf.c       the directives, create/merge, the apps
- *     ngx_http_agent_handler.c    the request path: the frame, the upstream
- *                                 callbacks, the fast path's peer (its
- *                                 connections and the records' stripping)
+ *     ngx_http_agent_handler.c    the request path: static files, the
+ *                                 upstream callbacks, the response's header
+ *     ngx_http_agent_request.c    what is sent upstream: the request frame,
+ *                                 the status door's plain request
+ *     ngx_http_agent_worker_peer.c  the fast path's upstream side: the
+ *                                 peer to a claimed worker, its connection,
+ *                                 the records' stripping, the time limit
  *     ngx_http_agent_fastpath.c   the fast path's table (csrc/fastpath.h):
- *                                 claims, waiting, wake-ups, release
+ *                                 the master's file, each worker's row,
+ *                                 wake-ups, counters
+ *     ngx_http_agent_fastpath.h   what fastpath.c and claims.c share
+ *     ngx_http_agent_claims.c     the claims: waiting, hand-off, release,
+ *                                 the kept connections
  *     ngx_http_agent_instance.c   the instance directory and apps.json
  *     ngx_http_agent_launch.c     the agent's start: the watchdog
  */
@@ -97,7 +105,7 @@ typedef struct {
 typedef struct {
     ngx_http_status_t          status;          /* the status line's parse */
 
-    /* the fast path (ngx_http_agent_fastpath.c) */
+    /* the fast path (ngx_http_agent_claims.c, _worker_peer.c) */
     ngx_http_request_t        *request;
     ngx_http_upstream_resolved_t  *resolved;    /* agent.sock: the slow path */
     ngx_uint_t                 row;
@@ -143,10 +151,18 @@ ngx_int_t ngx_http_agent_init_module(ngx_cycle_t *cycle);
 ngx_int_t ngx_http_agent_init_process(ngx_cycle_t *cycle);
 void ngx_http_agent_exit_process(ngx_cycle_t *cycle);
 
-/* the fast path: ngx_http_agent_fastpath.c */
+/* the fast path's table: ngx_http_agent_fastpath.c */
 void ngx_http_agent_fp_init_master(ngx_cycle_t *cycle, int dir_fd);
 void ngx_http_agent_fp_init_worker(ngx_cycle_t *cycle);
 void ngx_http_agent_fp_exit_worker(ngx_cycle_t *cycle);
+void ngx_http_agent_fp_count(ngx_http_agent_ctx_t *ctx, ngx_uint_t what);
+void ngx_http_agent_fp_duration(ngx_http_agent_ctx_t *ctx);
+uint64_t ngx_http_agent_fp_now_us(void);
+
+#define NGX_HTTP_AGENT_FP_FAILED            0
+#define NGX_HTTP_AGENT_FP_REQUEST_TIMEOUT   1
+
+/* the claims: ngx_http_agent_claims.c */
 ngx_int_t ngx_http_agent_fp_start(ngx_http_request_t *r,
     ngx_http_agent_ctx_t *ctx);
 void ngx_http_agent_fp_begin(ngx_http_request_t *r,
@@ -155,18 +171,18 @@ ngx_int_t ngx_http_agent_fp_socket(ngx_http_agent_ctx_t *ctx);
 ngx_connection_t *ngx_http_agent_fp_kept(ngx_http_agent_ctx_t *ctx);
 void ngx_http_agent_fp_keep(ngx_http_agent_ctx_t *ctx, ngx_connection_t *c);
 void ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx);
-void ngx_http_agent_fp_count(ngx_http_agent_ctx_t *ctx, ngx_uint_t what);
-void ngx_http_agent_fp_duration(ngx_http_agent_ctx_t *ctx);
-uint64_t ngx_http_agent_fp_now_us(void);
 
-#define NGX_HTTP_AGENT_FP_FAILED            0
-#define NGX_HTTP_AGENT_FP_REQUEST_TIMEOUT   1
+/* the fast path's upstream side: ngx_http_agent_worker_peer.c */
+void ngx_http_agent_fp_run(ngx_http_request_t *r);
+ngx_http_upstream_srv_conf_t *ngx_http_agent_fp_upstream(void);
 
 /* ngx_http_agent_handler.c */
-void ngx_http_agent_fp_run(ngx_http_request_t *r);
 ngx_int_t ngx_http_agent_answer(ngx_http_request_t *r, ngx_uint_t status,
     ngx_str_t *body, ngx_uint_t retry_after);
-ngx_http_upstream_srv_conf_t *ngx_http_agent_fp_upstream(void);
+
+/* ngx_http_agent_request.c: the upstream's create_request */
+ngx_int_t ngx_http_agent_create_request(ngx_http_request_t *r);
+ngx_int_t ngx_http_agent_create_status_request(ngx_http_request_t *r);
 
 
 extern ngx_module_t  ngx_http_agent_module;
