@@ -253,8 +253,8 @@ def stack_cpu_table(results: Sequence[StackResult], connections: Sequence[int]) 
 def memory_table(results: Sequence[StackResult]) -> str:
     rows = []
     for r in results:
-        if not r.runs:
-            continue
+        if not r.runs or not (r.worker_pss_kib or r.other_memory):
+            continue  # the relay's pass measures no memory: its workers are the fast path's
         each = ", ".join(mib(k) for k in r.worker_pss_kib) or "?"
         mean = mib(sum(r.worker_pss_kib) // len(r.worker_pss_kib)) if r.worker_pss_kib else "?"
         others = "; ".join(f"{what} {mib(kib)}" for what, kib in r.other_memory) or "-"
