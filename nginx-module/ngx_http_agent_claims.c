@@ -20,6 +20,8 @@
 
 
 static ngx_int_t ngx_http_agent_fp_find_row(ngx_http_agent_loc_conf_t *alcf);
+static ngx_uint_t ngx_http_agent_fp_row_serves(ngx_http_request_t *r,
+    ngx_uint_t row);
 static ngx_int_t ngx_http_agent_fp_claim(ngx_uint_t row, ngx_uint_t *slot,
     uint32_t *generation);
 static ngx_int_t ngx_http_agent_fp_wait(ngx_http_request_t *r,
@@ -144,6 +146,30 @@ ngx_http_agent_fp_find_row(ngx_http_agent_loc_conf_t *alcf)
     }
 
     return -1;
+}
+
+
+/*
+ * The row still serves the request's app: open, and the same name.  A core
+ * that restarts gives its rows anew, so a request that waited may find its
+ * row serving another app (or none): it must not claim there.
+ */
+
+static ngx_uint_t
+ngx_http_agent_fp_row_serves(ngx_http_request_t *r, ngx_uint_t row)
+{
+    ngx_str_t                  *name;
+    agent_fp_app               *a;
+    ngx_http_agent_loc_conf_t  *alcf;
+
+    alcf = ngx_http_get_module_loc_conf(r, ngx_http_agent_module);
+    name = &alcf->app->name;
+    a = &ngx_http_agent_fp_table->apps[row];
+
+    return __atomic_load_n(&a->open, __ATOMIC_ACQUIRE) == 1
+           && a->name_len == name->len
+           && name->len <= AGENT_FP_NAME_MAX
+           && ngx_memcmp(a->name, name->data, name->len) == 0;
 }
 
 
@@ -334,10 +360,9 @@ ngx_http_agent_fp_serve_waiters(ngx_uint_t row)
         ctx = ngx_queue_data(ngx_queue_head(fifo), ngx_http_agent_ctx_t,
                              queue);
 
-        if (__atomic_load_n(&ngx_http_agent_fp_table->apps[row].open,
-                            __ATOMIC_ACQUIRE) != 1)
-        {
-            /* the row closed (a core restart...): the slow path serves */
+        if (!ngx_http_agent_fp_row_serves(ctx->request, row)) {
+            /* the row closed or changed (a core restart...): the slow
+             * path serves */
             ngx_http_agent_fp_leave(ctx);
             ngx_http_agent_fp_dispatch(ctx);
             continue;
@@ -433,14 +458,28 @@ ngx_http_agent_fp_check_client(ngx_http_request_t *r)
     ngx_http_agent_ctx_t  *ctx;
 
     c = r->connection;
+    n = 0;
+    err = 0;
 
-    n = recv(c->fd, buf, 1, MSG_PEEK);
+#if (NGX_HTTP_V2)
+    if (r->stream) {
+        /* a stream shares the client's socket: nginx marks the stream's
+         * own connection when the client resets it or goes */
+        if (!c->error) {
+            return;
+        }
 
-    err = ngx_socket_errno;
+    } else
+#endif
+    {
+        n = recv(c->fd, buf, 1, MSG_PEEK);
 
-    if (n > 0 || (n == -1 && (err == NGX_EAGAIN || err == NGX_EINTR))) {
-        c->read->ready = 0;
-        return;
+        err = ngx_socket_errno;
+
+        if (n > 0 || (n == -1 && (err == NGX_EAGAIN || err == NGX_EINTR))) {
+            c->read->ready = 0;
+            return;
+        }
     }
 
     c->read->eof = 1;
@@ -634,7 +673,9 @@ ngx_http_agent_fp_keep(ngx_http_agent_ctx_t *ctx, ngx_connection_t *c)
         ngx_del_timer(c->write);
     }
 
-    /* the end record read as an end of file; the connection goes on */
+    /* the end record read as an end of file; the connection goes on (one
+     * the worker closed with its end record is not kept: see the peer's
+     * free) */
     c->read->eof = 0;
     c->read->ready = 0;
 
@@ -647,10 +688,6 @@ ngx_http_agent_fp_keep(ngx_http_agent_ctx_t *ctx, ngx_connection_t *c)
     c->read->log = ngx_cycle->log;
     c->write->log = ngx_cycle->log;
     c->pool->log = ngx_cycle->log;
-
-    if (c->read->ready) {
-        ngx_http_agent_fp_keep_close_handler(c->read);
-    }
 }
 
 
@@ -754,6 +791,7 @@ ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx)
             desired = agent_fp_word(AGENT_FP_DETACHED, 0, 0, gen);
 
         } else if (next != NULL
+                   && ngx_http_agent_fp_row_serves(next->request, row)
                    && __atomic_load_n(
                           &ngx_http_agent_fp_table->apps[row].engine_queue,
                           __ATOMIC_ACQUIRE) == 0

@@ -31,6 +31,7 @@ static ngx_int_t ngx_http_agent_fp_open_table(ngx_cycle_t *cycle,
 static void ngx_http_agent_fp_make_wake_dir(ngx_cycle_t *cycle, int dir_fd,
     ngx_uid_t uid, ngx_gid_t gid);
 static ngx_int_t ngx_http_agent_fp_take_proc_row(void);
+static void ngx_http_agent_fp_give_back(agent_fp_proc *p);
 static ngx_int_t ngx_http_agent_fp_open_wake(ngx_cycle_t *cycle);
 static void ngx_http_agent_fp_wake_handler(ngx_event_t *ev);
 static void ngx_http_agent_fp_retry_handler(ngx_event_t *ev);
@@ -291,7 +292,12 @@ ngx_http_agent_fp_init_worker(ngx_cycle_t *cycle)
     ngx_http_agent_fp_retry.handler = ngx_http_agent_fp_retry_handler;
     ngx_http_agent_fp_retry.log = cycle->log;
     ngx_http_agent_fp_retry.data = &ngx_http_agent_fp_retry;
-    ngx_http_agent_fp_retry.cancelable = 1;
+    /*
+     * Not cancelable: it is armed only while requests wait here, and a
+     * worker that shuts down gracefully (a reload, a quit) must serve them
+     * before it exits, as it finishes any other request.
+     */
+    ngx_http_agent_fp_retry.cancelable = 0;
 }
 
 
@@ -310,8 +316,47 @@ ngx_http_agent_fp_exit_worker(ngx_cycle_t *cycle)
                       ngx_http_agent_fp_wake_path);
     }
 
+    /* the counts of requests that waited here are given back first: once
+     * the pid is 0 the engine's sweep no longer looks at the row */
+    ngx_http_agent_fp_give_back(
+        &ngx_http_agent_fp_table->procs[ngx_http_agent_fp_me]);
+
     __atomic_store_n(&ngx_http_agent_fp_table->procs[ngx_http_agent_fp_me].pid,
                      0, __ATOMIC_RELEASE);
+}
+
+
+/*
+ * Takes a process row's waiting counts out of the app rows' totals (never
+ * below 0), as the engine's sweep does for a row whose process died, and
+ * clears them.
+ */
+
+static void
+ngx_http_agent_fp_give_back(agent_fp_proc *p)
+{
+    uint32_t    n, total;
+    ngx_uint_t  row;
+
+    for (row = 0; row < AGENT_FP_APPS; row++) {
+        n = __atomic_exchange_n(&p->waiting[row], 0, __ATOMIC_ACQ_REL);
+        __atomic_store_n(&p->oldest_ms[row], 0, __ATOMIC_RELEASE);
+
+        if (n == 0) {
+            continue;
+        }
+
+        total = __atomic_load_n(&ngx_http_agent_fp_table->apps[row].waiting,
+                                __ATOMIC_ACQUIRE);
+
+        while (!__atomic_compare_exchange_n(
+                    &ngx_http_agent_fp_table->apps[row].waiting, &total,
+                    total > n ? total - n : 0, 0,
+                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        {
+            /* total holds the value seen: try again */
+        }
+    }
 }
 
 
@@ -348,10 +393,9 @@ ngx_http_agent_fp_take_proc_row(void)
             }
 
             if (pass == 1) {
-                /* a dead process's counts: the engine subtracts them too,
-                 * from the rows' waiting, when its sweep sees the row */
-                ngx_memzero(p->waiting, sizeof(p->waiting));
-                ngx_memzero(p->oldest_ms, sizeof(p->oldest_ms));
+                /* a dead process's counts, which the engine's sweep would
+                 * have given back had it seen the row first */
+                ngx_http_agent_fp_give_back(p);
             }
 
             ngx_http_agent_fp_me = i;

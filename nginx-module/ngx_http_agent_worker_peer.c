@@ -238,7 +238,12 @@ ngx_http_agent_fp_free(ngx_peer_connection_t *pc, void *data,
         && r->upstream->request_body_sent)
     {
         clean = ctx->decoder.end || ngx_http_agent_fp_drain(ctx, c);
-        clean = clean && !ctx->decoder.extra;
+        /*
+         * A worker that closed right after its end record: epoll said so
+         * with the data (pending_eof), and nothing will say it again, so
+         * the connection would be found dead only by the next request.
+         */
+        clean = clean && !ctx->decoder.extra && !c->read->pending_eof;
     }
 
     if (clean && !ngx_terminate && !ngx_exiting

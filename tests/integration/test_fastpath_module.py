@@ -6,6 +6,7 @@ records, so that every case is the module's alone."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from tests.integration.fastpath_table import (
     CLAIMED,
     DETACH,
     DETACHED,
+    END,
     FAILED,
     IDLE,
     FastPathTable,
@@ -24,6 +26,8 @@ from tests.integration.fastpath_table import (
     flags,
     generation,
     kind,
+    read_frame,
+    record,
     word,
 )
 from tests.integration.stack import NGINX_USER, AppSpec, Stack, running_stack, wait_until
@@ -190,3 +194,63 @@ def test_the_request_time_limit_is_a_504(stack: Stack, table: FastPathTable, wor
     w = table.slot(SLOT).word
     assert w == word(FAILED, 0x20, 0, gen)
     assert table.app(ROW).request_timeouts == 1
+
+
+class ClosingWorker(RecordsWorker):
+    """Answers one request per connection and closes it with its end
+    record, as protocol.md §2 allows ("either side may close an idle
+    connection at any time")."""
+
+    def serve(self, conn: socket.socket) -> None:
+        buf = bytearray()
+        with conn:
+            frame = read_frame(conn, buf)
+            if frame is None:
+                return
+            self.requests += 1
+            body = b"fast " + frame["REQUEST_URI"]
+            response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            conn.sendall(record(response) + END)
+
+
+def test_a_connection_the_worker_closed_with_its_end_record_is_not_kept(stack: Stack,
+                                                                       table: FastPathTable) -> None:
+    closing = ClosingWorker(stack.instance, "fp-close.sock", NGINX_USER)
+    try:
+        publish(stack, table, socket_name="fp-close.sock")
+        for i in range(5):
+            # A POST once sent is never sent again: a dead kept connection
+            # would make it a 502 and fail the slot.
+            response = stack.request("POST", f"/close{i}", body=b"x")
+            assert (response.status, response.body) == (200, f"fast /close{i}".encode())
+            assert kind(table.slot(SLOT).word) == IDLE
+            time.sleep(0.05)  # the worker's close has long arrived
+        assert closing.requests == 5
+    finally:
+        closing.close()
+
+
+def test_a_reload_serves_the_requests_that_wait_and_gives_their_counts_back(stack: Stack, table: FastPathTable,
+                                                                          worker: RecordsWorker) -> None:
+    gen = publish(stack, table)  # no queue time limit: agent_max_request_queue_time's default
+    table.slot(SLOT).word = word(CLAIMED, pid=1, generation=gen)   # held by someone else
+    client = socket.create_connection(("127.0.0.1", stack.port), timeout=20)
+    try:
+        client.sendall(b"GET /waited HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        wait_until(lambda: table.app(ROW).waiting == 1, what="the request to wait")
+        old = set(stack.nginx_worker_pids())
+        subprocess.run(stack.nginx_command("-s", "reload"), check=True, capture_output=True)
+        wait_until(lambda: set(stack.nginx_worker_pids()) - old, what="a new nginx worker")
+        time.sleep(0.5)
+        # The old worker stays, shutting down, for the request that waits in it.
+        assert old <= set(stack.nginx_worker_pids())
+        table.slot(SLOT).word = word(IDLE, generation=gen)
+        answer = b""
+        while chunk := client.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert b"\r\n\r\nfast /waited" in answer, answer
+        wait_until(lambda: not old & set(stack.nginx_worker_pids()), what="the old nginx worker to exit")
+        assert table.app(ROW).waiting == 0
+    finally:
+        client.close()
