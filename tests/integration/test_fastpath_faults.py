@@ -198,7 +198,10 @@ def test_core_killed_during_the_fast_path_refuses_nothing_and_a_new_epoch_serves
             wait_until(lambda: load.completed() >= target, timeout=30, what="load after the new core")
         result = load.result
         assert result.errors["refused"] == 0, result.summary()
-        assert "Connection refused" not in stack.error_log.read_text()
+        # agent.sock never refused nginx (a dead worker's socket may: the
+        # request then went through agent.sock, and nothing failed).
+        assert not [line for line in stack.error_log.read_text().splitlines()
+                    if "Connection refused" in line and "agent.sock" in line]
         # Only requests a dying worker held can fail: two workers, one request each.
         assert result.failed() <= 2, result.summary()
         new_workers = stack.worker_pids(app)
