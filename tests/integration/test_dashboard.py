@@ -220,7 +220,14 @@ def test_dashboard_follows_the_pool_and_restarts_the_app(stack: StatusStack, bro
                what="the 403 to be shown")
     assert "403" in restart_result(browser, app)
 
+    def memory_label() -> str:
+        return browser.find_element(By.ID, "mem-chart").get_attribute("aria-label") or ""
+
     before = stack.worker_pids(SLOW)
+    # A worker the pool started just now has no memory sample yet: the chart
+    # can keep only lines it has drawn.
+    wait_until(lambda: all(f"· {pid} " in memory_label() for pid in before), timeout=15,
+               what=f"every worker before the restart {before} in the memory chart")
     token = browser.find_element(By.ID, "token")
     token.send_keys(stack.admin_token())
     # the token is kept for the next visit
@@ -254,9 +261,6 @@ def test_dashboard_follows_the_pool_and_restarts_the_app(stack: StatusStack, bro
         for future in load:
             future.result()
     # the memory chart keeps the replaced workers' lines beside the new ones
-    def memory_label() -> str:
-        return browser.find_element(By.ID, "mem-chart").get_attribute("aria-label") or ""
-
     wait_until(lambda: all(f"· {pid} " in memory_label() for pid in after | before), timeout=10,
                what="every worker, old and new, in the memory chart")
 
