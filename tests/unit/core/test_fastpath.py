@@ -14,6 +14,7 @@ import errno
 import mmap
 import os
 import random
+import socket
 import subprocess
 import tempfile
 import threading
@@ -385,13 +386,21 @@ def test_a_row_is_open_only_with_an_active_slotted_worker_no_failure_and_no_hold
 # -- the slow path's claims ------------------------------------------------------
 
 
-def test_the_slow_path_claims_and_releases_the_slot(fp: FastPath) -> None:
+def slow_path_request(fp: FastPath) -> tuple[Any, Any, int, socket.socket]:
+    """A request through agent.sock to app 1's only worker (pid 101), which
+    answers once the test releases it: (worker, its slot, generation, the
+    client's socket)."""
     fp.e.app(1, APP)
     worker = fp.e.worker(1, 101, answer_after_release)
     _, s = fp.nginx.slot_of(101)
     gen = gen_of(s.word)
     sock = connect(fp.e.socket_path)
     sock.sendall(request_frame(APP))
+    return worker, s, gen, sock
+
+
+def test_the_slow_path_claims_and_releases_the_slot(fp: FastPath) -> None:
+    worker, s, gen, sock = slow_path_request(fp)
     wait_until(lambda: s.word == word(CLAIMED, 0, os.getpid(), gen))
     assert s.claims == 1
     worker.release.set()
@@ -476,12 +485,7 @@ def test_detaching_a_claimed_slot_waits_for_its_release(fp: FastPath) -> None:
 
 
 def test_detaching_a_slot_the_slow_path_holds(fp: FastPath) -> None:
-    fp.e.app(1, APP)
-    worker = fp.e.worker(1, 101, answer_after_release)
-    _, s = fp.nginx.slot_of(101)
-    gen = gen_of(s.word)
-    sock = connect(fp.e.socket_path)
-    sock.sendall(request_frame(APP))
+    worker, s, gen, sock = slow_path_request(fp)
     wait_until(lambda: kind_of(s.word) == CLAIMED)
     fp.e.engine.detach_worker(101)
     assert s.word == word(CLAIMED, DETACH, os.getpid(), gen)
