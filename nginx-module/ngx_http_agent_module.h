@@ -130,7 +130,6 @@ typedef struct {
     unsigned                   tried:1;         /* the fast try was made */
     unsigned                   served:1;        /* the worker answered it */
     unsigned                   retry:1;         /* may go to agent.sock */
-    unsigned                   reused:1;        /* on a kept connection */
     unsigned                   got_bytes:1;     /* the worker sent a byte */
     unsigned                   failed:1;        /* the worker failed */
     unsigned                   timed_out:1;     /* request time limit */

@@ -147,7 +147,6 @@ ngx_http_agent_fp_get(ngx_peer_connection_t *pc, void *data)
     c = ngx_http_agent_fp_kept(ctx);
 
     if (c) {
-        ctx->reused = 1;
         c->log = pc->log;
         c->read->log = pc->log;
         c->write->log = pc->log;
@@ -214,7 +213,17 @@ ngx_http_agent_fp_free(ngx_peer_connection_t *pc, void *data,
     if (state & NGX_PEER_FAILED) {
         ctx->failed = 1;
 
-        if (ctx->reused && !ctx->got_bytes && !ctx->timed_out) {
+        /*
+         * No byte of a response came: the worker died or closed, on a kept
+         * connection or on a new one (a worker killed as nginx connects
+         * accepts into a backlog that then closes).  Sent again through
+         * agent.sock by nginx's rule: not a POST, LOCK or PATCH that was
+         * sent, which gets its 502 (and is counted here).
+         */
+        if (!ctx->got_bytes && !ctx->timed_out
+            && !(r->upstream->request_sent
+                 && (r->method & (NGX_HTTP_POST|NGX_HTTP_LOCK|NGX_HTTP_PATCH))))
+        {
             ctx->retry = 1;
         }
     }
