@@ -103,6 +103,27 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
+def load_speedups() -> Any:
+    """The C versions of the two hottest steps (csrc/loader_speedups.c),
+    built for CPython 3.9 and later and installed next to this file; None
+    where this interpreter cannot load them: the Python code below does the
+    same work, slower. A module that is there but fails to load is logged."""
+    try:
+        if __package__:  # imported as agent.loaders.wsgi_loader, as the agent's tests do
+            from . import _agent_loader_speedups as speedups  # type: ignore[attr-defined]
+        else:
+            import _agent_loader_speedups as speedups  # type: ignore[import-not-found]
+    except ModuleNotFoundError:
+        return None
+    except ImportError as exc:
+        log(f"the C speedups did not load, the Python code serves instead: {exc}")
+        return None
+    return speedups
+
+
+SPEEDUPS = load_speedups()
+
+
 # --------------------------------------------------------------------------
 # Exceptions
 
@@ -440,12 +461,16 @@ class FileWrapper:
         raise StopIteration
 
 
-def encode_head(status: str, headers: Iterable[tuple[str, str]]) -> bytes:
-    """The status line and headers of a response, checked and encoded."""
+def py_encode_head(status: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    """The status line and headers of a response, checked and encoded.
+
+    SPEEDUPS.encode_head does the same in C, when it loaded."""
     # One join over a flat list: no string per header line.
     parts = ["HTTP/1.1 ", status]
-    for name, value in headers:
-        parts += ("\r\n", name, ": ", value)
+    for header in headers:
+        if not isinstance(header, (tuple, list)) or len(header) != 2:  # a str of two characters would unpack
+            raise TypeError(f"a response header must be a (name, value) pair, not {header!r}")
+        parts += ("\r\n", header[0], ": ", header[1])
     parts.append("\r\n\r\n")
     head = "".join(parts)
     # Every line break must be one the loader put there: an app must not
@@ -454,9 +479,13 @@ def encode_head(status: str, headers: Iterable[tuple[str, str]]) -> bytes:
     breaks = (len(parts) - 3) // 4 + 2
     if head.count("\n") != breaks or head.count("\r") != breaks:
         raise ValueError("a response status or header contains a line break")
-    if not status[:3].isdigit() or status[3:4] not in ("", " "):
+    code = status[:3]
+    if len(code) != 3 or not (code.isascii() and code.isdigit()) or status[3:4] not in ("", " "):
         raise ValueError(f"invalid response status {status!r}")
     return head.encode("latin-1")
+
+
+encode_head = py_encode_head if SPEEDUPS is None else SPEEDUPS.encode_head
 
 
 def content_length_of(headers: Iterable[tuple[str, str]]) -> int | None:
@@ -718,11 +747,13 @@ def receive_frame(
     buf: bytearray,
     view: memoryview,
     received: int,
-) -> tuple[memoryview, bytes]:
+) -> tuple[bytearray, int, bytes]:
     """Read a frame up to the end of its vars; its first *received* bytes
     are in *buf* already.
 
-    Returns the vars and the body bytes that arrived with them.
+    Returns the buffer that holds the frame (*buf*, or one of its own for
+    vars larger than *buf*), the end of the vars in it (they are
+    ``buffer[4:end]``) and the body bytes that arrived with them.
     """
     while received < 4:
         more = conn.recv_into(view[received:])
@@ -734,27 +765,29 @@ def receive_frame(
         raise MalformedFrame(f"vars size {vars_size}")
     end = 4 + vars_size
     if end > len(buf):
-        return receive_large_vars(conn, view[:received], end), b""
+        return receive_large_vars(conn, view[:received], end), end, b""
     while received < end:
         more = conn.recv_into(view[received:])
         if not more:
             raise MalformedFrame("connection closed inside the vars")
         received += more
     body_prefix = bytes(view[end:received]) if received > end else b""
-    return view[4:end], body_prefix
+    return buf, end, body_prefix
 
 
-def receive_large_vars(conn: _socket.socket, head: memoryview, end: int) -> memoryview:
+def receive_large_vars(conn: _socket.socket, head: memoryview, end: int) -> bytearray:
     """Read vars larger than the shared buffer into a buffer of their own."""
-    large = memoryview(bytearray(end))
+    large = bytearray(end)
+    view = memoryview(large)
     received = len(head)
-    large[:received] = head
+    view[:received] = head
     while received < end:
-        more = conn.recv_into(large[received:])
+        more = conn.recv_into(view[received:])
         if not more:
             raise MalformedFrame("connection closed inside the vars")
         received += more
-    return large[4:]
+    view.release()
+    return large
 
 
 def add_pairs(data: memoryview, environ: dict[str, Any]) -> int:
@@ -808,7 +841,10 @@ def add_pairs_joining(data: memoryview, environ: dict[str, Any]) -> None:
         environ[key] = value
 
 
-def environ_from_vars(data: memoryview, base: dict[str, Any]) -> dict[str, Any]:
+def py_environ_from_vars(buffer: bytearray | bytes, end: int, base: dict[str, Any]) -> dict[str, Any]:
+    """The environ of the vars in ``buffer[4:end]``: a copy of *base* with
+    the pairs added. SPEEDUPS.environ_from_vars does the same in C."""
+    data = memoryview(buffer)[4:end]
     environ = base.copy()
     count = add_pairs(data, environ)
     if len(environ) != len(base) + count:
@@ -820,6 +856,22 @@ def environ_from_vars(data: memoryview, base: dict[str, Any]) -> dict[str, Any]:
     if "" in environ:
         raise MalformedFrame("an empty key")
     return environ
+
+
+def c_environ_from_vars(buffer: bytearray | bytes, end: int, base: dict[str, Any]) -> dict[str, Any]:
+    """py_environ_from_vars with the pairs decoded in C; repeated keys,
+    which are rare, are still joined here."""
+    try:
+        environ: dict[str, Any] | None = SPEEDUPS.environ_from_vars(buffer, end, base)
+    except ValueError as exc:
+        raise MalformedFrame(str(exc)) from None
+    if environ is None:  # a key came twice; the C code checked every pair's bounds, and that no key is empty
+        environ = base.copy()
+        add_pairs_joining(memoryview(buffer)[4:end], environ)
+    return environ
+
+
+environ_from_vars = py_environ_from_vars if SPEEDUPS is None else c_environ_from_vars
 
 
 def request_content_length(environ: dict[str, Any]) -> int:
@@ -864,8 +916,8 @@ def read_request(
     received: int,
     base: dict[str, Any],
 ) -> tuple[dict[str, Any], InputStream]:
-    data, body_prefix = receive_frame(conn, buf, view, received)
-    environ = environ_from_vars(data, base)
+    buffer, end, body_prefix = receive_frame(conn, buf, view, received)
+    environ = environ_from_vars(buffer, end, base)
     if "REQUEST_METHOD" not in environ:
         raise MalformedFrame("no REQUEST_METHOD")
     length = request_content_length(environ)

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
@@ -47,6 +48,19 @@ def test_hello_world(stack: Stack) -> None:
     assert response.text.startswith("hello from ")
     pid = int(response.text.split()[-1])
     assert pid in stack.worker_pids(HELLO)
+
+
+def test_workers_run_the_loader_with_its_c_speedups(stack: Stack) -> None:
+    # The core copies the speedups next to the loader in the instance
+    # directory; a worker (running as an unprivileged user) loads that copy.
+    installed = stack.instance / "loaders" / "_agent_loader_speedups.abi3.so"
+    assert stack.get("/").status == 200
+    pids = stack.worker_pids(HELLO)
+    assert pids
+    for pid in pids:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        maps = {line.split()[-1] for line in lines if len(line.split()) >= 6}
+        assert str(installed) in maps
 
 
 def test_static_files_are_served_by_nginx(stack: Stack) -> None:

@@ -1,14 +1,16 @@
 """Properties of the loader's request-frame parsing (docs/protocol.md §1),
 checked with Hypothesis against a model: the vars of any frame come back as
 the pairs that were encoded, however the bytes arrive; any other input is
-a MalformedFrame, never another exception."""
+a MalformedFrame, never another exception. The vars are decoded by Python
+code and by the C speedups (csrc/loader_speedups.c): both are held to it."""
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +22,21 @@ KEYS = st.one_of(st.sampled_from(["HTTP_COOKIE", "HTTP_ACCEPT", "REQUEST_METHOD"
                  st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_", max_size=12), LATIN1)
 PAIRS = st.lists(st.tuples(KEYS, LATIN1), max_size=12)
 BASE = {"wsgi.version": (1, 0), "wsgi.multiprocess": True}
+
+Decode = Callable[[bytes, int, dict[str, Any]], dict[str, Any]]
+DECODERS = pytest.mark.parametrize("decode", [loader.py_environ_from_vars, loader.c_environ_from_vars],
+                                   ids=["python", "c"])
+
+
+def decoded(decode: Decode, data: bytes) -> dict[str, Any]:
+    """*data* as the vars of a frame: after the frame's 4-byte size."""
+    return decode(bytes(4) + data, 4 + len(data), BASE)
+
+
+def test_the_c_speedups_are_built_and_loaded() -> None:
+    assert loader.SPEEDUPS is not None
+    assert loader.environ_from_vars is loader.c_environ_from_vars
+    assert loader.encode_head is loader.SPEEDUPS.encode_head
 
 
 def u32(n: int) -> bytes:
@@ -42,35 +59,56 @@ def model_environ(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
     return environ
 
 
-@given(PAIRS)
-@example([("HTTP_COOKIE", "a=1"), ("HTTP_COOKIE", "b=2"), ("X", "1"), ("X", "2")])
-def test_vars_decode_to_the_encoded_pairs(pairs: list[tuple[str, str]]) -> None:
-    data = memoryview(encode(pairs))
+@DECODERS
+@given(pairs=PAIRS)
+@example(pairs=[("HTTP_COOKIE", "a=1"), ("HTTP_COOKIE", "b=2"), ("X", "1"), ("X", "2")])
+@example(pairs=[("wsgi.version", "1")])
+def test_vars_decode_to_the_encoded_pairs(decode: Decode, pairs: list[tuple[str, str]]) -> None:
+    data = encode(pairs)
     if any(key == "" for key, _ in pairs):
         try:
-            loader.environ_from_vars(data, BASE)
+            decoded(decode, data)
         except MalformedFrame:
             return
         raise AssertionError("an empty key was accepted")
-    assert loader.environ_from_vars(data, BASE) == model_environ(pairs)
+    assert decoded(decode, data) == model_environ(pairs)
 
 
-@given(st.binary(max_size=200))
-def test_any_vars_are_an_environ_or_malformed(data: bytes) -> None:
+@DECODERS
+@given(data=st.binary(max_size=200))
+def test_any_vars_are_an_environ_or_malformed(decode: Decode, data: bytes) -> None:
     try:
-        environ = loader.environ_from_vars(memoryview(data), BASE)
+        environ = decoded(decode, data)
     except MalformedFrame:
         return
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in environ.items() if k not in BASE)
 
 
-@given(PAIRS, st.integers(min_value=1, max_value=200))
-def test_a_truncated_vars_is_malformed(pairs: list[tuple[str, str]], cut: int) -> None:
+@given(data=st.binary(max_size=200))
+def test_the_c_and_python_decoders_agree_on_any_vars(data: bytes) -> None:
+    outcomes = []
+    for decode in (loader.py_environ_from_vars, loader.c_environ_from_vars):
+        try:
+            outcomes.append(decoded(decode, data))
+        except MalformedFrame:
+            outcomes.append(None)
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("end", [0, 3, 9])
+def test_the_c_decoder_refuses_an_end_outside_the_buffer(end: int) -> None:
+    with pytest.raises(MalformedFrame):
+        loader.c_environ_from_vars(bytearray(8), end, BASE)
+
+
+@DECODERS
+@given(pairs=PAIRS, cut=st.integers(min_value=1, max_value=200))
+def test_a_truncated_vars_is_malformed(decode: Decode, pairs: list[tuple[str, str]], cut: int) -> None:
     named = [(k or "K", v) for k, v in pairs] or [("K", "v")]
     data = encode(named)
     cut = min(cut, len(data))
     try:
-        loader.environ_from_vars(memoryview(data[:-cut]), BASE)
+        decoded(decode, data[:-cut])
     except MalformedFrame:
         return
     # Cutting whole pairs off the end leaves a shorter, valid vars.
@@ -104,8 +142,8 @@ def test_a_frame_in_any_pieces_gives_its_vars_and_a_prefix_of_its_body(
     buf = bytearray(buffer_size)
     view = memoryview(buf)
     first = conn.recv_into(view)
-    data, body_prefix = loader.receive_frame(conn, buf, view, first)  # type: ignore[arg-type]
-    assert bytes(data) == vars_
+    buffer, end, body_prefix = loader.receive_frame(conn, buf, view, first)  # type: ignore[arg-type]
+    assert bytes(buffer[4:end]) == vars_
     assert body.startswith(body_prefix)
     assert conn.stream == body[len(body_prefix):]
 
@@ -118,11 +156,11 @@ def test_a_frame_cut_short_or_with_a_bad_size_is_malformed(stream: bytes, sizes:
     buf = bytearray(64)
     view = memoryview(buf)
     try:
-        data, _ = loader.receive_frame(conn, buf, view, 0)  # type: ignore[arg-type]
+        buffer, end, _ = loader.receive_frame(conn, buf, view, 0)  # type: ignore[arg-type]
     except MalformedFrame:
         assert not complete
         return
-    assert complete and bytes(data) == stream[4:4 + size]
+    assert complete and bytes(buffer[4:end]) == stream[4:4 + size]
 
 
 @given(st.one_of(st.none(), LATIN1, st.integers(min_value=0, max_value=10**15).map(str)))
@@ -138,3 +176,50 @@ def test_content_length_is_ascii_digits_or_malformed(value: str | None) -> None:
         assert not valid
         return
     assert valid and value is not None and length == int(value)
+
+
+# --------------------------------------------------------------------------
+# The response head: Python and C encode the same, and refuse the same
+
+
+TEXT = st.text(st.characters(min_codepoint=0, max_codepoint=300), max_size=12)
+STATUS = st.one_of(st.sampled_from(["200 OK", "404 Not Found", "204", "200", "2000 OK", "20 OK", "\u00b200 OK",
+                                    "200\r\nX: y", "abc"]), TEXT)
+HEADER = st.one_of(st.tuples(TEXT, TEXT), st.lists(TEXT, min_size=2, max_size=2), st.tuples(TEXT),
+                   st.tuples(st.integers(), TEXT), st.just(("X-Split", "a\r\nInjected: 1")))
+
+
+def outcome(encode: Callable[..., bytes], status: Any, headers: Any) -> bytes | None:
+    try:
+        return encode(status, headers)
+    except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError
+        return None
+
+
+@given(status=STATUS, headers=st.lists(HEADER, max_size=5))
+@example(status="200 OK", headers=[("Content-Type", "text/plain"), ("Content-Length", "5")])
+def test_the_c_and_python_heads_agree(status: str, headers: list[Any]) -> None:
+    python = outcome(loader.py_encode_head, status, headers)
+    assert outcome(loader.SPEEDUPS.encode_head, status, headers) == python
+    if python is not None:
+        # What is accepted is a head the engine can parse: one status line,
+        # one line per header, a blank line, nothing else.
+        assert python.count(b"\r\n") == len(headers) + 2 and python.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("encode", [loader.py_encode_head, loader.SPEEDUPS.encode_head], ids=["python", "c"])
+@pytest.mark.parametrize(("status", "headers"), [
+    ("200 OK", [("X-A", "1\n2")]),
+    ("200 OK\r\nX-B: 2", []),
+    ("200 OK", [("X-\rA", "1")]),
+    ("OK 200", []),
+    ("20", []),
+    ("\u00b200 OK", []),
+    ("200 OK", [("X-A", "\u20ac")]),
+    ("200 OK", [("X-A", 1)]),
+    ("200 OK", [("X-A", "1", "2")]),
+    ("200 OK", None),
+])
+def test_a_bad_head_is_refused(encode: Callable[..., bytes], status: str, headers: Any) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        encode(status, headers)
