@@ -28,6 +28,7 @@ static ngx_int_t ngx_http_agent_fp_wait(ngx_http_request_t *r,
     ngx_http_agent_ctx_t *ctx);
 static void ngx_http_agent_fp_leave(ngx_http_agent_ctx_t *ctx);
 static void ngx_http_agent_fp_dispatch(ngx_http_agent_ctx_t *ctx);
+static void ngx_http_agent_fp_hand_off(ngx_http_agent_ctx_t *next);
 static void ngx_http_agent_fp_run_handler(ngx_event_t *ev);
 static void ngx_http_agent_fp_wait_timeout(ngx_event_t *ev);
 static void ngx_http_agent_fp_check_client(ngx_http_request_t *r);
@@ -381,7 +382,38 @@ ngx_http_agent_fp_serve_waiters(ngx_uint_t row)
 }
 
 
-/* step 4 runs from a posted event, never inside another request's end */
+/*
+ The release at the end of a response (the upstream's peer.free) hands its
+ * worker to the next request at once: from a posted event that request
+ * would reach the worker only after the rest of this round of events (other
+ * clients' requests, other responses), while the worker idles.  It runs
+ * inside the end of the request before, which is done with the worker and
+ * its connection; one level deep: a hand-off made inside it (a request that
+ * fails at once) goes through a posted event, as does a release from a
+ * request's cleanup (its pool is being freed).
+ */
+
+static ngx_uint_t  ngx_http_agent_fp_handing_off;
+
+
+static void
+ngx_http_agent_fp_hand_off(ngx_http_agent_ctx_t *next)
+{
+    if (ngx_http_agent_fp_handing_off) {
+        ngx_http_agent_fp_dispatch(next);
+        return;
+    }
+
+    ngx_http_agent_fp_handing_off = 1;
+
+    next->run_event.data = next;
+    ngx_http_agent_fp_run_handler(&next->run_event);
+
+    ngx_http_agent_fp_handing_off = 0;
+}
+
+
+/* step 4 for a request that waited or found the fast path closed */
 
 static void
 ngx_http_agent_fp_dispatch(ngx_http_agent_ctx_t *ctx)
@@ -521,7 +553,8 @@ ngx_http_agent_fp_cleanup(void *data)
     }
 
     if (ctx->claimed) {
-        ngx_http_agent_fp_release(ctx);
+        /* inside the freeing of a request: the next one runs later */
+        ngx_http_agent_fp_release(ctx, 0);
     }
 }
 
@@ -745,7 +778,7 @@ ngx_http_agent_fp_close(ngx_connection_t *c)
 /* step 6: the release, once per claim                                       */
 
 void
-ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx)
+ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx, ngx_uint_t at_once)
 {
     uint64_t               w, mine, desired;
     uint32_t               gen;
@@ -802,7 +835,13 @@ ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx)
             next->slot = ctx->slot;
             next->generation = gen;
             next->claimed = 1;
-            ngx_http_agent_fp_dispatch(next);
+            if (at_once) {
+                ngx_http_agent_fp_hand_off(next);
+
+            } else {
+                ngx_http_agent_fp_dispatch(next);
+            }
+
             return;
 
         } else {

@@ -263,7 +263,8 @@ ngx_http_agent_fp_free(ngx_peer_connection_t *pc, void *data,
         ngx_http_agent_fp_keep(ctx, c);
     }
 
-    ngx_http_agent_fp_release(ctx);
+    /* a response that ended as it should: the next request runs now */
+    ngx_http_agent_fp_release(ctx, clean);
 
     if (ctx->failed) {
         ctx->fast = 0;
@@ -503,7 +504,7 @@ ngx_http_agent_fp_time_limit(ngx_event_t *ev)
     ngx_http_agent_fp_count(ctx, NGX_HTTP_AGENT_FP_REQUEST_TIMEOUT);
 
     if (u == NULL || u->cleanup == NULL) {
-        ngx_http_agent_fp_release(ctx);
+        ngx_http_agent_fp_release(ctx, 0);
         return;
     }
 
@@ -517,7 +518,7 @@ ngx_http_agent_fp_time_limit(ngx_event_t *ev)
             return;
         }
 
-        ngx_http_agent_fp_release(ctx);
+        ngx_http_agent_fp_release(ctx, 0);
         return;
     }
 
