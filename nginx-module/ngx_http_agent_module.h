@@ -139,6 +139,10 @@ typedef struct {
 ngx_int_t ngx_http_agent_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_agent_status_handler(ngx_http_request_t *r);
 
+char *ngx_http_agent_enable_location(ngx_conf_t *cf,
+    ngx_http_agent_loc_conf_t *alcf);
+void ngx_http_agent_strip_trailing_slashes(ngx_str_t *path);
+
 int ngx_http_agent_open_instance_dir(ngx_cycle_t *cycle, ngx_str_t *dir);
 ngx_int_t ngx_http_agent_write_app_table(ngx_cycle_t *cycle,
     ngx_http_agent_main_conf_t *amcf, int dir_fd);

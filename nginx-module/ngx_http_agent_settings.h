@@ -54,8 +54,9 @@
  * A new per-app directive is one row in NGX_HTTP_AGENT_APP_SETTINGS (its
  * position is its place in apps.json and in the agreement check), its line
  * in docs/directives.md, and the agent's code that reads it.  A new KIND
- * needs its C type (ngx_http_agent_module.h), its parsing, unset value,
- * merge and comparison (ngx_http_agent_conf.c) and its apps.json form
+ * needs its C type (ngx_http_agent_module.h), its parsing, unset value and
+ * merge (ngx_http_agent_conf.c), its comparison (ngx_http_agent_apps.c) and
+ * its apps.json form
  * (ngx_http_agent_instance.c); a kind only LOCATION rows use (SIZE, BUFS)
  * needs only its parsing, unset value and merge, since its rows name
  * nginx's own fields.
