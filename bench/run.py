@@ -507,11 +507,14 @@ def main(argv: list[str] | None = None) -> int:
         write_throughput_report(args, info, results)
     if spawns or memory:
         write_spawn_report(args, info, spawns, memory)
-    # A stack this build cannot run is in the report as not available;
-    # anything else that failed fails the run.
-    failed = [r.error for r in results] + [r.error for r in [*spawns, *memory]
-                                           if r.error and not r.error.startswith(NOT_AVAILABLE)]
-    return 0 if all(error is None for error in failed) else 1
+    return 0 if not failures(results, spawns, memory) else 1
+
+
+def failures(results: list[StackResult], spawns: list[SpawnFigures], memory: list[MemoryFigures]) -> list[str]:
+    """What failed the run: a stack this build cannot run is in the report
+    as not available, and is not a failure."""
+    errors = [r.error for r in [*results, *spawns, *memory] if r.error]
+    return [e for e in errors if not e.startswith(NOT_AVAILABLE)]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from figures import APP_WORKERS, NOT_AVAILABLE, MemoryFigures, SpawnFigures
+from figures import NOT_AVAILABLE, MemoryFigures, SpawnFigures
 from report import Machine, table
 
 PEER = "uWSGI"                   # the stack the ratios divide by
@@ -214,11 +214,3 @@ own virtualenv: `--pythonpath VENV/lib/python3.X/site-packages`).
 
 """ + results_section(spawns, memory)
 
-
-def role_totals(figures: MemoryFigures) -> dict[str, int]:
-    """PSS in KiB by role: for the JSON and for tests."""
-    totals: dict[str, int] = {}
-    for p in figures.processes:
-        totals[p.role] = totals.get(p.role, 0) + p.pss_kib
-    totals.setdefault(APP_WORKERS, 0)
-    return totals
