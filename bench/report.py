@@ -369,9 +369,16 @@ The figures below come from {kind}, as measured; nothing is adjusted.
 {busy_note}
 ## How to reproduce
 
-    make bench                                  # installs what is missing, builds, runs (about 5 minutes)
+    make bench                                  # installs what is missing, builds, runs (about 20 minutes)
+    .venv/bin/python bench/run.py --only throughput   # this page's runs alone (about 8 minutes)
     .venv/bin/python bench/run.py --quick       # 3 s per run; report in bench/results/quick.md
     .venv/bin/python bench/run.py --help        # --duration, --stacks, --buffers, --more-nginx-workers, ...
+
+`make bench` also runs the spawn and memory part (`make bench-spawn` runs
+it alone): spawn-to-ready times, and each worker's and the whole app's
+memory at 1, 4 and 16 workers, for hello world and a Django app
+(examples/django), with the agent's two spawn methods, uWSGI, and gunicorn
+with and without `--preload`. Its report is docs/benchmarks-spawn.md.
 
 The script installs what it lacks when run as root (wrk and nginx with
 apt-get; gunicorn and uWSGI with pip, from bench/requirements.txt, into a
