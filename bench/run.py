@@ -513,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
 def failures(results: list[StackResult], spawns: list[SpawnFigures], memory: list[MemoryFigures]) -> list[str]:
     """What failed the run: a stack this build cannot run is in the report
     as not available, and is not a failure."""
-    errors = [r.error for r in [*results, *spawns, *memory] if r.error]
+    every: list[StackResult | SpawnFigures | MemoryFigures] = [*results, *spawns, *memory]
+    errors = [r.error for r in every if r.error]
     return [e for e in errors if not e.startswith(NOT_AVAILABLE)]
 
 

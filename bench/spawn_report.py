@@ -109,16 +109,17 @@ def bars_table(spawns: Sequence[SpawnFigures], memory: Sequence[MemoryFigures]) 
     name = f"hello world: smart's fork → first answer ≤ {ms(HELLO_SPAWN_BAR_S)} (median)"
     rows.append([name, ms(hello), verdict(hello <= HELLO_SPAWN_BAR_S)] if hello is not None
                 else [name, "not measured", "-"])
-    mine, theirs = (median_of(find_spawn(spawns, s, "django")) for s in (SMART, DIRECT))
+    smart_s, direct_s = (median_of(find_spawn(spawns, s, "django")) for s in (SMART, DIRECT))
     name = f"Django: smart's fork → first answer ≤ {DJANGO_SPAWN_FACTOR:g} x direct's (medians)"
-    rows.append([name, f"{ms(mine)} vs {ms(theirs)}", verdict(mine <= DJANGO_SPAWN_FACTOR * theirs)]
-                if mine is not None and theirs is not None else [name, "not measured", "-"])
+    rows.append([name, f"{ms(smart_s)} vs {ms(direct_s)}", verdict(smart_s <= DJANGO_SPAWN_FACTOR * direct_s)]
+                if smart_s is not None and direct_s is not None else [name, "not measured", "-"])
     return table(["bar", "measured", "result"], rows)
 
 
 def notes(spawns: Sequence[SpawnFigures], memory: Sequence[MemoryFigures]) -> list[str]:
     found: dict[str, str] = {}
-    for r in [*spawns, *memory]:
+    every: list[SpawnFigures | MemoryFigures] = [*spawns, *memory]
+    for r in every:
         if r.note:
             found.setdefault(f"{r.stack}: {r.note}", "")
         if r.error:

@@ -93,6 +93,16 @@ class BenchApp:
     hello: bytes = b"Hello, world\n"   # what / answers
 
 
+@dataclass
+class Answer:
+    """The request sent after a kill, as its thread saw it."""
+
+    status: int = 0
+    body: bytes = b""
+    error: OSError | None = None
+    at: float | None = None      # time.perf_counter() when it ended
+
+
 class SpawnError(Exception):
     """A spawn could not be measured; the message says why."""
 
@@ -123,14 +133,14 @@ def one_spawn(stack: Stack, app: BenchApp) -> tuple[int, float, float, float]:
     if spawner is None:
         raise SpawnError(f"{stack.label}: worker {old} is gone before the kill")
     seen = set(procfs.all_pids())
-    answer: dict[str, object] = {}
+    answer = Answer()
 
     def ask() -> None:
         try:
-            answer["reply"] = http_fetch(stack.port, "/", timeout=ANSWER_TIMEOUT)
+            answer.status, answer.body = http_fetch(stack.port, "/", timeout=ANSWER_TIMEOUT)
         except OSError as e:
-            answer["error"] = e
-        answer["at"] = time.perf_counter()
+            answer.error = e
+        answer.at = time.perf_counter()
 
     killed_at = time.perf_counter()
     os.kill(old, signal.SIGKILL)
@@ -145,15 +155,14 @@ def one_spawn(stack: Stack, app: BenchApp) -> tuple[int, float, float, float]:
         else:
             forked_at = time.perf_counter()
     asker.join(max(0.0, deadline - time.perf_counter()))
-    if new is None or forked_at is None or "at" not in answer:
+    if new is None or forked_at is None or answer.at is None:
         raise SpawnError(f"{stack.label}: no replacement answered within {ANSWER_TIMEOUT:g} s")
-    if "error" in answer:
-        raise SpawnError(f"{stack.label}: the request after the kill failed: {answer['error']}")
-    status, body = answer["reply"]  # type: ignore[misc]
-    if status != 200 or body != app.hello:
-        raise SpawnError(f"{stack.label}: the request after the kill got {status} with {len(body)} bytes")
-    answered_at = float(answer["at"])  # type: ignore[arg-type]
-    return new, forked_at - killed_at, answered_at - forked_at, answered_at - killed_at
+    if answer.error is not None:
+        raise SpawnError(f"{stack.label}: the request after the kill failed: {answer.error}")
+    if answer.status != 200 or answer.body != app.hello:
+        raise SpawnError(f"{stack.label}: the request after the kill got {answer.status} with "
+                         f"{len(answer.body)} bytes")
+    return new, forked_at - killed_at, answer.at - forked_at, answer.at - killed_at
 
 
 def logged_ready_ms(run_dir: Path) -> dict[int, int]:
