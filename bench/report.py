@@ -369,8 +369,8 @@ The figures below come from {kind}, as measured; nothing is adjusted.
 {busy_note}
 ## How to reproduce
 
-    make bench                                  # installs what is missing, builds, runs (about 20 minutes)
-    .venv/bin/python bench/run.py --only throughput   # this page's runs alone (about 8 minutes)
+    make bench                                  # installs what is missing, builds, runs (about 15 minutes)
+    .venv/bin/python bench/run.py --only throughput   # this page's runs alone (about 10 minutes)
     .venv/bin/python bench/run.py --quick       # 3 s per run; report in bench/results/quick.md
     .venv/bin/python bench/run.py --help        # --duration, --stacks, --buffers, --more-nginx-workers, ...
 

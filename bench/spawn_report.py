@@ -183,7 +183,7 @@ whatever else runs, and the load average below says how busy it was.
 
 ## How to reproduce
 
-    make bench-spawn                                        # this part alone (about 10 minutes)
+    make bench-spawn                                        # this part alone (about 5 minutes)
     .venv/bin/python bench/run.py --only spawn,memory       # the same
     .venv/bin/python bench/run.py --only spawn --apps django --spawn-stacks direct,uwsgi
 
