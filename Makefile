@@ -3,6 +3,7 @@
 #   make run     install what is missing, build, serve examples/hello at http://127.0.0.1:8080
 #   make test    the whole test suite (real nginx, real agent, real workers)
 #   make bench   the benchmark against nginx+gunicorn and nginx+uWSGI
+#   make bench-spawn   its spawn and memory part alone (hello world and examples/django)
 #   make fuzz    the engine's wire parsers and the status socket's request parser under libFuzzer (FUZZ_SECONDS each)
 #
 # Everything Python lives in a virtualenv ($(VENV)); the nginx module is built
@@ -27,7 +28,8 @@ FUZZERS := fuzz_frame fuzz_records
 PY_FUZZERS := fuzz_status_request
 FUZZ_FLAGS := -g -O1 -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 
-.PHONY: all deps system-deps python-deps build native module run test lint sanitize fuzz bench clean
+.PHONY: all deps system-deps python-deps build native module run test lint sanitize fuzz bench bench-spawn \
+	django-venv clean
 
 all: build
 
@@ -85,9 +87,17 @@ run: deps build
 	rm -rf $(RUN_DIR) && mkdir -m 0755 $(RUN_DIR) && cp -r examples/hello $(RUN_DIR)/hello && chmod -R a+rX $(RUN_DIR)
 	$(PY) -m agent.cli serve $(RUN_DIR)/hello --port $(RUN_PORT) --min-instances 2
 
+# examples/django's virtualenv, which its integration test serves it with.
+django-venv: build/django-venv/.done
+
+build/django-venv/.done: examples/django/requirements.txt examples/django/make-venv.sh
+	rm -rf build/django-venv
+	examples/django/make-venv.sh build/django-venv
+	touch $@
+
 # -- checks ------------------------------------------------------------------
 
-test: deps build
+test: deps build django-venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 lint: python-deps
@@ -126,6 +136,9 @@ fuzz: system-deps python-deps
 
 bench: deps build
 	$(PY) bench/run.py
+
+bench-spawn: deps build
+	$(PY) bench/run.py --only spawn,memory
 
 clean:
 	rm -rf build agent/_native*.so agent/_native.c agent/.native-built *.egg-info

@@ -10,10 +10,15 @@ NGINX_WORKERS = "nginx workers"
 SERVE = "agentctl serve"
 AGENT_WATCHDOG = "agent watchdog"
 AGENT_CORE = "agent core"
+AGENT_PRELOADER = "agent preloader"   # any other process below the core: the workers' preloader
 APP_MASTER = "app server master"      # uWSGI's master, gunicorn's arbiter
 APP_WORKERS = "app workers"
 OTHER = "other"
-ROLES = [NGINX_MASTER, NGINX_WORKERS, SERVE, AGENT_WATCHDOG, AGENT_CORE, APP_MASTER, APP_WORKERS, OTHER]
+# The start of the error of a stack this build cannot run (smart spawning
+# before the module has `agent_spawn_method`): reported, never measured.
+NOT_AVAILABLE = "not available: "
+ROLES = [NGINX_MASTER, NGINX_WORKERS, SERVE, AGENT_WATCHDOG, AGENT_CORE, AGENT_PRELOADER, APP_MASTER, APP_WORKERS,
+         OTHER]
 
 
 @dataclass
@@ -53,3 +58,48 @@ class StackResult:
             if run.workload == workload and run.connections == connections and run.nginx_workers == nginx_workers:
                 return run
         return None
+
+
+@dataclass
+class SpawnFigures:
+    """One stack's spawns of one app: each a worker killed with SIGKILL and
+    the replacement the server starts on its own. Seconds, one per spawn."""
+
+    stack: str
+    app: str
+    to_fork: list[float] = field(default_factory=list)      # kill → the new process exists
+    to_answer: list[float] = field(default_factory=list)    # the new process exists → it answered a request
+    total: list[float] = field(default_factory=list)        # kill → answered
+    logged: list[float] = field(default_factory=list)       # the agent's log: fork → ready handshake
+    note: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class ProcessMemory:
+    role: str
+    pid: int
+    uss_kib: int
+    pss_kib: int
+
+
+@dataclass
+class MemoryFigures:
+    """One stack running one app with a number of workers: each process's
+    USS and PSS (psutil's memory_full_info)."""
+
+    stack: str
+    app: str
+    workers: int
+    processes: list[ProcessMemory] = field(default_factory=list)
+    note: str | None = None
+    error: str | None = None
+
+    def of_workers(self) -> list[ProcessMemory]:
+        return [p for p in self.processes if p.role == APP_WORKERS]
+
+    def of_others(self) -> list[ProcessMemory]:
+        return [p for p in self.processes if p.role != APP_WORKERS]
+
+    def total_pss_kib(self) -> int:
+        return sum(p.pss_kib for p in self.processes)

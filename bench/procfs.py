@@ -50,6 +50,10 @@ def parent(pid: int) -> int | None:
     return None if fields is None else int(fields[1])
 
 
+def all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):

@@ -155,8 +155,9 @@ def cpu_split_section(results: Sequence[StackResult], workloads: Sequence[tuple[
              "utime + stime (from /proc/PID/stat, every thread) of each process of the stack over the wrk run, "
              "divided by the requests wrk completed, summed by role: nginx's master and workers (told apart by "
              "the title nginx gives them), `agentctl serve`, the agent's watchdog and core (by their pid files), "
-             "uWSGI's master and gunicorn's arbiter (the process the benchmark starts), and the app workers (the "
-             "children of the agent core, of uWSGI's master, of gunicorn's arbiter). A process that exited "
+             "uWSGI's master and gunicorn's arbiter (the process the benchmark starts), the app workers (those the "
+             "agent's status API lists; the children of uWSGI's master, of gunicorn's arbiter), and the agent's "
+             "preloader (any other process below the core). A process that exited "
              "during a run is not counted; one that started during it counts whole. The ratio columns divide "
              "each stack's figure by uWSGI's (below 1: less CPU than uWSGI). wrk is not counted. The kernel "
              f"counts CPU time in clock ticks ({1000 / CLOCK_TICKS:g} ms here): the last row of each table is one "
@@ -369,9 +370,16 @@ The figures below come from {kind}, as measured; nothing is adjusted.
 {busy_note}
 ## How to reproduce
 
-    make bench                                  # installs what is missing, builds, runs (about 5 minutes)
+    make bench                                  # installs what is missing, builds, runs (about 15 minutes)
+    .venv/bin/python bench/run.py --only throughput   # this page's runs alone (about 10 minutes)
     .venv/bin/python bench/run.py --quick       # 3 s per run; report in bench/results/quick.md
     .venv/bin/python bench/run.py --help        # --duration, --stacks, --buffers, --more-nginx-workers, ...
+
+`make bench` also runs the spawn and memory part (`make bench-spawn` runs
+it alone): spawn-to-ready times, and each worker's and the whole app's
+memory at 1, 4 and 16 workers, for hello world and a Django app
+(examples/django), with the agent's two spawn methods, uWSGI, and gunicorn
+with and without `--preload`. Its report is docs/benchmarks-spawn.md.
 
 The script installs what it lacks when run as root (wrk and nginx with
 apt-get; gunicorn and uWSGI with pip, from bench/requirements.txt, into a

@@ -1,8 +1,14 @@
 """The benchmark: nginx→agent against nginx→uWSGI and nginx→gunicorn.
 
     make bench                         # = .venv/bin/python bench/run.py
+    make bench-spawn                   # = .venv/bin/python bench/run.py --only spawn,memory
     .venv/bin/python bench/run.py --quick
     .venv/bin/python bench/run.py --stacks uwsgi,gunicorn --duration 5
+
+Two parts. Throughput (below) reports to docs/benchmarks.md; spawn and
+memory (spawnmem.py: spawn-to-ready times, and each worker's and the whole
+app's memory at 1, 4 and 16 workers, for hello world and a Django app)
+report to docs/benchmarks-spawn.md.
 
 Each stack runs behind the system nginx (one worker process) with two app
 workers serving bench/apps/wsgi.py under the same interpreter
@@ -27,7 +33,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,15 +43,20 @@ from types import FrameType
 
 import procfs
 import report
+import spawn_report
+import spawnmem
 import wrk
-from figures import AGENT_CORE, Run, StackResult
-from stacks import AgentStack, Buffers, GunicornStack, RelayStack, Stack, StackError, UwsgiStack
+from figures import AGENT_CORE, NOT_AVAILABLE, MemoryFigures, Run, SpawnFigures, StackResult
+from stacks import AgentStack, Buffers, GunicornStack, RelayStack, Stack, StackError, UwsgiStack, free_port
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
 APP_SOURCE = BENCH / "apps"
 REQUIREMENTS = BENCH / "requirements.txt"
+DJANGO_SOURCE = REPO / "examples" / "django"
+PARTS = ["throughput", "spawn", "memory"]
+APPS = ["hello", "django"]
 
 WORKLOADS = [("hello", "hello world", "/"), ("100k", "100 KB body", "/100k"), ("sleep", "10 ms sleep", "/sleep")]
 CONNECTIONS = [1, 16, 64]
@@ -121,6 +131,28 @@ def ensure_peers(venv: Path, app_python: str, install: bool) -> Path:
     return bin_dir
 
 
+def ensure_django_venv(venv: Path, app_python: str, install: bool) -> Path:
+    """examples/django's virtualenv (its requirements.txt), made by its
+    make-venv.sh from the apps' interpreter."""
+    if not (venv / "bin" / "python").exists() or not list(venv.glob("lib/python3*/site-packages/django")):
+        script = DJANGO_SOURCE / "make-venv.sh"
+        if not install:
+            raise SetupError(f"no Django virtualenv in {venv}; make it with: {script} {venv} {app_python}")
+        print(f"bench: making the Django virtualenv {venv} (pip install: a few seconds)", flush=True)
+        shutil.rmtree(venv, ignore_errors=True)
+        made = subprocess.run([str(script), str(venv), app_python], capture_output=True, text=True)
+        if made.returncode != 0:
+            raise SetupError(f"{script} failed:\n{made.stdout}{made.stderr}")
+    return venv
+
+
+def site_packages(venv: Path) -> Path:
+    found = sorted(venv.glob("lib/python3*/site-packages"))
+    if not found:
+        raise SetupError(f"no lib/python3*/site-packages in {venv}")
+    return found[0]
+
+
 def agent_missing() -> str | None:
     """Why our stack cannot run yet, or None when it can."""
     if not (REPO / "build" / "ngx_http_agent_module.so").is_file():
@@ -140,20 +172,26 @@ def version_of(command: list[str]) -> str:
 
 # -- running -----------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def prepare_app(base: Path) -> Path:
-    """A copy of bench/apps that the workers (user nobody) can read."""
-    app_dir = base / "app"
-    shutil.copytree(APP_SOURCE, app_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+def prepare_app(base: Path, source: Path = APP_SOURCE, name: str = "app") -> Path:
+    """A copy of an app that the workers (user nobody) can read."""
+    app_dir = base / name
+    shutil.copytree(source, app_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "db.sqlite3"))
     for path in [base, app_dir, *app_dir.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return app_dir
+
+
+def bench_apps(args: argparse.Namespace, base: Path) -> list[spawnmem.BenchApp]:
+    """The apps of the spawn and memory runs, copied into base."""
+    apps = []
+    if "hello" in args.apps:
+        apps.append(spawnmem.BenchApp("hello", "hello world", prepare_app(base, APP_SOURCE, "hello"),
+                                      args.app_python, None, ("/",)))
+    if "django" in args.apps:
+        venv = args.django_venv
+        apps.append(spawnmem.BenchApp("django", "Django", prepare_app(base, DJANGO_SOURCE, "django"),
+                                      str(venv / "bin" / "python"), site_packages(venv), ("/", "/page")))
+    return apps
 
 
 Plan = list[tuple[str, str, str, int]]     # (workload, title, path, connections)
@@ -296,8 +334,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--more-nginx-workers", type=int, default=2, metavar="N",
                         help="nginx's worker_processes in the second pass (hello world at 16 and 64 "
                         "connections); 0 or 1 skips it (2)")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts, from {','.join(PARTS)} (all); "
+                        "`--only spawn,memory` is `make bench-spawn`")
+    parser.add_argument("--apps", default=",".join(APPS),
+                        help=f"the spawn and memory runs' apps, from {','.join(APPS)} (both)")
+    parser.add_argument("--spawn-stacks", default=",".join(spawnmem.SPAWN_STACKS),
+                        help=f"the spawn and memory runs' stacks, from {','.join(spawnmem.SPAWN_STACKS)} (all)")
+    parser.add_argument("--spawns", type=int, default=spawnmem.SPAWNS,
+                        help=f"spawns measured per stack and app ({spawnmem.SPAWNS})")
+    parser.add_argument("--memory-workers", default=",".join(map(str, spawnmem.MEMORY_WORKERS)),
+                        help="the worker counts of the memory runs (1,4,16)")
+    parser.add_argument("--django-venv", type=Path, default=RESULTS / "django-venv",
+                        help="examples/django's virtualenv, made when missing (bench/results/django-venv)")
+    parser.add_argument("--spawn-output", type=Path, help="the spawn and memory report "
+                        "(docs/benchmarks-spawn.md; bench/results/quick-spawn.md with --quick)")
     args = parser.parse_args(argv)
     args.buffers = Buffers(args.buffer_size, args.buffers, args.busy_buffers_size)
+    for name, allowed in (("only", PARTS), ("apps", APPS), ("spawn_stacks", spawnmem.SPAWN_STACKS)):
+        chosen = [item.strip() for item in getattr(args, name).split(",") if item.strip()]
+        wrong = [item for item in chosen if item not in allowed]
+        if wrong or not chosen:
+            parser.error(f"--{name.replace('_', '-')}: {', '.join(wrong) or 'nothing'} "
+                         f"not among {', '.join(allowed)}")
+        setattr(args, name, chosen)
+    try:
+        args.memory_workers = [int(n) for n in args.memory_workers.split(",")]
+    except ValueError:
+        parser.error(f"--memory-workers: {args.memory_workers!r} is not a list of numbers")
+    if args.spawns < 1 or min(args.memory_workers) < 1:
+        parser.error("--spawns and --memory-workers must be at least 1")
+    if args.spawn_output is None:
+        args.spawn_output = RESULTS / "quick-spawn.md" if args.quick else REPO / "docs" / "benchmarks-spawn.md"
     if args.quick:
         args.duration = 3.0
     args.stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
@@ -307,6 +375,87 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.output is None:
         args.output = RESULTS / "quick.md" if args.quick else REPO / "docs" / "benchmarks.md"
     return args
+
+
+def needs_peers(args: argparse.Namespace) -> bool:
+    throughput = "throughput" in args.only and any(s not in ("ours", "relay") for s in args.stacks)
+    spawn = bool({"spawn", "memory"} & set(args.only)) and any(s not in ("smart", "direct")
+                                                               for s in args.spawn_stacks)
+    return throughput or spawn
+
+
+def machine_info(args: argparse.Namespace, nginx: str, wrk_bin: str, peers_bin: Path | None) -> report.Machine:
+    load = os.getloadavg()
+    return report.Machine(
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        cpu=report.cpu_model(), cores=os.cpu_count() or 0, kernel=platform.release(),
+        memory_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        nginx=version_of([nginx, "-v"]).split("/")[-1], wrk=version_of([wrk_bin, "--version"]).split()[1],
+        app_python=version_of([args.app_python, "--version"]).split()[-1] + f" ({args.app_python})",
+        agent_python=platform.python_version() + f" ({sys.executable})",
+        gunicorn=version_of([str(peers_bin / "gunicorn"), "--version"]).split()[-1].strip(")") if peers_bin
+        else "-",
+        uwsgi=version_of([str(peers_bin / "uwsgi"), "--version"]) if peers_bin else "-",
+        duration=args.duration, load=f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        buffers=buffer_settings(args), more_nginx_workers=max(1, args.more_nginx_workers))
+
+
+def run_throughput(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: str, peers_bin: Path | None,
+                   stacks: list[Stack]) -> list[StackResult]:
+    results: list[StackResult] = []
+    app_dir = prepare_app(base)
+    for key in args.stacks:
+        if key in ("ours", "relay") and (why := agent_missing()):
+            print(f"bench: {STACK_LABELS[key]} skipped: {why}", file=sys.stderr, flush=True)
+            results.append(StackResult(key, STACK_LABELS[key], error=why))
+            continue
+        result = StackResult(key, STACK_LABELS[key])
+        results.append(result)
+        stack = make_stack(key, base, app_dir, nginx, peers_bin, args, 1)
+        stacks.append(stack)
+        plan = partial_plan(RELAY_RUNS) if key == "relay" else full_plan()
+        bench_stack(stack, wrk_bin, args.duration, result, plan, full=key != "relay")
+        if args.more_nginx_workers > 1 and result.error is None and key != "relay":
+            stack = make_stack(key, base, app_dir, nginx, peers_bin, args, args.more_nginx_workers)
+            stacks.append(stack)
+            bench_stack(stack, wrk_bin, args.duration, result, partial_plan(MORE_WORKERS_RUNS), full=False)
+    return results
+
+
+def run_spawn_memory(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: str,
+                     peers_bin: Path | None) -> tuple[list[SpawnFigures], list[MemoryFigures]]:
+    kinds = list(args.spawn_stacks)
+    if (why := agent_missing()) and any(k in ("smart", "direct") for k in kinds):
+        print(f"bench: the agent's stacks skipped: {why}", file=sys.stderr, flush=True)
+        kinds = [k for k in kinds if k not in ("smart", "direct")]
+    setup = spawnmem.Setup(base, nginx, wrk_bin, peers_bin, REPO, sys.executable, args.buffers)
+    parts = {p for p in args.only if p != "throughput"}
+    return spawnmem.run_all(setup, bench_apps(args, base), kinds, parts, args.spawns, args.memory_workers)
+
+
+def write_throughput_report(args: argparse.Namespace, info: report.Machine, results: list[StackResult]) -> None:
+    text = report.markdown(info, results, WORKLOADS, CONNECTIONS, quick=args.quick)
+    print()
+    print(report.settings_section(info))
+    print(report.results_section(results, WORKLOADS, CONNECTIONS, info.more_nginx_workers))
+    print(report.noise_note(results, info.cores))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    (RESULTS / "last.json").write_text(json.dumps(
+        {"machine": asdict(info), "results": [asdict(r) for r in results]}, indent=2, default=str))
+    print(f"bench: report written to {args.output}")
+
+
+def write_spawn_report(args: argparse.Namespace, info: report.Machine, spawns: list[SpawnFigures],
+                       memory: list[MemoryFigures]) -> None:
+    print()
+    print(spawn_report.results_section(spawns, memory))
+    args.spawn_output.parent.mkdir(parents=True, exist_ok=True)
+    args.spawn_output.write_text(spawn_report.markdown(info, spawns, memory))
+    (RESULTS / "spawn.json").write_text(json.dumps(
+        {"machine": asdict(info), "spawn": [asdict(r) for r in spawns], "memory": [asdict(r) for r in memory]},
+        indent=2, default=str))
+    print(f"bench: spawn and memory report written to {args.spawn_output}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,8 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         wrk_bin = ensure_program("wrk", "wrk", install)
         if not Path(args.app_python).is_file():
             raise SetupError(f"the app interpreter {args.app_python} does not exist (apt-get install python3)")
-        peers = [s for s in args.stacks if s != "ours"]
-        peers_bin = ensure_peers(args.peers_venv, args.app_python, install) if peers else None
+        peers_bin = ensure_peers(args.peers_venv, args.app_python, install) if needs_peers(args) else None
+        if "django" in args.apps and {"spawn", "memory"} & set(args.only):
+            args.django_venv = ensure_django_venv(args.django_venv.resolve(), args.app_python, install)
     except (SetupError, subprocess.CalledProcessError) as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
@@ -329,40 +479,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\nbench: interrupted", file=sys.stderr)
         return 130
 
-    load = os.getloadavg()
-    info = report.Machine(
-        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        cpu=report.cpu_model(), cores=os.cpu_count() or 0, kernel=platform.release(),
-        memory_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-        nginx=version_of([nginx, "-v"]).split("/")[-1], wrk=version_of([wrk_bin, "--version"]).split()[1],
-        app_python=version_of([args.app_python, "--version"]).split()[-1] + f" ({args.app_python})",
-        agent_python=platform.python_version() + f" ({sys.executable})",
-        gunicorn=version_of([str(peers_bin / "gunicorn"), "--version"]).split()[-1].strip(")") if peers_bin
-        else "-",
-        uwsgi=version_of([str(peers_bin / "uwsgi"), "--version"]) if peers_bin else "-",
-        duration=args.duration, load=f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
-        buffers=buffer_settings(args), more_nginx_workers=max(1, args.more_nginx_workers))
-
+    info = machine_info(args, nginx, wrk_bin, peers_bin)
     results: list[StackResult] = []
+    spawns: list[SpawnFigures] = []
+    memory: list[MemoryFigures] = []
     base = Path(tempfile.mkdtemp(prefix="agent-bench-", dir="/tmp"))
     stacks: list[Stack] = []
     try:
-        app_dir = prepare_app(base)
-        for key in args.stacks:
-            if key in ("ours", "relay") and (why := agent_missing()):
-                print(f"bench: {STACK_LABELS[key]} skipped: {why}", file=sys.stderr, flush=True)
-                results.append(StackResult(key, STACK_LABELS[key], error=why))
-                continue
-            result = StackResult(key, STACK_LABELS[key])
-            results.append(result)
-            stack = make_stack(key, base, app_dir, nginx, peers_bin, args, 1)
-            stacks.append(stack)
-            plan = partial_plan(RELAY_RUNS) if key == "relay" else full_plan()
-            bench_stack(stack, wrk_bin, args.duration, result, plan, full=key != "relay")
-            if args.more_nginx_workers > 1 and result.error is None and key != "relay":
-                stack = make_stack(key, base, app_dir, nginx, peers_bin, args, args.more_nginx_workers)
-                stacks.append(stack)
-                bench_stack(stack, wrk_bin, args.duration, result, partial_plan(MORE_WORKERS_RUNS), full=False)
+        if "throughput" in args.only:
+            results = run_throughput(args, base, nginx, wrk_bin, peers_bin, stacks)
+        if {"spawn", "memory"} & set(args.only):
+            spawns, memory = run_spawn_memory(args, base, nginx, wrk_bin, peers_bin)
     except KeyboardInterrupt:
         print("\nbench: interrupted; stopping what was started", file=sys.stderr)
         return 130
@@ -376,17 +503,19 @@ def main(argv: list[str] | None = None) -> int:
 
     end = os.getloadavg()
     info.load_end = f"{end[0]:.2f} {end[1]:.2f} {end[2]:.2f}"
-    text = report.markdown(info, results, WORKLOADS, CONNECTIONS, quick=args.quick)
-    print()
-    print(report.settings_section(info))
-    print(report.results_section(results, WORKLOADS, CONNECTIONS, info.more_nginx_workers))
-    print(report.noise_note(results, info.cores))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    (RESULTS / "last.json").write_text(json.dumps(
-        {"machine": asdict(info), "results": [asdict(r) for r in results]}, indent=2, default=str))
-    print(f"bench: report written to {args.output}")
-    return 0 if all(r.error is None for r in results) else 1
+    if "throughput" in args.only:
+        write_throughput_report(args, info, results)
+    if spawns or memory:
+        write_spawn_report(args, info, spawns, memory)
+    return 0 if not failures(results, spawns, memory) else 1
+
+
+def failures(results: list[StackResult], spawns: list[SpawnFigures], memory: list[MemoryFigures]) -> list[str]:
+    """What failed the run: a stack this build cannot run is in the report
+    as not available, and is not a failure."""
+    every: list[StackResult | SpawnFigures | MemoryFigures] = [*results, *spawns, *memory]
+    errors = [r.error for r in every if r.error]
+    return [e for e in errors if not e.startswith(NOT_AVAILABLE)]
 
 
 if __name__ == "__main__":

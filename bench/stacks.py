@@ -1,4 +1,5 @@
-"""The three stacks under test, each nginx in front of two app workers:
+"""The stacks under test, each nginx in front of app workers (two for the
+throughput runs; the spawn and memory runs choose):
 
     ours       agentctl serve: nginx with the agent module, the agent, 2 workers
     uwsgi      nginx --uwsgi_pass--> uWSGI, 2 processes
@@ -16,19 +17,34 @@ import http.client
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import procfs
-from figures import AGENT_CORE, AGENT_WATCHDOG, APP_MASTER, APP_WORKERS, NGINX_MASTER, NGINX_WORKERS, OTHER, SERVE
+from figures import (
+    AGENT_CORE,
+    AGENT_PRELOADER,
+    AGENT_WATCHDOG,
+    APP_MASTER,
+    APP_WORKERS,
+    NGINX_MASTER,
+    NGINX_WORKERS,
+    OTHER,
+    SERVE,
+)
+
+from agent.control.client import StatusClient, StatusError
+from agent.instance import Instance
 
 WORKERS = 2
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 UWSGI_PARAMS = Path("/etc/nginx/uwsgi_params")
+READY_STATES = ("idle", "serving")     # the status API's states of a worker that takes requests
 
 
 
@@ -64,12 +80,14 @@ class Stack:
     key = ""
     label = ""
 
-    def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx_workers: int, buffers: Buffers) -> None:
+    def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx_workers: int, buffers: Buffers,
+                 worker_count: int = WORKERS) -> None:
         self.run_dir = run_dir
         self.port = port
         self.app_dir = app_dir
         self.nginx_workers = nginx_workers
         self.buffers = buffers
+        self.worker_count = worker_count
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.known: set[procfs.Proc] = set()
         self.logs: list[IO[bytes]] = []
@@ -90,7 +108,7 @@ class Stack:
         return process
 
     def wait_ready(self) -> None:
-        """Until / answers 200 and the stack runs its two workers."""
+        """Until / answers 200 and the stack runs its workers (worker_count)."""
         deadline = time.monotonic() + READY_TIMEOUT
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -101,7 +119,7 @@ class Stack:
                 last = str(e)
             else:
                 last = f"status {status}"
-                if status == 200 and len(self.workers()) == WORKERS:
+                if status == 200 and len(self.workers()) == self.worker_count:
                     self.remember()
                     return
                 last += f", {len(self.workers())} workers"
@@ -212,6 +230,13 @@ class Stack:
         return "".join(parts)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
     """Signals the process group that process leads, while the leader is
     not reaped (so that its pid, the group's id, cannot have been reused);
@@ -226,8 +251,8 @@ def http_get(port: int, path: str) -> int:
     return http_fetch(port, path)[0]
 
 
-def http_fetch(port: int, path: str) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+def http_fetch(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request("GET", path)
         response = connection.getresponse()
@@ -251,10 +276,14 @@ class PeerStack(Stack):
     """nginx in front of an app server on a Unix socket."""
 
     def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx_workers: int, buffers: Buffers, nginx: str,
-                 peers_bin: Path) -> None:
-        super().__init__(run_dir, port, app_dir, nginx_workers, buffers)
+                 peers_bin: Path, worker_count: int = WORKERS, python_path: Path | None = None) -> None:
+        super().__init__(run_dir, port, app_dir, nginx_workers, buffers, worker_count)
         self.nginx = nginx
         self.peers_bin = peers_bin
+        # The app's own packages (its virtualenv's site-packages), put on
+        # sys.path the server's documented way: the server itself runs from
+        # peers_bin's virtualenv.
+        self.python_path = python_path
         self.socket = run_dir / "sockets" / f"{self.key}.sock"
         self.server: subprocess.Popen[bytes] | None = None
 
@@ -336,18 +365,27 @@ http {{
 class GunicornStack(PeerStack):
     key = "gunicorn"
     label = "nginx→gunicorn"
+    preload = False     # --preload: the arbiter loads the app, workers fork from it
 
     def server_command(self) -> list[str]:
         user = worker_user()
         drop = ["--user", user[0], "--group", user[1]] if user else []
-        return [str(self.peers_bin / "gunicorn"), "--workers", str(WORKERS), "--worker-class", "sync",
+        path = ["--pythonpath", str(self.python_path)] if self.python_path else []
+        preload = ["--preload"] if self.preload else []
+        return [str(self.peers_bin / "gunicorn"), "--workers", str(self.worker_count), "--worker-class", "sync",
                 "--bind", f"unix:{self.socket}", "--chdir", str(self.app_dir), "--log-level", "warning",
-                *drop, "wsgi:application"]
+                *preload, *path, *drop, "wsgi:application"]
 
     def nginx_location(self) -> str:
         return (f"            proxy_pass http://unix:{self.socket}:;\n"
                 "            proxy_set_header Host $host;\n"
                 + self.buffers.location_lines("proxy"))
+
+
+class GunicornPreloadStack(GunicornStack):
+    key = "gunicorn-preload"
+    label = "nginx→gunicorn --preload"
+    preload = True
 
 
 class UwsgiStack(PeerStack):
@@ -357,10 +395,11 @@ class UwsgiStack(PeerStack):
     def server_command(self) -> list[str]:
         user = worker_user()
         drop = ["--uid", user[0], "--gid", user[1]] if user else []
-        return [str(self.peers_bin / "uwsgi"), "--master", "--processes", str(WORKERS),
+        path = ["--pythonpath", str(self.python_path)] if self.python_path else []
+        return [str(self.peers_bin / "uwsgi"), "--master", "--processes", str(self.worker_count),
                 "--socket", str(self.socket), "--chmod-socket=666", "--chdir", str(self.app_dir),
                 "--wsgi-file", "wsgi.py", "--need-app", "--disable-logging", "--die-on-term",
-                *drop]
+                *path, *drop]
 
     def nginx_location(self) -> str:
         params = (f"            include {UWSGI_PARAMS};\n" if UWSGI_PARAMS.exists() else
@@ -376,33 +415,76 @@ class UwsgiStack(PeerStack):
 
 # -- ours --------------------------------------------------------------------
 
+class SpawnMethodUnavailable(StackError):
+    """The nginx module does not know `agent_spawn_method` (or the method):
+    a stack that asks for it cannot run, and nothing is measured for it."""
+
+
 class AgentStack(Stack):
     """agentctl serve: it writes the nginx config (worker processes and
     buffers from its flags, as the peers' configurations have them) and runs
     nginx in the foreground; nginx starts the agent, which starts the
-    workers."""
+    workers.
+
+    With a spawn_method, the config serve prints gets `agent_spawn_method
+    METHOD;` in its location and nginx runs it itself: nginx's own check is
+    what tells whether the module has the directive."""
 
     key = "ours"
     label = "nginx→agent"
 
     def __init__(self, run_dir: Path, port: int, app_dir: Path, nginx_workers: int, buffers: Buffers, nginx: str,
-                 repo: Path, agent_python: str, app_python: str) -> None:
-        super().__init__(run_dir, port, app_dir, nginx_workers, buffers)
+                 repo: Path, agent_python: str, app_python: str, worker_count: int = WORKERS,
+                 spawn_method: str | None = None) -> None:
+        super().__init__(run_dir, port, app_dir, nginx_workers, buffers, worker_count)
         self.nginx = nginx
         self.repo = repo
         self.agent_python = agent_python
         self.app_python = app_python
+        self.spawn_method = spawn_method
         self.instance = run_dir / "instance"
         self.serve: subprocess.Popen[bytes] | None = None
+        self.pool_pids: set[int] = set()
+        self.pool_asked_at = -1e9
 
     fast_path = "on"
 
+    def serve_command(self) -> list[str]:
+        return [self.agent_python, "-m", "agent.cli", "serve", str(self.app_dir), "--port", str(self.port),
+                "--run-dir", str(self.run_dir), "--min-instances", str(self.worker_count),
+                "--max-instances", str(self.worker_count), "--max-pool-size", str(max(6, self.worker_count)),
+                "--python", self.app_python, "--nginx", self.nginx, "--nginx-workers", str(self.nginx_workers),
+                "--fast-path", self.fast_path, *self.buffers.serve_flags()]
+
     def start(self) -> None:
-        self.serve = self.launch("agentctl-serve", [
-            self.agent_python, "-m", "agent.cli", "serve", str(self.app_dir), "--port", str(self.port),
-            "--run-dir", str(self.run_dir), "--min-instances", str(WORKERS), "--max-instances", str(WORKERS),
-            "--python", self.app_python, "--nginx", self.nginx, "--nginx-workers", str(self.nginx_workers),
-            "--fast-path", self.fast_path, *self.buffers.serve_flags()], cwd=self.repo)
+        if self.spawn_method is None:
+            self.serve = self.launch("agentctl-serve", self.serve_command(), cwd=self.repo)
+            return
+        config = self.write_config_with_spawn_method(self.spawn_method)
+        self.launch("nginx", [self.nginx, "-p", str(self.run_dir), "-c", str(config), "-e", "stderr"])
+
+    def write_config_with_spawn_method(self, method: str) -> Path:
+        printed = subprocess.run([*self.serve_command(), "--print-config"], cwd=self.repo, capture_output=True,
+                                 text=True)
+        if printed.returncode != 0:
+            raise StackError(f"agentctl serve --print-config failed:\n{printed.stderr.strip()}")
+        anchor = "agent_enabled on;"
+        if anchor not in printed.stdout:
+            raise StackError(f"no `{anchor}` in the config agentctl serve printed")
+        text = printed.stdout.replace(anchor, f"{anchor}\n            agent_spawn_method {method};", 1)
+        # What serve's own run directory has: tmp/ of root's alone.
+        (self.run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
+        config = self.run_dir / "nginx.conf"
+        config.write_text(text)
+        test = subprocess.run([self.nginx, "-p", str(self.run_dir), "-c", str(config), "-e", "stderr", "-t", "-q"],
+                              capture_output=True, text=True)
+        if test.returncode != 0:
+            problem = test.stderr.strip()
+            said = [line for line in problem.splitlines() if "agent_spawn_method" in line]
+            if said:
+                raise SpawnMethodUnavailable(f"nginx refused `agent_spawn_method {method};`: {said[0]}")
+            raise StackError(f"nginx rejected {config}:\n{problem}")
+        return config
 
     def pid_from(self, name: str) -> int | None:
         try:
@@ -421,9 +503,29 @@ class AgentStack(Stack):
         extra = [pid for pid in (self.watchdog_pid(), self.core_pid()) if pid is not None]
         return super().roots() + extra
 
+    def pool_processes(self) -> list[dict[str, Any]]:
+        """The app's workers as the status API lists them (docs/status-api.md);
+        none while the agent does not answer yet."""
+        try:
+            pool = StatusClient(Instance(self.instance).status_socket, token=None).get("/pool", timeout=5.0)
+        except StatusError:
+            return []
+        return [process for app in pool.get("apps", []) for process in app.get("processes", [])]
+
+    def recent_pool_pids(self) -> set[int]:
+        """The pool's pids, asked at most once a second: role() asks for
+        each process of the stack in turn."""
+        now = time.monotonic()
+        if now - self.pool_asked_at > 1.0:
+            self.pool_pids = {p["pid"] for p in self.pool_processes()}
+            self.pool_asked_at = now
+        return self.pool_pids
+
     def workers(self) -> list[int]:
-        core = self.core_pid()
-        return [] if core is None else procfs.children(core)
+        """The workers ready to serve. Asked of the status API rather than
+        read from the process tree: where workers are forked from a
+        preloader, the core's children are not the workers."""
+        return sorted(p["pid"] for p in self.pool_processes() if p.get("state") in READY_STATES)
 
     def server_role(self, pid: int) -> str:
         core, watchdog = self.core_pid(), self.watchdog_pid()
@@ -433,7 +535,9 @@ class AgentStack(Stack):
             return AGENT_WATCHDOG
         if self.serve is not None and pid == self.serve.pid:
             return SERVE
-        return APP_WORKERS if core is not None and procfs.parent(pid) == core else OTHER
+        if pid in self.recent_pool_pids():
+            return APP_WORKERS
+        return AGENT_PRELOADER if core is not None and pid in procfs.descendants(core) else OTHER
 
     def other_memory(self) -> list[tuple[str, int | None]]:
         core, watchdog = self.core_pid(), self.watchdog_pid()
