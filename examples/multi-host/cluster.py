@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -305,18 +306,17 @@ http {{
     def core_pid(self) -> int:
         return int((self.instance / "core.pid").read_text())
 
-    def pool(self) -> dict[str, object]:
+    def pool(self) -> dict[str, Any]:
         out = subprocess.run([self.core_python, "-m", "agent.cli", "--instance", str(self.instance),
                               "status", "--json"], cwd=REPO, capture_output=True, text=True, timeout=30)
         if out.returncode != 0:
             return {}
-        pool: dict[str, object] = json.loads(out.stdout)["pool"]
+        pool: dict[str, Any] = json.loads(out.stdout)["pool"]
         return pool
 
     def worker_pids(self) -> set[int]:
         apps = self.pool().get("apps") or []
-        return {p["pid"] for app in apps for p in app["processes"]  # type: ignore[union-attr,index]
-                if p["state"] in ("serving", "idle")}
+        return {p["pid"] for app in apps for p in app["processes"] if p["state"] in ("serving", "idle")}
 
     def restart_app(self) -> subprocess.CompletedProcess[str]:
         """A rolling restart of the host's app, returning once it is done."""
@@ -429,7 +429,7 @@ http {{
         self.network.create(members)
         self.start_redis()
         redis_url = f"redis://{DB_ADDR}:{REDIS_PORT}/0"
-        for (namespace, address), name in zip(members[1:], names):
+        for (namespace, address), name in zip(members[1:], names, strict=True):
             host = Host(name, namespace, address, self.run_dir / name, self.app_python, self.core_python,
                         redis_url, self.token)
             self.hosts.append(host)

@@ -48,6 +48,6 @@ def application(environ, start_response):
                        "first_host": first_host}).encode() + b"\n"
     start_response("200 OK", [
         ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-        ("Set-Cookie", "sid=%s; Path=/; HttpOnly; SameSite=Lax" % sid), ("Cache-Control", "no-store"),
+        ("Set-Cookie", f"sid={sid}; Path=/; HttpOnly; SameSite=Lax"), ("Cache-Control", "no-store"),
     ])
     return [body]
