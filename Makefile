@@ -4,6 +4,9 @@
 #   make test    the whole test suite (real nginx, real agent, real workers)
 #   make bench   the benchmark against nginx+gunicorn and nginx+uWSGI
 #   make fuzz    the engine's wire parsers and the status socket's request parser under libFuzzer (FUZZ_SECONDS each)
+#   make shared-state  serve examples/shared-state (4 workers, a redis-server) at http://127.0.0.1:8080
+#   make multi-host    examples/multi-host: a load balancer and HOSTS hosts in network namespaces
+#   make test-scale    only the tests of shared state, several hosts and the Prometheus rules
 #
 # Everything Python lives in a virtualenv ($(VENV)); the nginx module is built
 # against the system nginx's own source and configure flags (nginx-dev).
@@ -12,7 +15,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST_PYTHON ?= python3
-APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv python3-dev wrk chromium chromium-driver
+# redis-server: the examples' store; prometheus: promtool, which checks and
+# unit-tests examples/prometheus; iproute2: `ip netns` for examples/multi-host.
+APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv python3-dev wrk chromium chromium-driver \
+	redis-server prometheus iproute2
 PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium hypothesis atheris
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
@@ -26,8 +32,15 @@ FUZZ_SECONDS ?= 60
 FUZZERS := fuzz_frame fuzz_records
 PY_FUZZERS := fuzz_status_request
 FUZZ_FLAGS := -g -O1 -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+STATE_DIR ?= /tmp/agent-shared-state
+# The apps' interpreter: its virtualenvs must be readable by the workers'
+# users (a python under /root is not).
+APP_PYTHON ?= /usr/bin/python3
+HOSTS ?= 2
+SCALE_TESTS := tests/scale tests/integration/test_shared_state.py tests/integration/test_prometheus.py
 
-.PHONY: all deps system-deps python-deps build native module run test lint sanitize fuzz bench clean
+.PHONY: all deps system-deps python-deps build native module run shared-state multi-host test test-scale lint \
+	sanitize fuzz bench clean
 
 all: build
 
@@ -85,13 +98,35 @@ run: deps build
 	rm -rf $(RUN_DIR) && mkdir -m 0755 $(RUN_DIR) && cp -r examples/hello $(RUN_DIR)/hello && chmod -R a+rX $(RUN_DIR)
 	$(PY) -m agent.cli serve $(RUN_DIR)/hello --port $(RUN_PORT) --min-instances 2
 
+# Serves a copy of examples/shared-state with 4 workers, under an app
+# virtualenv with the redis client (from PyPI) and a redis-server on a Unix
+# socket in STATE_DIR, without persistence; Ctrl-C stops both.
+shared-state: deps build
+	rm -rf $(STATE_DIR) && mkdir -m 0755 $(STATE_DIR) && cp -r examples/shared-state $(STATE_DIR)/app
+	$(APP_PYTHON) -m venv $(STATE_DIR)/venv
+	$(STATE_DIR)/venv/bin/python -m pip install -q --disable-pip-version-check -r examples/shared-state/requirements.txt
+	chmod -R a+rX $(STATE_DIR)
+	redis-server --port 0 --unixsocket $(STATE_DIR)/redis.sock --unixsocketperm 777 --save '' --appendonly no \
+		--dir $(STATE_DIR) --logfile $(STATE_DIR)/redis.log & redis=$$!; trap 'kill $$redis 2>/dev/null; wait $$redis' EXIT; \
+	$(PY) -m agent.cli serve $(STATE_DIR)/app --port $(RUN_PORT) --python $(STATE_DIR)/venv/bin/python \
+		--env REDIS_URL=unix://$(STATE_DIR)/redis.sock --min-instances 4 --max-instances 4 --prestart on
+
+# A load balancer in front of HOSTS hosts, each nginx with the agent, in
+# network namespaces on 198.18.0.0/15 (docs/scaling.md); Ctrl-C removes it all.
+multi-host: deps build
+	$(PY) examples/multi-host/cluster.py --hosts $(HOSTS)
+
 # -- checks ------------------------------------------------------------------
 
 test: deps build
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Part of `make test` too; this runs them alone (about a minute).
+test-scale: deps build
+	$(PY) -m pytest $(SCALE_TESTS) $(PYTEST_ARGS)
+
 lint: python-deps
-	$(PY) -m ruff check agent tests bench
+	$(PY) -m ruff check agent tests bench examples
 	$(PY) -m mypy agent
 
 # The suite against an ASan/UBSan build of the C extension.
