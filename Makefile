@@ -7,6 +7,7 @@
 #   make shared-state  serve examples/shared-state (4 workers, a redis-server) at http://127.0.0.1:8080
 #   make multi-host    examples/multi-host: a load balancer and HOSTS hosts in network namespaces
 #   make test-scale    only the tests of shared state, several hosts and the Prometheus rules
+#   make prometheus-check  promtool on examples/prometheus: the scrape configuration, the rules, their unit tests
 #
 # Everything Python lives in a virtualenv ($(VENV)); the nginx module is built
 # against the system nginx's own source and configure flags (nginx-dev).
@@ -39,7 +40,7 @@ APP_PYTHON ?= /usr/bin/python3
 HOSTS ?= 2
 SCALE_TESTS := tests/scale tests/integration/test_shared_state.py tests/integration/test_prometheus.py
 
-.PHONY: all deps system-deps python-deps build native module run shared-state multi-host test test-scale lint \
+.PHONY: all deps system-deps python-deps build native module run shared-state multi-host prometheus-check test test-scale lint \
 	sanitize fuzz bench clean
 
 all: build
@@ -115,6 +116,11 @@ shared-state: deps build
 # network namespaces on 198.18.0.0/15 (docs/scaling.md); Ctrl-C removes it all.
 multi-host: deps build
 	$(PY) examples/multi-host/cluster.py --hosts $(HOSTS)
+
+# examples/prometheus is configuration for Prometheus: checking it is running it.
+prometheus-check: system-deps
+	cd examples/prometheus && promtool check config prometheus.yml && promtool check rules rules.yml alerts.yml \
+		&& promtool test rules rules_test.yml
 
 # -- checks ------------------------------------------------------------------
 
