@@ -5,6 +5,10 @@
 #   make bench   the benchmark against nginx+gunicorn and nginx+uWSGI
 #   make bench-spawn   its spawn and memory part alone (hello world and examples/django)
 #   make fuzz    the engine's wire parsers and the status socket's request parser under libFuzzer (FUZZ_SECONDS each)
+#   make shared-state  serve examples/shared-state (4 workers, a redis-server) at http://127.0.0.1:8080
+#   make multi-host    examples/multi-host: a load balancer and HOSTS hosts in network namespaces
+#   make test-scale    only the tests of shared state, several hosts and the Prometheus rules
+#   make prometheus-check  promtool on examples/prometheus: the scrape configuration, the rules, their unit tests
 #
 # Everything Python lives in a virtualenv ($(VENV)); the nginx module is built
 # against the system nginx's own source and configure flags (nginx-dev).
@@ -13,7 +17,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST_PYTHON ?= python3
-APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv python3-dev wrk chromium chromium-driver
+# redis-server: the examples' store; prometheus: promtool, which checks and
+# unit-tests examples/prometheus; iproute2: `ip netns` for examples/multi-host.
+APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv python3-dev wrk chromium chromium-driver \
+	redis-server prometheus iproute2
 PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium hypothesis atheris
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
@@ -27,9 +34,15 @@ FUZZ_SECONDS ?= 60
 FUZZERS := fuzz_frame fuzz_records
 PY_FUZZERS := fuzz_status_request
 FUZZ_FLAGS := -g -O1 -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+STATE_DIR ?= /tmp/agent-shared-state
+# The apps' interpreter: its virtualenvs must be readable by the workers'
+# users (a python under /root is not).
+APP_PYTHON ?= /usr/bin/python3
+HOSTS ?= 2
+SCALE_TESTS := tests/scale tests/integration/test_shared_state.py tests/integration/test_prometheus.py
 
-.PHONY: all deps system-deps python-deps build native module run test lint sanitize fuzz bench bench-spawn \
-	django-venv clean
+.PHONY: all deps system-deps python-deps build native module run shared-state multi-host prometheus-check django-venv \
+	test test-scale lint sanitize fuzz bench bench-spawn clean
 
 all: build
 
@@ -95,17 +108,44 @@ build/django-venv/.done: examples/django/requirements.txt examples/django/make-v
 	examples/django/make-venv.sh build/django-venv
 	touch $@
 
+# Serves a copy of examples/shared-state with 4 workers, under an app
+# virtualenv with the redis client (from PyPI) and a redis-server on a Unix
+# socket in STATE_DIR, without persistence; Ctrl-C stops both.
+shared-state: deps build
+	rm -rf $(STATE_DIR) && mkdir -m 0755 $(STATE_DIR) && cp -r examples/shared-state $(STATE_DIR)/app
+	$(APP_PYTHON) -m venv $(STATE_DIR)/venv
+	$(STATE_DIR)/venv/bin/python -m pip install -q --disable-pip-version-check -r examples/shared-state/requirements.txt
+	chmod -R a+rX $(STATE_DIR)
+	redis-server --port 0 --unixsocket $(STATE_DIR)/redis.sock --unixsocketperm 777 --save '' --appendonly no \
+		--dir $(STATE_DIR) --logfile $(STATE_DIR)/redis.log & redis=$$!; trap 'kill $$redis 2>/dev/null; wait $$redis' EXIT; \
+	$(PY) -m agent.cli serve $(STATE_DIR)/app --port $(RUN_PORT) --python $(STATE_DIR)/venv/bin/python \
+		--env REDIS_URL=unix://$(STATE_DIR)/redis.sock --min-instances 4 --max-instances 4 --prestart on
+
+# A load balancer in front of HOSTS hosts, each nginx with the agent, in
+# network namespaces on 198.18.0.0/15 (docs/scaling.md); Ctrl-C removes it all.
+multi-host: deps build
+	$(PY) examples/multi-host/cluster.py --hosts $(HOSTS)
+
+# examples/prometheus is configuration for Prometheus: checking it is running it.
+prometheus-check: system-deps
+	cd examples/prometheus && promtool check config prometheus.yml && promtool check rules rules.yml alerts.yml \
+		&& promtool test rules rules_test.yml
+
 # -- checks ------------------------------------------------------------------
 
 test: deps build django-venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Part of `make test` too; this runs them alone (about a minute).
+test-scale: deps build
+	$(PY) -m pytest $(SCALE_TESTS) $(PYTEST_ARGS)
+
 lint: python-deps
-	$(PY) -m ruff check agent tests bench
+	$(PY) -m ruff check agent tests bench examples
 	$(PY) -m mypy agent
 
 # The suite against an ASan/UBSan build of the C extension.
-sanitize: deps module
+sanitize: deps module django-venv
 	AGENT_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
 	rm -f agent/.native-built
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
