@@ -1,4 +1,4 @@
-"""The core's end of a preloader's control socket (docs/protocol.md §4).
+"""The core's end of a preloader's control socket (docs/protocol.md §3, "The preloader").
 
 A preloader (agent_spawn_method smart) is app code, so what it says is
 untrusted: read() accepts exactly the documented messages and drops

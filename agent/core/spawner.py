@@ -326,7 +326,7 @@ def start_worker(config: AppConfig, instance: Instance, socket_path: str,
 def start_preloader(config: AppConfig, instance: Instance, supervision: Supervision) -> StartedProcess:
     """Forks an app's preloader (agent_spawn_method smart) exactly as a
     worker, but with the preloader's end of a control socket on fd 3
-    (docs/protocol.md §4) instead of a listening socket. The core's end is
+    (docs/protocol.md §3, "The preloader") instead of a listening socket. The core's end is
     StartedProcess.control_fd."""
 
     def control() -> tuple[int, int]:

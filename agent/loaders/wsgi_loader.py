@@ -1268,7 +1268,7 @@ def run_worker(listener: socket.socket, ready_fd: int, app: WSGIApp, peer_uids: 
 
 
 # --------------------------------------------------------------------------
-# The preloader (agent_spawn_method smart, docs/protocol.md section 4)
+# The preloader (agent_spawn_method smart, docs/protocol.md section 3, "The preloader")
 
 # Most file descriptors one spawn command carries: the worker's listening
 # socket, its handshake pipe, its output pipe, its lifeline, its cgroup.
