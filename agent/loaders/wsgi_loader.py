@@ -1381,12 +1381,14 @@ class Preloader:
     def become_worker(self, fds: list[int], cgroup: bool) -> int:
         """In the forked child: drop what belongs to the preloader, take the
         worker's own socket, pipes, session and cgroup, then serve."""
-        listen_fd, ready_fd, output_fd, lifeline_fd = fds[:4]
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(self.wake_fd)
         self.control.close()
         set_process_name(self.worker_name)
+        # Its socket on fd 3 and its handshake pipe on fd 4, as a direct
+        # worker's (docs/protocol.md section 3).
+        listen_fd, ready_fd, output_fd, lifeline_fd = place_fds(fds[:4], {0: 3, 1: 4})
         try:
             os.setsid()
             if cgroup:
@@ -1400,6 +1402,21 @@ class Preloader:
             report_load_error(ready_fd, LoadError("exception", f"cannot become a worker: {exc}", ""))
             return 1
         return run_worker(listener, ready_fd, self.app, self.peer_uids)
+
+
+def place_fds(fds: list[int], targets: dict[int, int]) -> list[int]:
+    """fds, those whose index targets names moved to that fd number. All
+    are first lifted above 9, since one may sit on another's target."""
+    import fcntl
+
+    lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for index, target in targets.items():
+        os.dup2(lifted[index], target, inheritable=False)
+        os.close(lifted[index])
+        lifted[index] = target
+    return lifted
 
 
 def join_cgroup(procs_fd: int) -> None:
