@@ -438,7 +438,8 @@ class Core:
         self.selector.register(started.ready_fd, selectors.EVENT_READ, self.on_handshake)
         self.captures[started.output_fd] = OutputCapture(started.output_fd, app.name, started.pid)
         self.selector.register(started.output_fd, selectors.EVENT_READ, self.on_output)
-        log.info("app %s: %s worker %d", app.name, "forked" if preloader else "spawned", worker.pid)
+        log.info("app %s: spawned worker %d%s", app.name, worker.pid,
+                 f" (forked by preloader {preloader.pid})" if preloader else "")
 
     def spawn_failed(self, app: App, summary: str, details: str) -> None:
         app.spawn_failures += 1
@@ -482,7 +483,7 @@ class Core:
         self.selector.register(started.ready_fd, selectors.EVENT_READ, self.on_handshake)
         self.captures[started.output_fd] = OutputCapture(started.output_fd, app.name, started.pid)
         self.selector.register(started.output_fd, selectors.EVENT_READ, self.on_output)
-        log.info("app %s: started preloader %d", app.name, started.pid)
+        log.info("app %s: spawned preloader %d", app.name, started.pid)
 
     def preloader_handshake(self, app: App, preloader: Preloader, data: bytes, eof: bool) -> None:
         if not preloader.is_starting():
