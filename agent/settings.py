@@ -130,6 +130,12 @@ SETTINGS: tuple[Setting, ...] = (
             "passenger_start_timeout", minimum=1),
     Setting("shutdown_timeout", T, APP, 60_000, "how long a stopping worker may take before SIGKILL",
             minimum=1),
+    Setting("spawn_method", E, APP, "smart",
+            "smart: workers are forked from a preloader that loaded the app once; direct: each loads it",
+            "passenger_spawn_method", choices=("smart", "direct")),
+    Setting("max_preloader_idle_time", T, APP, 300_000,
+            "a preloader that has forked no worker this long is stopped; 0: never",
+            "passenger_max_preloader_idle_time"),
     # -- nginx's side only --------------------------------------------------------------
     Setting("enabled", F, LOC, False, "hand this location's dynamic requests to the agent",
             "passenger_enabled", serve=False),

@@ -259,3 +259,8 @@ int agent_spawn(const agent_spawn_spec *spec, char *error, size_t error_size)
     close(pipe_fds[0]);
     return saved < 0 ? -1 : pid;
 }
+
+int agent_become_subreaper(void)
+{
+    return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0 ? -1 : 0;
+}

@@ -35,3 +35,9 @@ typedef struct {
 
 /* Returns the child's pid, or -1 with a message in error (errno kept). */
 int agent_spawn(const agent_spawn_spec *spec, char *error, size_t error_size);
+
+/* Makes the caller a child subreaper (PR_SET_CHILD_SUBREAPER): the workers
+ * a preloader forked become the core's children when the preloader dies,
+ * so that the core reaps them and learns how they ended. 0, or -1 with
+ * errno. */
+int agent_become_subreaper(void);

@@ -194,6 +194,12 @@ static ngx_str_t  ngx_http_agent_app_types[] = {
     ngx_null_string
 };
 
+static ngx_str_t  ngx_http_agent_spawn_methods[] = {
+    ngx_string("smart"),
+    ngx_string("direct"),
+    ngx_null_string
+};
+
 
 static ngx_command_t  ngx_http_agent_commands[] = {
 

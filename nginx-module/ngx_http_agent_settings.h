@@ -101,7 +101,9 @@
     X(max_requests, NUM, APP, 0, NULL)                                        \
     X(max_request_time, MSEC, APP, 0, NULL)                                   \
     X(shutdown_timeout, MSEC, APP, 60000, &ngx_http_agent_nonzero_msec)       \
-    X(start_timeout, MSEC, APP, 90000, &ngx_http_agent_nonzero_msec)
+    X(start_timeout, MSEC, APP, 90000, &ngx_http_agent_nonzero_msec)          \
+    X(spawn_method, ENUM, APP, "smart", ngx_http_agent_spawn_methods)         \
+    X(max_preloader_idle_time, MSEC, APP, 300000, NULL)
 
 
 /* how nginx serves a location */

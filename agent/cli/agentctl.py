@@ -129,6 +129,11 @@ def format_app(app: dict[str, Any], now: float) -> list[str]:
         f"Processes: {len(processes)} ({bounds})  Restarts: {app.get('restarts', 0)}  "
         f"Failed: {app.get('failed', 0)}",
     ]
+    for preloader in app.get("preloaders", []):
+        lines.append(f"  Preloader: pid {preloader.get('pid')}, {preloader.get('state', '?')}, "
+                     f"{preloader.get('forks', 0)} forks, up {duration(preloader.get('uptime'))}, "
+                     f"private {megabytes(memory_of(preloader, 'private'))} MB, "
+                     f"PSS {megabytes(memory_of(preloader, 'pss'))} MB")
     error = app.get("last_spawn_error")
     if error:
         lines.append(f"  Last start failure: {error.get('summary', '?')} ({ago(error.get('at'), now)})")

@@ -69,6 +69,12 @@ class ProcessMetrics:
 
 
 @dataclass(frozen=True)
+class PreloaderMetrics:
+    pid: int
+    memory: Mapping[str, int]                    # MEMORY_KINDS -> bytes
+
+
+@dataclass(frozen=True)
 class AppMetrics:
     name: str
     requests: int = 0
@@ -80,6 +86,7 @@ class AppMetrics:
     spawn_failures: int = 0
     spawn_duration: Histogram | None = None      # start-to-ready times; None: not measured
     restarts: Mapping[str, int] = field(default_factory=dict)   # RESTART_CAUSES -> count
+    preloaders: Sequence[PreloaderMetrics] = ()  # smart spawning: the app's preloader(s)
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,10 @@ def families(snapshot: MetricsSnapshot) -> list[Family]:
         Family("agent_process_memory_bytes", "gauge", "Memory of one worker process, by kind.",
                [("agent_process_memory_bytes", [("app", a.name), ("pid", str(p.pid)), ("kind", kind)], size)
                 for a in apps for p in a.processes for kind, size in with_all_keys(p.memory, MEMORY_KINDS)]),
+        Family("agent_preloader_memory_bytes", "gauge",
+               "Memory of an app's preloader (smart spawning), by kind; its workers' shared pages count here too.",
+               [("agent_preloader_memory_bytes", [("app", a.name), ("pid", str(p.pid)), ("kind", kind)], size)
+                for a in apps for p in a.preloaders for kind, size in with_all_keys(p.memory, MEMORY_KINDS)]),
         Family("agent_process_cpu_seconds_total", "counter", "CPU time (user and system) of one worker process.",
                [("agent_process_cpu_seconds_total", [("app", a.name), ("pid", str(p.pid))], p.cpu_seconds)
                 for a in apps for p in a.processes]),

@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from agent import __version__
 from agent.clock import monotonic_ms, unix_time
-from agent.control.metrics import AppMetrics, Histogram, MetricsSnapshot, ProcessMetrics
+from agent.control.metrics import AppMetrics, Histogram, MetricsSnapshot, PreloaderMetrics, ProcessMetrics
 from agent.control.server import StatusError
 from agent.core.engine import DURATION_BOUNDS, AppDurations, AppStats, RequestInfo
-from agent.core.pool import App, Pool, Worker
+from agent.core.pool import App, Pool, Preloader, ProcessUsage, Worker
 from agent.instance import Instance
 
 
@@ -94,6 +94,25 @@ def process_document(worker: Worker, now: int) -> dict[str, Any]:
     }
 
 
+def memory_document(usage: ProcessUsage | None) -> dict[str, int] | None:
+    return None if usage is None else {"rss": usage.rss, "pss": usage.pss, "private": usage.private,
+                                       "swap": usage.swap}
+
+
+def preloader_document(preloader: Preloader, now: int) -> dict[str, Any]:
+    usage = preloader.usage
+    return {
+        "pid": preloader.pid,
+        "state": preloader.state.value,
+        "spawned_at": preloader.started_at,
+        "uptime": round((now - preloader.spawned_at) / 1000, 3),
+        "forks": preloader.forks,
+        "generation": preloader.generation,
+        "cpu_percent": None if usage is None else round(usage.cpu_percent, 1),
+        "memory": memory_document(usage),
+    }
+
+
 class CoreStatus:
     """The status socket's provider: documents from the core's state, and
     the actions an operator may ask for."""
@@ -151,6 +170,8 @@ class CoreStatus:
             "spawn_failures": app.spawn_failures_total,
             "last_spawn_error": error,
             "processes": [process_document(w, now) for w in sorted(app.workers.values(), key=lambda w: w.pid)],
+            "spawn_method": app.config.spawn_method,
+            "preloaders": [preloader_document(p, now) for p in sorted(app.preloaders.values(), key=lambda p: p.pid)],
         }
 
     def requests_info(self, detailed: bool) -> dict[str, Any]:
@@ -213,6 +234,8 @@ def app_metrics(app: App, stats: AppStats | None, durations: AppDurations | None
         rejected=rejected,
         queue_length=stats.queue_length if stats else 0,
         processes=[process_metrics(w) for w in app.workers.values()],
+        preloaders=[PreloaderMetrics(pid=p.pid, memory=memory_document(p.usage) or {})
+                    for p in app.preloaders.values()],
         spawns=app.spawns,
         spawn_failures=app.spawn_failures_total,
         spawn_duration=Histogram(bounds=spawn.bounds, counts=tuple(spawn.counts), total=spawn.total),

@@ -43,6 +43,8 @@ class AppConfig:
     max_request_time_ms: int = default("max_request_time")
     shutdown_timeout_ms: int = default("shutdown_timeout")
     start_timeout_ms: int = default("start_timeout")
+    spawn_method: str = default("spawn_method")
+    max_preloader_idle_time_ms: int = default("max_preloader_idle_time")
 
     @property
     def startup_path(self) -> Path:
@@ -53,7 +55,7 @@ class AppConfig:
         app's processes are replaced; the other settings are limits the
         policy applies to the running processes as they are."""
         return (self.app_root, self.app_type, self.startup_file, self.python, self.env,
-                self.user, self.group, self.default_user)
+                self.user, self.group, self.default_user, self.spawn_method)
 
 
 @dataclass(frozen=True)

@@ -328,3 +328,10 @@ def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int, *,
         raise NativeError(ffi.errno, ffi.string(error).decode("utf-8", "replace"))
     return int(pid)
 
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (a dead preloader's workers) become this
+    process's children (csrc/spawn_api.h). Raises NativeError."""
+    if lib.agent_become_subreaper() < 0:
+        raise NativeError(ffi.errno, "prctl(PR_SET_CHILD_SUBREAPER)")

@@ -41,10 +41,21 @@ from agent.core.engine import (
     AppStats,
     Engine,
     EngineEvent,
+    NativeError,
+    become_subreaper,
 )
 from agent.core.error_page import startup_error_response
-from agent.core.pool import App, Pool, ProcessUsage, Worker, WorkerState
-from agent.core.spawner import SpawnError, StartedProcess, install_loaders, prepare_workers_dir, start_worker
+from agent.core.pool import App, Pool, Preloader, PreloaderState, ProcessUsage, Worker, WorkerState
+from agent.core.preloader import Channel, Exited, PreloaderFailed
+from agent.core.spawner import (
+    SpawnError,
+    StartedProcess,
+    fork_worker,
+    install_loaders,
+    prepare_workers_dir,
+    start_preloader,
+    start_worker,
+)
 from agent.core.supervision import Supervision
 from agent.instance import Instance
 from agent.logs import OutputCapture, log
@@ -91,6 +102,8 @@ class Core:
         self.stopping = False
         self.handshakes: dict[int, tuple[int, bytearray]] = {}   # fd -> (pid, data)
         self.captures: dict[int, OutputCapture] = {}              # fd -> capture
+        self.channels: dict[int, Channel] = {}                    # preloader pid -> its control socket
+        self.lifelines: dict[int, int] = {}                       # forked worker pid -> the core's end
         self.socket_numbers = itertools.count(1)
         self.next_tick = 0
         self.next_memory_sample = 0
@@ -110,13 +123,17 @@ class Core:
         # be refused as naming an unknown app.
         self.engine.start()
         log.info("core ready, pid %d, serving %d app(s)", os.getpid(), len(self.pool.apps))
-        while not self.stopping or self.pool.workers():
+        while not self.stopping or self.pool.workers() or self.pool.preloaders():
             self.turn()
         self.engine.close()
         log.info("core stopped")
         return 0
 
     def prepare(self) -> None:
+        try:
+            become_subreaper()
+        except NativeError as e:
+            log.warning("%s: %s; a dead preloader's workers will not be reaped by the core", e, e.strerror)
         prepare_workers_dir(self.instance)
         install_loaders(self.instance.loaders_dir)
         self.supervision = Supervision.setup(self.instance.root)
@@ -156,6 +173,8 @@ class Core:
             app.removed = True
             for worker in list(app.workers.values()):
                 self.detach(app, worker, "agent shutdown")
+            for preloader in list(app.preloaders.values()):
+                self.stop_preloader(app, preloader, "agent shutdown")
 
     # -- the app table ----------------------------------------------------
 
@@ -300,6 +319,9 @@ class Core:
         self.forget_handshake(fd)
         found = self.pool.find_worker(pid)
         if found is None:
+            preloader = self.pool.find_preloader(pid)
+            if preloader is not None:
+                self.preloader_handshake(*preloader, bytes(data), eof=not chunk)
             return
         app, worker = found
         if not worker.is_starting():
@@ -383,25 +405,41 @@ class Core:
     # -- spawning and failures ---------------------------------------------
 
     def spawn(self, app: App) -> None:
+        step = policy.spawn_step(app)
+        if step == "start_preloader":
+            self.start_preloader(app)
+            return
+        if step == "wait":
+            return  # the preloader's handshake comes first
         socket_path = str(self.instance.workers_dir / f"{app.id}-{next(self.socket_numbers)}.sock")
+        preloader = app.current_preloader() if step == "fork" else None
         try:
-            started = start_worker(app.config, self.instance, socket_path, self.supervision)
+            if preloader is not None:
+                started = self.fork_from(app, preloader, socket_path)
+                if started is None:
+                    return
+            else:
+                started = start_worker(app.config, self.instance, socket_path, self.supervision)
         except SpawnError as e:
             self.spawn_failed(app, e.summary, e.details)
             return
-        self.track(app, started)
+        self.track(app, started, preloader)
 
-    def track(self, app: App, started: StartedProcess) -> None:
+    def track(self, app: App, started: StartedProcess, preloader: Preloader | None = None) -> None:
         worker = Worker(pid=started.pid, app=app.name, socket_path=started.socket_path,
                         spawned_at=monotonic_ms(), started_at=time.time(), generation=app.generation,
-                        max_requests=policy.request_budget(app, random.random()))
+                        max_requests=policy.request_budget(app, random.random()),
+                        preloader=0 if preloader is None else preloader.pid)
+        if started.lifeline_fd >= 0:
+            self.lifelines[worker.pid] = started.lifeline_fd
         app.spawns += 1
         app.workers[worker.pid] = worker
         self.handshakes[started.ready_fd] = (started.pid, bytearray())
         self.selector.register(started.ready_fd, selectors.EVENT_READ, self.on_handshake)
         self.captures[started.output_fd] = OutputCapture(started.output_fd, app.name, started.pid)
         self.selector.register(started.output_fd, selectors.EVENT_READ, self.on_output)
-        log.info("app %s: spawned worker %d", app.name, worker.pid)
+        log.info("app %s: spawned worker %d%s", app.name, worker.pid,
+                 f" (forked by preloader {preloader.pid})" if preloader else "")
 
     def spawn_failed(self, app: App, summary: str, details: str) -> None:
         app.spawn_failures += 1
@@ -422,6 +460,169 @@ class Core:
             self.engine.fail_app(app.id, page)
             app.failure_shown = True
 
+    # -- preloaders (agent_spawn_method smart) ---------------------------------
+
+    def start_preloader(self, app: App) -> None:
+        """Starts the app's preloader; the workers it will fork wait for its
+        handshake. A failure to start is the app's failed start."""
+        app.preloader_wanted = True
+        try:
+            started = start_preloader(app.config, self.instance, self.supervision)
+        except SpawnError as e:
+            self.spawn_failed(app, e.summary, e.details)
+            return
+        now = monotonic_ms()
+        preloader = Preloader(pid=started.pid, app=app.name, generation=app.generation, spawned_at=now,
+                              started_at=time.time())
+        app.preloaders[started.pid] = preloader
+        app.preloader_starts += 1
+        channel = Channel(started.control_fd, started.pid)
+        self.channels[started.pid] = channel
+        self.selector.register(channel.fileno(), selectors.EVENT_READ, self.on_channel)
+        self.handshakes[started.ready_fd] = (started.pid, bytearray())
+        self.selector.register(started.ready_fd, selectors.EVENT_READ, self.on_handshake)
+        self.captures[started.output_fd] = OutputCapture(started.output_fd, app.name, started.pid)
+        self.selector.register(started.output_fd, selectors.EVENT_READ, self.on_output)
+        log.info("app %s: spawned preloader %d", app.name, started.pid)
+
+    def preloader_handshake(self, app: App, preloader: Preloader, data: bytes, eof: bool) -> None:
+        if not preloader.is_starting():
+            return
+        if eof and not handshake.has_line(data) and len(data) < handshake.LIMIT:
+            preloader.handshake_closed_at = monotonic_ms()   # its exit status decides
+            return
+        said = handshake.read(preloader.pid, data)
+        if not said.ready:
+            self.spawn_failed(app, said.summary, said.details)
+            self.kill_preloader(app, preloader, "failed to load the app")
+            return
+        preloader.state = PreloaderState.READY
+        preloader.ready_at = preloader.last_fork = monotonic_ms()
+        app.spawn_failures = 0
+        log.info("app %s: preloader %d ready in %d ms", app.name, preloader.pid,
+                 preloader.ready_at - preloader.spawned_at)
+
+    def fork_from(self, app: App, preloader: Preloader, socket_path: str) -> StartedProcess | None:
+        """A worker forked by the ready preloader; None when the preloader
+        failed to fork (it is killed, and the next spawn starts another).
+        Raises SpawnError when the worker's own parts cannot be made."""
+        channel = self.channels[preloader.pid]
+        try:
+            started = fork_worker(channel, self.instance, socket_path, self.supervision)
+        except PreloaderFailed as e:
+            log.error("app %s: preloader %d did not fork a worker: %s", app.name, preloader.pid, e)
+            self.kill_preloader(app, preloader, "did not fork")
+            return None
+        if not is_child_of(started.pid, preloader.pid):
+            # Its word is app code's: the core acts only on its own children's.
+            log.error("app %s: preloader %d named pid %d, not its child, as the worker it forked",
+                      app.name, preloader.pid, started.pid)
+            self.supervision.abandon(self.supervision.cgroups.pop(started.pid, None))
+            for fd in (started.ready_fd, started.output_fd, started.lifeline_fd):
+                os.close(fd)
+            unlink_quietly(socket_path)
+            self.kill_preloader(app, preloader, "named a process that is not its child")
+            return None
+        preloader.last_fork = monotonic_ms()
+        preloader.forks += 1
+        app.preloader_losses = 0
+        # Exit reports that came while the core waited for the fork's reply.
+        self.drain_channel(channel)
+        return started
+
+    def on_channel(self, fd: int) -> None:
+        channel = next((c for c in self.channels.values() if c.fileno() == fd), None)
+        if channel is not None:
+            self.drain_channel(channel)
+            if channel.closed:
+                self.close_channel(channel.pid)
+
+    def drain_channel(self, channel: Channel) -> None:
+        for message in channel.take():
+            if isinstance(message, Exited):
+                self.forked_worker_exited(channel.pid, message.pid, message.status)
+
+    def forked_worker_exited(self, preloader_pid: int, pid: int, status: int) -> None:
+        """The preloader reaped a worker it forked (and killed what the
+        worker left in its process group first)."""
+        found = self.pool.find_worker(pid)
+        if found is None or found[1].preloader != preloader_pid:
+            log.warning("preloader %d reported the exit of %d, which it did not fork", preloader_pid, pid)
+            return
+        self.supervision.exited(pid, reaped=True)
+        self.worker_exited(pid, status)
+        self.close_output(pid)
+
+    def close_channel(self, pid: int) -> None:
+        channel = self.channels.pop(pid, None)
+        if channel is not None:
+            self.drain_channel(channel)
+            self.selector.unregister(channel.fileno())
+            channel.close()
+
+    def preloader_exited(self, app: App, preloader: Preloader, status: int) -> None:
+        """Its workers serve on: they are now the core's children (it is
+        their subreaper). One that exited unreported is taken as gone."""
+        self.close_channel(preloader.pid)
+        for fd, (pid, _) in list(self.handshakes.items()):
+            if pid == preloader.pid:
+                self.forget_handshake(fd)
+        del app.preloaders[preloader.pid]
+        exitcode = os.waitstatus_to_exitcode(status)
+        description = describe_exit(exitcode)
+        if preloader.is_starting():
+            if policy.start_failed_by_app(exitcode):
+                self.spawn_failed(app, f"the preloader {description} before it was ready",
+                                  f"preloader {preloader.pid} {description} before reporting readiness; "
+                                  "see the log above")
+            else:
+                log.warning("app %s: preloader %d %s while loading the app", app.name, preloader.pid, description)
+        elif preloader.is_stopping():
+            log.info("app %s: preloader %d stopped (%s)", app.name, preloader.pid, description)
+        else:
+            app.preloader_losses += 1
+            app.start_not_before = monotonic_ms() + policy.backoff_delay_ms(app.preloader_losses - 1)
+            log.warning("app %s: preloader %d %s unexpectedly; its workers serve on and a new preloader "
+                        "starts", app.name, preloader.pid, description)
+        for worker in list(app.workers.values()):
+            if worker.preloader == preloader.pid:
+                worker.preloader = 0
+                if not is_child_of(worker.pid, os.getpid()):
+                    # Reaped by the preloader, its report lost with it.
+                    self.supervision.exited(worker.pid, reaped=True)
+                    self.worker_exited(worker.pid, signal.SIGKILL)
+                    self.close_output(worker.pid)
+        self.drop_if_removed(app)
+
+    def stop_preloader(self, app: App, preloader: Preloader, reason: str) -> None:
+        """SIGTERM: it stops forking and exits; its workers serve on."""
+        if preloader.is_starting():
+            self.kill_preloader(app, preloader, reason)
+            return
+        if preloader.is_stopping():
+            return
+        if reason.startswith("no worker forked"):
+            app.preloader_wanted = False
+        preloader.state = PreloaderState.STOPPING
+        preloader.stop_deadline = monotonic_ms() + app.config.shutdown_timeout_ms
+        log.info("app %s: stopping preloader %d (%s)", app.name, preloader.pid, reason)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(preloader.pid, signal.SIGTERM)
+
+    def kill_preloader(self, app: App, preloader: Preloader, reason: str) -> None:
+        """SIGKILL to the preloader's process group and cgroup; its workers
+        have their own."""
+        log.warning("app %s: killing preloader %d: %s", app.name, preloader.pid, reason)
+        preloader.state = PreloaderState.STOPPING
+        preloader.stop_deadline = None
+        self.supervision.kill(preloader.pid)
+
+    def sample_preloaders(self, now: int) -> None:
+        for preloader in self.pool.preloaders():
+            usage = sample_usage(preloader.pid, preloader.usage, (now - preloader.sampled_at) / 1000)
+            if usage is not None:
+                preloader.usage, preloader.sampled_at = usage, now
+
     # -- restarts --------------------------------------------------------------
 
     def begin_restart(self, app: App, reason: str) -> None:
@@ -429,6 +630,9 @@ class Core:
         only once its replacement is ready (policy.plan_restart)."""
         for worker in app.starting_workers():
             self.kill(worker, "restarting")
+        for preloader in app.preloaders.values():
+            if preloader.is_starting():
+                self.kill_preloader(app, preloader, "restarting")
         app.generation += 1
         app.restarts += 1
         app.restart_target = len(app.serving_workers())
@@ -587,8 +791,14 @@ class Core:
                 del self.captures[fd]
 
     def worker_exited(self, pid: int, status: int) -> None:
+        lifeline = self.lifelines.pop(pid, None)
+        if lifeline is not None:
+            os.close(lifeline)
         found = self.pool.find_worker(pid)
         if found is None:
+            preloader = self.pool.find_preloader(pid)
+            if preloader is not None:
+                self.preloader_exited(*preloader, status)
             return
         app, worker = found
         description = describe_exit(os.waitstatus_to_exitcode(status))
@@ -606,7 +816,11 @@ class Core:
                 self.forget_handshake(fd)
         del app.workers[pid]
         unlink_quietly(worker.socket_path)
-        if app.removed and not app.workers and not self.stopping:
+        self.drop_if_removed(app)
+
+    def drop_if_removed(self, app: App) -> None:
+        if app.removed and not app.workers and not app.preloaders and not self.stopping and \
+                app.name in self.pool.apps:
             self.engine.remove_app(app.id)
             self.notifying.pop(app.id, None)
             del self.pool.apps[app.name]
@@ -624,6 +838,7 @@ class Core:
             self.next_tick = now + TICK_MS
         if now >= self.next_memory_sample:
             self.sample_memory([w for w in self.pool.workers() if w.is_serving()])
+            self.sample_preloaders(now)
             self.next_memory_sample = now + MEMORY_SAMPLE_INTERVAL_MS
         for _ in range(3):  # a detach makes room that a spawn may use at once
             actions = policy.plan(self.pool, now)
@@ -665,6 +880,19 @@ class Core:
             found = self.pool.find_worker(action.pid)
             if found is not None and self.has_no_requests(found[1]):
                 self.stop(found[1])
+        elif isinstance(action, policy.StartPreloader):
+            self.start_preloader(self.pool.apps[action.app])
+        elif isinstance(action, policy.StopPreloader | policy.KillPreloader):
+            found_preloader = self.pool.find_preloader(action.pid)
+            if found_preloader is None:
+                return
+            app, preloader = found_preloader
+            if isinstance(action, policy.StopPreloader):
+                self.stop_preloader(app, preloader, action.reason)
+                return
+            if action.failed_start:
+                self.spawn_failed(app, f"the preloader {action.reason}", action.reason)
+            self.kill_preloader(app, preloader, action.reason)
         elif isinstance(action, policy.Kill):
             found = self.pool.find_worker(action.pid)
             if found is not None:
@@ -687,6 +915,18 @@ def sample_usage(pid: int, previous: ProcessUsage | None, elapsed: float) -> Pro
     percent = 100.0 * (cpu - previous.cpu_seconds) / elapsed if previous and elapsed > 0 else 0.0
     return ProcessUsage(rss=memory.rss, pss=memory.pss, uss=memory.uss, swap=memory.swap,
                         cpu_seconds=cpu, cpu_percent=max(0.0, percent))
+
+
+def is_child_of(pid: int, parent: int) -> bool:
+    """pid is a live (or zombie) child of parent, by /proc/PID/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    # The name (field 2) may hold spaces and parentheses: the fields after it
+    # start after the last ")": state, then the parent's pid.
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return len(fields) > 1 and fields[1] == str(parent).encode()
 
 
 def restart_file_mtime(config: AppConfig) -> float | None:

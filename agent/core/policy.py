@@ -15,7 +15,7 @@ from typing import Literal
 
 from agent.clock import seconds_text
 from agent.core.config import AppConfig
-from agent.core.pool import App, Pool, Worker
+from agent.core.pool import App, Pool, Preloader, Worker
 
 # Back-off after consecutive start failures: 1 s, 2 s, 4 s, ... at most 30 s.
 BACKOFF_FIRST_MS = 1000
@@ -80,7 +80,31 @@ class ClearFailure:
     app: str
 
 
-Action = Spawn | Detach | Stop | Kill | ClearFailure
+@dataclass(frozen=True)
+class StartPreloader:
+    """A new preloader for the app (smart spawning), in place of one lost."""
+
+    app: str
+
+
+@dataclass(frozen=True)
+class StopPreloader:
+    """SIGTERM to a preloader; the workers it forked keep serving."""
+
+    pid: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class KillPreloader:
+    """SIGKILL to a preloader; failed_start: it counts as a failed start."""
+
+    pid: int
+    reason: str
+    failed_start: bool = False
+
+
+Action = Spawn | Detach | Stop | Kill | ClearFailure | StartPreloader | StopPreloader | KillPreloader
 
 
 def backoff_delay_ms(failures: int) -> int:
@@ -326,9 +350,68 @@ def plan_deadlines(pool: Pool, now: int) -> list[Action]:
             for action in worker_deadline_actions(app, worker, now)]
 
 
+# -- smart spawning: preloaders ----------------------------------------------------
+
+
+SpawnStep = Literal["fork", "start_preloader", "wait", "direct"]
+
+
+def uses_preloader(app: App) -> bool:
+    return app.config.spawn_method == "smart"
+
+
+def spawn_step(app: App) -> SpawnStep:
+    """How a worker the app needs is made: directly; forked by its ready
+    preloader; or, smart with no preloader of its current code yet, after
+    one is started (the spawn waits for it: the workers serving go on)."""
+    if not uses_preloader(app):
+        return "direct"
+    preloader = app.current_preloader()
+    if preloader is None:
+        return "start_preloader"
+    return "fork" if preloader.is_ready() else "wait"
+
+
+def preloader_deadline_actions(app: App, preloader: Preloader, now: int) -> list[Action]:
+    config = app.config
+    if preloader.is_starting():
+        if now - preloader.spawned_at > config.start_timeout_ms:
+            return [KillPreloader(preloader.pid, f"did not finish loading the app within "
+                                  f"{seconds_text(config.start_timeout_ms)}", failed_start=True)]
+        closed = preloader.handshake_closed_at
+        if closed is not None and now - closed > HANDSHAKE_CLOSED_GRACE_MS:
+            return [KillPreloader(preloader.pid, "closed its handshake pipe without a whole handshake line",
+                                  failed_start=True)]
+    elif preloader.is_ready():
+        if preloader.generation < app.generation or app.removed or not uses_preloader(app):
+            return [StopPreloader(preloader.pid, "the app's code or settings changed" if not app.removed
+                                  else "app removed")]
+        limit = config.max_preloader_idle_time_ms
+        if limit > 0 and preloader.idle_for(now) >= limit and not app.starting_workers():
+            return [StopPreloader(preloader.pid, f"no worker forked for {seconds_text(limit)}")]
+    elif preloader.stop_deadline is not None and now > preloader.stop_deadline:
+        return [KillPreloader(preloader.pid, f"did not exit within {seconds_text(config.shutdown_timeout_ms)}")]
+    return []
+
+
+def wants_preloader_back(app: App, now: int) -> bool:
+    """A preloader that died (not one stopped as idle) is started again at
+    once while the app has workers, so that the next spawn finds it ready;
+    the spacing and back-off of starts apply."""
+    return (uses_preloader(app) and app.preloader_wanted and app.current_preloader() is None
+            and bool(app.live_workers()) and may_start(app, now))
+
+
+def plan_preloaders(pool: Pool, now: int) -> list[Action]:
+    actions: list[Action] = [action for app in pool.apps.values() for preloader in app.preloaders.values()
+                             for action in preloader_deadline_actions(app, preloader, now)]
+    actions += [StartPreloader(app.name) for app in pool.apps.values() if wants_preloader_back(app, now)]
+    return actions
+
+
 def plan(pool: Pool, now: int) -> list[Action]:
     """Every action the pool needs now, in the order they should happen:
     stops and detaches first, so that the spawns see the room they make."""
-    return (plan_failures(pool, now) + plan_deadlines(pool, now) + plan_recycling(pool, now)
-            + plan_idle(pool, now) + plan_restarts(pool, now) + plan_eviction(pool, now)
-            + plan_spawns(pool, now))
+    return (plan_failures(pool, now) + plan_deadlines(pool, now) + plan_preloaders(pool, now)
+            + plan_recycling(pool, now) + plan_idle(pool, now) + plan_restarts(pool, now)
+            + plan_eviction(pool, now) + plan_spawns(pool, now))

@@ -80,6 +80,7 @@ class Worker:
     max_requests: int = 0            # recycled after this many requests (0: never)
     detach_reason: str = ""
     handshake_closed_at: int | None = None  # monotonic_ms() when its pipe closed without a line
+    preloader: int = 0               # pid of the preloader that forked it and reaps it (0: the core's child)
 
     def is_starting(self) -> bool:
         return self.state is WorkerState.STARTING
@@ -114,6 +115,45 @@ class Worker:
         return self.max_requests > 0 and self.processed >= self.max_requests
 
 
+class PreloaderState(enum.Enum):
+    STARTING = "starting"     # loading the app, handshake not done
+    READY = "ready"           # forks workers when asked
+    STOPPING = "stopping"     # sent SIGTERM (idle, outdated, shutdown)
+
+
+@dataclass
+class Preloader:
+    """An app's preloader (agent_spawn_method smart): it loaded the app once
+    and forks the workers. It is not a worker: it serves no request and
+    does not count toward the pool's bounds."""
+
+    pid: int
+    app: str
+    generation: int                  # the app's generation whose code it loaded
+    spawned_at: int                  # monotonic_ms() when started
+    started_at: float = 0.0          # time.time() when started, for display
+    state: PreloaderState = PreloaderState.STARTING
+    ready_at: int | None = None
+    last_fork: int = 0               # monotonic_ms() of its last fork (or of its readiness)
+    forks: int = 0
+    stop_deadline: int | None = None
+    handshake_closed_at: int | None = None
+    usage: ProcessUsage | None = None
+    sampled_at: int = 0
+
+    def is_starting(self) -> bool:
+        return self.state is PreloaderState.STARTING
+
+    def is_ready(self) -> bool:
+        return self.state is PreloaderState.READY
+
+    def is_stopping(self) -> bool:
+        return self.state is PreloaderState.STOPPING
+
+    def idle_for(self, now: int) -> int:
+        return now - self.last_fork if self.is_ready() else 0
+
+
 @dataclass
 class App:
     id: int
@@ -139,6 +179,10 @@ class App:
     restarts: int = 0                # rolling restarts begun
     replaced: Counter[str] = field(default_factory=Counter)   # workers replaced, by cause
     spawn_durations: Observations = field(default_factory=lambda: Observations(SPAWN_BUCKETS))
+    preloaders: dict[int, Preloader] = field(default_factory=dict)  # the current one, and old ones stopping
+    preloader_wanted: bool = False   # a preloader that dies is started again (not after an idle stop)
+    preloader_losses: int = 0        # ready preloaders lost in a row (no fork since)
+    preloader_starts: int = 0
 
     @property
     def name(self) -> str:
@@ -164,6 +208,11 @@ class App:
     def restarting(self) -> bool:
         return bool(self.outdated_workers())
 
+    def current_preloader(self) -> Preloader | None:
+        """The preloader of the app's current code that is not stopping."""
+        return next((p for p in self.preloaders.values()
+                     if p.generation == self.generation and not p.is_stopping()), None)
+
 
 @dataclass
 class Pool:
@@ -184,6 +233,16 @@ class Pool:
             worker = app.workers.get(pid)
             if worker is not None:
                 return app, worker
+        return None
+
+    def preloaders(self) -> list[Preloader]:
+        return [p for app in self.apps.values() for p in app.preloaders.values()]
+
+    def find_preloader(self, pid: int) -> tuple[App, Preloader] | None:
+        for app in self.apps.values():
+            preloader = app.preloaders.get(pid)
+            if preloader is not None:
+                return app, preloader
         return None
 
     def app_by_id(self, app_id: int) -> App | None:

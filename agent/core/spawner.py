@@ -11,12 +11,15 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.core.config import AppConfig
 from agent.core.engine import SpawnSpec, spawn
+from agent.core.preloader import Channel, PreloaderFailed
 from agent.core.supervision import Supervision
 from agent.instance import Instance
 from agent.unix import listen_unix
@@ -57,12 +60,14 @@ class WorkerUser:
 
 @dataclass
 class StartedProcess:
-    """A forked worker that has not finished its handshake yet."""
+    """A started worker or preloader that has not finished its handshake yet."""
 
     pid: int
     socket_path: str
     ready_fd: int      # read end of the handshake pipe, nonblocking
     output_fd: int     # read end of the output pipe, nonblocking
+    control_fd: int = -1    # a preloader's control socket, the core's end
+    lifeline_fd: int = -1   # a forked worker's lifeline, the write end the core holds
 
 
 def install_loaders(loaders_dir: Path) -> None:
@@ -310,15 +315,43 @@ def start_worker(config: AppConfig, instance: Instance, socket_path: str,
     forked (bad user, startup file, interpreter or directory); a worker that
     forks but fails to load the app reports that through its handshake."""
     nginx = nginx_worker_owner(instance.agent_socket)
+
+    def listener() -> tuple[int, int]:
+        return listen_unix(socket_path, 1024, mode=0o600, owner=worker_socket_owner(nginx)).detach(), -1
+
+    try:
+        return _start(config, instance, supervision, listener, {}, socket_path)
+    except SpawnError:
+        _unlink(socket_path)
+        raise
+
+
+def start_preloader(config: AppConfig, instance: Instance, supervision: Supervision) -> StartedProcess:
+    """Forks an app's preloader (agent_spawn_method smart) exactly as a
+    worker, but with the preloader's end of a control socket on fd 3
+    (docs/protocol.md §3, "The preloader") instead of a listening socket. The core's end is
+    StartedProcess.control_fd."""
+
+    def control() -> tuple[int, int]:
+        core_end, preloader_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return preloader_end.detach(), core_end.detach()
+
+    return _start(config, instance, supervision, control, {"AGENT_PRELOADER": "1"}, "")
+
+
+def _start(config: AppConfig, instance: Instance, supervision: Supervision,
+           make_fd3: Callable[[], tuple[int, int]], extra_env: dict[str, str], socket_path: str) -> StartedProcess:
+    """make_fd3 gives the child's fd 3 and the core's end of it (-1: none)."""
+    nginx = nginx_worker_owner(instance.agent_socket)
     nginx_uid = None if nginx is None else nginx[0]
     user, startup_fd = resolve_user(config, nginx_uid)
     if user is not None:
         supervision.note_user(config.name, user.uid, user.name)
-    core_ends: list[int] = []    # the core's read ends, kept
+    core_ends: list[int] = []    # the core's ends, kept
     child_ends: list[int] = [] if startup_fd is None else [startup_fd]   # closed once forked
     cgroup = None
     try:
-        env = worker_env(config, user, startup_fd is not None, nginx_uid)
+        env = worker_env(config, user, startup_fd is not None, nginx_uid) | extra_env
         spec = worker_spec(config, instance.loaders_dir, user, env)
         env_fd = private_env_fd(private_env(config))
         if env_fd is not None:
@@ -328,30 +361,71 @@ def start_worker(config: AppConfig, instance: Instance, socket_path: str,
         if made is not None:
             cgroup, procs_fd = made
             child_ends.append(procs_fd)
-        listen_fd = listen_unix(socket_path, 1024, mode=0o600, owner=worker_socket_owner(nginx)).detach()
-        child_ends.append(listen_fd)
-        # Only the core's ends are nonblocking: a worker's print() must block
-        # on a full pipe, not fail.
-        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-        core_ends.append(ready_r)
-        child_ends.append(ready_w)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        core_ends.append(out_r)
-        child_ends.append(out_w)
-        os.set_blocking(ready_r, False)
-        os.set_blocking(out_r, False)
-        pid = spawn(spec, listen_fd, ready_w, out_w, startup_fd=-1 if startup_fd is None else startup_fd,
+        fd3, control_fd = make_fd3()
+        child_ends.append(fd3)
+        if control_fd >= 0:
+            core_ends.append(control_fd)
+        ready_r, out_r = _pipes(core_ends, child_ends)
+        pid = spawn(spec, fd3, child_ends[-2], child_ends[-1],
+                    startup_fd=-1 if startup_fd is None else startup_fd,
                     env_fd=-1 if env_fd is None else env_fd, cgroup_procs_fd=procs_fd)
     except (OSError, SpawnError) as e:  # the engine module's NativeError is an OSError too
         _close_all(core_ends + child_ends)
         supervision.abandon(cgroup)
-        _unlink(socket_path)
         if isinstance(e, SpawnError):
             raise
         raise SpawnError(f"cannot start a worker: {e.strerror}") from e
     _close_all(child_ends)
     supervision.adopt(pid, cgroup)
-    return StartedProcess(pid, socket_path, ready_r, out_r)
+    return StartedProcess(pid, socket_path, ready_r, out_r, control_fd=control_fd)
+
+
+def _pipes(core_ends: list[int], child_ends: list[int]) -> tuple[int, int]:
+    """The handshake pipe and the output pipe: the core's read ends (only
+    they are nonblocking: a worker's print() must block on a full pipe, not
+    fail) are returned and added to core_ends, the write ends to child_ends
+    (the output pipe's last)."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    core_ends.append(ready_r)
+    child_ends.append(ready_w)
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    core_ends.append(out_r)
+    child_ends.append(out_w)
+    os.set_blocking(ready_r, False)
+    os.set_blocking(out_r, False)
+    return ready_r, out_r
+
+
+def fork_worker(channel: Channel, instance: Instance, socket_path: str, supervision: Supervision) -> StartedProcess:
+    """Asks a ready preloader to fork a worker: the core makes the worker's
+    listening socket, its handshake and output pipes, its lifeline and its
+    cgroup as for a direct worker, and passes them over the control socket.
+    Raises SpawnError, or PreloaderFailed when the preloader did not fork."""
+    nginx = nginx_worker_owner(instance.agent_socket)
+    core_ends: list[int] = []
+    child_ends: list[int] = []
+    cgroup = None
+    try:
+        made = supervision.new_cgroup()
+        child_ends.append(listen_unix(socket_path, 1024, mode=0o600, owner=worker_socket_owner(nginx)).detach())
+        ready_r, out_r = _pipes(core_ends, child_ends)
+        lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
+        core_ends.append(lifeline_w)
+        child_ends.append(lifeline_r)
+        if made is not None:
+            cgroup, procs_fd = made
+            child_ends.append(procs_fd)
+        pid = channel.fork(child_ends, cgroup=made is not None)
+    except (OSError, PreloaderFailed) as e:
+        _close_all(core_ends + child_ends)
+        supervision.abandon(cgroup)
+        _unlink(socket_path)
+        if isinstance(e, PreloaderFailed):
+            raise
+        raise SpawnError(f"cannot start a worker: {e.strerror}") from e
+    _close_all(child_ends)
+    supervision.adopt(pid, cgroup)
+    return StartedProcess(pid, socket_path, ready_r, out_r, lifeline_fd=lifeline_w)
 
 
 def worker_spec(config: AppConfig, loaders_dir: Path, user: WorkerUser | None, env: dict[str, str]) -> SpawnSpec:

@@ -102,12 +102,14 @@ class Supervision:
         if cgroup is not None:
             kill_cgroup(cgroup)
 
-    def exited(self, pid: int) -> None:
+    def exited(self, pid: int, reaped: bool = False) -> None:
         """The worker has exited and not yet been reaped: its zombie keeps
         its pid (the group's id) from being reused, so what it left behind
-        is killed now."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+        is killed now. reaped: a preloader reaped it, after killing its
+        group itself; its pid may be another process's already."""
+        if not reaped:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
         cgroup = self.cgroups.pop(pid, None)
         if cgroup is not None:
             kill_cgroup(cgroup)

@@ -1298,16 +1298,232 @@ def main() -> int:
     except LoadError as error:
         report_load_error(ready_fd, error)
         return 1
+    # Objects loaded so far live as long as the worker (or, in a preloader,
+    # as its workers): keep the collector from walking them again and
+    # again, and from touching the pages the workers share with it.
+    gc.freeze()
+    if os.environ.pop("AGENT_PRELOADER", None) == "1":
+        return run_preloader(listener, ready_fd, app, peer_uids)
+    return run_worker(listener, ready_fd, app, peer_uids)
+
+
+def run_worker(listener: socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int]) -> int:
+    """A worker with its app loaded: reports ready and serves."""
     install_signal_handlers()
     os.register_at_fork(after_in_parent=note_fork)
-    # Objects loaded so far live as long as the worker: keep the collector
-    # from walking them again and again.
-    gc.freeze()
     report_ready(ready_fd)
     try:
         serve(listener, app, peer_uids)
     finally:
         listener.close()
+    return 0
+
+
+# --------------------------------------------------------------------------
+# The preloader (agent_spawn_method smart, docs/protocol.md section 3, "The preloader")
+
+# Most file descriptors one spawn command carries: the worker's listening
+# socket, its handshake pipe, its output pipe, its lifeline, its cgroup.
+SPAWN_FDS = 5
+CONTROL_MESSAGE_SIZE = 4096
+F_SETSIG = 10   # Linux's fcntl command; the fcntl module names it only on some builds
+
+
+class Preloader:
+    """Forks workers from the loaded app when the core asks, over the
+    control socket (fd 3, SOCK_SEQPACKET), and reports how each ended."""
+
+    def __init__(self, control: socket.socket, app: WSGIApp, peer_uids: frozenset[int], worker_name: bytes) -> None:
+        self.control = control
+        self.worker_name = worker_name
+        self.app = app
+        self.peer_uids = peer_uids
+        self.stopping = False
+        self.wake_fd = install_wakeup_pipe()
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        # A handler, not SIG_DFL: the wake-up pipe then hears of every exit.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.control.fileno(), select.POLLIN)
+        poller.register(self.wake_fd, select.POLLIN)
+        while not self.stopping:
+            self.reap()
+            for fd, _ in poller.poll():
+                if fd == self.wake_fd:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self.wake_fd, 512)
+                elif not self.take_command():
+                    return  # the core is gone
+        # The workers live on: the core adopts them (it is their subreaper).
+
+    def reap(self) -> None:
+        """Reports each worker that ended, after killing what it left in
+        its process group while its zombie still holds the group's id."""
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid == 0:
+                return
+            with contextlib.suppress(OSError):
+                os.killpg(info.si_pid, signal.SIGKILL)
+            pid, status = os.waitpid(info.si_pid, 0)
+            self.send({"exited": pid, "status": status})
+
+    def send(self, message: dict[str, object]) -> None:
+        self.control.sendall(json.dumps(message).encode())
+
+    def take_command(self) -> bool:
+        """One command from the core; False when the core closed the socket."""
+        try:
+            data, fds, _, _ = socket.recv_fds(self.control, CONTROL_MESSAGE_SIZE, SPAWN_FDS)
+        except InterruptedError:
+            return True
+        for fd in fds:  # recv_fds does not set close-on-exec
+            os.set_inheritable(fd, False)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        try:
+            command = json.loads(data)
+            number = int(command["spawn"])
+            cgroup = bool(command.get("cgroup"))
+        except (ValueError, KeyError, TypeError) as exc:
+            for fd in fds:
+                os.close(fd)
+            log(f"preloader: bad command from the core: {exc}")
+            return True
+        self.fork(number, fds, cgroup)
+        return True
+
+    def fork(self, number: int, fds: list[int], cgroup: bool) -> None:
+        if len(fds) != 4 + cgroup:
+            for fd in fds:
+                os.close(fd)
+            self.send({"failed": number, "error": f"{len(fds)} file descriptors came with the command"})
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.send({"failed": number, "error": f"fork: {exc.strerror}"})
+            pid = -1
+        if pid == 0:
+            code = 1
+            try:
+                code = self.become_worker(fds, cgroup)
+            except BaseException:  # the child must never return into the preloader's loop
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        if pid > 0:
+            self.send({"forked": number, "pid": pid})
+
+    def become_worker(self, fds: list[int], cgroup: bool) -> int:
+        """In the forked child: drop what belongs to the preloader, take the
+        worker's own socket, pipes, session and cgroup, then serve."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.close(self.wake_fd)
+        self.control.close()
+        set_process_name(self.worker_name)
+        # Its socket on fd 3 and its handshake pipe on fd 4, as a direct
+        # worker's (docs/protocol.md section 3).
+        listen_fd, ready_fd, output_fd, lifeline_fd = place_fds(fds[:4], {0: 3, 1: 4})
+        try:
+            os.setsid()
+            if cgroup:
+                join_cgroup(fds[4])
+            os.dup2(output_fd, 1)
+            os.dup2(output_fd, 2)
+            os.close(output_fd)
+            watch_lifeline(lifeline_fd)
+            listener = open_listener(listen_fd)
+        except OSError as exc:
+            report_load_error(ready_fd, LoadError("exception", f"cannot become a worker: {exc}", ""))
+            return 1
+        return run_worker(listener, ready_fd, self.app, self.peer_uids)
+
+
+def place_fds(fds: list[int], targets: dict[int, int]) -> list[int]:
+    """fds, those whose index targets names moved to that fd number. All
+    are first lifted above 9, since one may sit on another's target."""
+    import fcntl
+
+    lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    for index, target in targets.items():
+        os.dup2(lifted[index], target, inheritable=False)
+        os.close(lifted[index])
+        lifted[index] = target
+    return lifted
+
+
+def join_cgroup(procs_fd: int) -> None:
+    """Into the worker's own cgroup: the core opened its cgroup.procs (the
+    kernel checks the opener's rights, Linux 5.16 and later)."""
+    try:
+        os.write(procs_fd, b"0")
+    finally:
+        os.close(procs_fd)
+
+
+def watch_lifeline(fd: int) -> None:
+    """The core holds the other end of this pipe and never writes to it.
+    When the core ends, the kernel sends SIGKILL to this worker's process
+    group (O_ASYNC with F_SETSIG): the preloader's workers cannot have
+    the core as their parent, whose death PR_SET_PDEATHSIG would follow."""
+    import fcntl  # only here: a direct worker does not need it
+
+    fcntl.fcntl(fd, fcntl.F_SETOWN, -os.getpid())
+    fcntl.fcntl(fd, getattr(fcntl, "F_SETSIG", F_SETSIG), signal.SIGKILL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC | os.O_NONBLOCK)
+    os.set_inheritable(fd, False)
+    try:
+        ended = os.read(fd, 1) == b""
+    except BlockingIOError:
+        ended = False
+    if ended:  # the core ended before the watch was set
+        os.killpg(0, signal.SIGKILL)
+
+
+PRELOADER_NAME = b"agent-preloader"
+
+
+def set_process_name(name: bytes) -> None:
+    """The name ps and top show (/proc/PID/comm, 15 bytes): a preloader is
+    told from its workers, which share its command line, by this name."""
+    import ctypes  # loaded already by make_undumpable
+
+    pr_set_name = 15
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_name, ctypes.c_char_p(name[:15]), 0, 0, 0) != 0:
+        log("prctl(PR_SET_NAME): " + os.strerror(ctypes.get_errno()))
+
+
+def run_preloader(control: socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int]) -> int:
+    """The app is loaded: report ready, close the handshake pipe, then fork
+    workers on demand until SIGTERM or the core's end."""
+    try:
+        with open("/proc/self/comm", "rb") as comm:
+            worker_name = comm.read().strip()
+    except OSError:
+        worker_name = b"python3"
+    set_process_name(PRELOADER_NAME)
+    preloader = Preloader(control, app, peer_uids, worker_name)
+    report_ready(ready_fd)  # and closes the pipe
+    preloader.run()
     return 0
 
 

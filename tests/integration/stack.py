@@ -87,6 +87,10 @@ class Response:
         return self.body.decode("utf-8", "replace")
 
 
+# The name a preloader gives itself (agent/loaders/wsgi_loader.py).
+PRELOADER_NAME = "agent-preloader"
+
+
 class Stack:
     """nginx + agent + workers, started from a config these tests write."""
 
@@ -237,9 +241,16 @@ http {{
         return int((self.instance / "core.pid").read_text())
 
     def worker_processes(self, app: AppSpec | None = None) -> list[psutil.Process]:
+        """The app workers (not the preloaders, which run the same command)."""
+        return [p for p in self.loader_processes(app) if p.info["name"] != PRELOADER_NAME]
+
+    def preloader_processes(self, app: AppSpec | None = None) -> list[psutil.Process]:
+        return [p for p in self.loader_processes(app) if p.info["name"] == PRELOADER_NAME]
+
+    def loader_processes(self, app: AppSpec | None = None) -> list[psutil.Process]:
         loader = str(self.instance / "loaders")
         found = []
-        for proc in psutil.process_iter(["cmdline", "cwd"]):
+        for proc in psutil.process_iter(["cmdline", "cwd", "name"]):
             cmdline = proc.info["cmdline"] or []
             ours = len(cmdline) >= 2 and cmdline[1].startswith(loader)
             if ours and (app is None or proc.info["cwd"] == str(self.app_root(app))):
@@ -251,7 +262,7 @@ http {{
 
     def all_agent_pids(self) -> set[int]:
         """Every process that belongs to this stack's agent."""
-        pids = self.worker_pids()
+        pids = {p.pid for p in self.loader_processes()}
         marker = str(self.instance)
         for proc in psutil.process_iter(["cmdline"]):
             if marker in " ".join(proc.info["cmdline"] or []):

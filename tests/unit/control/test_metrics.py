@@ -55,6 +55,7 @@ def test_every_documented_family_has_its_type() -> None:
         "agent_queue_length": "gauge",
         "agent_processes": "gauge",
         "agent_process_memory_bytes": "gauge",
+        "agent_preloader_memory_bytes": "gauge",
         "agent_process_cpu_seconds": "counter",
         "agent_process_requests": "counter",
         "agent_spawns": "counter",
@@ -130,7 +131,7 @@ def test_every_family_has_help_and_type_lines_before_its_samples() -> None:
         if line.startswith("# TYPE "):
             name = line.split()[2]
             assert lines[index - 1].startswith(f"# HELP {name} ")
-    assert sum(line.startswith("# TYPE ") for line in lines) == 13
+    assert sum(line.startswith("# TYPE ") for line in lines) == 14
 
 
 def test_an_empty_snapshot_renders_uptime_only() -> None:
