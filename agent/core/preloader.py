@@ -127,12 +127,17 @@ class Channel:
         deadline = monotonic_ms() + FORK_REPLY_TIMEOUT_MS
         while (left := deadline - monotonic_ms()) > 0:
             select.select([self.sock], [], [], left / 1000)
+            reply: Forked | ForkFailed | None = None
             for message in self.take():
                 if isinstance(message, Forked | ForkFailed) and message.number == number:
-                    if isinstance(message, ForkFailed):
-                        raise PreloaderFailed(message.error)
-                    return message.pid
-                self.pending.append(message)
+                    reply = message
+                else:
+                    # kept whole: an exit report may come in the same batch as the reply, before or after it
+                    self.pending.append(message)
+            if isinstance(reply, ForkFailed):
+                raise PreloaderFailed(reply.error)
+            if reply is not None:
+                return reply.pid
             if self.closed:
                 raise PreloaderFailed("it closed its control socket")
         raise PreloaderFailed(f"it did not fork within {FORK_REPLY_TIMEOUT_MS // 1000} s")
