@@ -1292,6 +1292,12 @@ def main() -> int:
     # Logs are read line by line; block-buffered prints would arrive late.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
+    preloader = os.environ.pop("AGENT_PRELOADER", None) == "1"
+    # Named before the app loads, which may take long: a preloader is told
+    # from a worker at every moment of its life.
+    worker_name = own_process_name()
+    if preloader:
+        set_process_name(PRELOADER_NAME)
     try:
         load_private_env()
         app = load_application(app_root, startup_file, None if startup_fd is None else int(startup_fd))
@@ -1302,8 +1308,8 @@ def main() -> int:
     # as its workers): keep the collector from walking them again and
     # again, and from touching the pages the workers share with it.
     gc.freeze()
-    if os.environ.pop("AGENT_PRELOADER", None) == "1":
-        return run_preloader(listener, ready_fd, app, peer_uids)
+    if preloader:
+        return run_preloader(listener, ready_fd, app, peer_uids, worker_name)
     return run_worker(listener, ready_fd, app, peer_uids)
 
 
@@ -1512,15 +1518,19 @@ def set_process_name(name: bytes) -> None:
         log("prctl(PR_SET_NAME): " + os.strerror(ctypes.get_errno()))
 
 
-def run_preloader(control: socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int]) -> int:
-    """The app is loaded: report ready, close the handshake pipe, then fork
-    workers on demand until SIGTERM or the core's end."""
+def own_process_name() -> bytes:
+    """This process's name as ps shows it: the one a preloader's workers take back."""
     try:
         with open("/proc/self/comm", "rb") as comm:
-            worker_name = comm.read().strip()
+            return comm.read().strip()
     except OSError:
-        worker_name = b"python3"
-    set_process_name(PRELOADER_NAME)
+        return b"python3"
+
+
+def run_preloader(control: socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int],
+                  worker_name: bytes) -> int:
+    """The app is loaded: report ready, close the handshake pipe, then fork
+    workers on demand until SIGTERM or the core's end."""
     preloader = Preloader(control, app, peer_uids, worker_name)
     report_ready(ready_fd)  # and closes the pipe
     preloader.run()

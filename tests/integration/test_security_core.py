@@ -86,8 +86,11 @@ PLAIN_PAGE = AppSpec("plainpage", apps.IMPORT_ERROR, "/plainpage/")
 FRIENDLY_PAGE = AppSpec("friendlypage", apps.IMPORT_ERROR, "/friendlypage/",
                         directives={"agent_friendly_error_pages": "on"})
 FAILS_ONCE_APP = AppSpec("failsonce", FAILS_ONCE, "/failsonce/")
-SLOW = AppSpec("slowstart", SLOW_START, "/slowstart/")
-ALL_APPS = [HELLO, *BAD_APPS.values(), STATFAIL, PLAIN_PAGE, FRIENDLY_PAGE, FAILS_ONCE_APP, SLOW]
+# Direct: the worker itself loads the app, so its start is the import's 2 s.
+SLOW = AppSpec("slowstart", SLOW_START, "/slowstart/", directives={"agent_spawn_method": "direct"})
+# Smart: the preloader loads it, and starts as slowly.
+SLOW_SMART = AppSpec("slowstart-smart", SLOW_START, "/slowstart-smart/", directives={"agent_spawn_method": "smart"})
+ALL_APPS = [HELLO, *BAD_APPS.values(), STATFAIL, PLAIN_PAGE, FRIENDLY_PAGE, FAILS_ONCE_APP, SLOW, SLOW_SMART]
 
 
 class Baseline:
@@ -224,3 +227,34 @@ def test_a_worker_killed_while_starting_is_replaced_at_once_and_nothing_fails(st
         assert f"worker {pid} was killed by SIGKILL while starting, by a signal the agent did not send" in log
     assert f"app {root} could not start" not in log
     baseline.check(stack)
+
+
+def test_a_preloader_killed_while_loading_is_replaced_at_once_and_nothing_fails(stack: Stack,
+                                                                                baseline: Baseline) -> None:
+    result: list[Response] = []
+    request = threading.Thread(target=lambda: result.append(stack.get(SLOW_SMART.location, timeout=60)))
+    request.start()
+    killed: list[int] = []
+    for _ in range(2):   # twice in a row, as for a worker
+        deadline = time.monotonic() + 10
+        while not preloader_pids(stack) - set(killed) and request.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        loading = preloader_pids(stack) - set(killed)
+        if not loading:
+            break
+        (victim,) = loading
+        os.kill(victim, signal.SIGKILL)
+        killed.append(victim)
+    request.join(60)
+    assert len(killed) == 2, (killed, result and result[0].status)
+    assert result and result[0].status == 200
+    log = log_text(stack)
+    root = str(stack.app_root(SLOW_SMART))
+    for pid in killed:
+        assert f"app {root}: preloader {pid} was killed by SIGKILL while loading the app" in log
+    assert f"app {root} could not start" not in log
+    baseline.check(stack)
+
+
+def preloader_pids(stack: Stack) -> set[int]:
+    return {p.pid for p in stack.preloader_processes(SLOW_SMART)}
