@@ -30,7 +30,7 @@ def workdir() -> Iterator[Path]:
 
 def processes_mentioning(text: str) -> list[psutil.Process]:
     found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
+    for proc in psutil.process_iter(["cmdline", "status", "name"]):
         if text in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
@@ -60,8 +60,10 @@ def test_serve_runs_the_app_and_ctrl_c_leaves_nothing_behind(workdir: Path) -> N
                                stderr=subprocess.PIPE, start_new_session=True)
     try:
         wait_until(lambda: hello_answers(port), timeout=20, what="agentctl serve to answer")
-        wait_until(lambda: len(processes_mentioning(str(run_dir / "instance" / "loaders"))) == 2,
-                   what="two workers (--min-instances 2)")
+        loaders = str(run_dir / "instance" / "loaders")
+        # The loader runs the preloader (smart spawning, the default) and the workers.
+        wait_until(lambda: [p.info["name"] for p in processes_mentioning(loaders)].count("agent-preloader") == 1
+                   and len(processes_mentioning(loaders)) == 3, what="two workers (--min-instances 2) and a preloader")
         assert processes_mentioning(str(run_dir))
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C does in a terminal
         assert process.wait(timeout=60) == 0
