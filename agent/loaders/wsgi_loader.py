@@ -17,23 +17,24 @@ package. It must keep working on Python 3.9.
 from __future__ import annotations
 
 import _socket
-import contextlib
 import errno
 import gc
 import io
-import json
 import os
 import select
 import signal
-import socket
 import stat
 import struct
 import sys
 import time
-import traceback
 from importlib.machinery import SourceFileLoader
 from importlib.util import module_from_spec, spec_from_file_location
-from urllib.parse import unquote_to_bytes
+
+# A worker imports only what serving requests needs: json, traceback,
+# socket (the Python wrapper), contextlib and urllib.parse each cost it
+# memory that it would keep for its life, so the paths that use them (the
+# error handshake, an app's exception, the preloader, a frame from a client
+# other than nginx) import them where they run.
 
 # Importing typing at run time costs every worker memory and start time.
 TYPE_CHECKING = False
@@ -193,6 +194,8 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
     text = str(exc)
     if text:
         summary += ": " + text
+    import traceback
+
     lines = traceback.format_exception(type(exc), exc, strip_loader_frames(exc.__traceback__))
     return summary, "".join(lines)
 
@@ -286,8 +289,8 @@ def load_application(app_root: str, startup_file: str, startup_fd: int | None = 
 # The spawn handshake (section 3)
 
 
-def write_handshake(ready_fd: int, message: dict[str, object]) -> None:
-    data = (json.dumps(message) + "\n").encode("utf-8")
+def write_handshake(ready_fd: int, data: bytes) -> None:
+    """One JSON line on the handshake pipe, which is then closed."""
     try:
         while data:
             written = os.write(ready_fd, data)
@@ -295,12 +298,15 @@ def write_handshake(ready_fd: int, message: dict[str, object]) -> None:
     except OSError as exc:
         log(f"cannot write the handshake line: {exc}")
     finally:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 - contextlib is not imported by workers
             os.close(ready_fd)
+        except OSError:
+            pass
 
 
 def report_ready(ready_fd: int) -> None:
-    write_handshake(ready_fd, {"status": "ready", "pid": os.getpid(), "concurrency": 1})
+    # Formatted here rather than by json, which a worker then never imports.
+    write_handshake(ready_fd, b'{"status": "ready", "pid": %d, "concurrency": 1}\n' % os.getpid())
 
 
 def report_load_error(ready_fd: int, error: LoadError) -> None:
@@ -308,16 +314,11 @@ def report_load_error(ready_fd: int, error: LoadError) -> None:
     if error.trace:
         sys.stderr.write(error.trace)
         sys.stderr.flush()
-    write_handshake(
-        ready_fd,
-        {
-            "status": "error",
-            "pid": os.getpid(),
-            "kind": error.kind,
-            "summary": error.summary,
-            "traceback": error.trace,
-        },
-    )
+    import json
+
+    message = {"status": "error", "pid": os.getpid(), "kind": error.kind, "summary": error.summary,
+               "traceback": error.trace}
+    write_handshake(ready_fd, (json.dumps(message) + "\n").encode("utf-8"))
 
 
 # --------------------------------------------------------------------------
@@ -890,6 +891,8 @@ def request_content_length(environ: dict[str, Any]) -> int:
 
 def path_from_request_uri(environ: dict[str, Any]) -> str:
     path = environ.get("REQUEST_URI", "/").split("?", 1)[0]
+    from urllib.parse import unquote_to_bytes  # only for a frame without PATH_INFO: nginx always sends it
+
     return unquote_to_bytes(path).decode("latin-1")
 
 
@@ -941,6 +944,8 @@ def answer_app_error(response: Response) -> bool:
     cannot be ended cleanly, and closing the connection without the end
     record tells the engine to cut it off.
     """
+    import traceback
+
     log("the app raised an exception:")
     traceback.print_exc()
     sys.stderr.flush()
@@ -987,7 +992,7 @@ def note_fork() -> None:
 def close_connection(conn: _socket.socket) -> None:
     if STATE.forked:
         try:  # noqa: SIM105 - contextlib.suppress costs more, and this runs often
-            conn.shutdown(socket.SHUT_RDWR)
+            conn.shutdown(_socket.SHUT_RDWR)
         except OSError:
             pass
     conn.close()
@@ -1062,7 +1067,7 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 def peer_credentials(conn: _socket.socket) -> tuple[int, int, int]:
     """The connecting process's pid, uid and gid, as the kernel took them
     at connect() (SO_PEERCRED)."""
-    return _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))  # type: ignore[return-value]
+    return _UCRED.unpack(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size))  # type: ignore[return-value]
 
 
 class RateLimitedLog:
@@ -1101,7 +1106,7 @@ class Server:
     connection and nothing used.
     """
 
-    def __init__(self, listener: socket.socket, app: WSGIApp, peer_uids: frozenset[int]) -> None:
+    def __init__(self, listener: _socket.socket, app: WSGIApp, peer_uids: frozenset[int]) -> None:
         self.listener = listener
         self.app = app
         self.peer_uids = peer_uids
@@ -1171,8 +1176,10 @@ class Server:
                     return
 
     def drain_wakeups(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+        try:  # noqa: SIM105 - contextlib is not imported by workers
             os.read(self.wake_read, 512)
+        except BlockingIOError:
+            pass
 
     def accept(self) -> None:
         """Take one connection from the backlog, if its peer may send
@@ -1222,15 +1229,15 @@ def install_wakeup_pipe() -> int:
     return wake_read
 
 
-def serve(listener: socket.socket, app: WSGIApp, peer_uids: frozenset[int]) -> None:
+def serve(listener: _socket.socket, app: WSGIApp, peer_uids: frozenset[int]) -> None:
     Server(listener, app, peer_uids).serve()
 
 
-def open_listener(listen_fd: int) -> socket.socket:
-    listener = socket.socket(fileno=listen_fd)
+def open_listener(listen_fd: int) -> _socket.socket:
+    listener = _socket.socket(fileno=listen_fd)
     listener.setblocking(True)
     # The app's own child processes must not hold the worker's socket.
-    listener.set_inheritable(False)
+    os.set_inheritable(listen_fd, False)
     return listener
 
 
@@ -1251,6 +1258,21 @@ def make_undumpable() -> None:
         log("prctl(PR_SET_DUMPABLE, 0): " + os.strerror(ctypes.get_errno()))
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the kernel. Compiling this
+    script from source (a script is never read from a .pyc) and importing
+    the app leave megabytes freed but still mapped; left there they count
+    in the worker's private memory, and a preloader's would be copied into
+    each worker that allocates on them. glibc's malloc_trim() releases
+    them; another libc has none, and they stay."""
+    import ctypes  # loaded already by make_undumpable
+
+    try:  # noqa: SIM105 - contextlib is not imported by workers
+        ctypes.CDLL(None).malloc_trim(0)
+    except AttributeError:
+        pass
+
+
 def load_private_env() -> None:
     """The app's agent_env values the core passed on fd 6 (AGENT_ENV_FD), not
     in the exec environment: set only now that the worker is undumpable, so
@@ -1258,6 +1280,8 @@ def load_private_env() -> None:
     fd_text = os.environ.pop("AGENT_ENV_FD", None)
     if fd_text is None:
         return
+    import json  # only for an app with agent_env values
+
     try:
         with os.fdopen(int(fd_text), "rb") as source:
             env = json.loads(source.read())
@@ -1308,12 +1332,13 @@ def main() -> int:
     # as its workers): keep the collector from walking them again and
     # again, and from touching the pages the workers share with it.
     gc.freeze()
+    release_free_memory()
     if preloader:
         return run_preloader(listener, ready_fd, app, peer_uids, worker_name)
     return run_worker(listener, ready_fd, app, peer_uids)
 
 
-def run_worker(listener: socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int]) -> int:
+def run_worker(listener: _socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int]) -> int:
     """A worker with its app loaded: reports ready and serves."""
     install_signal_handlers()
     os.register_at_fork(after_in_parent=note_fork)
@@ -1339,7 +1364,7 @@ class Preloader:
     """Forks workers from the loaded app when the core asks, over the
     control socket (fd 3, SOCK_SEQPACKET), and reports how each ended."""
 
-    def __init__(self, control: socket.socket, app: WSGIApp, peer_uids: frozenset[int], worker_name: bytes) -> None:
+    def __init__(self, control: _socket.socket, app: WSGIApp, peer_uids: frozenset[int], worker_name: bytes) -> None:
         self.control = control
         self.worker_name = worker_name
         self.app = app
@@ -1362,8 +1387,10 @@ class Preloader:
             self.reap()
             for fd, _ in poller.poll():
                 if fd == self.wake_fd:
-                    with contextlib.suppress(BlockingIOError):
+                    try:  # noqa: SIM105 - contextlib is not imported by workers
                         os.read(self.wake_fd, 512)
+                    except BlockingIOError:
+                        pass
                 elif not self.take_command():
                     return  # the core is gone
         # The workers live on: the core adopts them (it is their subreaper).
@@ -1378,18 +1405,25 @@ class Preloader:
                 return
             if info is None or info.si_pid == 0:
                 return
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 - contextlib is not imported by workers
                 os.killpg(info.si_pid, signal.SIGKILL)
+            except OSError:
+                pass
             pid, status = os.waitpid(info.si_pid, 0)
             self.send({"exited": pid, "status": status})
 
     def send(self, message: dict[str, object]) -> None:
+        import json  # the preloader's own: its workers never use it
+
         self.control.sendall(json.dumps(message).encode())
 
     def take_command(self) -> bool:
         """One command from the core; False when the core closed the socket."""
+        import json
+        import socket
+
         try:
-            data, fds, _, _ = socket.recv_fds(self.control, CONTROL_MESSAGE_SIZE, SPAWN_FDS)
+            data, fds, _, _ = socket.recv_fds(self.control, CONTROL_MESSAGE_SIZE, SPAWN_FDS)  # type: ignore[arg-type]
         except InterruptedError:
             return True
         for fd in fds:  # recv_fds does not set close-on-exec
@@ -1428,6 +1462,8 @@ class Preloader:
             try:
                 code = self.become_worker(fds, cgroup)
             except BaseException:  # the child must never return into the preloader's loop
+                import traceback
+
                 traceback.print_exc()
             finally:
                 os._exit(code)
@@ -1527,7 +1563,7 @@ def own_process_name() -> bytes:
         return b"python3"
 
 
-def run_preloader(control: socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int],
+def run_preloader(control: _socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int],
                   worker_name: bytes) -> int:
     """The app is loaded: report ready, close the handshake pipe, then fork
     workers on demand until SIGTERM or the core's end."""

@@ -527,6 +527,31 @@ def test_loader_directory_not_on_sys_path(tmp_path: Path) -> None:
         assert started.stop() == 0
 
 
+# What only the loader's rare paths use (an error handshake, an app's
+# exception, the preloader, a frame without PATH_INFO): a worker that has
+# served requests has not imported them (docs/design.md, "A lean worker").
+NOT_FOR_SERVING = ("json", "traceback", "linecache", "tokenize", "urllib.parse", "socket", "selectors", "re")
+
+
+def test_a_worker_imports_only_what_serving_needs(tmp_path: Path) -> None:
+    (tmp_path / "wsgi.py").write_text(
+        "import sys\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [' '.join(sorted(sys.modules)).encode()]\n"
+    )
+    # Under the apps' default interpreter: this suite's virtualenv imports
+    # urllib.parse and re at its own start (its editable install's finder).
+    started = start_worker(tmp_path, "wsgi.py", app_root=tmp_path, python="/usr/bin/python3")
+    try:
+        request(started.sock_path, "/")
+        modules = set(request(started.sock_path, "/").body.decode().split())
+        assert "_agent_loader_speedups" in modules  # the list is the worker's own
+        assert modules.isdisjoint(NOT_FOR_SERVING), sorted(modules.intersection(NOT_FOR_SERVING))
+    finally:
+        assert started.stop() == 0
+
+
 def test_pickling_classes_of_the_startup_file(tmp_path: Path) -> None:
     started = start_worker(tmp_path, "loader_pickles.py")
     try:
