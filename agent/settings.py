@@ -90,8 +90,6 @@ SETTINGS: tuple[Setting, ...] = (
             "passenger_root", serve=False),
     Setting("pool_idle_time", T, HTTP, 300_000, "a worker idle this long is stopped; 0: never",
             "passenger_pool_idle_time"),
-    Setting("stat_throttle_rate", T, HTTP, 10_000, "how often the agent may look at tmp/restart.txt",
-            "passenger_stat_throttle_rate"),
     # -- per app: written to apps.json ------------------------------------------------
     Setting("app_root", P, APP, None, "the app's directory (default: the parent of root); also its name",
             "passenger_app_root", serve=False),
@@ -126,6 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
             "passenger_max_requests"),
     Setting("max_request_time", T, APP, 0, "a worker still on one request after this long is killed; 0: none",
             "passenger_max_request_time"),
+    Setting("stat_throttle_rate", T, APP, 10_000, "how often the agent may look at the app's tmp/restart.txt",
+            "passenger_stat_throttle_rate"),
     Setting("start_timeout", T, APP, 90_000, "a worker not ready this long after its start is killed",
             "passenger_start_timeout", minimum=1),
     Setting("shutdown_timeout", T, APP, 60_000, "how long a stopping worker may take before SIGKILL",

@@ -70,8 +70,7 @@
 /* the top level of apps.json: the pool the agent keeps for all apps */
 #define NGX_HTTP_AGENT_POOL_SETTINGS(X)                                       \
     X(max_pool_size, NUM, HTTP, 6, &ngx_http_agent_at_least_one)              \
-    X(pool_idle_time, MSEC, HTTP, 300000, NULL)                               \
-    X(stat_throttle_rate, MSEC, HTTP, 10000, NULL)
+    X(pool_idle_time, MSEC, HTTP, 300000, NULL)
 
 
 /* how nginx starts the agent: the watchdog's command line */
@@ -100,6 +99,7 @@
     X(memory_limit, SIZE_MB, APP, 0, NULL)                                    \
     X(max_requests, NUM, APP, 0, NULL)                                        \
     X(max_request_time, MSEC, APP, 0, NULL)                                   \
+    X(stat_throttle_rate, MSEC, APP, 10000, NULL)                             \
     X(shutdown_timeout, MSEC, APP, 60000, &ngx_http_agent_nonzero_msec)       \
     X(start_timeout, MSEC, APP, 90000, &ngx_http_agent_nonzero_msec)
 

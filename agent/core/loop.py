@@ -94,8 +94,7 @@ class Core:
         self.socket_numbers = itertools.count(1)
         self.next_tick = 0
         self.next_memory_sample = 0
-        self.next_restart_check = 0
-        self.stat_throttle_rate_ms = default("stat_throttle_rate")
+        self.next_restart_checks: dict[str, int] = {}              # app name -> when its files are next looked at
         self.notifying: dict[int, int] = {}                        # app id -> NOTIFY_* asked for
         self.restart_waiters: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         self.tickers: list[Callable[[], None]] = []   # called about once a second, on this loop
@@ -170,7 +169,6 @@ class Core:
     def apply_table(self, table: AppTable) -> None:
         self.pool.max_pool_size = table.max_pool_size
         self.pool.pool_idle_time_ms = table.pool_idle_time_ms
-        self.stat_throttle_rate_ms = table.stat_throttle_rate_ms
         wanted = {config.name: config for config in table.apps}
         for name, app in self.pool.apps.items():
             if name not in wanted and not app.removed:
@@ -198,6 +196,7 @@ class Core:
         elif change == "update":
             log.info("app %s: limits changed, applied to the running workers", config.name)
             app.config = config
+            self.next_restart_checks.pop(config.name, None)   # its stat throttle rate may be shorter now
         if config.prestart:
             app.activated = True
         self.engine.set_app(app.id, config.name, config.max_request_queue_size, config.max_request_queue_time_ms)
@@ -478,13 +477,12 @@ class Core:
 
     def check_restart_files(self, now: int) -> None:
         """tmp/restart.txt touched: a rolling restart. tmp/always_restart.txt
-        present: every worker serves one request, then is replaced."""
-        if now < self.next_restart_check:
-            return
-        self.next_restart_check = now + max(self.stat_throttle_rate_ms, TICK_MS)
+        present: every worker serves one request, then is replaced. Each app
+        is looked at as often as its own agent_stat_throttle_rate allows."""
         for app in self.pool.apps.values():
-            if app.removed:
+            if app.removed or now < self.next_restart_checks.get(app.name, 0):
                 continue
+            self.next_restart_checks[app.name] = now + max(app.config.stat_throttle_rate_ms, TICK_MS)
             restart = self.look_at(app, "tmp/restart.txt")
             mtime = restart.st_mtime if restart is not None else None
             if policy.restart_file_touched(app, mtime):
@@ -610,6 +608,7 @@ class Core:
             self.engine.remove_app(app.id)
             self.notifying.pop(app.id, None)
             del self.pool.apps[app.name]
+            self.next_restart_checks.pop(app.name, None)
 
     # -- the policy ----------------------------------------------------------
 
