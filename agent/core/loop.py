@@ -54,6 +54,10 @@ from agent.unix import describe_exit
 
 TICK_MS = 1000
 MEMORY_SAMPLE_INTERVAL_MS = 1000
+# A status reader may have this many processes sampled for it: about 0.1 ms
+# each for a small worker (psutil reads /proc/PID/smaps_rollup), so a few ms
+# at most between two turns of the loop, however large the pool.
+ON_DEMAND_SAMPLES = 32
 GUARD_LOG_INTERVAL_MS = 10_000
 
 
@@ -281,6 +285,17 @@ class Core:
             usage = sample_usage(worker.pid, worker.usage, (now - worker.sampled_at) / 1000)
             if usage is not None:
                 worker.usage, worker.memory, worker.sampled_at = usage, usage.private, now
+
+    def sample_stale_memory(self, limit: int = ON_DEMAND_SAMPLES) -> None:
+        """For a status reader: the processes never sampled (started since
+        the last round: a starting worker, one just ready) or sampled longer
+        ago than two rounds, those without a sample first, at most `limit`,
+        so that a reader right after a start sees every process's memory."""
+        now = monotonic_ms()
+        stale = [w for w in self.pool.workers() if not w.is_stopping()
+                 and (w.usage is None or now - w.sampled_at > 2 * MEMORY_SAMPLE_INTERVAL_MS)]
+        stale.sort(key=lambda w: (w.usage is not None, w.sampled_at))
+        self.sample_memory(stale[:limit])
 
     # -- handshakes and output ---------------------------------------------
 
