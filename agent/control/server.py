@@ -295,7 +295,8 @@ def decode_chunked(buffer: bytearray | bytes, start: int) -> tuple[bytes, int] |
     while True:
         line_end = buffer.find(b"\r\n", pos)
         if line_end < 0:
-            return too_long_or_incomplete(buffer)
+            check_room(buffer)
+            return None
         size_text = bytes(buffer[pos:line_end]).partition(b";")[0].strip(b" \t")
         if not CHUNK_SIZE.fullmatch(size_text):
             raise StatusError(400, "malformed chunk size", close=True)
@@ -318,7 +319,8 @@ def skip_trailers(buffer: bytearray | bytes, pos: int, body: bytes) -> tuple[byt
     while True:
         line_end = buffer.find(b"\r\n", pos)
         if line_end < 0:
-            return too_long_or_incomplete(buffer)
+            check_room(buffer)
+            return None
         if line_end == pos:
             return body, pos + 2
         if b":" not in buffer[pos:line_end]:
@@ -326,10 +328,10 @@ def skip_trailers(buffer: bytearray | bytes, pos: int, body: bytes) -> tuple[byt
         pos = line_end + 2
 
 
-def too_long_or_incomplete(buffer: bytearray | bytes) -> None:
+def check_room(buffer: bytearray | bytes) -> None:
+    """An incomplete request that already fills MAX_REQUEST never completes."""
     if len(buffer) >= MAX_REQUEST:
         raise StatusError(400, f"request exceeds {MAX_REQUEST} bytes", close=True)
-    return None
 
 
 def parse_request_line(line: str) -> tuple[str, str, str]:
