@@ -38,6 +38,7 @@ class Kind(enum.Enum):
     STATUS = "status"      # on | off: the location is a door to the status socket
     SIZE = "size"          # nginx's size syntax (8k, 1m), kept as written
     BUFS = "bufs"          # NUMBER SIZE, as proxy_buffers, kept as written
+    URIS = "uris"          # a URI path, repeatable (agent_base_uri)
 
 
 class Scope(enum.Enum):
@@ -136,6 +137,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("status", Kind.STATUS, LOC, False, "this location is a door to the agent's status socket", serve=False),
     Setting("fast_path", F, LOC, True,
             "nginx's workers hand requests straight to an idle worker; off: every request through agent.sock"),
+    Setting("base_uri", Kind.URIS, LOC, None,
+            "the app is served under this URI: its requests get it as SCRIPT_NAME, the rest as PATH_INFO; "
+            "repeatable", "passenger_base_uri", serve=False),
     Setting("buffer_response", F, LOC, True, "nginx buffers the app's response", "passenger_buffer_response"),
     Setting("read_timeout", T, LOC, 600_000, "how long nginx waits for the app's response between two reads",
             "passenger_read_timeout"),

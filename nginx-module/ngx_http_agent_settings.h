@@ -30,6 +30,9 @@
  *            TEMP_PATH  PATH [L1 [L2 [L3]]], as proxy_temp_path
  *            SIZE       nginx's size syntax (8k, 1m)  size_t; LOCATION rows
  *            BUFS       N SIZE, as proxy_buffers  ngx_bufs_t; LOCATION rows
+ *            URIS       a URI path, repeatable; a block that sets any
+ *                       replaces the inherited list (ngx_array_t * of
+ *                       ngx_str_t); LOCATION rows
  *
  * SCOPE    HTTP      the http block only (ngx_http_agent_main_conf_t);
  *          APP       http, server, location; one app's setting: written to
@@ -109,6 +112,7 @@
     X(enabled, FLAG, LOCATION, 0, NULL, enabled)                              \
     X(status, STATUS, LOCATION, 0, NULL, status)                              \
     X(fast_path, FLAG, LOCATION, 1, NULL, fast_path)                          \
+    X(base_uri, URIS, LOCATION, NONE, NULL, base_uris)                        \
     X(buffer_response, FLAG, LOCATION, 1, NULL, upstream.buffering)           \
     X(read_timeout, MSEC, LOCATION, 600000, NULL, upstream.read_timeout)      \
     X(send_timeout, MSEC, LOCATION, 60000, NULL, upstream.send_timeout)       \
