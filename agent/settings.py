@@ -38,6 +38,7 @@ class Kind(enum.Enum):
     STATUS = "status"      # on | off: the location is a door to the status socket
     SIZE = "size"          # nginx's size syntax (8k, 1m), kept as written
     BUFS = "bufs"          # NUMBER SIZE, as proxy_buffers, kept as written
+    URIS = "uris"          # a URI path, repeatable (agent_base_uri)
 
 
 class Scope(enum.Enum):
@@ -90,8 +91,6 @@ SETTINGS: tuple[Setting, ...] = (
             "passenger_root", serve=False),
     Setting("pool_idle_time", T, HTTP, 300_000, "a worker idle this long is stopped; 0: never",
             "passenger_pool_idle_time"),
-    Setting("stat_throttle_rate", T, HTTP, 10_000, "how often the agent may look at tmp/restart.txt",
-            "passenger_stat_throttle_rate"),
     # -- per app: written to apps.json ------------------------------------------------
     Setting("app_root", P, APP, None, "the app's directory (default: the parent of root); also its name",
             "passenger_app_root", serve=False),
@@ -126,6 +125,8 @@ SETTINGS: tuple[Setting, ...] = (
             "passenger_max_requests"),
     Setting("max_request_time", T, APP, 0, "a worker still on one request after this long is killed; 0: none",
             "passenger_max_request_time"),
+    Setting("stat_throttle_rate", T, APP, 10_000, "how often the agent may look at the app's tmp/restart.txt",
+            "passenger_stat_throttle_rate"),
     Setting("start_timeout", T, APP, 90_000, "a worker not ready this long after its start is killed",
             "passenger_start_timeout", minimum=1),
     Setting("shutdown_timeout", T, APP, 60_000, "how long a stopping worker may take before SIGKILL",
@@ -142,6 +143,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("status", Kind.STATUS, LOC, False, "this location is a door to the agent's status socket", serve=False),
     Setting("fast_path", F, LOC, True,
             "nginx's workers hand requests straight to an idle worker; off: every request through agent.sock"),
+    Setting("base_uri", Kind.URIS, LOC, None,
+            "the app is served under this URI: its requests get it as SCRIPT_NAME, the rest as PATH_INFO; "
+            "repeatable", "passenger_base_uri", serve=False),
     Setting("buffer_response", F, LOC, True, "nginx buffers the app's response", "passenger_buffer_response"),
     Setting("read_timeout", T, LOC, 600_000, "how long nginx waits for the app's response between two reads",
             "passenger_read_timeout"),

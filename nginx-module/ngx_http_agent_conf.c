@@ -113,6 +113,13 @@
     }
 
 
+#define NGX_HTTP_AGENT_ARGS_URIS(where)      (where|NGX_CONF_TAKE1)
+#define NGX_HTTP_AGENT_SET_URIS              ngx_http_agent_set_base_uri
+#define NGX_HTTP_AGENT_UNSET_URIS            NGX_CONF_UNSET_PTR
+#define NGX_HTTP_AGENT_MERGE_URIS(cf, c, p, d)                                \
+    ngx_conf_merge_ptr_value(c, p, d)
+
+
 /* what the module makes of each row of the settings tables */
 
 #define NGX_HTTP_AGENT_COMMAND(name, kind, scope, post, conf, offset)         \
@@ -178,6 +185,8 @@ static char *ngx_http_agent_set_enum(ngx_conf_t *cf, ngx_command_t *cmd,
 static char *ngx_http_agent_set_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_agent_set_env(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_agent_set_base_uri(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 
 
@@ -874,6 +883,59 @@ ngx_http_agent_set_env(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     kv->key = value[1];
     kv->value = value[2];
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * agent_base_uri, passenger_base_uri's meaning: the app is served under
+ * this URI, which its requests get as SCRIPT_NAME (ngx_http_agent_request.c).
+ * Repeatable, as Passenger allows several per server; a block that sets any
+ * replaces the inherited list.  Trailing slashes are taken off, and "/" is
+ * the root: no SCRIPT_NAME, as without the directive.
+ */
+
+static char *
+ngx_http_agent_set_base_uri(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    char  *p = conf;
+
+    ngx_str_t     *value, *uri;
+    ngx_array_t  **uris;
+
+    uris = (ngx_array_t **) (p + cmd->offset);
+
+    value = cf->args->elts;
+
+    if (value[1].len == 0 || value[1].data[0] != '/'
+        || ngx_strlchr(value[1].data, value[1].data + value[1].len, '?')
+           != NULL)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid URI \"%V\" in \"%V\" directive: a path "
+                           "starting with \"/\", without a query",
+                           &value[1], &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (*uris == NGX_CONF_UNSET_PTR || *uris == NULL) {
+        *uris = ngx_array_create(cf->pool, 2, sizeof(ngx_str_t));
+        if (*uris == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    uri = ngx_array_push(*uris);
+    if (uri == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *uri = value[1];
+
+    while (uri->len > 0 && uri->data[uri->len - 1] == '/') {
+        uri->len--;
+    }
 
     return NGX_CONF_OK;
 }

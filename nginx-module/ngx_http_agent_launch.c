@@ -11,6 +11,7 @@
 #include <ngx_http.h>
 
 #include <sys/file.h>
+#include <dirent.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <poll.h>
@@ -22,6 +23,9 @@
 #define NGX_HTTP_AGENT_READY_LINE_MAX  1024
 
 
+static ngx_int_t ngx_http_agent_empty_app_table(ngx_cycle_t *cycle,
+    ngx_http_agent_main_conf_t *amcf);
+static void ngx_http_agent_adopt_nginx_fd(ngx_cycle_t *cycle, ngx_pid_t pid);
 static ngx_pid_t ngx_http_agent_running_watchdog(ngx_cycle_t *cycle,
     ngx_str_t *dir, int dir_fd);
 static ngx_int_t ngx_http_agent_check_pid_file(ngx_cycle_t *cycle,
@@ -70,8 +74,12 @@ ngx_http_agent_init_module(ngx_cycle_t *cycle)
 
     amcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_agent_module);
 
-    if (amcf == NULL || amcf->apps.nelts == 0) {
+    if (amcf == NULL) {
         return NGX_OK;
+    }
+
+    if (amcf->apps.nelts == 0) {
+        return ngx_http_agent_empty_app_table(cycle, amcf);
     }
 
     dir_fd = ngx_http_agent_open_instance_dir(cycle, &amcf->instance_dir);
@@ -92,6 +100,7 @@ ngx_http_agent_init_module(ngx_cycle_t *cycle)
             rc = NGX_ERROR;
 
         } else if (pid > 0) {
+            ngx_http_agent_adopt_nginx_fd(cycle, pid);
             rc = ngx_http_agent_signal_watchdog(cycle, pid);
 
         } else {
@@ -102,6 +111,138 @@ ngx_http_agent_init_module(ngx_cycle_t *cycle)
     ngx_http_agent_close_fd(cycle, dir_fd);
 
     return rc;
+}
+
+
+/*
+ * A configuration without any agent_enabled location: an agent this
+ * instance directory already runs (the reload removed the last one) gets
+ * an app table without apps, and drains and stops them; it stays up itself,
+ * with no app, until nginx stops or a reload brings apps back.  Without a
+ * running agent there is nothing to do, and the instance directory is not
+ * made: nginx may load the module and serve no app at all.
+ */
+
+static ngx_int_t
+ngx_http_agent_empty_app_table(ngx_cycle_t *cycle,
+    ngx_http_agent_main_conf_t *amcf)
+{
+    int          dir_fd;
+    char        *path;
+    ngx_int_t    rc;
+    ngx_pid_t    pid;
+    struct stat  st;
+
+    path = ngx_http_agent_cstring(cycle->pool, &amcf->instance_dir);
+    if (path == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (lstat(path, &st) == -1) {
+        if (ngx_errno == NGX_ENOENT) {
+            return NGX_OK;
+        }
+
+        ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+                      "agent: cannot look at \"%s\"", path);
+        return NGX_ERROR;
+    }
+
+    dir_fd = ngx_http_agent_open_instance_dir(cycle, &amcf->instance_dir);
+    if (dir_fd == -1) {
+        return NGX_ERROR;
+    }
+
+    pid = ngx_http_agent_running_watchdog(cycle, &amcf->instance_dir, dir_fd);
+
+    if (pid == NGX_INVALID_PID) {
+        rc = NGX_ERROR;
+
+    } else if (pid == 0) {
+        rc = NGX_OK;
+
+    } else {
+        rc = ngx_http_agent_write_app_table(cycle, amcf, dir_fd);
+
+        if (rc == NGX_OK) {
+            ngx_http_agent_adopt_nginx_fd(cycle, pid);
+            rc = ngx_http_agent_signal_watchdog(cycle, pid);
+        }
+    }
+
+    ngx_http_agent_close_fd(cycle, dir_fd);
+
+    return rc;
+}
+
+
+/*
+ * nginx's binary upgrade (USR2) execs the new binary from the old master,
+ * which keeps its end of the watchdog's pipe open across the exec
+ * (ngx_http_agent_start_watchdog clears its close-on-exec flag): the new
+ * master holds it too, so the old master's exit (QUIT) does not read as
+ * nginx stopping.  The new master finds the inherited end among its
+ * descriptors as the pipe the watchdog reads on its fd 3, and takes it as
+ * its own, so that its workers drop it and its exit stops the agent.
+ */
+
+static void
+ngx_http_agent_adopt_nginx_fd(ngx_cycle_t *cycle, ngx_pid_t pid)
+{
+    int             fd, flags;
+    DIR            *dir;
+    u_char          proc[sizeof("/proc//fd/3") + NGX_INT64_LEN];
+    ngx_int_t       n;
+    struct stat     pipe_st, st;
+    struct dirent  *entry;
+
+    if (ngx_http_agent_nginx_fd != -1) {
+        return;
+    }
+
+    (void) ngx_sprintf(proc, "/proc/%P/fd/3%Z", pid);
+
+    if (stat((char *) proc, &pipe_st) == -1 || !S_ISFIFO(pipe_st.st_mode)) {
+        /* a watchdog started by hand has no nginx pipe */
+        return;
+    }
+
+    dir = opendir("/proc/self/fd");
+    if (dir == NULL) {
+        ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno,
+                      "agent: opendir(\"/proc/self/fd\") failed");
+        return;
+    }
+
+    while ((entry = readdir(dir)) != NULL) {
+        n = ngx_atoi((u_char *) entry->d_name, ngx_strlen(entry->d_name));
+
+        if (n == NGX_ERROR || n > INT_MAX || (int) n == dirfd(dir)) {
+            continue;
+        }
+
+        fd = (int) n;
+        flags = fcntl(fd, F_GETFL);
+
+        if (flags != -1 && (flags & O_ACCMODE) == O_WRONLY
+            && fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode)
+            && st.st_ino == pipe_st.st_ino && st.st_dev == pipe_st.st_dev)
+        {
+            ngx_http_agent_nginx_fd = fd;
+            break;
+        }
+    }
+
+    if (closedir(dir) == -1) {
+        ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno,
+                      "agent: closedir(\"/proc/self/fd\") failed");
+    }
+
+    if (ngx_http_agent_nginx_fd != -1) {
+        ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                      "agent: took over the agent (pid %P) from the "
+                      "previous nginx binary", pid);
+    }
 }
 
 
@@ -384,6 +525,13 @@ ngx_http_agent_start_watchdog(ngx_cycle_t *cycle,
     }
 
     ngx_http_agent_nginx_fd = nginx_pipe[1];
+
+    /* kept across a binary upgrade's exec: ngx_http_agent_adopt_nginx_fd */
+    if (fcntl(ngx_http_agent_nginx_fd, F_SETFD, 0) == -1) {
+        ngx_log_error(NGX_LOG_ALERT, cycle->log, ngx_errno,
+                      "agent: fcntl(F_SETFD) failed: a binary upgrade "
+                      "will stop the agent");
+    }
 
     ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
                   "agent: started the agent (pid %P) in \"%V\"",

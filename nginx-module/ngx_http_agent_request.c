@@ -33,6 +33,9 @@ static ngx_int_t ngx_http_agent_collect_cgi_vars(ngx_http_request_t *r,
     ngx_http_agent_loc_conf_t *alcf, off_t content_length, ngx_array_t *vars);
 static ngx_int_t ngx_http_agent_add_var(ngx_array_t *vars, char *key,
     u_char *data, size_t len);
+static void ngx_http_agent_split_base_uri(ngx_http_request_t *r,
+    ngx_http_agent_loc_conf_t *alcf, ngx_str_t *script_name,
+    ngx_str_t *path_info);
 static ngx_int_t ngx_http_agent_header_is_sent(ngx_table_elt_t *h);
 static u_char *ngx_http_agent_put_u32(u_char *p, uint32_t n);
 static u_char *ngx_http_agent_put_header_pair(u_char *p, ngx_table_elt_t *h);
@@ -349,7 +352,7 @@ ngx_http_agent_collect_cgi_vars(ngx_http_request_t *r,
     ngx_http_agent_loc_conf_t *alcf, off_t content_length, ngx_array_t *vars)
 {
     u_char                     *p;
-    ngx_str_t                   server_name, protocol;
+    ngx_str_t                   server_name, protocol, script_name, path_info;
     ngx_connection_t           *c;
     ngx_http_core_srv_conf_t   *cscf;
 
@@ -366,6 +369,8 @@ ngx_http_agent_collect_cgi_vars(ngx_http_request_t *r,
     if (server_name.len == 0 && r->headers_in.server.len) {
         server_name = r->headers_in.server;
     }
+
+    ngx_http_agent_split_base_uri(r, alcf, &script_name, &path_info);
 
     protocol = r->http_protocol;
 
@@ -386,11 +391,12 @@ ngx_http_agent_collect_cgi_vars(ngx_http_request_t *r,
            != NGX_OK
         || ngx_http_agent_add_var(vars, "REQUEST_URI", r->unparsed_uri.data,
                                   r->unparsed_uri.len) != NGX_OK
-        || ngx_http_agent_add_var(vars, "PATH_INFO", r->uri.data, r->uri.len)
-           != NGX_OK
+        || ngx_http_agent_add_var(vars, "PATH_INFO", path_info.data,
+                                  path_info.len) != NGX_OK
         || ngx_http_agent_add_var(vars, "QUERY_STRING", r->args.data,
                                   r->args.len) != NGX_OK
-        || ngx_http_agent_add_var(vars, "SCRIPT_NAME", NULL, 0) != NGX_OK
+        || ngx_http_agent_add_var(vars, "SCRIPT_NAME", script_name.data,
+                                  script_name.len) != NGX_OK
         || ngx_http_agent_add_var(vars, "SERVER_NAME", server_name.data,
                                   server_name.len) != NGX_OK
         || ngx_http_agent_add_var(vars, "SERVER_PROTOCOL", protocol.data,
@@ -447,6 +453,46 @@ ngx_http_agent_collect_cgi_vars(ngx_http_request_t *r,
 #endif
 
     return NGX_OK;
+}
+
+
+/*
+ * SCRIPT_NAME and PATH_INFO (PEP 3333): a URI under one of the location's
+ * agent_base_uri (the URI itself, or it followed by "/") is split there, so
+ * that the app builds its URLs under the base; the longest base that
+ * matches wins.  Otherwise SCRIPT_NAME is empty and PATH_INFO the whole
+ * decoded path.
+ */
+
+static void
+ngx_http_agent_split_base_uri(ngx_http_request_t *r,
+    ngx_http_agent_loc_conf_t *alcf, ngx_str_t *script_name,
+    ngx_str_t *path_info)
+{
+    ngx_str_t   *base;
+    ngx_uint_t   i;
+
+    ngx_str_null(script_name);
+    *path_info = r->uri;
+
+    if (alcf->base_uris == NULL || alcf->base_uris == NGX_CONF_UNSET_PTR) {
+        return;
+    }
+
+    base = alcf->base_uris->elts;
+
+    for (i = 0; i < alcf->base_uris->nelts; i++) {
+        if (base[i].len > script_name->len
+            && base[i].len <= r->uri.len
+            && ngx_strncmp(r->uri.data, base[i].data, base[i].len) == 0
+            && (base[i].len == r->uri.len || r->uri.data[base[i].len] == '/'))
+        {
+            *script_name = base[i];
+        }
+    }
+
+    path_info->data = r->uri.data + script_name->len;
+    path_info->len = r->uri.len - script_name->len;
 }
 
 

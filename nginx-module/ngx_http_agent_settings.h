@@ -30,6 +30,9 @@
  *            TEMP_PATH  PATH [L1 [L2 [L3]]], as proxy_temp_path
  *            SIZE       nginx's size syntax (8k, 1m)  size_t; LOCATION rows
  *            BUFS       N SIZE, as proxy_buffers  ngx_bufs_t; LOCATION rows
+ *            URIS       a URI path, repeatable; a block that sets any
+ *                       replaces the inherited list (ngx_array_t * of
+ *                       ngx_str_t); LOCATION rows
  *
  * SCOPE    HTTP      the http block only (ngx_http_agent_main_conf_t);
  *          APP       http, server, location; one app's setting: written to
@@ -70,8 +73,7 @@
 /* the top level of apps.json: the pool the agent keeps for all apps */
 #define NGX_HTTP_AGENT_POOL_SETTINGS(X)                                       \
     X(max_pool_size, NUM, HTTP, 6, &ngx_http_agent_at_least_one)              \
-    X(pool_idle_time, MSEC, HTTP, 300000, NULL)                               \
-    X(stat_throttle_rate, MSEC, HTTP, 10000, NULL)
+    X(pool_idle_time, MSEC, HTTP, 300000, NULL)
 
 
 /* how nginx starts the agent: the watchdog's command line */
@@ -100,6 +102,7 @@
     X(memory_limit, SIZE_MB, APP, 0, NULL)                                    \
     X(max_requests, NUM, APP, 0, NULL)                                        \
     X(max_request_time, MSEC, APP, 0, NULL)                                   \
+    X(stat_throttle_rate, MSEC, APP, 10000, NULL)                             \
     X(shutdown_timeout, MSEC, APP, 60000, &ngx_http_agent_nonzero_msec)       \
     X(start_timeout, MSEC, APP, 90000, &ngx_http_agent_nonzero_msec)          \
     X(spawn_method, ENUM, APP, "smart", ngx_http_agent_spawn_methods)         \
@@ -111,6 +114,7 @@
     X(enabled, FLAG, LOCATION, 0, NULL, enabled)                              \
     X(status, STATUS, LOCATION, 0, NULL, status)                              \
     X(fast_path, FLAG, LOCATION, 1, NULL, fast_path)                          \
+    X(base_uri, URIS, LOCATION, NONE, NULL, base_uris)                        \
     X(buffer_response, FLAG, LOCATION, 1, NULL, upstream.buffering)           \
     X(read_timeout, MSEC, LOCATION, 600000, NULL, upstream.read_timeout)      \
     X(send_timeout, MSEC, LOCATION, 60000, NULL, upstream.send_timeout)       \

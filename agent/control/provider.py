@@ -47,6 +47,8 @@ class CoreView(Protocol):
 
     def refresh_stats(self) -> dict[int, AppStats]: ...
 
+    def sample_stale_memory(self) -> None: ...
+
     def find_app(self, name: str) -> App | None: ...
 
     def begin_restart(self, app: App, reason: str) -> None: ...
@@ -143,6 +145,7 @@ class CoreStatus:
     def pool_info(self, detailed: bool) -> dict[str, Any]:
         core = self.core
         app_stats = core.refresh_stats()
+        core.sample_stale_memory()
         now = monotonic_ms()
         return {
             "max_pool_size": core.pool.max_pool_size,

@@ -64,6 +64,8 @@ HEADER_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # nor in a heade
 PATH = re.compile(r"(/[A-Za-z0-9\-._~!$&'()*+,;=:@%]*)+")   # RFC 3986's absolute path
 BAD_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 DIGITS = re.compile(r"[0-9]{1,12}")                  # ASCII only: str.isdigit() takes "²"
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 ADMIN_PEER_UIDS = frozenset({0})                     # see StatusServer.rights_of
 
 Details = dict[str, Any]
@@ -205,31 +207,131 @@ def decode_component(text: str) -> str:
         raise StatusError(400, "the query string is not UTF-8") from None
 
 
-def parse_request(buffer: bytearray | bytes) -> tuple[Request, int] | None:
-    """The first complete request in `buffer` and the bytes it took, or
-    None while it is incomplete. Raises StatusError, and nothing else, for
-    a malformed or oversized request (tests/fuzz/fuzz_status_request.py)."""
-    # Empty lines before a request line are ignored (RFC 9112, 2.2).
+@dataclass(frozen=True)
+class Head:
+    """A request's line and headers; its body starts at `body_start`."""
+
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+    body_start: int
+
+    @property
+    def chunked(self) -> bool:
+        return "transfer-encoding" in self.headers
+
+    @property
+    def expects_continue(self) -> bool:
+        return self.version == "HTTP/1.1" and "expect" in self.headers
+
+
+def parse_head(buffer: bytearray | bytes) -> Head | None:
+    """The request line and headers at the start of `buffer` (after any empty
+    lines, which RFC 9112 2.2 ignores), or None while they are incomplete.
+    Raises StatusError for malformed or oversized ones, or a body framing
+    this server does not take."""
     start = len(buffer) - len(bytes(buffer).lstrip(b"\r\n"))
-    if start:
-        parsed = parse_request(buffer[start:])
-        return None if parsed is None else (parsed[0], start + parsed[1])
-    end = buffer.find(b"\r\n\r\n")
+    end = buffer.find(b"\r\n\r\n", start)
     if end < 0:
         if len(buffer) >= MAX_REQUEST:
             raise StatusError(400, f"request headers exceed {MAX_REQUEST} bytes", close=True)
         return None
-    head = bytes(buffer[:end]).decode("latin-1")
-    lines = head.split("\r\n")
+    lines = bytes(buffer[start:end]).decode("latin-1").split("\r\n")
     method, target, version = parse_request_line(lines[0])
     headers = parse_headers(lines[1:])
-    length = content_length(headers)
-    total = end + 4 + length
-    if total > MAX_REQUEST:
-        raise StatusError(400, f"request exceeds {MAX_REQUEST} bytes", close=True)
-    if len(buffer) < total:
+    check_framing(headers, version)
+    return Head(method, target, version, headers, end + 4)
+
+
+def parse_request(buffer: bytearray | bytes) -> tuple[Request, int] | None:
+    """The first complete request in `buffer` and the bytes it took, or
+    None while it is incomplete. Raises StatusError, and nothing else, for
+    a malformed or oversized request (tests/fuzz/fuzz_status_request.py)."""
+    head = parse_head(buffer)
+    if head is None:
         return None
-    return Request(method, target, version, headers, bytes(buffer[end + 4:total])), total
+    if head.chunked:
+        decoded = decode_chunked(buffer, head.body_start)
+        if decoded is None:
+            return None
+        body, total = decoded
+    else:
+        total = head.body_start + content_length(head.headers)
+        if total > MAX_REQUEST:
+            raise StatusError(400, f"request exceeds {MAX_REQUEST} bytes", close=True)
+        if len(buffer) < total:
+            return None
+        body = bytes(buffer[head.body_start:total])
+    return Request(head.method, head.target, head.version, head.headers, body), total
+
+
+def check_framing(headers: dict[str, str], version: str) -> None:
+    """A body is framed by Content-Length or, in HTTP/1.1, by the chunked
+    transfer coding alone; both at once could be read two ways (request
+    smuggling), so neither is guessed. An expectation other than
+    100-continue cannot be met (RFC 9110, 10.1.1)."""
+    coding = headers.get("transfer-encoding")
+    if coding is not None:
+        if version != "HTTP/1.1":
+            raise StatusError(400, "Transfer-Encoding in an HTTP/1.0 request", close=True)
+        if "content-length" in headers:
+            raise StatusError(400, "both Transfer-Encoding and Content-Length", close=True)
+        if coding.strip().lower() != "chunked":
+            raise StatusError(501, f"transfer coding {shown(coding)} is not supported; send chunked or "
+                                   "Content-Length", close=True)
+    expect = headers.get("expect")
+    if expect is not None and expect.strip().lower() != "100-continue":
+        raise StatusError(417, f"cannot meet the expectation {shown(expect)}", close=True)
+
+
+def decode_chunked(buffer: bytearray | bytes, start: int) -> tuple[bytes, int] | None:
+    """A chunked body from `start` (RFC 9112, 7.1): its data and where the
+    request ends, or None while incomplete. Chunk extensions and trailer
+    fields are read past, not kept. Everything sent counts against
+    MAX_REQUEST, framing included."""
+    body = bytearray()
+    pos = start
+    while True:
+        line_end = buffer.find(b"\r\n", pos)
+        if line_end < 0:
+            check_room(buffer)
+            return None
+        size_text = bytes(buffer[pos:line_end]).partition(b";")[0].strip(b" \t")
+        if not CHUNK_SIZE.fullmatch(size_text):
+            raise StatusError(400, "malformed chunk size", close=True)
+        size = int(size_text, 16)
+        pos = line_end + 2
+        if size == 0:
+            return skip_trailers(buffer, pos, bytes(body))
+        if pos + size + 2 > MAX_REQUEST:
+            raise StatusError(400, f"request exceeds {MAX_REQUEST} bytes", close=True)
+        if len(buffer) < pos + size + 2:
+            return None
+        if buffer[pos + size:pos + size + 2] != b"\r\n":
+            raise StatusError(400, "a chunk does not end with CRLF", close=True)
+        body += buffer[pos:pos + size]
+        pos += size + 2
+
+
+def skip_trailers(buffer: bytearray | bytes, pos: int, body: bytes) -> tuple[bytes, int] | None:
+    """The trailer section after the last chunk, up to its empty line."""
+    while True:
+        line_end = buffer.find(b"\r\n", pos)
+        if line_end < 0:
+            check_room(buffer)
+            return None
+        if line_end == pos:
+            return body, pos + 2
+        if b":" not in buffer[pos:line_end]:
+            raise StatusError(400, "malformed trailer field", close=True)
+        pos = line_end + 2
+
+
+def check_room(buffer: bytearray | bytes) -> None:
+    """An incomplete request that already fills MAX_REQUEST never completes."""
+    if len(buffer) >= MAX_REQUEST:
+        raise StatusError(400, f"request exceeds {MAX_REQUEST} bytes", close=True)
 
 
 def parse_request_line(line: str) -> tuple[str, str, str]:
@@ -266,8 +368,6 @@ def parse_headers(lines: list[str]) -> dict[str, str]:
 
 
 def content_length(headers: dict[str, str]) -> int:
-    if "transfer-encoding" in headers:
-        raise StatusError(400, "chunked request bodies are not supported; send Content-Length", close=True)
     value = headers.get("content-length", "0")
     if not DIGITS.fullmatch(value):
         raise StatusError(400, "malformed Content-Length", close=True)
@@ -353,6 +453,7 @@ class Connection:
     peer_admin: bool = False    # the peer's uid alone gives the admin right
     token_admin: bool = False   # a request on it showed the admin token
     request_started: float | None = None  # the first byte of the request being received
+    continued: bool = False     # 100 Continue was sent for the request being received
 
     @property
     def fd(self) -> int:
@@ -616,15 +717,29 @@ class StatusServer:
                                   keep_alive=False, head_only=False)
                 return
             if parsed is None:
+                self.send_continue(conn)
                 return
             request, used = parsed
             del conn.inbuf[:used]
             conn.request_started = None
+            conn.continued = False
             self.handle(conn, request)
             self.flush(conn)
         # The budget ran out with requests still buffered: the write
         # interest wakes this connection again on the next loop turn.
         conn.backlog = bool(conn.inbuf)
+
+    def send_continue(self, conn: Connection) -> None:
+        """A client that sent `Expect: 100-continue` waits for this before
+        its body (RFC 9110, 10.1.1): sent once its headers are in and
+        acceptable, never twice for one request. A request refused on its
+        headers alone gets its final answer instead (parse_head raised)."""
+        if conn.continued:
+            return
+        head = parse_head(conn.inbuf)
+        if head is not None and head.expects_continue:
+            conn.outbuf += CONTINUE
+            conn.continued = True
 
     def handle(self, conn: Connection, request: Request) -> None:
         head_only = request.method == "HEAD"

@@ -41,6 +41,7 @@ class AppConfig:
     memory_limit_mb: int = default("memory_limit")
     max_requests: int = default("max_requests")
     max_request_time_ms: int = default("max_request_time")
+    stat_throttle_rate_ms: int = default("stat_throttle_rate")
     shutdown_timeout_ms: int = default("shutdown_timeout")
     start_timeout_ms: int = default("start_timeout")
     spawn_method: str = default("spawn_method")
@@ -62,7 +63,6 @@ class AppConfig:
 class AppTable:
     max_pool_size: int = default("max_pool_size")
     pool_idle_time_ms: int = default("pool_idle_time")
-    stat_throttle_rate_ms: int = default("stat_throttle_rate")
     apps: tuple[AppConfig, ...] = field(default_factory=tuple)
 
 

@@ -65,6 +65,10 @@ from agent.unix import describe_exit
 
 TICK_MS = 1000
 MEMORY_SAMPLE_INTERVAL_MS = 1000
+# A status reader may have this many processes sampled for it: about 0.1 ms
+# each for a small worker (psutil reads /proc/PID/smaps_rollup), so a few ms
+# at most between two turns of the loop, however large the pool.
+ON_DEMAND_SAMPLES = 32
 GUARD_LOG_INTERVAL_MS = 10_000
 
 
@@ -107,8 +111,7 @@ class Core:
         self.socket_numbers = itertools.count(1)
         self.next_tick = 0
         self.next_memory_sample = 0
-        self.next_restart_check = 0
-        self.stat_throttle_rate_ms = default("stat_throttle_rate")
+        self.next_restart_checks: dict[str, int] = {}              # app name -> when its files are next looked at
         self.notifying: dict[int, int] = {}                        # app id -> NOTIFY_* asked for
         self.restart_waiters: dict[str, list[Callable[[dict[str, Any]], None]]] = {}
         self.tickers: list[Callable[[], None]] = []   # called about once a second, on this loop
@@ -189,7 +192,6 @@ class Core:
     def apply_table(self, table: AppTable) -> None:
         self.pool.max_pool_size = table.max_pool_size
         self.pool.pool_idle_time_ms = table.pool_idle_time_ms
-        self.stat_throttle_rate_ms = table.stat_throttle_rate_ms
         wanted = {config.name: config for config in table.apps}
         for name, app in self.pool.apps.items():
             if name not in wanted and not app.removed:
@@ -217,6 +219,7 @@ class Core:
         elif change == "update":
             log.info("app %s: limits changed, applied to the running workers", config.name)
             app.config = config
+            self.next_restart_checks.pop(config.name, None)   # its stat throttle rate may be shorter now
         if config.prestart:
             app.activated = True
         self.engine.set_app(app.id, config.name, config.max_request_queue_size, config.max_request_queue_time_ms)
@@ -301,6 +304,17 @@ class Core:
             usage = sample_usage(worker.pid, worker.usage, (now - worker.sampled_at) / 1000)
             if usage is not None:
                 worker.usage, worker.memory, worker.sampled_at = usage, usage.private, now
+
+    def sample_stale_memory(self, limit: int = ON_DEMAND_SAMPLES) -> None:
+        """For a status reader: the processes never sampled (started since
+        the last round: a starting worker, one just ready) or sampled longer
+        ago than two rounds, those without a sample first, at most `limit`,
+        so that a reader right after a start sees every process's memory."""
+        now = monotonic_ms()
+        stale = [w for w in self.pool.workers() if not w.is_stopping()
+                 and (w.usage is None or now - w.sampled_at > 2 * MEMORY_SAMPLE_INTERVAL_MS)]
+        stale.sort(key=lambda w: (w.usage is not None, w.sampled_at))
+        self.sample_memory(stale[:limit])
 
     # -- handshakes and output ---------------------------------------------
 
@@ -682,13 +696,12 @@ class Core:
 
     def check_restart_files(self, now: int) -> None:
         """tmp/restart.txt touched: a rolling restart. tmp/always_restart.txt
-        present: every worker serves one request, then is replaced."""
-        if now < self.next_restart_check:
-            return
-        self.next_restart_check = now + max(self.stat_throttle_rate_ms, TICK_MS)
+        present: every worker serves one request, then is replaced. Each app
+        is looked at as often as its own agent_stat_throttle_rate allows."""
         for app in self.pool.apps.values():
-            if app.removed:
+            if app.removed or now < self.next_restart_checks.get(app.name, 0):
                 continue
+            self.next_restart_checks[app.name] = now + max(app.config.stat_throttle_rate_ms, TICK_MS)
             restart = self.look_at(app, "tmp/restart.txt")
             mtime = restart.st_mtime if restart is not None else None
             if policy.restart_file_touched(app, mtime):
@@ -824,6 +837,7 @@ class Core:
             self.engine.remove_app(app.id)
             self.notifying.pop(app.id, None)
             del self.pool.apps[app.name]
+            self.next_restart_checks.pop(app.name, None)
 
     # -- the policy ----------------------------------------------------------
 

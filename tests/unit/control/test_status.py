@@ -426,7 +426,11 @@ def test_wrong_method_is_405_with_allow(harness: Harness) -> None:
     b"GET server HTTP/1.1\r\n\r\n",
     b"GET /server HTTP/1.1\r\nno colon here\r\n\r\n",
     b"POST /logs/reopen HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
-    b"POST /logs/reopen HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /logs/reopen HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    b"POST /logs/reopen HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcde\r\n0\r\n\r\n",
+    b"POST /logs/reopen HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    b"POST /logs/reopen HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /logs/reopen HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nno colon\r\n\r\n",
 ])
 def test_malformed_request_is_400_and_closes(harness: Harness, garbage: bytes) -> None:
     with connect(harness.socket_path) as sock:
@@ -663,3 +667,70 @@ def test_a_client_that_half_closes_still_gets_its_answers(harness: Harness) -> N
         assert read_reply(sock).json() == {"ok": True, "app": "/srv/shop"}
         assert closed_by_server(sock)
     assert harness.server.connections == {}
+
+
+# -- body framings: chunked, Expect: 100-continue ----------------------------------
+
+
+CHUNKED_HEAD = b"POST /logs/reopen HTTP/1.1\r\nHost: agent\r\nTransfer-Encoding: chunked\r\n"
+
+
+def test_a_chunked_body_is_read_whole_and_the_next_request_follows_it(harness: Harness) -> None:
+    body = b"5;ext=1\r\nhello\r\nA\r\n, chunked!\r\n0\r\nX-Trailer: yes\r\n\r\n"
+    with connect(harness.socket_path) as sock:
+        # Sent in pieces, and followed on the same connection by another
+        # request: the framing must end exactly where the body does.
+        sock.sendall(CHUNKED_HEAD + b"\r\n" + body[:9])
+        sock.sendall(body[9:] + request_bytes("GET", "/server"))
+        assert read_reply(sock).json() == {"ok": True}
+        assert read_reply(sock).json() == SERVER_INFO
+    assert harness.provider.reopened == 1
+
+
+def test_a_chunked_body_counts_against_the_request_limit(harness: Harness) -> None:
+    chunk = b"x" * 4096
+    body = b"".join(b"1000\r\n" + chunk + b"\r\n" for _ in range(status.MAX_REQUEST // 4096 + 1))
+    with connect(harness.socket_path) as sock:
+        sock.sendall(CHUNKED_HEAD + b"\r\n" + body)
+        reply = read_reply(sock)
+        assert reply.status == 400 and "exceeds" in reply.json()["error"]
+    assert harness.provider.reopened == 0
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n"])
+def test_expect_100_continue_gets_100_before_the_body(harness: Harness, framing: bytes) -> None:
+    body = b"hello" if b"Content-Length" in framing else b"5\r\nhello\r\n0\r\n\r\n"
+    with connect(harness.socket_path) as sock:
+        sock.sendall(b"POST /logs/reopen HTTP/1.1\r\nHost: agent\r\n" + framing + b"Expect: 100-continue\r\n\r\n")
+        while len(sock.buffer) < len(status.CONTINUE):
+            assert sock.receive(), "closed before 100 Continue"
+        assert sock.take(len(status.CONTINUE)) == status.CONTINUE
+        assert harness.provider.reopened == 0          # the body has not come yet
+        sock.sendall(body)
+        assert read_reply(sock).json() == {"ok": True}
+        # One 100 Continue per request: the next request's answer comes alone.
+        sock.sendall(request_bytes("GET", "/server"))
+        assert read_reply(sock).json() == SERVER_INFO
+    assert harness.provider.reopened == 1
+
+
+def test_a_request_refused_on_its_headers_gets_no_100_continue(harness: Harness) -> None:
+    with connect(harness.socket_path) as sock:
+        sock.sendall(b"POST /logs/reopen HTTP/1.1\r\nContent-Length: 999999\r\nExpect: 100-continue\r\n\r\n")
+        reply = read_reply(sock)
+        assert reply.status == 400
+        assert closed_by_server(sock)
+
+
+@pytest.mark.parametrize(("header", "code"), [(b"Expect: something-else", 417),
+                                               (b"Transfer-Encoding: gzip, chunked", 501)])
+def test_unmet_expectations_and_unknown_codings_are_refused(harness: Harness, header: bytes, code: int) -> None:
+    with connect(harness.socket_path) as sock:
+        sock.sendall(b"POST /logs/reopen HTTP/1.1\r\nContent-Length: 0\r\n" + header + b"\r\n\r\n"
+                     if b"Expect" in header else
+                     b"POST /logs/reopen HTTP/1.1\r\n" + header + b"\r\n\r\n0\r\n\r\n")
+        reply = read_reply(sock)
+        assert reply.status == code
+        assert reply.json()["error"]
+        assert closed_by_server(sock)
+    assert harness.provider.reopened == 0
