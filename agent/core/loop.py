@@ -315,6 +315,10 @@ class Core:
                  and (w.usage is None or now - w.sampled_at > 2 * MEMORY_SAMPLE_INTERVAL_MS)]
         stale.sort(key=lambda w: (w.usage is not None, w.sampled_at))
         self.sample_memory(stale[:limit])
+        # A preloader (one an app, two during a restart) as well: one still
+        # loading the app has not been sampled yet.
+        self.sample_preloaders(now, [p for p in self.pool.preloaders()
+                                     if p.usage is None or now - p.sampled_at > 2 * MEMORY_SAMPLE_INTERVAL_MS])
 
     # -- handshakes and output ---------------------------------------------
 
@@ -631,8 +635,8 @@ class Core:
         preloader.stop_deadline = None
         self.supervision.kill(preloader.pid)
 
-    def sample_preloaders(self, now: int) -> None:
-        for preloader in self.pool.preloaders():
+    def sample_preloaders(self, now: int, preloaders: list[Preloader] | None = None) -> None:
+        for preloader in self.pool.preloaders() if preloaders is None else preloaders:
             usage = sample_usage(preloader.pid, preloader.usage, (now - preloader.sampled_at) / 1000)
             if usage is not None:
                 preloader.usage, preloader.sampled_at = usage, now

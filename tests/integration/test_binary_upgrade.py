@@ -47,6 +47,7 @@ def daemon_stack() -> Iterator[Stack]:
         subprocess.run(stack.nginx_command(), check=True, stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: stack.get("/").status == 200, timeout=30, what="the app through nginx")
+        wait_until(lambda: (root / "nginx.pid").exists(), timeout=30, what="the daemon's pid file")
         yield stack
     except BaseException:
         print(stack.logs())

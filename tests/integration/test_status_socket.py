@@ -21,7 +21,12 @@ time.sleep(20)
 def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"ready"]
-""", "/", directives={"agent_prestart": "on", "agent_min_instances": "2", "agent_start_timeout": "60s"})
+""", "/", directives={"agent_prestart": "on", "agent_min_instances": "2", "agent_start_timeout": "60s",
+                      "agent_spawn_method": "direct"})
+# The same app under smart spawning: its preloader loads it, and is the
+# process that is starting.
+SLOW_PRELOAD = AppSpec("slow-smart", SLOW_START.source, "/", directives={
+    "agent_prestart": "on", "agent_min_instances": "2", "agent_start_timeout": "60s", "agent_spawn_method": "smart"})
 
 
 def status_pool(stack: Stack) -> dict[str, Any]:
@@ -43,6 +48,18 @@ def test_agentctl_status_right_after_a_start_shows_every_process_memory() -> Non
             memory = process["memory"]
             assert memory is not None, process
             assert memory["rss"] > 0 and memory["private"] > 0, process
+
+
+def test_agentctl_status_right_after_a_start_shows_the_loading_preloaders_memory() -> None:
+    with running_stack([SLOW_PRELOAD]) as stack:
+        wait_until(lambda: stack.preloader_processes(SLOW_PRELOAD), what="a preloader loading the app")
+        app = status_pool(stack)["apps"][0]
+        assert app["processes"] == []
+        (preloader,) = app["preloaders"]
+        assert preloader["state"] == "starting", preloader
+        memory = preloader["memory"]
+        assert memory is not None, preloader
+        assert memory["rss"] > 0 and memory["private"] > 0, preloader
 
 
 def exchange(path: str, data: bytes, then: bytes = b"") -> tuple[bytes, bytes]:
