@@ -10,10 +10,13 @@ divided by the stack's CPU seconds: what one fully busy core serves, wrk's
 own CPU left out. Memory per worker is each worker's PSS and USS (private)
 after the run.
 
-    .venv/bin/python bench/capacity.py [--duration 10] [--apps hello,shared-state]
+    .venv/bin/python bench/capacity.py [--duration 10] [--apps hello,shared-state,django]
+                                       [--spawn-methods direct,smart]
 
-Needs root (the agent runs workers as nobody), wrk, redis-server, and the
-built module (`make build`). Prints a Markdown table and writes
+Each app runs once per spawn method (agent_spawn_method). Needs root (the
+agent runs workers as nobody), wrk, redis-server, the built module (`make
+build`) and PyPI for the apps' virtualenvs (shared-state's redis client,
+examples/django's Django). Prints a Markdown table and writes
 bench/results/capacity.json.
 """
 
@@ -46,6 +49,7 @@ RESULTS = BENCH / "results"
 @dataclass
 class Figures:
     app: str
+    spawn_method: str
     workers: int
     connections: int
     seconds: float
@@ -103,12 +107,14 @@ def redis_server(directory: Path) -> Iterator[subprocess.Popen[bytes]]:
         process.wait(timeout=15)
 
 
-def app_virtualenv(directory: Path) -> Path:
-    subprocess.run([APP_PYTHON, "-m", "venv", str(directory)], check=True)
-    python = directory / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
-                    str(REPO / "examples" / "shared-state" / "requirements.txt")], check=True)
-    return python
+def app_virtualenv(directory: Path, app: str) -> Path:
+    """The example's own virtualenv, with its requirements.txt."""
+    if not (directory / "bin" / "python").exists():
+        subprocess.run([APP_PYTHON, "-m", "venv", str(directory)], check=True)
+        subprocess.run([str(directory / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "-r", str(REPO / "examples" / app / "requirements.txt")], check=True)
+        subprocess.run(["chmod", "-R", "a+rX", str(directory)], check=True)
+    return directory / "bin" / "python"
 
 
 @contextlib.contextmanager
@@ -136,8 +142,20 @@ def serving(app_dir: Path, run_dir: Path, workers: int, extra: list[str]) -> Ite
                 process.wait()
 
 
+PRELOADER_NAME = "agent-preloader"
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def workers_of(root: int) -> list[int]:
-    return [pid for pid in procfs.descendants(root) if "/loaders/" in procfs.command_line(pid)]
+    """The app workers under root: the loader's processes but the preloader."""
+    return [pid for pid in procfs.descendants(root)
+            if "/loaders/" in procfs.command_line(pid) and process_name(pid) != PRELOADER_NAME]
 
 
 def stack_cpu(pids: list[int]) -> dict[int, float]:
@@ -145,7 +163,8 @@ def stack_cpu(pids: list[int]) -> dict[int, float]:
     return {pid: s for pid, s in seconds.items() if s is not None}
 
 
-def measure(name: str, port: int, roots: list[int], workers: int, connections: int, duration: float) -> Figures:
+def measure(name: str, method: str, port: int, roots: list[int], workers: int, connections: int,
+            duration: float) -> Figures:
     url = f"http://127.0.0.1:{port}/"
     wrk.run("wrk", url, connections, 2)                      # warm-up: imports, caches, connections
     pids = sorted({p for root in roots for p in [root, *procfs.descendants(root)]})
@@ -155,36 +174,41 @@ def measure(name: str, port: int, roots: list[int], workers: int, connections: i
     used = sum(after[pid] - before[pid] for pid in after if pid in before)
     worker_pids = [pid for root in roots for pid in workers_of(root)]
     mib = 1024.0
-    return Figures(name, workers, connections, result.seconds, result.requests, result.errors, result.rate, used,
-                   result.cpu, busy_after - busy_before, result.requests / used if used else 0.0,
+    return Figures(name, method, workers, connections, result.seconds, result.requests, result.errors, result.rate,
+                   used, result.cpu, busy_after - busy_before, result.requests / used if used else 0.0,
                    [round((procfs.pss_kib(p) or 0) / mib, 1) for p in worker_pids],
                    [round((uss_kib(p) or 0) / mib, 1) for p in worker_pids])
 
 
-def run_app(name: str, scratch: Path, workers: int, connections: int, duration: float) -> Figures:
-    app_dir = scratch / name
-    shutil.copytree(REPO / "examples" / name, app_dir)
-    run_dir = scratch / f"run-{name}"
+def run_app(name: str, method: str, scratch: Path, workers: int, connections: int, duration: float) -> Figures:
+    app_dir = scratch / f"{name}-{method}"
+    shutil.copytree(REPO / "examples" / name, app_dir, ignore=shutil.ignore_patterns("__pycache__", "db.sqlite3"))
+    run_dir = scratch / f"run-{name}-{method}"
     subprocess.run(["chmod", "-R", "a+rX", str(scratch)], check=True)
-    if name != "shared-state":
-        with serving(app_dir, run_dir, workers, []) as (port, pid):
-            return measure(name, port, [pid], workers, connections, duration)
-    python = app_virtualenv(scratch / "venv")
-    store = scratch / "redis"
+    extra = ["--spawn-method", method]
+    if name == "hello":
+        with serving(app_dir, run_dir, workers, extra) as (port, pid):
+            return measure(name, method, port, [pid], workers, connections, duration)
+    python = app_virtualenv(scratch / f"venv-{name}", name)
+    extra += ["--python", str(python)]
+    if name == "django":
+        with serving(app_dir, run_dir, workers, extra) as (port, pid):
+            return measure(name, method, port, [pid], workers, connections, duration)
+    store = scratch / f"redis-{method}"
     store.mkdir()
     os.chmod(store, 0o755)
-    subprocess.run(["chmod", "-R", "a+rX", str(scratch)], check=True)
     with redis_server(store) as redis:
-        extra = ["--python", str(python), "--env", f"REDIS_URL=unix://{store / 'redis.sock'}"]
+        extra += ["--env", f"REDIS_URL=unix://{store / 'redis.sock'}"]
         with serving(app_dir, run_dir, workers, extra) as (port, pid):
-            return measure(name, port, [pid, redis.pid], workers, connections, duration)
+            return measure(name, method, port, [pid, redis.pid], workers, connections, duration)
 
 
 def table(rows: list[Figures]) -> str:
-    lines = ["| app | workers | connections | req/s | stack CPU s | req per CPU second | errors | "
-             "PSS per worker (MiB) | USS per worker (MiB) |", "| --- " * 9 + "|"]
+    lines = ["| app | spawn method | workers | connections | req/s | stack CPU s | req per CPU second | errors | "
+             "PSS per worker (MiB) | USS per worker (MiB) |", "| --- " * 10 + "|"]
     for f in rows:
-        lines.append(f"| {f.app} | {f.workers} | {f.connections} | {f.rate:,.0f} | {f.stack_cpu:.1f} | "
+        lines.append(f"| {f.app} | {f.spawn_method} | {f.workers} | {f.connections} | {f.rate:,.0f} | "
+                     f"{f.stack_cpu:.1f} | "
                      f"{f.per_core:,.0f} | {f.errors} | {', '.join(map(str, f.pss_mib))} | "
                      f"{', '.join(map(str, f.uss_mib))} |")
     return "\n".join(lines)
@@ -195,13 +219,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--apps", default="hello,shared-state")
+    parser.add_argument("--apps", default="hello,shared-state,django")
+    parser.add_argument("--spawn-methods", default="direct,smart")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="agent-capacity-", dir="/tmp"))
     os.chmod(scratch, 0o755)
     try:
-        rows = [run_app(name, scratch, args.workers, args.connections, args.duration)
-                for name in args.apps.split(",")]
+        rows = [run_app(name, method, scratch, args.workers, args.connections, args.duration)
+                for name in args.apps.split(",") for method in args.spawn_methods.split(",")]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)

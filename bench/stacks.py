@@ -471,7 +471,10 @@ class AgentStack(Stack):
         anchor = "agent_enabled on;"
         if anchor not in printed.stdout:
             raise StackError(f"no `{anchor}` in the config agentctl serve printed")
-        text = printed.stdout.replace(anchor, f"{anchor}\n            agent_spawn_method {method};", 1)
+        # serve prints every setting, the spawn method's default among them: ours takes its place.
+        kept = "".join(line for line in printed.stdout.splitlines(keepends=True)
+                       if not line.strip().startswith("agent_spawn_method "))
+        text = kept.replace(anchor, f"{anchor}\n            agent_spawn_method {method};", 1)
         # What serve's own run directory has: tmp/ of root's alone.
         (self.run_dir / "tmp").mkdir(mode=0o700, exist_ok=True)
         config = self.run_dir / "nginx.conf"
