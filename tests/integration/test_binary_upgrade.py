@@ -31,6 +31,13 @@ def master_pid(stack: Stack, suffix: str = "") -> int:
     return int((stack.root / f"nginx.pid{suffix}").read_text())
 
 
+def pid_file_written(path: Path) -> bool:
+    try:
+        return path.read_text().strip().isdigit()
+    except FileNotFoundError:
+        return False
+
+
 def gone(pid: int) -> bool:
     return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -47,7 +54,7 @@ def daemon_stack() -> Iterator[Stack]:
         subprocess.run(stack.nginx_command(), check=True, stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: stack.get("/").status == 200, timeout=30, what="the app through nginx")
-        wait_until(lambda: (root / "nginx.pid").exists(), timeout=30, what="the daemon's pid file")
+        wait_until(lambda: pid_file_written(root / "nginx.pid"), timeout=30, what="the daemon's pid file")
         yield stack
     except BaseException:
         print(stack.logs())
@@ -78,6 +85,8 @@ def test_binary_upgrade_keeps_the_agent_and_its_workers_serving(daemon_stack: St
         wait_until(lambda: load.completed() >= 100, what="the load to run")
         os.kill(old_master, signal.SIGUSR2)
         wait_until(lambda: (stack.root / "nginx.pid.oldbin").exists(), what="the new master")
+        # The old master renames its pid file first; the new one writes its own after.
+        wait_until(lambda: pid_file_written(stack.root / "nginx.pid"), what="the new master's pid file")
         new_master = master_pid(stack)
         assert new_master != old_master
         wait_until(lambda: "took over the agent" in stack.error_log.read_text(), what="the new master's notice")
