@@ -1,8 +1,9 @@
 """libFuzzer (atheris) harness for the status socket's request parser,
 agent/control/server.py: parse_request must answer any input with a
-request, "incomplete" (None) or a StatusError of status 400 with a short
-message; any other exception, or a request that breaks the invariants
-below, is a crash.
+request, "incomplete" (None) or a StatusError with a short message, of
+status 400, 417 (an Expect it cannot meet) or 501 (a transfer coding other
+than chunked); any other exception, or a request that breaks the
+invariants below, is a crash.
 
     make fuzz                                  (runs it for FUZZ_SECONDS)
     .venv/bin/python tests/fuzz/fuzz_status_request.py -max_total_time=60 \\
@@ -18,6 +19,7 @@ from __future__ import annotations
 import sys
 
 MAX_MESSAGE = 120   # an error's text stays short, whatever the input quoted
+PARSE_ERRORS = (400, 417, 501)
 
 
 def check(data: bytes) -> None:
@@ -26,7 +28,7 @@ def check(data: bytes) -> None:
     try:
         parsed = parse_request(data)
     except StatusError as error:
-        if error.status != 400 or not error.message or len(error.message) > MAX_MESSAGE:
+        if error.status not in PARSE_ERRORS or not error.message or len(error.message) > MAX_MESSAGE:
             raise AssertionError(f"bad error {error.status} {error.message!r}") from None
         # The answer can be written: its body is JSON of bounded size.
         assert len(error_response(error.status, error.message).body) < 2 * MAX_MESSAGE + 20
