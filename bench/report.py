@@ -343,11 +343,9 @@ def noise_note(results: Sequence[StackResult], cores: int) -> str:
     return text + "."
 
 
-def markdown(machine: Machine, results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
-             connections: Sequence[int], quick: bool) -> str:
-    kind = f"a quick run ({machine.duration:g} s per wrk run)" if quick else \
-        f"one run of `make bench` ({machine.duration:g} s per wrk run)"
-    info = table(["", ""], [
+def machine_table(machine: Machine, agent_python: bool, wrk: bool) -> str:
+    """The report's table of the machine and the programs' versions."""
+    rows = [
         ["date", machine.date],
         ["CPU", f"{machine.cpu}, {machine.cores} cores"],
         ["memory", f"{machine.memory_gib:.1f} GiB"],
@@ -355,11 +353,19 @@ def markdown(machine: Machine, results: Sequence[StackResult], workloads: Sequen
         ["load average (1, 5, 15 min) at start, at end", f"{machine.load}; {machine.load_end}"],
         ["nginx", machine.nginx],
         ["app workers' Python (every stack)", machine.app_python],
-        ["agent core's Python", machine.agent_python],
+        *([["agent core's Python", machine.agent_python]] if agent_python else []),
         ["gunicorn", machine.gunicorn],
         ["uWSGI", machine.uwsgi],
-        ["wrk", machine.wrk],
-    ])
+        *([["wrk", machine.wrk]] if wrk else []),
+    ]
+    return table(["", ""], rows)
+
+
+def markdown(machine: Machine, results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
+             connections: Sequence[int], quick: bool) -> str:
+    kind = f"a quick run ({machine.duration:g} s per wrk run)" if quick else \
+        f"one run of `make bench` ({machine.duration:g} s per wrk run)"
+    info = machine_table(machine, agent_python=True, wrk=True)
     busy_note = f"\n{noise_note(results, machine.cores)}\n"
     second_pass = (f"- After a stack's runs it starts again with nginx at {machine.more_nginx_workers} worker\n"
                    "  processes, for hello world at 16 and 64 connections (`--more-nginx-workers`).\n"

@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 
 from figures import NOT_AVAILABLE, MemoryFigures, SpawnFigures
-from report import Machine, table
+from report import Machine, machine_table, table
 
 PEER = "uWSGI"                   # the stack the ratios divide by
 SMART, DIRECT = "agent smart", "agent direct"
@@ -163,17 +163,7 @@ def results_section(spawns: Sequence[SpawnFigures], memory: Sequence[MemoryFigur
 
 
 def markdown(machine: Machine, spawns: Sequence[SpawnFigures], memory: Sequence[MemoryFigures]) -> str:
-    info = table(["", ""], [
-        ["date", machine.date],
-        ["CPU", f"{machine.cpu}, {machine.cores} cores"],
-        ["memory", f"{machine.memory_gib:.1f} GiB"],
-        ["kernel", machine.kernel],
-        ["load average (1, 5, 15 min) at start, at end", f"{machine.load}; {machine.load_end}"],
-        ["nginx", machine.nginx],
-        ["app workers' Python (every stack)", machine.app_python],
-        ["gunicorn", machine.gunicorn],
-        ["uWSGI", machine.uwsgi],
-    ])
+    info = machine_table(machine, agent_python=False, wrk=False)
     return f"""# Benchmarks: spawning and memory
 
 The figures below come from one run of the spawn and memory part of the
