@@ -62,8 +62,15 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def tool_env() -> dict[str, str]:
+    """The environment of the system's tools (ip): without a preloaded
+    library, such as the sanitizer runtimes `make sanitize` preloads for the
+    agent's instrumented engine, which these tools were not built for."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def run(*command: str) -> None:
-    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    subprocess.run(command, check=True, capture_output=True, timeout=60, env=tool_env())
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -161,13 +168,13 @@ class Network:
 
     def routes(self, namespace: str) -> list[str]:
         out = subprocess.run(["ip", "-n", namespace, "route", "show", "table", "all"], check=True,
-                             capture_output=True, text=True).stdout
+                             capture_output=True, text=True, env=tool_env()).stdout
         return [line for line in out.splitlines() if line.strip()]
 
     def remove(self) -> None:
         """Deleting a namespace deletes its veth ends, and their peers."""
         for namespace in [self.lb, *(name for name, _ in self.members)]:
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, env=tool_env())
         self.members.clear()
 
 
