@@ -29,13 +29,14 @@ processes; USS does not count what they share.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,47 +324,44 @@ class Runner:
         return stack
 
 
-def run_spawns(runner: Runner, count: int) -> SpawnFigures:
-    figures = SpawnFigures(SPAWN_LABELS[runner.kind], runner.app.key)
+@contextlib.contextmanager
+def measuring(runner: Runner, figures: SpawnFigures | MemoryFigures, workers: int, what: str) -> Iterator[Stack]:
+    """A started stack for one measurement: a method the module refuses, or
+    a failure, becomes the figures' error; the stack is stopped whatever
+    happens, and the runner's note goes with the figures."""
     stack = None
     try:
-        stack = runner.started(1)
-        print(f"bench: {figures.stack}, {runner.app.title}: {count} spawns (run dir {stack.run_dir})", flush=True)
-        measure_spawns(stack, runner.app, figures, count)
+        stack = runner.started(workers)
+        yield stack
     except SpawnMethodUnavailable as e:
         figures.error = NOT_AVAILABLE + first_line(e)
         print(f"bench: {figures.stack}: {figures.error}", flush=True)
     except (StackError, SpawnError, wrk.WrkError, OSError) as e:
         figures.error = first_line(e)
-        print(f"bench: {figures.stack}, {runner.app.title}: spawns failed: {e}", flush=True)
+        print(f"bench: {figures.stack}, {runner.app.title}: {what} failed: {e}", flush=True)
     finally:
         if stack is not None:
             stack.stop()
-    figures.note = runner.note
+        figures.note = runner.note
+
+
+def run_spawns(runner: Runner, count: int) -> SpawnFigures:
+    figures = SpawnFigures(SPAWN_LABELS[runner.kind], runner.app.key)
+    with measuring(runner, figures, 1, "spawns") as stack:
+        print(f"bench: {figures.stack}, {runner.app.title}: {count} spawns (run dir {stack.run_dir})", flush=True)
+        measure_spawns(stack, runner.app, figures, count)
     return figures
 
 
 def run_memory(runner: Runner, workers: int) -> MemoryFigures:
     figures = MemoryFigures(SPAWN_LABELS[runner.kind], runner.app.key, workers)
-    stack = None
-    try:
-        stack = runner.started(workers)
+    with measuring(runner, figures, workers, f"{workers} workers: memory") as stack:
         measure_memory(stack, runner.app, runner.setup.wrk_bin, figures)
         mine = figures.of_workers()
         print(f"  {figures.stack:18} {runner.app.key:6} {workers:2} workers: worker USS "
               f"{sum(p.uss_kib for p in mine) / len(mine) / 1024:6.1f} MiB, PSS "
               f"{sum(p.pss_kib for p in mine) / len(mine) / 1024:6.1f} MiB; whole app PSS "
               f"{figures.total_pss_kib() / 1024:7.1f} MiB", flush=True)
-    except SpawnMethodUnavailable as e:
-        figures.error = NOT_AVAILABLE + first_line(e)
-        print(f"bench: {figures.stack}: {figures.error}", flush=True)
-    except (StackError, SpawnError, wrk.WrkError, OSError) as e:
-        figures.error = first_line(e)
-        print(f"bench: {figures.stack}, {runner.app.title}, {workers} workers: memory failed: {e}", flush=True)
-    finally:
-        if stack is not None:
-            stack.stop()
-    figures.note = runner.note
     return figures
 
 
