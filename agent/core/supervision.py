@@ -95,7 +95,13 @@ class Supervision:
 
     def kill(self, pid: int) -> None:
         """SIGKILL to the worker, everything in its process group and,
-        with cgroups, everything in its cgroup."""
+        with cgroups, everything in its cgroup. The worker itself first: a
+        worker just forked has made neither its group nor its move into
+        the cgroup yet, and the other two would miss it. It is not yet
+        reaped (its exit is what makes it leave the pool), so its pid is
+        still its own."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         cgroup = self.cgroups.get(pid)
