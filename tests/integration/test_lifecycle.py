@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 
 import psutil
 import pytest
@@ -49,6 +50,39 @@ def test_nginx_stop_stops_the_agent_and_every_worker() -> None:
         wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                                    for p in pids), what="every agent process to exit")
         assert not stack.instance.joinpath("agent.sock").exists()
+        # nginx's workers left nothing of the module's open ("open socket
+        # ... left in connection", then "aborting")
+        assert "[alert]" not in stack.error_log.read_text()
+
+
+# The worker's start lasts long enough that the agent's stop lands inside
+# it: a forked worker's in an at-fork hook, before it has made its own
+# process group or joined its cgroup, while its preloader, slow to exit,
+# outlives that hook (the preloader's end kills what is left in its group);
+# a direct worker's in the app's import.
+SLOW_START = {
+    "smart": apps.HELLO + "\nimport atexit, os, time\nos.register_at_fork(after_in_child=lambda: time.sleep(0.5))"
+                          "\natexit.register(lambda: time.sleep(2))\n",
+    "direct": "import time\ntime.sleep(5)\n" + apps.HELLO,
+}
+
+
+@pytest.mark.parametrize("spawn_method", ["smart", "direct"])
+def test_nginx_stop_kills_a_worker_that_is_still_starting(spawn_method: str) -> None:
+    app = AppSpec("slow", SLOW_START[spawn_method], "/",
+                  directives={"agent_spawn_method": spawn_method, "agent_prestart": "on"})
+    with running_stack([app]) as stack:
+        wait_until(lambda: "spawned worker" in stack.logs(), what="the worker's spawn")
+        # by its pid: a forked worker still has its preloader's name
+        starting = int(re.findall(r"spawned worker (\d+)", stack.log_file.read_text())[0])
+        assert psutil.pid_exists(starting)
+        pids = stack.all_agent_pids() | {starting}
+        stack.stop()
+        wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                                   for p in pids), what="every agent process to exit")
+        log = stack.log_file.read_text()
+        assert "killing worker" in log and "agent shutdown" in log
+        assert "ready in" not in log.split("shutting down")[1]
 
 
 def test_workers_run_as_the_owner_of_the_startup_file() -> None:
