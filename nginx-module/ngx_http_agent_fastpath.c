@@ -308,6 +308,12 @@ ngx_http_agent_fp_exit_worker(ngx_cycle_t *cycle)
         return;
     }
 
+    /* closed here, before nginx looks for connections left open at exit */
+    if (ngx_http_agent_fp_wake != NULL) {
+        ngx_close_connection(ngx_http_agent_fp_wake);
+        ngx_http_agent_fp_wake = NULL;
+    }
+
     if (ngx_http_agent_fp_wake_path
         && unlink((char *) ngx_http_agent_fp_wake_path) == -1)
     {
