@@ -97,11 +97,11 @@ class FastPathTable:
             self.map.close()
         os.close(self.fd)
 
-    def clear(self) -> None:
-        """Every app row closed and zeroed, every slot FREE (nginx's proc rows kept)."""
-        ctypes.memset(ctypes.addressof(self.t.apps), 0, ctypes.sizeof(self.t.apps))
-        ctypes.memset(ctypes.addressof(self.t.slots), 0, ctypes.sizeof(self.t.slots))
-        self.t.header.slots_used = 0
+    def forget(self, row: int, slot: int) -> None:
+        """One app row closed and zeroed, one slot FREE; the engine's rows and
+        slots, and nginx's proc rows, are left as they are."""
+        ctypes.memset(ctypes.addressof(self.t.apps[row]), 0, ctypes.sizeof(App))
+        ctypes.memset(ctypes.addressof(self.t.slots[slot]), 0, ctypes.sizeof(Slot))
 
     def open_app(self, row: int, name: str, max_queue: int = 100, queue_timeout_ms: int = 0,
                  request_time_ms: int = 0) -> App:

@@ -229,7 +229,12 @@ http {{
         return psutil.Process(self.process.pid)
 
     def nginx_worker_pids(self) -> list[int]:
-        return [p.pid for p in self.master().children() if "nginx" in p.name()]
+        pids = []
+        for child in self.master().children():
+            with contextlib.suppress(psutil.NoSuchProcess):   # a worker that exits meanwhile
+                if "nginx" in child.name():
+                    pids.append(child.pid)
+        return pids
 
     def agent_running(self) -> bool:
         return Instance(self.instance).watchdog_running()
@@ -308,7 +313,11 @@ def running_stack(apps: list[AppSpec], http_directives: dict[str, str] | None = 
         print(stack.logs())
         raise
     finally:
-        stack.stop()
+        try:
+            stack.stop()
+        except BaseException:
+            print(stack.logs())
+            raise
         shutil.rmtree(root, ignore_errors=True)
 
 

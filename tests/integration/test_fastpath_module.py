@@ -32,9 +32,13 @@ from tests.integration.fastpath_table import (
 )
 from tests.integration.stack import NGINX_USER, AppSpec, Stack, running_stack, wait_until
 
-FAST = AppSpec("fast", apps.HELLO, "/")
-ROW = 5        # any row: the module finds the app's by its name
-SLOT = 3
+# The engine serves the same app. A limit checked after every request
+# (agent_max_requests) keeps the engine's own row for it closed, so that the
+# module finds only the test's row; the engine's slots stay where it put
+# them, far below the test's.
+FAST = AppSpec("fast", apps.HELLO, "/", directives={"agent_max_requests": "1000000"})
+ROW = 60       # any row: the module finds the app's by its name
+SLOT = 200
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +51,12 @@ def stack() -> Iterator[Stack]:
 @pytest.fixture
 def table(stack: Stack) -> Iterator[FastPathTable]:
     t = FastPathTable(stack.instance)
-    t.clear()
+    engine_row = t.row_of(str(stack.app_root(FAST)))
+    assert engine_row is not None and engine_row != ROW
+    wait_until(lambda: t.app(engine_row).open == 0, what="the engine's row to close")
+    t.forget(ROW, SLOT)
     yield t
-    t.clear()
+    t.forget(ROW, SLOT)
     t.close()
 
 
