@@ -137,6 +137,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_preloader_idle_time", T, APP, 300_000,
             "a preloader that has forked no worker this long is stopped; 0: never",
             "passenger_max_preloader_idle_time"),
+    Setting("concurrency_model", E, APP, "process",
+            "process: a worker serves one request at a time; thread: agent_thread_count at once, one per thread",
+            "passenger_concurrency_model", choices=("process", "thread")),
+    Setting("thread_count", N, APP, 1, "requests one worker serves at once with agent_concurrency_model thread",
+            "passenger_thread_count", minimum=1, maximum=1024),
     # -- nginx's side only --------------------------------------------------------------
     Setting("enabled", F, LOC, False, "hand this location's dynamic requests to the agent",
             "passenger_enabled", serve=False),

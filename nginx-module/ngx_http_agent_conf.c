@@ -203,6 +203,17 @@ static ngx_str_t  ngx_http_agent_app_types[] = {
     ngx_null_string
 };
 
+/* a worker's threads: as many as the agent's handshake accepts */
+static ngx_conf_num_bounds_t  ngx_http_agent_thread_bounds = {
+    ngx_conf_check_num_bounds, 1, 1024
+};
+
+static ngx_str_t  ngx_http_agent_concurrency_models[] = {
+    ngx_string("process"),
+    ngx_string("thread"),
+    ngx_null_string
+};
+
 static ngx_str_t  ngx_http_agent_spawn_methods[] = {
     ngx_string("smart"),
     ngx_string("direct"),

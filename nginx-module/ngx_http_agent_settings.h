@@ -106,7 +106,10 @@
     X(shutdown_timeout, MSEC, APP, 60000, &ngx_http_agent_nonzero_msec)       \
     X(start_timeout, MSEC, APP, 90000, &ngx_http_agent_nonzero_msec)          \
     X(spawn_method, ENUM, APP, "smart", ngx_http_agent_spawn_methods)         \
-    X(max_preloader_idle_time, MSEC, APP, 300000, NULL)
+    X(max_preloader_idle_time, MSEC, APP, 300000, NULL)                      \
+    X(concurrency_model, ENUM, APP, "process",                                \
+      ngx_http_agent_concurrency_models)                                      \
+    X(thread_count, NUM, APP, 1, &ngx_http_agent_thread_bounds)
 
 
 /* how nginx serves a location */

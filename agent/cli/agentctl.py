@@ -120,11 +120,21 @@ def format_server(server: dict[str, Any]) -> list[str]:
     ]
 
 
+def threads(app: dict[str, Any]) -> str:
+    return f", {app.get('thread_count')} threads per process" if app.get("concurrency_model") == "thread" else ""
+
+
+def sessions(process: dict[str, Any]) -> str:
+    """Requests in flight; out of how many at once when a worker takes more than one."""
+    concurrency = process.get("concurrency", 1)
+    return f"{process.get('sessions', 0)}/{concurrency}" if concurrency > 1 else str(process.get("sessions", 0))
+
+
 def format_app(app: dict[str, Any], now: float) -> list[str]:
     processes = app.get("processes", [])
     bounds = f"min {app.get('min_instances', '?')}, max {app.get('max_instances') or 'no bound'}"
     lines = [
-        f"{app['name']} ({app.get('app_type', 'wsgi')})",
+        f"{app['name']} ({app.get('app_type', 'wsgi')}{threads(app)})",
         f"  Queue: {app.get('queue_length', 0)}  Requests: {app.get('requests', 0)}  "
         f"Processes: {len(processes)} ({bounds})  Restarts: {app.get('restarts', 0)}  "
         f"Failed: {app.get('failed', 0)}",
@@ -139,7 +149,7 @@ def format_app(app: dict[str, Any], now: float) -> list[str]:
         lines.append(f"  Last start failure: {error.get('summary', '?')} ({ago(error.get('at'), now)})")
     if not processes:
         return [*lines, "  (no processes)"]
-    rows = [[str(p["pid"]), str(p.get("state", "?")), str(p.get("sessions", 0)), str(p.get("processed", 0)),
+    rows = [[str(p["pid"]), str(p.get("state", "?")), sessions(p), str(p.get("processed", 0)),
              duration(p.get("uptime")), percent(p.get("cpu_percent")), megabytes(memory_of(p, "private")),
              ago(p.get("last_used"), now)] for p in processes]
     headers = ["PID", "STATE", "SESSIONS", "PROCESSED", "UPTIME", "CPU%", "PRIVATE MB", "LAST USED"]

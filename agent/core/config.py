@@ -46,6 +46,8 @@ class AppConfig:
     start_timeout_ms: int = default("start_timeout")
     spawn_method: str = default("spawn_method")
     max_preloader_idle_time_ms: int = default("max_preloader_idle_time")
+    concurrency_model: str = default("concurrency_model")
+    thread_count: int = default("thread_count")
 
     @property
     def startup_path(self) -> Path:
@@ -56,7 +58,13 @@ class AppConfig:
         app's processes are replaced; the other settings are limits the
         policy applies to the running processes as they are."""
         return (self.app_root, self.app_type, self.startup_file, self.python, self.env,
-                self.user, self.group, self.default_user, self.spawn_method)
+                self.user, self.group, self.default_user, self.spawn_method,
+                self.concurrency)
+
+    @property
+    def concurrency(self) -> int:
+        """Requests one worker serves at once."""
+        return self.thread_count if self.concurrency_model == "thread" else 1
 
 
 @dataclass(frozen=True)

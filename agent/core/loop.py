@@ -360,7 +360,8 @@ class Core:
     def finish_handshake(self, app: App, worker: Worker, data: bytes) -> None:
         said = handshake.read(worker.pid, data)
         if said.ready:
-            self.worker_ready(app, worker, said.concurrency)
+            # A worker never takes more at once than its app allows.
+            self.worker_ready(app, worker, min(said.concurrency, app.config.concurrency))
             return
         self.spawn_failed(app, said.summary, said.details)
         self.kill(worker, "failed to start")

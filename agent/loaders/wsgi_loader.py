@@ -3,9 +3,11 @@
 Started as ``PYTHON wsgi_loader.py`` by the agent core with the environment
 and file descriptors of docs/protocol.md section 3. It loads the app's
 startup file, reports readiness (or a structured error) on the handshake
-pipe, then serves requests one at a time (its concurrency is 1) over many
-connections: the engine's, and one kept by each nginx worker process that
-takes the fast path. Request frames as in section 1, responses cut into
+pipe, then serves requests over many connections: the engine's, and one
+kept by each nginx worker process that takes the fast path. Its
+concurrency (AGENT_CONCURRENCY) is 1 with agent_concurrency_model process:
+one request at a time, on the main thread; with thread it is
+agent_thread_count, each request on a thread of its own. Request frames as in section 1, responses cut into
 records as in section 2. Only the uids in AGENT_PEER_UIDS may connect.
 
 The core copies this file next to the other loaders and runs it under the
@@ -304,9 +306,9 @@ def write_handshake(ready_fd: int, data: bytes) -> None:
             pass
 
 
-def report_ready(ready_fd: int) -> None:
+def report_ready(ready_fd: int, concurrency: int) -> None:
     # Formatted here rather than by json, which a worker then never imports.
-    write_handshake(ready_fd, b'{"status": "ready", "pid": %d, "concurrency": 1}\n' % os.getpid())
+    write_handshake(ready_fd, b'{"status": "ready", "pid": %d, "concurrency": %d}\n' % (os.getpid(), concurrency))
 
 
 def report_load_error(ready_fd: int, error: LoadError) -> None:
@@ -725,7 +727,7 @@ CGI_FALLBACKS = (
 )
 
 
-def wsgi_environ_base() -> dict[str, Any]:
+def wsgi_environ_base(multithread: bool = False) -> dict[str, Any]:
     """The environ keys every request shares, copied for each one.
 
     It holds no CGI key, so that after the frame's pairs are added the
@@ -735,7 +737,7 @@ def wsgi_environ_base() -> dict[str, Any]:
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "http",
         "wsgi.errors": sys.stderr,
-        "wsgi.multithread": False,
+        "wsgi.multithread": multithread,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "wsgi.input_terminated": True,
@@ -1156,13 +1158,8 @@ class Server:
             for fd, _ in poll():
                 conn = conns.get(fd)
                 if conn is None:
-                    if fd == self.listen_fd:
-                        # Connections come and go here: poll again rather
-                        # than act on events of an fd that changed hands.
-                        self.accept()
+                    if self.control_event(fd):
                         break
-                    if fd == self.wake_read:
-                        self.drain_wakeups()
                     continue
                 state.idle = False
                 del conns[fd]
@@ -1174,6 +1171,17 @@ class Server:
                 state.idle = True
                 if state.stopping:
                     return
+
+    def control_event(self, fd: int) -> bool:
+        """An event on the listener or the signal pipe. True when the
+        connections changed: the loop then polls again rather than act on
+        events of an fd that changed hands."""
+        if fd == self.listen_fd:
+            self.accept()
+            return True
+        if fd == self.wake_read:
+            self.drain_wakeups()
+        return False
 
     def drain_wakeups(self) -> None:
         try:  # noqa: SIM105 - contextlib is not imported by workers
@@ -1221,6 +1229,114 @@ class Server:
         close_connection(self.conns.pop(fd))
 
 
+class ThreadedServer(Server):
+    """agent_concurrency_model thread: up to `threads` requests at once.
+
+    The main thread keeps Server's poll() loop and never runs the app. A
+    connection whose frame arrives leaves the poll set and goes to a
+    thread of the pool, which serves that one request and hands the
+    connection back through a pipe that wakes poll(). The engine opens at
+    most `threads` connections for requests, so none waits for a thread.
+    SIGTERM stops new requests; those in flight finish, then the worker ends.
+    """
+
+    def __init__(self, listener: _socket.socket, app: WSGIApp, peer_uids: frozenset[int], threads: int) -> None:
+        super().__init__(listener, app, peer_uids)
+        import queue
+        import threading
+
+        self.work: queue.SimpleQueue[_socket.socket | None] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[tuple[_socket.socket, bool]] = queue.SimpleQueue()
+        self.in_flight = 0
+        self.done_read, self.done_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller.register(self.done_read, select.POLLIN)
+        self.threads = [threading.Thread(target=self.work_loop, name=f"request-{n}", daemon=True)
+                        for n in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def serve(self) -> None:
+        """Serve until SIGTERM and the requests in flight are done."""
+        try:
+            self.run(STATE)
+        finally:
+            for conn in self.conns.values():
+                close_connection(conn)
+            self.conns.clear()
+            for _ in self.threads:
+                self.work.put(None)
+
+    def run(self, state: ServeState) -> None:
+        # Never idle: the SIGTERM handler only sets `stopping`, and the
+        # signal's byte on the wake-up pipe ends this thread's poll().
+        state.idle = False
+        poll = self.poller.poll
+        while not (state.stopping and self.in_flight == 0):
+            if state.stopping:
+                self.stop_taking_requests()
+            for fd, _ in poll():
+                if fd == self.done_read:
+                    self.take_back()
+                    break  # connections closed: poll again before acting on their fds
+                conn = self.conns.pop(fd, None)
+                if conn is None:
+                    if self.control_event(fd):
+                        break
+                    continue
+                self.poller.unregister(fd)
+                self.in_flight += 1
+                self.work.put(conn)
+
+    def stop_taking_requests(self) -> None:
+        """Once stopping: no new connection, no new frame on an idle one."""
+        if self.listen_fd >= 0:
+            self.poller.unregister(self.listen_fd)
+            self.listen_fd = -1
+        for fd, conn in self.conns.items():
+            self.poller.unregister(fd)
+            close_connection(conn)
+        self.conns.clear()
+
+    def take_back(self) -> None:
+        """The connections whose request ended: back into the poll set if
+        they may carry another, else closed."""
+        try:
+            while os.read(self.done_read, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while not self.done.empty():
+            conn, keep = self.done.get()
+            self.in_flight -= 1
+            if keep and not STATE.stopping:
+                fd = conn.fileno()
+                self.conns[fd] = conn
+                self.poller.register(fd, select.POLLIN)
+            else:
+                close_connection(conn)
+
+    def work_loop(self) -> None:
+        """One thread of the pool: a request at a time, with its own buffer."""
+        buf = bytearray(RECV_BUFFER_SIZE)
+        view = memoryview(buf)
+        base = wsgi_environ_base(multithread=True)
+        while True:
+            conn = self.work.get()
+            if conn is None:
+                return
+            keep = False
+            try:
+                keep = serve_request(conn, self.app, buf, view, base)
+            except BaseException as exc:  # SystemExit in a thread ends this request, not the worker
+                log(f"the app raised {type(exc).__name__} outside a response; connection closed")
+            finally:
+                self.done.put((conn, keep))
+                try:  # noqa: SIM105 - contextlib is not imported by workers
+                    os.write(self.done_write, b"\0")
+                except BlockingIOError:  # full: a wake-up is pending anyway
+                    pass
+
+
 def install_wakeup_pipe() -> int:
     """A pipe the interpreter writes a byte to whenever a signal arrives;
     returns its read end, for poll()."""
@@ -1229,8 +1345,24 @@ def install_wakeup_pipe() -> int:
     return wake_read
 
 
-def serve(listener: _socket.socket, app: WSGIApp, peer_uids: frozenset[int]) -> None:
-    Server(listener, app, peer_uids).serve()
+def serve(listener: _socket.socket, app: WSGIApp, peer_uids: frozenset[int], concurrency: int = 1) -> None:
+    if concurrency > 1:
+        ThreadedServer(listener, app, peer_uids, concurrency).serve()
+    else:
+        Server(listener, app, peer_uids).serve()
+
+
+MAX_CONCURRENCY = 1024  # the core's bound (agent_thread_count)
+
+
+def read_concurrency(text: str | None) -> int:
+    """AGENT_CONCURRENCY: how many requests to serve at once (absent: 1).
+    Raises ValueError on anything but a whole number from 1 to 1024."""
+    if text is None:
+        return 1
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_CONCURRENCY):
+        raise ValueError(f"AGENT_CONCURRENCY {text!r} is not a number from 1 to {MAX_CONCURRENCY}")
+    return int(text)
 
 
 def open_listener(listen_fd: int) -> _socket.socket:
@@ -1301,6 +1433,7 @@ def main() -> int:
     startup_fd = os.environ.pop("AGENT_STARTUP_FD", None)
     # Read before the app's private environment is set: it cannot change it.
     peer_uids_text = os.environ.pop("AGENT_PEER_UIDS", None)
+    concurrency_text = os.environ.pop("AGENT_CONCURRENCY", None)
     fix_sys_path(app_root)
     try:
         os.set_inheritable(ready_fd, False)
@@ -1310,6 +1443,7 @@ def main() -> int:
         return 1
     try:
         peer_uids = allowed_peer_uids(peer_uids_text)
+        concurrency = read_concurrency(concurrency_text)
     except ValueError as exc:
         report_load_error(ready_fd, LoadError("exception", str(exc), ""))
         return 1
@@ -1334,17 +1468,18 @@ def main() -> int:
     gc.freeze()
     release_free_memory()
     if preloader:
-        return run_preloader(listener, ready_fd, app, peer_uids, worker_name)
-    return run_worker(listener, ready_fd, app, peer_uids)
+        return run_preloader(listener, ready_fd, app, peer_uids, worker_name, concurrency)
+    return run_worker(listener, ready_fd, app, peer_uids, concurrency)
 
 
-def run_worker(listener: _socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int]) -> int:
+def run_worker(listener: _socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int],
+               concurrency: int) -> int:
     """A worker with its app loaded: reports ready and serves."""
     install_signal_handlers()
     os.register_at_fork(after_in_parent=note_fork)
-    report_ready(ready_fd)
+    report_ready(ready_fd, concurrency)
     try:
-        serve(listener, app, peer_uids)
+        serve(listener, app, peer_uids, concurrency)
     finally:
         listener.close()
     return 0
@@ -1364,9 +1499,11 @@ class Preloader:
     """Forks workers from the loaded app when the core asks, over the
     control socket (fd 3, SOCK_SEQPACKET), and reports how each ended."""
 
-    def __init__(self, control: _socket.socket, app: WSGIApp, peer_uids: frozenset[int], worker_name: bytes) -> None:
+    def __init__(self, control: _socket.socket, app: WSGIApp, peer_uids: frozenset[int], worker_name: bytes,
+                 concurrency: int) -> None:
         self.control = control
         self.worker_name = worker_name
+        self.concurrency = concurrency
         self.app = app
         self.peer_uids = peer_uids
         self.stopping = False
@@ -1495,7 +1632,7 @@ class Preloader:
         except OSError as exc:
             report_load_error(ready_fd, LoadError("exception", f"cannot become a worker: {exc}", ""))
             return 1
-        return run_worker(listener, ready_fd, self.app, self.peer_uids)
+        return run_worker(listener, ready_fd, self.app, self.peer_uids, self.concurrency)
 
 
 def place_fds(fds: list[int], targets: dict[int, int]) -> list[int]:
@@ -1564,11 +1701,11 @@ def own_process_name() -> bytes:
 
 
 def run_preloader(control: _socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int],
-                  worker_name: bytes) -> int:
+                  worker_name: bytes, concurrency: int) -> int:
     """The app is loaded: report ready, close the handshake pipe, then fork
     workers on demand until SIGTERM or the core's end."""
-    preloader = Preloader(control, app, peer_uids, worker_name)
-    report_ready(ready_fd)  # and closes the pipe
+    preloader = Preloader(control, app, peer_uids, worker_name, concurrency)
+    report_ready(ready_fd, concurrency)  # and closes the pipe
     preloader.run()
     return 0
 
