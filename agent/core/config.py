@@ -59,10 +59,10 @@ class AppConfig:
         policy applies to the running processes as they are."""
         return (self.app_root, self.app_type, self.startup_file, self.python, self.env,
                 self.user, self.group, self.default_user, self.spawn_method,
-                self.concurrency)
+                self.worker_concurrency)
 
     @property
-    def concurrency(self) -> int:
+    def worker_concurrency(self) -> int:
         """Requests one worker serves at once."""
         return self.thread_count if self.concurrency_model == "thread" else 1
 

@@ -361,7 +361,7 @@ class Core:
         said = handshake.read(worker.pid, data)
         if said.ready:
             # A worker never takes more at once than its app allows.
-            self.worker_ready(app, worker, min(said.concurrency, app.config.concurrency))
+            self.worker_ready(app, worker, min(said.concurrency, app.config.worker_concurrency))
             return
         self.spawn_failed(app, said.summary, said.details)
         self.kill(worker, "failed to start")

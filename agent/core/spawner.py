@@ -289,7 +289,7 @@ def worker_env(config: AppConfig, user: WorkerUser | None, startup_fd: bool = Fa
     env.pop("AGENT_STARTUP_FD", None)
     env.pop("AGENT_ENV_FD", None)
     env["AGENT_PEER_UIDS"] = peer_uids(nginx_uid)
-    env["AGENT_CONCURRENCY"] = str(config.concurrency)
+    env["AGENT_CONCURRENCY"] = str(config.worker_concurrency)
     if startup_fd:
         env["AGENT_STARTUP_FD"] = str(STARTUP_FD)
     if private_env(config):
