@@ -148,6 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("status", Kind.STATUS, LOC, False, "this location is a door to the agent's status socket", serve=False),
     Setting("fast_path", F, LOC, True,
             "nginx's workers hand requests straight to an idle worker; off: every request through agent.sock"),
+    Setting("long_responses", F, LOC, False,
+            "responses may stream as long as the app writes (server-sent events): no request time limit, "
+            "and a client that leaves ends the app's response"),
     Setting("base_uri", Kind.URIS, LOC, None,
             "the app is served under this URI: its requests get it as SCRIPT_NAME, the rest as PATH_INFO; "
             "repeatable", "passenger_base_uri", serve=False),

@@ -11,7 +11,8 @@
 /* 19 digits always fit in 64 bits. */
 #define MAX_DECIMAL_DIGITS 19u
 
-enum { SEEN_APP = 1, SEEN_METHOD = 2, SEEN_URI = 4, SEEN_LENGTH = 8 };
+enum { SEEN_APP = 1, SEEN_METHOD = 2, SEEN_URI = 4, SEEN_LENGTH = 8, SEEN_LONG = 16 };
+#define REQUIRED_KEYS (SEEN_APP | SEEN_METHOD | SEEN_URI | SEEN_LENGTH)
 
 static const struct {
     unsigned flag;
@@ -21,6 +22,7 @@ static const struct {
     {SEEN_METHOD, "REQUEST_METHOD"},
     {SEEN_URI, "REQUEST_URI"},
     {SEEN_LENGTH, "CONTENT_LENGTH"},
+    {SEEN_LONG, "AGENT_LONG_RESPONSE"},
 };
 
 #define KNOWN_KEYS (sizeof known_keys / sizeof known_keys[0])
@@ -126,6 +128,8 @@ static frame_status note_pair(unsigned flag, const char *name, const char *value
     } else if (flag == SEEN_LENGTH) {
         seen->length = value;
         seen->length_len = vlen;
+    } else if (flag == SEEN_LONG) {
+        info->long_response = vlen == 1 && value[0] == '1';
     }
     return FRAME_OK;
 }
@@ -133,7 +137,7 @@ static frame_status note_pair(unsigned flag, const char *name, const char *value
 static frame_status check_required(unsigned seen, frame_info *info)
 {
     for (size_t i = 0; i < KNOWN_KEYS; i++) {
-        if (!(seen & known_keys[i].flag)) {
+        if ((known_keys[i].flag & REQUIRED_KEYS) && !(seen & known_keys[i].flag)) {
             info->key = known_keys[i].name;
             return FRAME_MISSING_KEY;
         }

@@ -82,6 +82,7 @@ static void frame_complete(agent_engine *e, conn *c)
     }
     c->body_remaining = info.content_length - held;
     c->replayable = info.content_length == 0;
+    c->long_response = info.long_response;
     c->request_len = c->up_len;
     conn_leave_wait_list(c);
 
@@ -411,7 +412,7 @@ static void check_request_times(agent_engine *e)
         if (c->state != CONN_FORWARDING || !c->worker)
             continue;
         app *a = app_by_id(e, c->worker->app);
-        if (a && a->request_time_ms && e->now_ms - c->session_ms >= (int64_t)a->request_time_ms)
+        if (a && a->request_time_ms && !c->long_response && e->now_ms - c->session_ms >= (int64_t)a->request_time_ms)
             request_timed_out(e, c, a);
         else if (c->draining && e->now_ms - c->drain_started_ms >= (int64_t)e->config.drain_max_ms)
             drain_abandon(e, c, "time");

@@ -387,11 +387,13 @@ void answer_queue_with_failure(agent_engine *e, app *a)
  * (otherwise a new request would wait behind the abandoned one, in the
  * worker's backlog, out of the engine's sight). The drain is bounded in
  * bytes and in time (see drain_abandon). A worker still owed body bytes
- * cannot finish cleanly: its connection is closed. */
+ * cannot finish cleanly: its connection is closed. So is a long response's
+ * (agent_long_responses), which is not expected to end: the worker's next
+ * write fails, which ends the app's response for it. */
 static void client_aborted(agent_engine *e, conn *c)
 {
     bool request_sent = !c->upstream_closed && c->body_remaining == 0 && c->up_pos == c->up_len;
-    if (request_sent && !c->worker_closed && !c->malformed) {
+    if (request_sent && !c->worker_closed && !c->malformed && !c->long_response) {
         c->draining = true;
         c->drained = 0;
         c->drain_started_ms = e->now_ms;

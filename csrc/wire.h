@@ -50,6 +50,7 @@ typedef struct {
     const char *app, *method, *uri;
     uint32_t app_len, method_len, uri_len;
     uint64_t content_length;
+    bool long_response;         /* AGENT_LONG_RESPONSE is 1 (docs/protocol.md) */
     /* For frame_describe(). */
     uint32_t vars_size;         /* set by frame_check_head() */
     unsigned pair;              /* 1-based number of the failing pair */

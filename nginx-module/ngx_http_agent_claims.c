@@ -77,7 +77,8 @@ ngx_http_agent_fp_start(ngx_http_request_t *r, ngx_http_agent_ctx_t *ctx)
 
     alcf = ngx_http_get_module_loc_conf(r, ngx_http_agent_module);
 
-    if (!alcf->fast_path) {
+    /* the engine watches a long response's client (agent_long_responses) */
+    if (!alcf->fast_path || alcf->long_responses) {
         return NGX_DECLINED;
     }
 

@@ -95,6 +95,7 @@ typedef struct {
     ngx_flag_t                 enabled;
     ngx_flag_t                 status;
     ngx_flag_t                 fast_path;
+    ngx_flag_t                 long_responses;
     ngx_array_t               *base_uris;       /* ngx_str_t: SCRIPT_NAMEs */
     ngx_uint_t                 fp_row;          /* cached: app row + 1 */
     ngx_http_agent_app_t       settings;

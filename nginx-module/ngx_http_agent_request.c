@@ -434,6 +434,14 @@ ngx_http_agent_collect_cgi_vars(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
+    if (alcf->long_responses
+        && ngx_http_agent_add_var(vars, "AGENT_LONG_RESPONSE",
+                                  (u_char *) "1", 1)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     if (r->headers_in.content_type
         && ngx_http_agent_add_var(vars, "CONTENT_TYPE",
                                   r->headers_in.content_type->value.data,

@@ -117,6 +117,7 @@
     X(enabled, FLAG, LOCATION, 0, NULL, enabled)                              \
     X(status, STATUS, LOCATION, 0, NULL, status)                              \
     X(fast_path, FLAG, LOCATION, 1, NULL, fast_path)                          \
+    X(long_responses, FLAG, LOCATION, 0, NULL, long_responses)                \
     X(base_uri, URIS, LOCATION, NONE, NULL, base_uris)                        \
     X(buffer_response, FLAG, LOCATION, 1, NULL, upstream.buffering)           \
     X(read_timeout, MSEC, LOCATION, 600000, NULL, upstream.read_timeout)      \

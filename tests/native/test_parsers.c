@@ -131,6 +131,22 @@ static void test_valid_frame(void)
     CHECK(parse(&b, &info) == FRAME_OK && info.content_length == 7);
 }
 
+/* AGENT_LONG_RESPONSE is optional; only the value 1 marks a long response. */
+static void test_long_response(void)
+{
+    frame_info info;
+    bytes b = valid_vars("0");
+    CHECK(parse(&b, &info) == FRAME_OK && !info.long_response);
+    put_pair(&b, "AGENT_LONG_RESPONSE", "1");
+    CHECK(parse(&b, &info) == FRAME_OK && info.long_response);
+    b = valid_vars("0");
+    put_pair(&b, "AGENT_LONG_RESPONSE", "yes");
+    CHECK(parse(&b, &info) == FRAME_OK && !info.long_response);
+    b = valid_vars("0");
+    put_pair(&b, "HTTP_AGENT_LONG_RESPONSE", "1");  /* a client's header is not nginx's word */
+    CHECK(parse(&b, &info) == FRAME_OK && !info.long_response);
+}
+
 static void test_values(void)
 {
     frame_info info;
@@ -407,6 +423,7 @@ int main(void)
 {
     test_head();
     test_valid_frame();
+    test_long_response();
     test_values();
     test_keys();
     test_overruns();
