@@ -18,9 +18,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST_PYTHON ?= python3
 # redis-server: the examples' store; prometheus: promtool, which checks and
-# unit-tests examples/prometheus; iproute2: `ip netns` for examples/multi-host.
+# unit-tests examples/prometheus; iproute2: `ip netns` for examples/multi-host; curl: a real
+# client of server-sent events.
 APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv python3-dev wrk chromium chromium-driver \
-	redis-server prometheus iproute2
+	redis-server prometheus iproute2 curl
 PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium hypothesis atheris
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
@@ -41,7 +42,7 @@ APP_PYTHON ?= /usr/bin/python3
 HOSTS ?= 2
 SCALE_TESTS := tests/scale tests/integration/test_shared_state.py tests/integration/test_prometheus.py
 
-.PHONY: all deps system-deps python-deps build native module run shared-state multi-host prometheus-check django-venv \
+.PHONY: all deps system-deps python-deps build native module run shared-state multi-host prometheus-check django-venv flask-venv \
 	test test-scale lint sanitize fuzz bench bench-spawn clean
 
 all: build
@@ -103,9 +104,17 @@ run: deps build
 # examples/django's virtualenv, which its integration test serves it with.
 django-venv: build/django-venv/.done
 
-build/django-venv/.done: examples/django/requirements.txt examples/django/make-venv.sh
+build/django-venv/.done: examples/django/requirements.txt examples/django/make-venv.sh examples/make-venv.sh
 	rm -rf build/django-venv
 	examples/django/make-venv.sh build/django-venv
+	touch $@
+
+# examples/flask-threads' virtualenv, which its integration test serves it with.
+flask-venv: build/flask-venv/.done
+
+build/flask-venv/.done: examples/flask-threads/requirements.txt examples/flask-threads/make-venv.sh examples/make-venv.sh
+	rm -rf build/flask-venv
+	examples/flask-threads/make-venv.sh build/flask-venv
 	touch $@
 
 # Serves a copy of examples/shared-state with 4 workers, under an app
@@ -133,7 +142,7 @@ prometheus-check: system-deps
 
 # -- checks ------------------------------------------------------------------
 
-test: deps build django-venv
+test: deps build django-venv flask-venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # Part of `make test` too; this runs them alone (about a minute).
@@ -145,7 +154,7 @@ lint: python-deps
 	$(PY) -m mypy agent
 
 # The suite against an ASan/UBSan build of the C extension.
-sanitize: deps module django-venv
+sanitize: deps module django-venv flask-venv
 	AGENT_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
 	rm -f agent/.native-built
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \

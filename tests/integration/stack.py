@@ -74,6 +74,7 @@ class AppSpec:
     env: dict[str, str] = field(default_factory=dict)
     public_files: dict[str, str] = field(default_factory=dict)
     startup_file: str = "wsgi.py"
+    python: str = APP_PYTHON         # agent_python: a virtualenv's interpreter
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Stack:
             f"    root {self.app_root(app) / 'public'};",
             "    agent_enabled on;",
             f"    agent_app_root {self.app_root(app)};",
-            f"    agent_python {APP_PYTHON};",
+            f"    agent_python {app.python};",
             f"    agent_startup_file {app.startup_file};",
         ]
         lines += [f"    agent_env {k} \"{v}\";" for k, v in app.env.items()]
