@@ -309,7 +309,11 @@ def test_client_abort_mid_request_leaves_the_worker_serving(stack: Stack) -> Non
 
 def test_read_timeout_gives_504_from_nginx() -> None:
     impatient = AppSpec("impatient", apps.SLOW, "/", directives={"agent_read_timeout": "1s"})
-    with running_stack([impatient]) as stack:
+    # The same app at a location with the default timeout: the first
+    # request, which waits for the worker to start, goes there.
+    patient = AppSpec("impatient", apps.SLOW, "/warm/")
+    with running_stack([impatient, patient]) as stack:
+        assert stack.get("/warm/?0").status == 200
         assert stack.get("/?0").status == 200
         response = stack.get("/?3")
         assert response.status == 504
