@@ -389,11 +389,15 @@ void answer_queue_with_failure(agent_engine *e, app *a)
  * bytes and in time (see drain_abandon). A worker still owed body bytes
  * cannot finish cleanly: its connection is closed. So is a long response's
  * (agent_long_responses), which is not expected to end: the worker's next
- * write fails, which ends the app's response for it. */
+ * write fails, which ends the app's response for it. And so is a
+ * connection to a worker that serves many requests at once (threads,
+ * ASGI): it tells the app that the client left (a failed write,
+ * http.disconnect), and its other requests do not wait behind it. */
 static void client_aborted(agent_engine *e, conn *c)
 {
     bool request_sent = !c->upstream_closed && c->body_remaining == 0 && c->up_pos == c->up_len;
-    if (request_sent && !c->worker_closed && !c->malformed && !c->long_response) {
+    bool drain = !c->long_response && c->worker->concurrency == 1;
+    if (request_sent && !c->worker_closed && !c->malformed && drain) {
         c->draining = true;
         c->drained = 0;
         c->drain_started_ms = e->now_ms;

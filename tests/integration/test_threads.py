@@ -156,3 +156,21 @@ def test_a_worker_that_claims_more_threads_gets_no_more_requests_than_its_app_al
     with running_stack([app]) as stack:
         assert stack.get("/").status == 200
         assert serving(stack)["concurrency"] == 2
+
+
+def test_a_client_that_leaves_frees_its_session_at_once_and_the_worker_serves_on() -> None:
+    app = threaded_app()
+    with running_stack([app]) as stack:
+        assert stack.get("/").status == 200
+        pid = serving(stack)["pid"]
+        conn = stack.connection()
+        conn.request("GET", "/hold")
+        wait_until(lambda: serving(stack)["sessions"] == 1, timeout=30, what="the request on a thread")
+        conn.close()
+        # Its connection to the worker is closed rather than read to the
+        # end: the session ends while the app still holds the request.
+        wait_until(lambda: serving(stack)["sessions"] == 0, timeout=30, what="the session to end")
+        release(stack, app)
+        answer = stack.get("/hold")
+        assert answer.status == 200 and answer.text.split()[0] == str(pid)
+        assert "kept a response going after nginx went away" not in stack.logs()
