@@ -537,7 +537,7 @@ def write_throughput_report(args: argparse.Namespace, info: report.Machine, resu
 def write_threads_report(args: argparse.Namespace, info: report.Machine, results: list[StackResult]) -> None:
     print()
     print(threads_report.results_section(results, THREAD_CONNECTIONS, args.rounds))
-    print(report.noise_note(results, info.cores))
+    print(threads_report.noise_note(results, info.cores))
     args.threads_output.parent.mkdir(parents=True, exist_ok=True)
     args.threads_output.write_text(threads_report.markdown(info, results, THREAD_CONNECTIONS, args.rounds,
                                                            quick=args.quick))

@@ -13,7 +13,17 @@ from collections.abc import Sequence
 
 from apps.wsgi import SLEEP_SECONDS
 from figures import Run, StackResult
-from report import SHORT, Machine, cpu_split_table, machine_table, ms, noise_note, ratio, table, verdict
+from report import (
+    NOISY_PERCENT,
+    SHORT,
+    Machine,
+    cpu_split_table,
+    machine_table,
+    ms,
+    ratio,
+    table,
+    verdict,
+)
 from stacks import THREADS, WORKERS
 
 WORKLOAD = ("sleep", "10 ms sleep", "/sleep")
@@ -95,6 +105,27 @@ def bars_table(results: Sequence[StackResult], connections: Sequence[int]) -> st
     measured = ", ".join(f"{run.rate:,.0f} at {c}" for c, run in got)
     return table(["bar", "measured", "result"],
                  [[name, measured, verdict(all(run.rate >= bar_rate() for _, run in got))]])
+
+
+def noise_note(results: Sequence[StackResult], cores: int) -> str:
+    """How much CPU processes other than the stack under test and wrk used
+    during the runs, on average, by stack (the rounds interleave the
+    stacks, so that a busy spell falls on each alike), and how many runs
+    it disturbed."""
+    shares = [(r, run.other_cpu / (run.seconds * cores) * 100) for r in results for run in r.runs if run.seconds]
+    if not shares:
+        return ""
+    mean = sum(share for _, share in shares) / len(shares)
+    by_stack = ", ".join(f"{SHORT[r.key]} {sum(s for o, s in shares if o is r) / n:.1f} %"
+                         for r in results if (n := sum(1 for o, _ in shares if o is r)))
+    noisy = sum(1 for _, share in shares if share >= NOISY_PERCENT)
+    text = (f"Processes other than the stack under test and wrk used {mean:.1f} % of the machine's CPU on average "
+            f"during the measured runs ({by_stack}); the most during one run was "
+            f"{max(share for _, share in shares):.0f} %.")
+    if noisy:
+        text += (f" {noisy} of the {len(shares)} runs had {NOISY_PERCENT:g} % or more: those figures are noisier "
+                 "than an idle machine's.")
+    return text
 
 
 def results_section(results: Sequence[StackResult], connections: Sequence[int], rounds: int) -> str:
