@@ -184,9 +184,13 @@ throughput part, docs/benchmarks-spawn.md spawn times and memory).
 
 ## How to reproduce
 
-    make bench                                        # every part, this one included
-    .venv/bin/python bench/run.py --only threads      # this page's runs alone
-    .venv/bin/python bench/run.py --only threads --duration 5 --rounds 3
+    make bench                                          # every part, this one included
+    .venv/bin/python bench/run.py --only threads        # this part alone (about 6 minutes)
+    .venv/bin/python bench/run.py --only threads --duration 5 --rounds 3   # about 3 minutes
+    .venv/bin/python bench/run.py --only threads --stacks ours,uwsgi
+
+wrk's full output is kept in bench/results/wrk-STACK-threads-roundN.txt,
+the figures in bench/results/threads.json.
 
 ## Machine
 
@@ -194,28 +198,28 @@ throughput part, docs/benchmarks-spawn.md spawn times and memory).
 
 ## What runs
 
-Three stacks, each with {WORKERS} worker processes of {THREADS} threads
-(bench/stacks.py, THREADS), serving the same app (bench/apps/wsgi.py)
-under the same interpreter, behind the system nginx with one worker
-process and the same upstream buffers:
+Three stacks, each with {WORKERS} worker processes of {THREADS} threads (bench/stacks.py,
+THREADS), serving the same app (bench/apps/wsgi.py) under the same
+interpreter, behind the system nginx with one worker process and the same
+upstream buffers:
 
 {stacks_table()}
 
-- The workload is `/sleep`: the app sleeps 10 ms, then answers 13 bytes
-  (a worker waiting on a database or another service, not using CPU). With
-  {THREADS * WORKERS} requests in the app at once, {ceiling_rate():,.0f} req/s is the most any
-  stack can serve; the bar asks {BAR_FACTOR:g} of that of the agent.
+- The workload is `/sleep`: the app sleeps 10 ms, then answers 13 bytes (a
+  worker waiting on a database or another service, not using CPU). With
+  {THREADS * WORKERS} requests in the app at once, {ceiling_rate():,.0f} req/s is the most any stack
+  can serve; the bar asks {BAR_FACTOR:g} of that of the agent.
 - The agent's threaded workers take their requests from the engine: nginx's
-  direct path serves only workers of one request at a time
-  (docs/policy.md, "Threads").
-- Load: `wrk -t2 -cN -dD --latency` at N = {conns} connections, after a 1 s
-  warm-up. {rounds} round{'s' if rounds != 1 else ''}: in each, every stack
-  starts, runs each connection count, and stops, the stacks taking turns
-  to go first; the tables show each figure's median round.
-- The run shares the machine's {machine.cores} cores with wrk (and with whatever
-  else the machine runs, the noise note above): the figures compare the
-  stacks with each other on this machine; they are not the capacity of a
-  machine given to the server.
+  direct path serves only workers of one request at a time (docs/policy.md,
+  "Threads").
+- Load: `wrk -t2 -cN -dD --latency` at N = {conns} connections, after a
+  1 s warm-up. {rounds} round{'s' if rounds != 1 else ''}: in each, every stack starts, runs each connection
+  count, and stops, the stacks taking turns to go first; the tables show
+  each figure's median round.
+- The run shares the machine's {machine.cores} cores with wrk, and with whatever else the
+  machine runs (the note at the top): the figures compare the stacks with
+  each other on this machine; they are not the capacity of a machine given
+  to the server.
 - The workers run as `nobody` in every stack.
 
 ## nginx settings, the same in every stack
