@@ -54,10 +54,14 @@ class StackResult:
     error: str | None = None
 
     def run(self, workload: str, connections: int, nginx_workers: int = 1) -> Run | None:
-        for run in self.runs:
-            if run.workload == workload and run.connections == connections and run.nginx_workers == nginx_workers:
-                return run
-        return None
+        found = self.runs_of(workload, connections, nginx_workers)
+        return found[0] if found else None
+
+    def runs_of(self, workload: str, connections: int, nginx_workers: int = 1) -> list[Run]:
+        """Every run of workload at connections, in the order made (the
+        threads part makes one per round)."""
+        return [run for run in self.runs
+                if run.workload == workload and run.connections == connections and run.nginx_workers == nginx_workers]
 
 
 @dataclass

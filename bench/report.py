@@ -8,6 +8,7 @@ from pathlib import Path
 
 from figures import APP_MASTER, ROLES, Run, StackResult
 from procfs import CLOCK_TICKS
+from stacks import THREADS, WORKERS
 
 AGENT_CPU_BAR_US = 5.0
 GUNICORN_FACTOR = 3.0
@@ -376,7 +377,7 @@ The figures below come from {kind}, as measured; nothing is adjusted.
 {busy_note}
 ## How to reproduce
 
-    make bench                                  # installs what is missing, builds, runs (about 15 minutes)
+    make bench                                  # installs what is missing, builds, runs (about 20 minutes)
     .venv/bin/python bench/run.py --only throughput   # this page's runs alone (about 10 minutes)
     .venv/bin/python bench/run.py --quick       # 3 s per run; report in bench/results/quick.md
     .venv/bin/python bench/run.py --help        # --duration, --stacks, --buffers, --more-nginx-workers, ...
@@ -386,6 +387,12 @@ it alone): spawn-to-ready times, and each worker's and the whole app's
 memory at 1, 4 and 16 workers, for hello world and a Django app
 (examples/django), with the agent's two spawn methods, uWSGI, and gunicorn
 with and without `--preload`. Its report is docs/benchmarks-spawn.md.
+
+It runs the threads part too (`bench/run.py --only threads` runs it
+alone): the 10 ms sleep on {WORKERS} workers of {THREADS} threads each, the agent's
+`agent_concurrency_model thread` against gunicorn's gthread workers and
+uWSGI's threads, in rounds. Its report is
+[docs/benchmarks-threads.md](benchmarks-threads.md).
 
 The script installs what it lacks when run as root (wrk and nginx with
 apt-get; gunicorn and uWSGI with pip, from bench/requirements.txt, into a

@@ -2,13 +2,18 @@
 
     make bench                         # = .venv/bin/python bench/run.py
     make bench-spawn                   # = .venv/bin/python bench/run.py --only spawn,memory
+    .venv/bin/python bench/run.py --only threads --duration 5
     .venv/bin/python bench/run.py --quick
     .venv/bin/python bench/run.py --stacks uwsgi,gunicorn --duration 5
 
-Two parts. Throughput (below) reports to docs/benchmarks.md; spawn and
-memory (spawnmem.py: spawn-to-ready times, and each worker's and the whole
-app's memory at 1, 4 and 16 workers, for hello world and a Django app)
-report to docs/benchmarks-spawn.md.
+Three parts. Throughput (below) reports to docs/benchmarks.md; threads
+(the 10 ms sleep on 2 workers of stacks.THREADS threads each: the agent's
+thread model against gunicorn's gthread and uWSGI's threads, at 16, 32 and
+64 connections, --rounds rounds, medians) reports to
+docs/benchmarks-threads.md; spawn and memory (spawnmem.py: spawn-to-ready
+times, and each worker's and the whole app's memory at 1, 4 and 16
+workers, for hello world and a Django app) report to
+docs/benchmarks-spawn.md.
 
 Each stack runs behind the system nginx (one worker process) with two app
 workers serving bench/apps/wsgi.py under the same interpreter
@@ -45,9 +50,22 @@ import procfs
 import report
 import spawn_report
 import spawnmem
+import threads_report
 import wrk
 from figures import AGENT_CORE, NOT_AVAILABLE, MemoryFigures, Run, SpawnFigures, StackResult
-from stacks import AgentStack, Buffers, GunicornStack, RelayStack, Stack, StackError, UwsgiStack, free_port
+from stacks import (
+    AgentStack,
+    AgentThreadStack,
+    Buffers,
+    GunicornStack,
+    GunicornThreadStack,
+    RelayStack,
+    Stack,
+    StackError,
+    UwsgiStack,
+    UwsgiThreadStack,
+    free_port,
+)
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -55,7 +73,7 @@ RESULTS = BENCH / "results"
 APP_SOURCE = BENCH / "apps"
 REQUIREMENTS = BENCH / "requirements.txt"
 DJANGO_SOURCE = REPO / "examples" / "django"
-PARTS = ["throughput", "spawn", "memory"]
+PARTS = ["throughput", "threads", "spawn", "memory"]
 APPS = ["hello", "django"]
 
 WORKLOADS = [("hello", "hello world", "/"), ("100k", "100 KB body", "/100k"), ("sleep", "10 ms sleep", "/sleep")]
@@ -67,6 +85,12 @@ RELAY_RUNS = [("hello", 1), ("hello", 16), ("hello", 64), ("100k", 16)]
 STACK_KEYS = ["ours", "relay", "uwsgi", "gunicorn"]
 STACK_LABELS = {"ours": AgentStack.label, "relay": RelayStack.label, "uwsgi": UwsgiStack.label,
                 "gunicorn": GunicornStack.label}
+# The threads part: each stack's threaded kind, under the key of --stacks
+# that selects it; the workload and connection counts.
+THREAD_STACKS: dict[str, type[AgentThreadStack | UwsgiThreadStack | GunicornThreadStack]] = {
+    "ours": AgentThreadStack, "gunicorn": GunicornThreadStack, "uwsgi": UwsgiThreadStack}
+THREAD_CONNECTIONS = [16, 32, 64]
+ROUNDS = 3
 WARMUP_SECONDS = 1.0
 IDLE_SECONDS = 3.0
 APT_HINT = "apt-get install nginx wrk build-essential python3-dev python3-venv"
@@ -252,8 +276,14 @@ def measure(stack: Stack, wrk_bin: str, duration: float, log: list[str], result:
         result.other_memory = stack.other_memory()
 
 
-def bench_stack(stack: Stack, wrk_bin: str, duration: float, result: StackResult, plan: Plan, full: bool) -> None:
+def bench_stack(stack: Stack, wrk_bin: str, duration: float, result: StackResult, plan: Plan, full: bool,
+                log_name: str | None = None, context: str | None = None) -> None:
+    """Starts stack, measures plan, stops it. log_name: the file in RESULTS
+    for wrk's output (wrk-KEY.txt); context: what an error is prefixed with
+    in result (else the nginx workers, when not a full run)."""
     what = f"{stack.label} with {stack.nginx_workers} nginx worker{'s' if stack.nginx_workers > 1 else ''}"
+    if context:
+        what += f", {context}"
     print(f"bench: {what}: starting (run dir {stack.run_dir}, port {stack.port})", flush=True)
     log: list[str] = []
     try:
@@ -263,12 +293,15 @@ def bench_stack(stack: Stack, wrk_bin: str, duration: float, result: StackResult
     except (StackError, wrk.WrkError, OSError) as e:
         print(f"bench: {what} failed: {e}", file=sys.stderr, flush=True)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        error = first if full else f"with {stack.nginx_workers} nginx workers: {first}"
+        if context:
+            error = f"{context}: {first}"
+        else:
+            error = first if full else f"with {stack.nginx_workers} nginx workers: {first}"
         result.error = error if result.error is None else f"{result.error}; {error}"
     finally:
         stack.stop()
         suffix = "" if stack.nginx_workers == 1 else f"-nginx{stack.nginx_workers}"
-        (RESULTS / f"wrk-{stack.key}{suffix}.txt").write_text("\n".join(log))
+        (RESULTS / (log_name or f"wrk-{stack.key}{suffix}.txt")).write_text("\n".join(log))
 
 
 def make_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path | None, args: argparse.Namespace,
@@ -284,6 +317,21 @@ def make_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path 
     if key == "uwsgi":
         return UwsgiStack(run_dir, port, app_dir, nginx_workers, args.buffers, nginx, peers_bin)
     return GunicornStack(run_dir, port, app_dir, nginx_workers, args.buffers, nginx, peers_bin)
+
+
+def make_thread_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path | None,
+                      args: argparse.Namespace, round_number: int) -> Stack:
+    kind = THREAD_STACKS[key]
+    run_dir = base / f"{kind.key}-round{round_number}"
+    run_dir.mkdir()
+    port = free_port()
+    if kind is AgentThreadStack:
+        return AgentThreadStack(run_dir, port, app_dir, 1, args.buffers, nginx, REPO, sys.executable,
+                                args.app_python)
+    assert peers_bin is not None
+    if kind is UwsgiThreadStack:
+        return UwsgiThreadStack(run_dir, port, app_dir, 1, args.buffers, nginx, peers_bin)
+    return GunicornThreadStack(run_dir, port, app_dir, 1, args.buffers, nginx, peers_bin)
 
 
 def buffer_settings(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -337,6 +385,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(PARTS),
                         help=f"comma-separated parts, from {','.join(PARTS)} (all); "
                         "`--only spawn,memory` is `make bench-spawn`")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"the threads part's rounds; the report takes each figure's median ({ROUNDS})")
+    parser.add_argument("--threads-output", type=Path, help="the threads part's report "
+                        "(docs/benchmarks-threads.md; bench/results/quick-threads.md with --quick)")
     parser.add_argument("--apps", default=",".join(APPS),
                         help=f"the spawn and memory runs' apps, from {','.join(APPS)} (both)")
     parser.add_argument("--spawn-stacks", default=",".join(spawnmem.SPAWN_STACKS),
@@ -364,6 +416,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--memory-workers: {args.memory_workers!r} is not a list of numbers")
     if args.spawns < 1 or min(args.memory_workers) < 1:
         parser.error("--spawns and --memory-workers must be at least 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.threads_output is None:
+        args.threads_output = RESULTS / "quick-threads.md" if args.quick else REPO / "docs" / "benchmarks-threads.md"
     if args.spawn_output is None:
         args.spawn_output = RESULTS / "quick-spawn.md" if args.quick else REPO / "docs" / "benchmarks-spawn.md"
     if args.quick:
@@ -379,9 +435,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def needs_peers(args: argparse.Namespace) -> bool:
     throughput = "throughput" in args.only and any(s not in ("ours", "relay") for s in args.stacks)
+    threads = "threads" in args.only and any(s in ("uwsgi", "gunicorn") for s in args.stacks)
     spawn = bool({"spawn", "memory"} & set(args.only)) and any(s not in ("smart", "direct")
                                                                for s in args.spawn_stacks)
-    return throughput or spawn
+    return throughput or threads or spawn
 
 
 def machine_info(args: argparse.Namespace, nginx: str, wrk_bin: str, peers_bin: Path | None) -> report.Machine:
@@ -422,6 +479,37 @@ def run_throughput(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: st
     return results
 
 
+def run_threads(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: str, peers_bin: Path | None,
+                stacks: list[Stack]) -> list[StackResult]:
+    """The threads part: args.rounds rounds, each starting every stack in
+    turn (a different one first each round), running the sleep at each of
+    THREAD_CONNECTIONS, and stopping it. A stack that fails is left out of
+    the rounds after."""
+    keys = [key for key in args.stacks if key in THREAD_STACKS]
+    if not keys:
+        print(f"bench: threads part: none of --stacks is among {', '.join(THREAD_STACKS)}", file=sys.stderr,
+              flush=True)
+        return []
+    results = {key: StackResult(key, THREAD_STACKS[key].label) for key in keys}
+    if "ours" in results and (why := agent_missing()):
+        print(f"bench: {AgentThreadStack.label} skipped: {why}", file=sys.stderr, flush=True)
+        results["ours"].error = why
+    app_dir = prepare_app(base, APP_SOURCE, "threads-app")
+    key, title, path = threads_report.WORKLOAD
+    plan = [(key, title, path, c) for c in THREAD_CONNECTIONS]
+    for number in range(1, args.rounds + 1):
+        order = keys[(number - 1) % len(keys):] + keys[:(number - 1) % len(keys)]
+        for stack_key in order:
+            result = results[stack_key]
+            if result.error is not None:
+                continue
+            stack = make_thread_stack(stack_key, base, app_dir, nginx, peers_bin, args, number)
+            stacks.append(stack)
+            bench_stack(stack, wrk_bin, args.duration, result, plan, full=False,
+                        log_name=f"wrk-{stack.key}-round{number}.txt", context=f"round {number} of {args.rounds}")
+    return list(results.values())
+
+
 def run_spawn_memory(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: str,
                      peers_bin: Path | None) -> tuple[list[SpawnFigures], list[MemoryFigures]]:
     kinds = list(args.spawn_stacks)
@@ -444,6 +532,19 @@ def write_throughput_report(args: argparse.Namespace, info: report.Machine, resu
     (RESULTS / "last.json").write_text(json.dumps(
         {"machine": asdict(info), "results": [asdict(r) for r in results]}, indent=2, default=str))
     print(f"bench: report written to {args.output}")
+
+
+def write_threads_report(args: argparse.Namespace, info: report.Machine, results: list[StackResult]) -> None:
+    print()
+    print(threads_report.results_section(results, THREAD_CONNECTIONS, args.rounds))
+    print(threads_report.noise_note(results, info.cores))
+    args.threads_output.parent.mkdir(parents=True, exist_ok=True)
+    args.threads_output.write_text(threads_report.markdown(info, results, THREAD_CONNECTIONS, args.rounds,
+                                                           quick=args.quick))
+    (RESULTS / "threads.json").write_text(json.dumps(
+        {"machine": asdict(info), "rounds": args.rounds, "results": [asdict(r) for r in results]},
+        indent=2, default=str))
+    print(f"bench: threads report written to {args.threads_output}")
 
 
 def write_spawn_report(args: argparse.Namespace, info: report.Machine, spawns: list[SpawnFigures],
@@ -481,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info(args, nginx, wrk_bin, peers_bin)
     results: list[StackResult] = []
+    thread_results: list[StackResult] = []
     spawns: list[SpawnFigures] = []
     memory: list[MemoryFigures] = []
     base = Path(tempfile.mkdtemp(prefix="agent-bench-", dir="/tmp"))
@@ -488,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "throughput" in args.only:
             results = run_throughput(args, base, nginx, wrk_bin, peers_bin, stacks)
+        if "threads" in args.only:
+            thread_results = run_threads(args, base, nginx, wrk_bin, peers_bin, stacks)
         if {"spawn", "memory"} & set(args.only):
             spawns, memory = run_spawn_memory(args, base, nginx, wrk_bin, peers_bin)
     except KeyboardInterrupt:
@@ -505,9 +609,11 @@ def main(argv: list[str] | None = None) -> int:
     info.load_end = f"{end[0]:.2f} {end[1]:.2f} {end[2]:.2f}"
     if "throughput" in args.only:
         write_throughput_report(args, info, results)
+    if "threads" in args.only:
+        write_threads_report(args, info, thread_results)
     if spawns or memory:
         write_spawn_report(args, info, spawns, memory)
-    return 0 if not failures(results, spawns, memory) else 1
+    return 0 if not failures([*results, *thread_results], spawns, memory) else 1
 
 
 def failures(results: list[StackResult], spawns: list[SpawnFigures], memory: list[MemoryFigures]) -> list[str]:

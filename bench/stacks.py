@@ -5,6 +5,12 @@ throughput runs; the spawn and memory runs choose):
     uwsgi      nginx --uwsgi_pass--> uWSGI, 2 processes
     gunicorn   nginx --proxy_pass--> gunicorn, 2 sync workers
 
+and the same with THREADS threads in each worker (the threads part):
+
+    ours-threads       agentctl serve --concurrency-model thread --thread-count THREADS
+    uwsgi-threads      uWSGI --enable-threads --threads THREADS
+    gunicorn-threads   gunicorn --worker-class gthread --threads THREADS
+
 A stack starts its processes in sessions of their own and stops them all,
 by process group and then one by one, whatever happened in between.
 """
@@ -41,6 +47,7 @@ from agent.control.client import StatusClient, StatusError
 from agent.instance import Instance
 
 WORKERS = 2
+THREADS = 8     # the threads part's threads per worker, in every stack
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 UWSGI_PARAMS = Path("/etc/nginx/uwsgi_params")
@@ -367,12 +374,15 @@ class GunicornStack(PeerStack):
     label = "nginx→gunicorn"
     preload = False     # --preload: the arbiter loads the app, workers fork from it
 
+    def worker_flags(self) -> list[str]:
+        return ["--worker-class", "sync"]
+
     def server_command(self) -> list[str]:
         user = worker_user()
         drop = ["--user", user[0], "--group", user[1]] if user else []
         path = ["--pythonpath", str(self.python_path)] if self.python_path else []
         preload = ["--preload"] if self.preload else []
-        return [str(self.peers_bin / "gunicorn"), "--workers", str(self.worker_count), "--worker-class", "sync",
+        return [str(self.peers_bin / "gunicorn"), "--workers", str(self.worker_count), *self.worker_flags(),
                 "--bind", f"unix:{self.socket}", "--chdir", str(self.app_dir), "--log-level", "warning",
                 *preload, *path, *drop, "wsgi:application"]
 
@@ -388,17 +398,30 @@ class GunicornPreloadStack(GunicornStack):
     preload = True
 
 
+class GunicornThreadStack(GunicornStack):
+    """gunicorn's threaded workers: each a pool of THREADS threads."""
+
+    key = "gunicorn-threads"
+    label = "nginx→gunicorn gthread"
+
+    def worker_flags(self) -> list[str]:
+        return ["--worker-class", "gthread", "--threads", str(THREADS)]
+
+
 class UwsgiStack(PeerStack):
     key = "uwsgi"
     label = "nginx→uWSGI"
+
+    def thread_flags(self) -> list[str]:
+        return []
 
     def server_command(self) -> list[str]:
         user = worker_user()
         drop = ["--uid", user[0], "--gid", user[1]] if user else []
         path = ["--pythonpath", str(self.python_path)] if self.python_path else []
         return [str(self.peers_bin / "uwsgi"), "--master", "--processes", str(self.worker_count),
-                "--socket", str(self.socket), "--chmod-socket=666", "--chdir", str(self.app_dir),
-                "--wsgi-file", "wsgi.py", "--need-app", "--disable-logging", "--die-on-term",
+                *self.thread_flags(), "--socket", str(self.socket), "--chmod-socket=666", "--chdir",
+                str(self.app_dir), "--wsgi-file", "wsgi.py", "--need-app", "--disable-logging", "--die-on-term",
                 *path, *drop]
 
     def nginx_location(self) -> str:
@@ -411,6 +434,17 @@ class UwsgiStack(PeerStack):
                       ("SERVER_NAME", "server_name"), ("SERVER_PORT", "server_port"))))
         return (params + f"            uwsgi_pass unix:{self.socket};\n"
                 + self.buffers.location_lines("uwsgi"))
+
+
+class UwsgiThreadStack(UwsgiStack):
+    """uWSGI's processes each with THREADS threads (and the GIL released
+    around them: --enable-threads)."""
+
+    key = "uwsgi-threads"
+    label = "nginx→uWSGI threads"
+
+    def thread_flags(self) -> list[str]:
+        return ["--enable-threads", "--threads", str(THREADS)]
 
 
 # -- ours --------------------------------------------------------------------
@@ -449,12 +483,15 @@ class AgentStack(Stack):
 
     fast_path = "on"
 
+    def concurrency_flags(self) -> list[str]:
+        return []
+
     def serve_command(self) -> list[str]:
         return [self.agent_python, "-m", "agent.cli", "serve", str(self.app_dir), "--port", str(self.port),
                 "--run-dir", str(self.run_dir), "--min-instances", str(self.worker_count),
                 "--max-instances", str(self.worker_count), "--max-pool-size", str(max(6, self.worker_count)),
                 "--python", self.app_python, "--nginx", self.nginx, "--nginx-workers", str(self.nginx_workers),
-                "--fast-path", self.fast_path, *self.buffers.serve_flags()]
+                "--fast-path", self.fast_path, *self.concurrency_flags(), *self.buffers.serve_flags()]
 
     def start(self) -> None:
         if self.spawn_method is None:
@@ -556,3 +593,14 @@ class RelayStack(AgentStack):
     key = "relay"
     label = "nginx→agent relay"
     fast_path = "off"
+
+
+class AgentThreadStack(AgentStack):
+    """The agent with threaded workers: agent_concurrency_model thread,
+    agent_thread_count THREADS (docs/policy.md, "Threads")."""
+
+    key = "ours-threads"
+    label = "nginx→agent threads"
+
+    def concurrency_flags(self) -> list[str]:
+        return ["--concurrency-model", "thread", "--thread-count", str(THREADS)]

@@ -57,9 +57,12 @@ def test_only_and_the_spawn_options_are_checked() -> None:
     assert args.only == ["spawn", "memory"] and args.apps == ["django"]
     assert args.spawn_stacks == ["direct", "uwsgi"] and args.spawns == 5 and args.memory_workers == [1, 2]
     assert args.spawn_output.name == "benchmarks-spawn.md"
-    assert run.parse_args([]).only == ["throughput", "spawn", "memory"]
+    assert run.parse_args([]).only == ["throughput", "threads", "spawn", "memory"]
+    threads = run.parse_args(["--only", "threads", "--rounds", "5"])
+    assert threads.only == ["threads"] and threads.rounds == 5
+    assert threads.threads_output.name == "benchmarks-threads.md"
     for wrong in (["--only", "speed"], ["--spawn-stacks", "lazy"], ["--apps", ""], ["--spawns", "0"],
-                  ["--memory-workers", "1,x"]):
+                  ["--memory-workers", "1,x"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
             run.parse_args(wrong)
 
