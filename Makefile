@@ -41,7 +41,7 @@ APP_PYTHON ?= /usr/bin/python3
 HOSTS ?= 2
 SCALE_TESTS := tests/scale tests/integration/test_shared_state.py tests/integration/test_prometheus.py
 
-.PHONY: all deps system-deps python-deps build native module run shared-state multi-host prometheus-check django-venv \
+.PHONY: all deps system-deps python-deps build native module run shared-state multi-host prometheus-check django-venv asgi-venv \
 	test test-scale lint sanitize fuzz bench bench-spawn clean
 
 all: build
@@ -108,6 +108,14 @@ build/django-venv/.done: examples/django/requirements.txt examples/django/make-v
 	examples/django/make-venv.sh build/django-venv
 	touch $@
 
+# examples/asgi's virtualenv (Starlette), which its integration test serves it with.
+asgi-venv: build/asgi-venv/.done
+
+build/asgi-venv/.done: examples/asgi/requirements.txt examples/asgi/make-venv.sh
+	rm -rf build/asgi-venv
+	examples/asgi/make-venv.sh build/asgi-venv
+	touch $@
+
 # Serves a copy of examples/shared-state with 4 workers, under an app
 # virtualenv with the redis client (from PyPI) and a redis-server on a Unix
 # socket in STATE_DIR, without persistence; Ctrl-C stops both.
@@ -133,7 +141,7 @@ prometheus-check: system-deps
 
 # -- checks ------------------------------------------------------------------
 
-test: deps build django-venv
+test: deps build django-venv asgi-venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # Part of `make test` too; this runs them alone (about a minute).
@@ -145,7 +153,7 @@ lint: python-deps
 	$(PY) -m mypy agent
 
 # The suite against an ASan/UBSan build of the C extension.
-sanitize: deps module django-venv
+sanitize: deps module django-venv asgi-venv
 	AGENT_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
 	rm -f agent/.native-built
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \

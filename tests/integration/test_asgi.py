@@ -2,7 +2,10 @@
 methods: the http scope, a streamed request body and response, lifespan
 (state, a failed startup, an app without it), many requests at once on one
 worker's event loop, SIGTERM with requests in flight, a client that goes
-away, and a malformed frame on the worker's socket."""
+away, and a malformed frame on the worker's socket. Then examples/asgi, a
+Starlette app, in its own virtualenv (`make asgi-venv`, build/asgi-venv,
+which `make test` makes; without it the test makes one with
+examples/asgi/make-venv.sh, and pip needs PyPI)."""
 
 from __future__ import annotations
 
@@ -10,17 +13,21 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.integration import asgi_apps
-from tests.integration.stack import AppSpec, Stack, running_stack, wait_until
+from tests.integration.stack import APP_PYTHON, REPO, AppSpec, Stack, running_stack, wait_until
 from tests.integration.test_security_workers import worker_socket_of
 
 GATHER = 50
@@ -221,3 +228,76 @@ def test_an_app_without_lifespan_support_is_served(stack: Stack) -> None:
     pid = int(response.text.split()[-1])
     assert pid in stack.worker_pids()
     wait_until(lambda: "served without lifespan events" in stack.log_file.read_text(), what="the log line")
+
+
+# -- examples/asgi: Starlette, in its own virtualenv ------------------------------
+
+EXAMPLE = REPO / "examples" / "asgi"
+BUILT_VENV = REPO / "build" / "asgi-venv"
+
+
+class StarletteStack(Stack):
+    """examples/asgi, copied in by the fixture, under its virtualenv's interpreter."""
+
+    def __init__(self, root: Path, spawn_method: str) -> None:
+        app = AppSpec("starlette", "", "/", startup_file="asgi.py",
+                      directives={"agent_app_type": "asgi", "agent_spawn_method": spawn_method,
+                                  "agent_max_instances": "1"})
+        super().__init__(root, [app])
+        self.python = root / "venv" / "bin" / "python"
+
+    def write_apps(self) -> None:
+        """The example is copied in by the fixture, not written from a source."""
+
+    def location_block(self, app: AppSpec) -> str:
+        return super().location_block(app).replace(f"agent_python {APP_PYTHON};", f"agent_python {self.python};")
+
+
+@pytest.fixture(scope="module", params=["smart", "direct"])
+def starlette(request: pytest.FixtureRequest) -> Iterator[StarletteStack]:
+    root = Path(tempfile.mkdtemp(prefix="agent-asgi-", dir="/tmp"))
+    try:
+        shutil.copytree(EXAMPLE, root / "apps" / "starlette", ignore=shutil.ignore_patterns("__pycache__"))
+        if (BUILT_VENV / "bin" / "python").exists():
+            shutil.copytree(BUILT_VENV, root / "venv", symlinks=True)
+        else:
+            subprocess.run([str(EXAMPLE / "make-venv.sh"), str(root / "venv")], check=True)
+        subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
+        stack = StarletteStack(root, request.param)
+        try:
+            stack.start()
+            yield stack
+        except BaseException:
+            print(stack.logs())
+            raise
+        finally:
+            stack.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_starlette_answers_json_from_its_virtualenv_with_its_lifespan_state(starlette: StarletteStack) -> None:
+    response = starlette.get("/")
+    assert response.status == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    document = json.loads(response.body)
+    assert document["hello"] == "world" and document["path"] == "/"
+    assert document["started_by"] == document["pid"]
+    worker = psutil.Process(document["pid"])
+    assert worker.cmdline()[0] == str(starlette.python)
+
+
+def test_starlette_streams_each_line_as_it_is_made(starlette: StarletteStack) -> None:
+    conn = starlette.connection(timeout=60)
+    try:
+        started = time.monotonic()
+        # Two lines 20 s apart: the first must come long before the second is made.
+        conn.request("GET", "/stream?count=2&delay=20")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline() == b"line 0\n"
+        assert time.monotonic() - started < 15
+    finally:
+        conn.close()
+    whole = starlette.get("/stream?count=3&delay=0")
+    assert (whole.status, whole.text) == (200, "line 0\nline 1\nline 2\n")
