@@ -42,7 +42,7 @@ APP_PYTHON ?= /usr/bin/python3
 HOSTS ?= 2
 SCALE_TESTS := tests/scale tests/integration/test_shared_state.py tests/integration/test_prometheus.py
 
-.PHONY: all deps system-deps python-deps build native module run shared-state multi-host prometheus-check django-venv flask-venv \
+.PHONY: all deps system-deps python-deps build native module run shared-state multi-host prometheus-check django-venv flask-venv asgi-venv \
 	test test-scale lint sanitize fuzz bench bench-spawn clean
 
 all: build
@@ -117,6 +117,14 @@ build/flask-venv/.done: examples/flask-threads/requirements.txt examples/flask-t
 	examples/flask-threads/make-venv.sh build/flask-venv
 	touch $@
 
+# examples/asgi's virtualenv (Starlette), which its integration test serves it with.
+asgi-venv: build/asgi-venv/.done
+
+build/asgi-venv/.done: examples/asgi/requirements.txt examples/asgi/make-venv.sh examples/make-venv.sh
+	rm -rf build/asgi-venv
+	examples/asgi/make-venv.sh build/asgi-venv
+	touch $@
+
 # Serves a copy of examples/shared-state with 4 workers, under an app
 # virtualenv with the redis client (from PyPI) and a redis-server on a Unix
 # socket in STATE_DIR, without persistence; Ctrl-C stops both.
@@ -142,7 +150,7 @@ prometheus-check: system-deps
 
 # -- checks ------------------------------------------------------------------
 
-test: deps build django-venv flask-venv
+test: deps build django-venv flask-venv asgi-venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # Part of `make test` too; this runs them alone (about a minute).
@@ -154,7 +162,7 @@ lint: python-deps
 	$(PY) -m mypy agent
 
 # The suite against an ASan/UBSan build of the C extension.
-sanitize: deps module django-venv flask-venv
+sanitize: deps module django-venv flask-venv asgi-venv
 	AGENT_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
 	rm -f agent/.native-built
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:quarantine_size_mb=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \

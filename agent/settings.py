@@ -94,8 +94,8 @@ SETTINGS: tuple[Setting, ...] = (
     # -- per app: written to apps.json ------------------------------------------------
     Setting("app_root", P, APP, None, "the app's directory (default: the parent of root); also its name",
             "passenger_app_root", serve=False),
-    Setting("app_type", E, APP, "wsgi", "the kind of app", "passenger_app_type", choices=("wsgi",)),
-    Setting("startup_file", S, APP, "wsgi.py", "the file defining the WSGI callable, relative to the app root",
+    Setting("app_type", E, APP, "wsgi", "the kind of app", "passenger_app_type", choices=("wsgi", "asgi")),
+    Setting("startup_file", S, APP, "wsgi.py", "the file defining the app (WSGI or ASGI), relative to the app root",
             "passenger_startup_file"),
     Setting("python", S, APP, "/usr/bin/python3", "the app's interpreter, e.g. a virtualenv's bin/python",
             "passenger_python"),
@@ -142,6 +142,8 @@ SETTINGS: tuple[Setting, ...] = (
             "passenger_concurrency_model", choices=("process", "thread")),
     Setting("thread_count", N, APP, 1, "requests one worker serves at once with agent_concurrency_model thread",
             "passenger_thread_count", minimum=1, maximum=1024),
+    Setting("concurrency", N, APP, 100, "requests one ASGI worker serves at once on its event loop",
+            minimum=1, maximum=1024),
     # -- nginx's side only --------------------------------------------------------------
     Setting("enabled", F, LOC, False, "hand this location's dynamic requests to the agent",
             "passenger_enabled", serve=False),

@@ -200,11 +200,13 @@ static ngx_conf_post_t  ngx_http_agent_nonzero_msec = {
 
 static ngx_str_t  ngx_http_agent_app_types[] = {
     ngx_string("wsgi"),
+    ngx_string("asgi"),
     ngx_null_string
 };
 
-/* a worker's threads: as many as the agent's handshake accepts */
-static ngx_conf_num_bounds_t  ngx_http_agent_thread_bounds = {
+/* requests a worker serves at once (its threads, or an ASGI worker's
+ * event loop): as many as the agent's handshake accepts */
+static ngx_conf_num_bounds_t  ngx_http_agent_concurrency_bounds = {
     ngx_conf_check_num_bounds, 1, 1024
 };
 

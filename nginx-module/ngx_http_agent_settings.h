@@ -109,7 +109,8 @@
     X(max_preloader_idle_time, MSEC, APP, 300000, NULL)                      \
     X(concurrency_model, ENUM, APP, "process",                                \
       ngx_http_agent_concurrency_models)                                      \
-    X(thread_count, NUM, APP, 1, &ngx_http_agent_thread_bounds)
+    X(thread_count, NUM, APP, 1, &ngx_http_agent_concurrency_bounds)         \
+    X(concurrency, NUM, APP, 100, &ngx_http_agent_concurrency_bounds)
 
 
 /* how nginx serves a location */

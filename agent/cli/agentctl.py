@@ -121,7 +121,10 @@ def format_server(server: dict[str, Any]) -> list[str]:
 
 
 def threads(app: dict[str, Any]) -> str:
-    return f", {app.get('thread_count')} threads per process" if app.get("concurrency_model") == "thread" else ""
+    """How many requests a process takes at once, when more than one."""
+    if app.get("app_type") == "asgi":
+        return f", {app.get('worker_concurrency')} requests at once per process"
+    return f", {app.get('worker_concurrency')} threads per process" if app.get("concurrency_model") == "thread" else ""
 
 
 def sessions(process: dict[str, Any]) -> str:

@@ -175,7 +175,7 @@ class CoreStatus:
             "processes": [process_document(w, now) for w in sorted(app.workers.values(), key=lambda w: w.pid)],
             "spawn_method": app.config.spawn_method,
             "concurrency_model": app.config.concurrency_model,
-            "thread_count": app.config.worker_concurrency,
+            "worker_concurrency": app.config.worker_concurrency,
             "preloaders": [preloader_document(p, now) for p in sorted(app.preloaders.values(), key=lambda p: p.pid)],
         }
 

@@ -48,6 +48,7 @@ class AppConfig:
     max_preloader_idle_time_ms: int = default("max_preloader_idle_time")
     concurrency_model: str = default("concurrency_model")
     thread_count: int = default("thread_count")
+    concurrency: int = default("concurrency")
 
     @property
     def startup_path(self) -> Path:
@@ -64,6 +65,8 @@ class AppConfig:
     @property
     def worker_concurrency(self) -> int:
         """Requests one worker serves at once."""
+        if self.app_type == "asgi":
+            return self.concurrency
         return self.thread_count if self.concurrency_model == "thread" else 1
 
 

@@ -24,7 +24,7 @@ from agent.core.supervision import Supervision
 from agent.instance import Instance
 from agent.unix import listen_unix
 
-LOADERS = {"wsgi": "wsgi_loader.py"}
+LOADERS = {"wsgi": "wsgi_loader.py", "asgi": "asgi_loader.py"}
 # The loaders' C speedups (csrc/loader_speedups.c), copied next to them: a
 # worker's interpreter that can load it (CPython 3.9 or later) does.
 LOADER_SPEEDUPS = "_agent_loader_speedups.abi3.so"

@@ -180,11 +180,11 @@ def module_name_for(path: str) -> str:
 
 
 def strip_loader_frames(tb: TracebackType | None) -> TracebackType | None:
-    """Skip the loader's and importlib's frames so the app's come first."""
-    own_file = os.path.realpath(__file__)
+    """Skip the loaders' and importlib's frames so the app's come first."""
+    own_dir = os.path.dirname(os.path.realpath(__file__))
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
-        if not filename.startswith("<frozen") and (os.path.realpath(filename) != own_file):
+        if not filename.startswith("<frozen") and os.path.dirname(os.path.realpath(filename)) != own_dir:
             break
         tb = tb.tb_next
     return tb
@@ -264,7 +264,10 @@ def import_startup_file(path: str, source: bytes | None = None) -> ModuleType:
     return module
 
 
-def load_application(app_root: str, startup_file: str, startup_fd: int | None = None) -> WSGIApp:
+def load_application(app_root: str, startup_file: str, startup_fd: int | None = None,
+                     names: tuple[str, ...] = ("application",)) -> WSGIApp:
+    """The app the startup file defines: the first of *names* it binds
+    (the ASGI loader also takes `app`). Raises LoadError."""
     path = resolve_startup_file(app_root, startup_file)
     if startup_fd is None and not os.path.isfile(path):
         raise LoadError("missing_startup_file", "startup file not found: " + path, "")
@@ -277,11 +280,14 @@ def load_application(app_root: str, startup_file: str, startup_fd: int | None = 
     except BaseException as exc:  # anything the app raises is reported
         summary, trace = describe_exception(exc)
         raise LoadError(classify_load_exception(exc), summary, trace) from exc
-    application = getattr(module, "application", None)
+    for name in names:
+        application = getattr(module, name, None)
+        if application is not None:
+            break
     if application is None or not callable(application):
         raise LoadError(
             "no_application",
-            path + " defines no callable 'application'",
+            path + " defines no callable " + " nor ".join(f"'{name}'" for name in names),
             "",
         )
     return application  # type: ignore[no-any-return]
@@ -1006,6 +1012,15 @@ def handle_sigterm(signum: int, frame: FrameType | None) -> None:
         raise _StopServing
 
 
+def frame_refused(exc: Exception) -> bool:
+    """Logs why a request frame could not be read; False: its connection closes."""
+    if isinstance(exc, MalformedFrame):
+        log(f"malformed request frame ({exc}); connection closed")
+    else:
+        log(f"reading the request frame: {exc}")
+    return False
+
+
 def serve_request(
     conn: _socket.socket,
     app: WSGIApp,
@@ -1028,12 +1043,8 @@ def serve_request(
         return False
     try:
         environ, stream = read_request(conn, buf, view, received, base)
-    except MalformedFrame as exc:
-        log(f"malformed request frame ({exc}); connection closed")
-        return False
-    except OSError as exc:
-        log(f"reading the request frame: {exc}")
-        return False
+    except (MalformedFrame, OSError) as exc:
+        return frame_refused(exc)
     response = Response(conn, stream)
     try:
         run_app(app, environ, response)
@@ -1070,6 +1081,24 @@ def peer_credentials(conn: _socket.socket) -> tuple[int, int, int]:
     """The connecting process's pid, uid and gid, as the kernel took them
     at connect() (SO_PEERCRED)."""
     return _UCRED.unpack(conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED.size))  # type: ignore[return-value]
+
+
+def admitted(conn: _socket.socket, peer_uids: frozenset[int], refusal_log: Callable[[str], None],
+             error_log: Callable[[str], None]) -> bool:
+    """Whether the peer of a new connection may send requests; if not, the
+    connection is closed unread and the refusal logged."""
+    try:
+        pid, uid, _ = peer_credentials(conn)
+    except OSError as exc:
+        conn.close()
+        error_log(f"cannot read a connection's peer credentials: {exc}")
+        return False
+    if uid not in peer_uids:
+        conn.close()  # unread
+        refusal_log(f"refused a connection from uid {uid} (pid {pid}): only uids "
+                    f"{','.join(map(str, sorted(peer_uids)))} may connect")
+        return False
+    return True
 
 
 class RateLimitedLog:
@@ -1207,16 +1236,7 @@ class Server:
                     time.sleep(ACCEPT_RETRY_DELAY)
             return
         conn = _socket.socket(self.listener.family, self.listener.type, 0, fd)
-        try:
-            pid, uid, _ = peer_credentials(conn)
-        except OSError as exc:
-            conn.close()
-            self.accept_error_log(f"cannot read a connection's peer credentials: {exc}")
-            return
-        if uid not in self.peer_uids:
-            conn.close()  # unread
-            self.refusal_log(f"refused a connection from uid {uid} (pid {pid}): only uids "
-                             f"{','.join(map(str, sorted(self.peer_uids)))} may connect")
+        if not admitted(conn, self.peer_uids, self.refusal_log, self.accept_error_log):
             return
         if len(self.conns) >= MAX_CONNECTIONS:
             self.close_oldest()
@@ -1424,7 +1444,17 @@ def load_private_env() -> None:
     os.environ.update(env)
 
 
-def main() -> int:
+if TYPE_CHECKING:
+    # A worker with its app loaded: reports ready (or an error) on the
+    # handshake pipe, serves until SIGTERM, returns the exit status.
+    RunWorker = Callable[[_socket.socket, int, Any, frozenset[int], int], int]
+
+
+def main(app_names: tuple[str, ...] = ("application",), worker: RunWorker | None = None) -> int:
+    """A worker or a preloader, from the environment of docs/protocol.md
+    section 3. The ASGI loader runs this too, with its own names for the
+    app and its own worker."""
+    worker = worker or run_worker
     make_undumpable()
     app_root = os.environ.get("AGENT_APP_ROOT") or os.getcwd()
     startup_file = os.environ.get("AGENT_STARTUP_FILE", "wsgi.py")
@@ -1458,7 +1488,7 @@ def main() -> int:
         set_process_name(PRELOADER_NAME)
     try:
         load_private_env()
-        app = load_application(app_root, startup_file, None if startup_fd is None else int(startup_fd))
+        app = load_application(app_root, startup_file, None if startup_fd is None else int(startup_fd), app_names)
     except LoadError as error:
         report_load_error(ready_fd, error)
         return 1
@@ -1468,8 +1498,8 @@ def main() -> int:
     gc.freeze()
     release_free_memory()
     if preloader:
-        return run_preloader(listener, ready_fd, app, peer_uids, worker_name, concurrency)
-    return run_worker(listener, ready_fd, app, peer_uids, concurrency)
+        return run_preloader(listener, ready_fd, app, peer_uids, worker_name, concurrency, worker)
+    return worker(listener, ready_fd, app, peer_uids, concurrency)
 
 
 def run_worker(listener: _socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int],
@@ -1500,8 +1530,9 @@ class Preloader:
     control socket (fd 3, SOCK_SEQPACKET), and reports how each ended."""
 
     def __init__(self, control: _socket.socket, app: WSGIApp, peer_uids: frozenset[int], worker_name: bytes,
-                 concurrency: int) -> None:
+                 concurrency: int, worker: RunWorker) -> None:
         self.control = control
+        self.worker = worker
         self.worker_name = worker_name
         self.concurrency = concurrency
         self.app = app
@@ -1632,7 +1663,7 @@ class Preloader:
         except OSError as exc:
             report_load_error(ready_fd, LoadError("exception", f"cannot become a worker: {exc}", ""))
             return 1
-        return run_worker(listener, ready_fd, self.app, self.peer_uids, self.concurrency)
+        return self.worker(listener, ready_fd, self.app, self.peer_uids, self.concurrency)
 
 
 def place_fds(fds: list[int], targets: dict[int, int]) -> list[int]:
@@ -1701,10 +1732,11 @@ def own_process_name() -> bytes:
 
 
 def run_preloader(control: _socket.socket, ready_fd: int, app: WSGIApp, peer_uids: frozenset[int],
-                  worker_name: bytes, concurrency: int) -> int:
+                  worker_name: bytes, concurrency: int, worker: RunWorker | None = None) -> int:
     """The app is loaded: report ready, close the handshake pipe, then fork
-    workers on demand until SIGTERM or the core's end."""
-    preloader = Preloader(control, app, peer_uids, worker_name, concurrency)
+    workers on demand until SIGTERM or the core's end. Each runs *worker*
+    (run_worker by default) on the app the preloader loaded."""
+    preloader = Preloader(control, app, peer_uids, worker_name, concurrency, worker or run_worker)
     report_ready(ready_fd, concurrency)  # and closes the pipe
     preloader.run()
     return 0

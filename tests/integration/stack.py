@@ -306,7 +306,17 @@ def running_stack(apps: list[AppSpec], http_directives: dict[str, str] | None = 
                   nginx_workers: int = 1) -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="agent-it-", dir="/tmp"))
     os.chmod(root, 0o755)
-    stack = Stack(root, apps, http_directives, nginx_workers)
+    try:
+        with started(Stack(root, apps, http_directives, nginx_workers)) as stack:
+            yield stack
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def started(stack: Stack) -> Iterator[Stack]:
+    """Starts the stack and stops it after; its logs are printed when
+    either fails, or the test does."""
     try:
         stack.start()
         yield stack
@@ -319,7 +329,18 @@ def running_stack(apps: list[AppSpec], http_directives: dict[str, str] | None = 
         except BaseException:
             print(stack.logs())
             raise
-        shutil.rmtree(root, ignore_errors=True)
+
+
+def example_venv(example: Path, built: Path, target: Path) -> str:
+    """An example's virtualenv at target, where the workers' user can read
+    it: a copy of the one `make` built (built), else one made with the
+    example's make-venv.sh (pip needs PyPI). Returns its interpreter."""
+    if (built / "bin" / "python").exists():
+        shutil.copytree(built, target, symlinks=True)
+    else:
+        subprocess.run([str(example / "make-venv.sh"), str(target)], check=True)
+    subprocess.run(["chmod", "-R", "a+rX", str(target)], check=True)
+    return str(target / "bin" / "python")
 
 
 def nginx_t_with(directives: str, app_source: str = "") -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.stack import REPO, AppSpec, Stack, nginx_t_with, running_stack
+from tests.integration.stack import REPO, AppSpec, Stack, example_venv, nginx_t_with, running_stack, started
 
 EXAMPLE = REPO / "examples" / "django"
 BUILT_VENV = REPO / "build" / "django-venv"
@@ -23,7 +23,7 @@ class ShopStack(Stack):
     """The Django example at /shop/: its static files through alias, the
     rest to the app with the base URI."""
 
-    def __init__(self, root: Path, venv_python: Path) -> None:
+    def __init__(self, root: Path, venv_python: str) -> None:
         super().__init__(root, [SHOP])
         self.venv_python = venv_python
 
@@ -48,20 +48,10 @@ def shop() -> Iterator[ShopStack]:
     root = Path(tempfile.mkdtemp(prefix="agent-shop-", dir="/tmp"))
     try:
         shutil.copytree(EXAMPLE, root / "apps" / "shop", ignore=shutil.ignore_patterns("__pycache__", "db.sqlite3"))
-        if (BUILT_VENV / "bin" / "python").exists():
-            shutil.copytree(BUILT_VENV, root / "venv", symlinks=True)
-        else:
-            subprocess.run([str(EXAMPLE / "make-venv.sh"), str(root / "venv")], check=True)
         subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
-        stack = ShopStack(root, root / "venv" / "bin" / "python")
-        try:
-            stack.start()
+        python = example_venv(EXAMPLE, BUILT_VENV, root / "venv")
+        with started(ShopStack(root, python)) as stack:
             yield stack
-        except BaseException:
-            print(stack.logs())
-            raise
-        finally:
-            stack.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from tests.integration.load import Load
-from tests.integration.stack import REPO, AppSpec, Stack, running_stack, wait_until
+from tests.integration.stack import REPO, AppSpec, Stack, example_venv, running_stack, wait_until
 
 EXAMPLE = REPO / "examples" / "flask-threads"
 BUILT_VENV = REPO / "build" / "flask-venv"
@@ -34,13 +34,11 @@ THREADS = 8
 @pytest.fixture(scope="module")
 def venv_python() -> Iterator[str]:
     root = Path(tempfile.mkdtemp(prefix="agent-flask-", dir="/tmp"))
-    if (BUILT_VENV / "bin" / "python").exists():
-        shutil.copytree(BUILT_VENV, root / "venv", symlinks=True)
-    else:
-        subprocess.run([str(EXAMPLE / "make-venv.sh"), str(root / "venv")], check=True)
-    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
-    yield str(root / "venv" / "bin" / "python")
-    shutil.rmtree(root, ignore_errors=True)
+    os.chmod(root, 0o755)
+    try:
+        yield example_venv(EXAMPLE, BUILT_VENV, root / "venv")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def flask_app(python: str, location: str = "/", **directives: str) -> AppSpec:

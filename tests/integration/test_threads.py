@@ -86,7 +86,7 @@ def test_one_worker_serves_its_thread_count_at_once_and_the_rest_wait_in_the_que
         extra = send(pool, stack, "/hold", 1)
         wait_until(lambda: app_status(stack)["queue_length"] == 1, timeout=30, what="the fifth request queued")
         document = app_status(stack)
-        assert (document["concurrency_model"], document["thread_count"]) == ("thread", THREADS)
+        assert (document["concurrency_model"], document["worker_concurrency"]) == ("thread", THREADS)
         text = subprocess.run([sys.executable, "-m", "agent.cli", "--instance", str(stack.instance), "status"],
                               cwd=REPO, capture_output=True, text=True, timeout=60).stdout
         assert f"{THREADS} threads per process" in text and f" {THREADS}/{THREADS} " in text, text

@@ -82,9 +82,9 @@ def may_import(source: str, target: str) -> bool:
     here, there = area(source), area(target)
     if here == "loaders":
         # Copied beside the app and run by its own interpreter: nothing of
-        # the agent but the speedups beside it (`from . import`, where the
-        # agent's tests import the loader from the package).
-        return target == "agent.loaders"
+        # the agent but the speedups and the loaders beside it (`from .
+        # import`, where the agent's tests import the loader from the package).
+        return target == "agent.loaders" or area(target) == "loaders"
     if there == "shared":
         return True
     if here == "shared":
@@ -143,6 +143,8 @@ def test_each_folder_imports_only_what_its_process_may() -> None:
 
 # The loaders' own C module (csrc/loader_speedups.c), installed next to them.
 LOADER_SPEEDUPS = "_agent_loader_speedups"
+# The loaders themselves, copied into one directory: one may import another.
+LOADERS = {path.stem for path in (AGENT / "loaders").glob("*.py")} - {"__init__"}
 
 
 def test_loaders_use_the_standard_library_only() -> None:
@@ -151,5 +153,5 @@ def test_loaders_use_the_standard_library_only() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             for name in names:
-                assert name.split(".")[0] in sys.stdlib_module_names or name == LOADER_SPEEDUPS, \
+                assert name.split(".")[0] in sys.stdlib_module_names or name in {LOADER_SPEEDUPS, *LOADERS}, \
                     f"{path.name} imports {name}"

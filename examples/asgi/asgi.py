@@ -1,0 +1,43 @@
+"""A small Starlette app, served by the agent as an ASGI app
+(agent_app_type asgi): each worker runs it on its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[dict[str, int]]:
+    # Runs in each worker before it takes requests; the state reaches every request.
+    yield {"started_by": os.getpid()}
+
+
+async def hello(request: Request) -> Response:
+    return JSONResponse({"hello": "world", "pid": os.getpid(), "started_by": request.state.started_by,
+                         "path": request.url.path})
+
+
+async def stream(request: Request) -> Response:
+    """`count` lines, `delay` seconds apart, each sent as it is made."""
+    count = int(request.query_params.get("count", "5"))
+    delay = float(request.query_params.get("delay", "0.5"))
+
+    async def lines() -> AsyncIterator[str]:
+        for n in range(count):
+            if n:
+                await asyncio.sleep(delay)
+            yield f"line {n}\n"
+
+    # X-Accel-Buffering: no makes nginx pass each line on as it comes.
+    return StreamingResponse(lines(), media_type="text/plain", headers={"X-Accel-Buffering": "no"})
+
+
+app = Starlette(routes=[Route("/", hello), Route("/stream", stream)], lifespan=lifespan)

@@ -1,0 +1,1 @@
+../django/make-venv.sh
