@@ -52,6 +52,7 @@ class StackResult:
     idle_stack_cpu: float = 0.0              # seconds of CPU over idle_seconds without load
     idle_agent_cpu: float | None = None
     error: str | None = None
+    not_measured: dict[str, str] = field(default_factory=dict)   # workload → why it was not run
 
     def run(self, workload: str, connections: int, nginx_workers: int = 1) -> Run | None:
         found = self.runs_of(workload, connections, nginx_workers)

@@ -13,7 +13,8 @@ from stacks import THREADS, WORKERS
 AGENT_CPU_BAR_US = 5.0
 GUNICORN_FACTOR = 3.0
 NOISY_PERCENT = 10.0
-SHORT = {"ours": "agent", "relay": "agent relay", "uwsgi": "uWSGI", "gunicorn": "gunicorn"}
+SHORT = {"ours": "agent", "relay": "agent relay", "uwsgi": "uWSGI", "gunicorn": "gunicorn", "uvicorn": "uvicorn",
+         "granian": "Granian"}
 ROLE_TITLES = {APP_MASTER: "uWSGI master / gunicorn arbiter"}
 
 
@@ -35,6 +36,9 @@ class Machine:
     load_end: str = "?"
     buffers: list[tuple[str, str]] = field(default_factory=list)    # (stack, the directives it is given)
     more_nginx_workers: int = 1    # nginx's worker_processes in the second pass (1: none)
+    uvicorn: str = "-"             # the asgi part's peers, and its WebSocket load client's library
+    granian: str = "-"
+    websockets: str = "-"
 
 
 def cpu_model() -> str:
@@ -121,20 +125,22 @@ def fraction(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
-def cpu_split_table(results: Sequence[StackResult], workload: str, connections: int, nginx_workers: int) -> str:
+def cpu_split_table(results: Sequence[StackResult], workload: str, connections: int, nginx_workers: int,
+                    base: str = "uwsgi", role_titles: dict[str, str] | None = None) -> str:
     """µs of CPU per request by process role, each stack a column, with
-    totals, and each stack's figures divided by uWSGI's."""
+    totals, and each stack's figures divided by base's (uWSGI's)."""
+    titles = ROLE_TITLES if role_titles is None else role_titles
     ran: list[tuple[StackResult, Run]] = []
     for r in results:
         found = r.run(workload, connections, nginx_workers)
         if found is not None:
             ran.append((r, found))
-    peer = next((run for r, run in ran if r.key == "uwsgi"), None)
-    ratios = [(r, run) for r, run in ran if r.key != "uwsgi"] if peer is not None else []
+    peer = next((run for r, run in ran if r.key == base), None)
+    ratios = [(r, run) for r, run in ran if r.key != base] if peer is not None else []
     roles = [role for role in ROLES if any(role in run.cpu_split for _, run in ran)]
     rows = []
     for role in roles:
-        row = [ROLE_TITLES.get(role, role)]
+        row = [titles.get(role, role)]
         row += ["-" if role not in run.cpu_split else f"{us(run.cpu_split[role], run):.1f}" for _, run in ran]
         row += [fraction(us(run.cpu_split.get(role), run), us(peer.cpu_split.get(role), peer)) if peer else "-"
                 for _, run in ratios]
@@ -146,7 +152,8 @@ def cpu_split_table(results: Sequence[StackResult], workload: str, connections: 
     rows.append(["requests", *(f"{run.requests:,}" for _, run in ran), *("" for _ in ratios)])
     rows.append(["one clock tick (resolution)", *(f"{us(1 / CLOCK_TICKS, run) or 0:.2f}" for _, run in ran),
                  *("" for _ in ratios)])
-    header = ["process", *(f"{SHORT[r.key]} µs/req" for r, _ in ran), *(f"{SHORT[r.key]}/uWSGI" for r, _ in ratios)]
+    header = ["process", *(f"{SHORT[r.key]} µs/req" for r, _ in ran),
+              *(f"{SHORT[r.key]}/{SHORT[base]}" for r, _ in ratios)]
     return table(header, rows)
 
 
@@ -344,8 +351,9 @@ def noise_note(results: Sequence[StackResult], cores: int) -> str:
     return text + "."
 
 
-def machine_table(machine: Machine, agent_python: bool, wrk: bool) -> str:
-    """The report's table of the machine and the programs' versions."""
+def machine_table(machine: Machine, agent_python: bool, wrk: bool, asgi: bool = False) -> str:
+    """The report's table of the machine and the programs' versions (with
+    asgi, the asgi part's peers in place of the WSGI ones)."""
     rows = [
         ["date", machine.date],
         ["CPU", f"{machine.cpu}, {machine.cores} cores"],
@@ -355,8 +363,9 @@ def machine_table(machine: Machine, agent_python: bool, wrk: bool) -> str:
         ["nginx", machine.nginx],
         ["app workers' Python (every stack)", machine.app_python],
         *([["agent core's Python", machine.agent_python]] if agent_python else []),
-        ["gunicorn", machine.gunicorn],
-        ["uWSGI", machine.uwsgi],
+        *([["uvicorn", machine.uvicorn], ["Granian", machine.granian],
+           ["websockets (the WebSocket load client)", machine.websockets]] if asgi else
+          [["gunicorn", machine.gunicorn], ["uWSGI", machine.uwsgi]]),
         *([["wrk", machine.wrk]] if wrk else []),
     ]
     return table(["", ""], rows)

@@ -30,6 +30,7 @@ stdout and, as Markdown, to docs/benchmarks.md (bench/results/quick.md for
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import datetime
 import json
@@ -38,30 +39,37 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
+import asgi_report
 import procfs
 import report
 import spawn_report
 import spawnmem
 import threads_report
 import wrk
+import wsload
 from figures import AGENT_CORE, NOT_AVAILABLE, MemoryFigures, Run, SpawnFigures, StackResult
 from stacks import (
+    AgentAsgiStack,
     AgentStack,
     AgentThreadStack,
     Buffers,
+    GranianStack,
     GunicornStack,
     GunicornThreadStack,
     RelayStack,
     Stack,
     StackError,
+    UvicornStack,
     UwsgiStack,
     UwsgiThreadStack,
     free_port,
@@ -73,7 +81,7 @@ RESULTS = BENCH / "results"
 APP_SOURCE = BENCH / "apps"
 REQUIREMENTS = BENCH / "requirements.txt"
 DJANGO_SOURCE = REPO / "examples" / "django"
-PARTS = ["throughput", "threads", "spawn", "memory"]
+PARTS = ["throughput", "threads", "asgi", "spawn", "memory"]
 APPS = ["hello", "django"]
 
 WORKLOADS = [("hello", "hello world", "/"), ("100k", "100 KB body", "/100k"), ("sleep", "10 ms sleep", "/sleep")]
@@ -82,7 +90,7 @@ CONNECTIONS = [1, 16, 64]
 MORE_WORKERS_RUNS = [("hello", 16), ("hello", 64)]
 # The relay (agent_fast_path off) runs what the issue's before-table has.
 RELAY_RUNS = [("hello", 1), ("hello", 16), ("hello", 64), ("100k", 16)]
-STACK_KEYS = ["ours", "relay", "uwsgi", "gunicorn"]
+THROUGHPUT_KEYS = ["ours", "relay", "uwsgi", "gunicorn"]
 STACK_LABELS = {"ours": AgentStack.label, "relay": RelayStack.label, "uwsgi": UwsgiStack.label,
                 "gunicorn": GunicornStack.label}
 # The threads part: each stack's threaded kind, under the key of --stacks
@@ -90,9 +98,17 @@ STACK_LABELS = {"ours": AgentStack.label, "relay": RelayStack.label, "uwsgi": Uw
 THREAD_STACKS: dict[str, type[AgentThreadStack | UwsgiThreadStack | GunicornThreadStack]] = {
     "ours": AgentThreadStack, "gunicorn": GunicornThreadStack, "uwsgi": UwsgiThreadStack}
 THREAD_CONNECTIONS = [16, 32, 64]
+# The asgi part: each stack serving bench/apps/asgi.py, under the key of
+# --stacks that selects it (its workloads and connection counts: asgi_report).
+ASGI_STACKS: dict[str, type[AgentAsgiStack | UvicornStack | GranianStack]] = {
+    "ours": AgentAsgiStack, "uvicorn": UvicornStack, "granian": GranianStack}
+STACK_KEYS = [*THROUGHPUT_KEYS, *(key for key in ASGI_STACKS if key not in THROUGHPUT_KEYS)]
 ROUNDS = 3
 WARMUP_SECONDS = 1.0
 IDLE_SECONDS = 3.0
+HELLO_BODY = b"Hello, world!"      # bench/apps/asgi.py's answer to /
+# What the peers' virtualenv has in its bin/ once bench/requirements.txt is in.
+PEER_PROGRAMS = ["gunicorn", "uwsgi", "uvicorn", "granian", "websockets"]
 APT_HINT = "apt-get install nginx wrk build-essential python3-dev python3-venv"
 
 
@@ -126,21 +142,21 @@ def ensure_program(name: str, package: str, install: bool) -> str:
 
 
 def ensure_peers(venv: Path, app_python: str, install: bool) -> Path:
-    """A virtualenv made from the apps' interpreter, holding gunicorn and
-    uWSGI (bench/requirements.txt); uWSGI compiles against that
-    interpreter's headers."""
+    """A virtualenv made from the apps' interpreter, holding gunicorn,
+    uWSGI, uvicorn, Granian and websockets (bench/requirements.txt); uWSGI
+    compiles against that interpreter's headers."""
     bin_dir = venv / "bin"
-    if (bin_dir / "gunicorn").exists() and (bin_dir / "uwsgi").exists():
+    if all((bin_dir / name).exists() for name in PEER_PROGRAMS):
         return bin_dir
     if not install:
-        raise SetupError(f"gunicorn and uwsgi not found in {venv}; make it with: {app_python} -m venv {venv} "
-                         f"&& {bin_dir}/pip install -r {REQUIREMENTS}")
+        raise SetupError(f"{', '.join(PEER_PROGRAMS)} not all found in {venv}; make it with: {app_python} -m venv "
+                         f"{venv} && {bin_dir}/pip install -r {REQUIREMENTS}")
     missing = [p for p, ok in (("build-essential", find_program("gcc")),
                                ("python3-dev", Path("/usr/include/python3.11/Python.h").exists()))
                if not ok]
     if missing:
         apt_install(missing, install)
-    print(f"bench: installing gunicorn and uWSGI into {venv} (uWSGI compiles: about a minute)", flush=True)
+    print(f"bench: installing {REQUIREMENTS.name} into {venv} (uWSGI compiles: about a minute)", flush=True)
     if not (bin_dir / "pip").exists():
         made = subprocess.run([app_python, "-m", "venv", str(venv)], capture_output=True, text=True)
         if made.returncode != 0:
@@ -221,6 +237,18 @@ def bench_apps(args: argparse.Namespace, base: Path) -> list[spawnmem.BenchApp]:
 Plan = list[tuple[str, str, str, int]]     # (workload, title, path, connections)
 
 
+@dataclass(frozen=True)
+class LoadFigures:
+    """What a load client measured: wrk's or bench/wsload.py's."""
+
+    rate: float
+    p50: float
+    p99: float
+    requests: int
+    errors: int
+    cpu: float      # the client's own CPU seconds
+
+
 def full_plan() -> Plan:
     return [(key, title, path, c) for key, title, path in WORKLOADS for c in CONNECTIONS]
 
@@ -277,10 +305,12 @@ def measure(stack: Stack, wrk_bin: str, duration: float, log: list[str], result:
 
 
 def bench_stack(stack: Stack, wrk_bin: str, duration: float, result: StackResult, plan: Plan, full: bool,
-                log_name: str | None = None, context: str | None = None) -> None:
+                log_name: str | None = None, context: str | None = None,
+                measurer: Callable[[list[str]], None] | None = None) -> None:
     """Starts stack, measures plan, stops it. log_name: the file in RESULTS
     for wrk's output (wrk-KEY.txt); context: what an error is prefixed with
-    in result (else the nginx workers, when not a full run)."""
+    in result (else the nginx workers, when not a full run); measurer:
+    what measures instead of measure() (given the log to add to)."""
     what = f"{stack.label} with {stack.nginx_workers} nginx worker{'s' if stack.nginx_workers > 1 else ''}"
     if context:
         what += f", {context}"
@@ -289,8 +319,11 @@ def bench_stack(stack: Stack, wrk_bin: str, duration: float, result: StackResult
     try:
         stack.start()
         stack.wait_ready()
-        measure(stack, wrk_bin, duration, log, result, plan, full)
-    except (StackError, wrk.WrkError, OSError) as e:
+        if measurer is not None:
+            measurer(log)
+        else:
+            measure(stack, wrk_bin, duration, log, result, plan, full)
+    except (StackError, wrk.WrkError, wsload.LoadError, OSError) as e:
         print(f"bench: {what} failed: {e}", file=sys.stderr, flush=True)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if context:
@@ -332,6 +365,137 @@ def make_thread_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin
     if kind is UwsgiThreadStack:
         return UwsgiThreadStack(run_dir, port, app_dir, 1, args.buffers, nginx, peers_bin)
     return GunicornThreadStack(run_dir, port, app_dir, 1, args.buffers, nginx, peers_bin)
+
+
+def make_asgi_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path | None,
+                    args: argparse.Namespace, round_number: int) -> Stack:
+    kind = ASGI_STACKS[key]
+    run_dir = base / f"{kind.key}-round{round_number}"
+    run_dir.mkdir()
+    port = free_port()
+    if kind is AgentAsgiStack:
+        return AgentAsgiStack(run_dir, port, app_dir, 1, args.buffers, nginx, REPO, sys.executable, args.app_python)
+    assert peers_bin is not None
+    if kind is UvicornStack:
+        return UvicornStack(run_dir, port, app_dir, 1, args.buffers, nginx, peers_bin)
+    return GranianStack(run_dir, port, app_dir, 1, args.buffers, nginx, peers_bin)
+
+
+def websocket_handshake(port: int, path: str, timeout: float = 10.0) -> str:
+    """The status line the stack answers to a WebSocket opening handshake
+    on path ("HTTP/1.1 101 Switching Protocols" when it upgrades)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(request.encode())
+        got = b""
+        while b"\r\n" not in got:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    return got.split(b"\r\n", 1)[0].decode("latin-1").strip() or "nothing (the connection closed)"
+
+
+def timed_run(stack: Stack, workload: str, connections: int, load: Callable[[], LoadFigures]) -> Run:
+    """load() under stack, its CPU split by process role, and the machine's
+    other CPU use (noise) over it."""
+    stack.check_running()
+    before = stack.cpu_by_process()
+    machine_before, started = procfs.machine_busy_seconds(), time.monotonic()
+    got = load()
+    machine_cpu, elapsed = procfs.machine_busy_seconds() - machine_before, time.monotonic() - started
+    split = procfs.cpu_split(before, stack.cpu_by_process())
+    stack_cpu = sum(split.values())
+    agent_cpu = split.get(AGENT_CORE, 0.0) if isinstance(stack, AgentStack) else None
+    return Run(workload, connections, got.rate, got.p50, got.p99, got.requests, got.errors, stack_cpu, agent_cpu,
+               other_cpu=max(0.0, machine_cpu - stack_cpu - got.cpu), seconds=elapsed,
+               nginx_workers=stack.nginx_workers, cpu_split=split)
+
+
+def measure_asgi(stack: Stack, wrk_bin: str, client_python: str, duration: float, result: StackResult,
+                 log: list[str]) -> None:
+    """The asgi part's runs of one round on a started stack: hello world
+    with wrk, then the WebSocket echo with bench/wsload.py, at each of
+    asgi_report.CONNECTIONS; the echo is noted as not measured for the
+    agent when its /ws does not upgrade."""
+    hello_key, hello_title, hello_path, hello_unit = asgi_report.HELLO
+    echo_key, echo_title, echo_path, echo_unit = asgi_report.ECHO
+    stack.check_answers({hello_path: HELLO_BODY})
+    hello_url = f"http://127.0.0.1:{stack.port}{hello_path}"
+    echo_url = f"ws://127.0.0.1:{stack.port}{echo_path}"
+    wrk.run(wrk_bin, hello_url, 16, WARMUP_SECONDS)
+
+    def report_line(title: str, unit: str, run: Run) -> None:
+        line = (f"  {stack.label:17} {title:16} c={run.connections:<3} {run.rate:10,.0f} {unit:13}  "
+                f"p50 {report.ms(run.p50):>8}  p99 {report.ms(run.p99):>8}  "
+                f"stack {run.us_per_request(run.stack_cpu) or 0:6.1f} µs/each")
+        if run.errors:
+            line += f"  errors {run.errors}"
+        print(line, flush=True)
+
+    for connections in asgi_report.CONNECTIONS:
+        def hello(connections: int = connections) -> LoadFigures:
+            got = wrk.run(wrk_bin, hello_url, connections, duration)
+            log.append(got.output)
+            return LoadFigures(got.rate, got.p50, got.p99, got.requests, got.errors, got.cpu)
+        run = timed_run(stack, hello_key, connections, hello)
+        result.runs.append(run)
+        report_line(hello_title, hello_unit, run)
+
+    answer = websocket_handshake(stack.port, echo_path)
+    if " 101 " not in f"{answer} ":
+        why = f"{echo_path} answered {answer!r} to the WebSocket handshake"
+        if result.key != "ours":
+            raise StackError(f"{stack.label}: {why}")
+        result.not_measured[echo_key] = why
+        print(f"  {stack.label:17} {echo_title:16} {asgi_report.NOT_YET}: {why}", flush=True)
+        return
+    wsload.run(client_python, echo_url, 16, WARMUP_SECONDS)
+    for connections in asgi_report.CONNECTIONS:
+        def echo(connections: int = connections) -> LoadFigures:
+            got, cpu = wsload.run(client_python, echo_url, connections, duration)
+            log.append(f"wsload {echo_url} --connections {connections}: {asdict(got)}")
+            if got.round_trips == 0:
+                raise StackError(f"{stack.label}: no WebSocket round trip in {duration:g} s: {got.first_error}")
+            return LoadFigures(got.rate, got.p50, got.p99, got.round_trips, got.errors, cpu)
+        run = timed_run(stack, echo_key, connections, echo)
+        result.runs.append(run)
+        report_line(echo_title, echo_unit, run)
+
+
+def run_asgi(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: str, peers_bin: Path | None,
+             stacks: list[Stack]) -> list[StackResult]:
+    """The asgi part: args.rounds rounds, each starting every stack in turn
+    (a different one first each round), running measure_asgi() and stopping
+    it. A stack that fails is left out of the rounds after."""
+    keys = [key for key in args.stacks if key in ASGI_STACKS]
+    if not keys:
+        print(f"bench: asgi part: none of --stacks is among {', '.join(ASGI_STACKS)}", file=sys.stderr, flush=True)
+        return []
+    assert peers_bin is not None     # the WebSocket load client runs in the peers' virtualenv
+    client_python = str(peers_bin / "python")
+    results = {key: StackResult(key, ASGI_STACKS[key].label) for key in keys}
+    if "ours" in results and (why := agent_missing()):
+        print(f"bench: {AgentAsgiStack.label} skipped: {why}", file=sys.stderr, flush=True)
+        results["ours"].error = why
+    app_dir = prepare_app(base, APP_SOURCE, "asgi-app")
+    for number in range(1, args.rounds + 1):
+        order = keys[(number - 1) % len(keys):] + keys[:(number - 1) % len(keys)]
+        for stack_key in order:
+            result = results[stack_key]
+            if result.error is not None:
+                continue
+            stack = make_asgi_stack(stack_key, base, app_dir, nginx, peers_bin, args, number)
+            stacks.append(stack)
+
+            def measurer(log: list[str], stack: Stack = stack, result: StackResult = result) -> None:
+                measure_asgi(stack, wrk_bin, client_python, args.duration, result, log)
+            bench_stack(stack, wrk_bin, args.duration, result, [], full=False,
+                        log_name=f"wrk-{stack.key}-round{number}.txt", context=f"round {number} of {args.rounds}",
+                        measurer=measurer)
+    return list(results.values())
 
 
 def buffer_settings(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -386,9 +550,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated parts, from {','.join(PARTS)} (all); "
                         "`--only spawn,memory` is `make bench-spawn`")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
-                        help=f"the threads part's rounds; the report takes each figure's median ({ROUNDS})")
+                        help=f"the threads and asgi parts' rounds; the report takes each figure's median ({ROUNDS})")
     parser.add_argument("--threads-output", type=Path, help="the threads part's report "
                         "(docs/benchmarks-threads.md; bench/results/quick-threads.md with --quick)")
+    parser.add_argument("--asgi-output", type=Path, help="the asgi part's report "
+                        "(docs/benchmarks-asgi.md; bench/results/quick-asgi.md with --quick)")
     parser.add_argument("--apps", default=",".join(APPS),
                         help=f"the spawn and memory runs' apps, from {','.join(APPS)} (both)")
     parser.add_argument("--spawn-stacks", default=",".join(spawnmem.SPAWN_STACKS),
@@ -420,6 +586,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--rounds must be at least 1")
     if args.threads_output is None:
         args.threads_output = RESULTS / "quick-threads.md" if args.quick else REPO / "docs" / "benchmarks-threads.md"
+    if args.asgi_output is None:
+        args.asgi_output = RESULTS / "quick-asgi.md" if args.quick else REPO / "docs" / "benchmarks-asgi.md"
     if args.spawn_output is None:
         args.spawn_output = RESULTS / "quick-spawn.md" if args.quick else REPO / "docs" / "benchmarks-spawn.md"
     if args.quick:
@@ -434,11 +602,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def needs_peers(args: argparse.Namespace) -> bool:
-    throughput = "throughput" in args.only and any(s not in ("ours", "relay") for s in args.stacks)
+    throughput = "throughput" in args.only and any(s in ("uwsgi", "gunicorn") for s in args.stacks)
     threads = "threads" in args.only and any(s in ("uwsgi", "gunicorn") for s in args.stacks)
+    # The asgi part's WebSocket load client runs in the peers' virtualenv, whatever the stacks.
+    asgi = "asgi" in args.only and any(s in ASGI_STACKS for s in args.stacks)
     spawn = bool({"spawn", "memory"} & set(args.only)) and any(s not in ("smart", "direct")
                                                                for s in args.spawn_stacks)
-    return throughput or threads or spawn
+    return throughput or threads or asgi or spawn
 
 
 def machine_info(args: argparse.Namespace, nginx: str, wrk_bin: str, peers_bin: Path | None) -> report.Machine:
@@ -453,6 +623,11 @@ def machine_info(args: argparse.Namespace, nginx: str, wrk_bin: str, peers_bin: 
         gunicorn=version_of([str(peers_bin / "gunicorn"), "--version"]).split()[-1].strip(")") if peers_bin
         else "-",
         uwsgi=version_of([str(peers_bin / "uwsgi"), "--version"]) if peers_bin else "-",
+        uvicorn=version_of([str(peers_bin / "uvicorn"), "--version"]).split(" with ")[0].split()[-1]
+        if peers_bin else "-",
+        granian=version_of([str(peers_bin / "granian"), "--version"]).split()[-1] if peers_bin else "-",
+        websockets=version_of([str(peers_bin / "python"), "-c", "import websockets; print(websockets.__version__)"])
+        if peers_bin else "-",
         duration=args.duration, load=f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         buffers=buffer_settings(args), more_nginx_workers=max(1, args.more_nginx_workers))
 
@@ -461,7 +636,7 @@ def run_throughput(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: st
                    stacks: list[Stack]) -> list[StackResult]:
     results: list[StackResult] = []
     app_dir = prepare_app(base)
-    for key in args.stacks:
+    for key in [k for k in args.stacks if k in THROUGHPUT_KEYS]:
         if key in ("ours", "relay") and (why := agent_missing()):
             print(f"bench: {STACK_LABELS[key]} skipped: {why}", file=sys.stderr, flush=True)
             results.append(StackResult(key, STACK_LABELS[key], error=why))
@@ -547,6 +722,18 @@ def write_threads_report(args: argparse.Namespace, info: report.Machine, results
     print(f"bench: threads report written to {args.threads_output}")
 
 
+def write_asgi_report(args: argparse.Namespace, info: report.Machine, results: list[StackResult]) -> None:
+    print()
+    print(asgi_report.results_section(results, args.rounds))
+    print(asgi_report.noise_note(results, info.cores))
+    args.asgi_output.parent.mkdir(parents=True, exist_ok=True)
+    args.asgi_output.write_text(asgi_report.markdown(info, results, args.rounds, quick=args.quick))
+    (RESULTS / "asgi.json").write_text(json.dumps(
+        {"machine": asdict(info), "rounds": args.rounds, "results": [asdict(r) for r in results]},
+        indent=2, default=str))
+    print(f"bench: asgi report written to {args.asgi_output}")
+
+
 def write_spawn_report(args: argparse.Namespace, info: report.Machine, spawns: list[SpawnFigures],
                        memory: list[MemoryFigures]) -> None:
     print()
@@ -583,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info(args, nginx, wrk_bin, peers_bin)
     results: list[StackResult] = []
     thread_results: list[StackResult] = []
+    asgi_results: list[StackResult] = []
     spawns: list[SpawnFigures] = []
     memory: list[MemoryFigures] = []
     base = Path(tempfile.mkdtemp(prefix="agent-bench-", dir="/tmp"))
@@ -592,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
             results = run_throughput(args, base, nginx, wrk_bin, peers_bin, stacks)
         if "threads" in args.only:
             thread_results = run_threads(args, base, nginx, wrk_bin, peers_bin, stacks)
+        if "asgi" in args.only:
+            asgi_results = run_asgi(args, base, nginx, wrk_bin, peers_bin, stacks)
         if {"spawn", "memory"} & set(args.only):
             spawns, memory = run_spawn_memory(args, base, nginx, wrk_bin, peers_bin)
     except KeyboardInterrupt:
@@ -611,9 +801,11 @@ def main(argv: list[str] | None = None) -> int:
         write_throughput_report(args, info, results)
     if "threads" in args.only:
         write_threads_report(args, info, thread_results)
+    if "asgi" in args.only:
+        write_asgi_report(args, info, asgi_results)
     if spawns or memory:
         write_spawn_report(args, info, spawns, memory)
-    return 0 if not failures([*results, *thread_results], spawns, memory) else 1
+    return 0 if not failures([*results, *thread_results, *asgi_results], spawns, memory) else 1
 
 
 def failures(results: list[StackResult], spawns: list[SpawnFigures], memory: list[MemoryFigures]) -> list[str]:

@@ -11,6 +11,12 @@ and the same with THREADS threads in each worker (the threads part):
     uwsgi-threads      uWSGI --enable-threads --threads THREADS
     gunicorn-threads   gunicorn --worker-class gthread --threads THREADS
 
+and, serving the ASGI app bench/apps/asgi.py (the asgi part), 2 workers each:
+
+    ours-asgi   agentctl serve --app-type asgi --concurrency ASGI_CONCURRENCY
+    uvicorn     nginx --proxy_pass--> uvicorn --workers 2
+    granian     nginx --proxy_pass--> Granian --interface asgi --workers 2
+
 A stack starts its processes in sessions of their own and stops them all,
 by process group and then one by one, whatever happened in between.
 """
@@ -48,6 +54,7 @@ from agent.instance import Instance
 
 WORKERS = 2
 THREADS = 8     # the threads part's threads per worker, in every stack
+ASGI_CONCURRENCY = 100     # the asgi part: requests at once per agent worker (agent_concurrency's default)
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 UWSGI_PARAMS = Path("/etc/nginx/uwsgi_params")
@@ -300,6 +307,10 @@ class PeerStack(Stack):
     def nginx_location(self) -> str:
         raise NotImplementedError
 
+    def nginx_http_lines(self) -> str:
+        """Lines of nginx's http block that the location needs (a map)."""
+        return ""
+
     def start(self) -> None:
         os.chmod(self.run_dir, 0o755)
         # uWSGI binds its socket after dropping privileges: the directory
@@ -339,7 +350,7 @@ http {{
     default_type application/octet-stream;
     access_log off;
     sendfile on;
-{paths}
+{paths}{self.nginx_http_lines()}
     server {{
         listen 127.0.0.1:{self.port};
         server_name _;
@@ -445,6 +456,78 @@ class UwsgiThreadStack(UwsgiStack):
 
     def thread_flags(self) -> list[str]:
         return ["--enable-threads", "--threads", str(THREADS)]
+
+
+# -- the ASGI peers ----------------------------------------------------------
+
+RESOURCE_TRACKER = "multiprocessing.resource_tracker"
+
+
+def drop_privileges(command: list[str]) -> list[str]:
+    """command run as the workers' user (nobody) when root, for a server
+    that has no option of its own for it."""
+    user = worker_user()
+    if user is None:
+        return command
+    return ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups", "--", *command]
+
+
+class AsgiPeerStack(PeerStack):
+    """An ASGI server on a Unix socket behind nginx's proxy_pass, the
+    configuration uvicorn's deployment guide gives: HTTP/1.1 to the server,
+    and the client's Upgrade and Connection headers passed on, so that /ws
+    becomes a WebSocket."""
+
+    def nginx_http_lines(self) -> str:
+        return ("    map $http_upgrade $connection_upgrade {\n"
+                "        default upgrade;\n"
+                "        '' close;\n"
+                "    }\n")
+
+    def nginx_location(self) -> str:
+        return (f"            proxy_pass http://unix:{self.socket}:;\n"
+                "            proxy_http_version 1.1;\n"
+                "            proxy_set_header Host $host;\n"
+                "            proxy_set_header Upgrade $http_upgrade;\n"
+                "            proxy_set_header Connection $connection_upgrade;\n"
+                + self.buffers.location_lines("proxy"))
+
+
+class UvicornStack(AsgiPeerStack):
+    """uvicorn --workers WORKERS: a supervisor process and its workers, each
+    an event loop (uvloop, httptools and websockets: uvicorn[standard]).
+    The supervisor starts them with multiprocessing's spawn, which starts
+    a resource tracker beside them: a child that is not a worker."""
+
+    key = "uvicorn"
+    label = "nginx→uvicorn"
+
+    def workers(self) -> list[int]:
+        return [pid for pid in super().workers() if RESOURCE_TRACKER not in procfs.command_line(pid)]
+
+    def server_role(self, pid: int) -> str:
+        role = super().server_role(pid)
+        return OTHER if role == APP_WORKERS and RESOURCE_TRACKER in procfs.command_line(pid) else role
+
+    def server_command(self) -> list[str]:
+        return drop_privileges([
+            str(self.peers_bin / "uvicorn"), "--workers", str(self.worker_count), "--uds", str(self.socket),
+            "--app-dir", str(self.app_dir), "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio",
+            "--log-level", "warning", "--no-access-log", "asgi:application"])
+
+
+class GranianStack(AsgiPeerStack):
+    """Granian --interface asgi --workers WORKERS: a main process and its
+    workers, each a Rust HTTP server in front of the app's event loop."""
+
+    key = "granian"
+    label = "nginx→Granian"
+
+    def server_command(self) -> list[str]:
+        return drop_privileges([
+            str(self.peers_bin / "granian"), "--interface", "asgi", "--workers", str(self.worker_count),
+            "--uds", str(self.socket), "--working-dir", str(self.app_dir), "--loop", "uvloop",
+            "--log-level", "warning", "--no-access-log", "asgi:application"])
 
 
 # -- ours --------------------------------------------------------------------
@@ -604,3 +687,15 @@ class AgentThreadStack(AgentStack):
 
     def concurrency_flags(self) -> list[str]:
         return ["--concurrency-model", "thread", "--thread-count", str(THREADS)]
+
+
+class AgentAsgiStack(AgentStack):
+    """The agent serving bench/apps/asgi.py: agent_app_type asgi, each
+    worker an event loop of up to ASGI_CONCURRENCY requests at once
+    (docs/policy.md, "ASGI apps")."""
+
+    key = "ours-asgi"
+    label = "nginx→agent ASGI"
+
+    def concurrency_flags(self) -> list[str]:
+        return ["--app-type", "asgi", "--startup-file", "asgi.py", "--concurrency", str(ASGI_CONCURRENCY)]

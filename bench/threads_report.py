@@ -107,8 +107,9 @@ def bars_table(results: Sequence[StackResult], connections: Sequence[int]) -> st
                  [[name, measured, verdict(all(run.rate >= bar_rate() for _, run in got))]])
 
 
-def noise_note(results: Sequence[StackResult], cores: int) -> str:
-    """How much CPU processes other than the stack under test and wrk used
+def noise_note(results: Sequence[StackResult], cores: int, client: str = "wrk") -> str:
+    """How much CPU processes other than the stack under test and the load
+    client (client: what the text calls it) used
     during the runs, on average, by stack (the rounds interleave the
     stacks, so that a busy spell falls on each alike), and how many runs
     it disturbed."""
@@ -119,7 +120,7 @@ def noise_note(results: Sequence[StackResult], cores: int) -> str:
     by_stack = ", ".join(f"{SHORT[r.key]} {sum(s for o, s in shares if o is r) / n:.1f} %"
                          for r in results if (n := sum(1 for o, _ in shares if o is r)))
     noisy = sum(1 for _, share in shares if share >= NOISY_PERCENT)
-    text = (f"Processes other than the stack under test and wrk used {mean:.1f} % of the machine's CPU on average "
+    text = (f"Processes other than the stack under test and {client} used {mean:.1f} % of the machine's CPU on average "
             f"during the measured runs ({by_stack}); the most during one run was "
             f"{max(share for _, share in shares):.0f} %.")
     if noisy:

@@ -57,7 +57,7 @@ def test_only_and_the_spawn_options_are_checked() -> None:
     assert args.only == ["spawn", "memory"] and args.apps == ["django"]
     assert args.spawn_stacks == ["direct", "uwsgi"] and args.spawns == 5 and args.memory_workers == [1, 2]
     assert args.spawn_output.name == "benchmarks-spawn.md"
-    assert run.parse_args([]).only == ["throughput", "threads", "spawn", "memory"]
+    assert run.parse_args([]).only == ["throughput", "threads", "asgi", "spawn", "memory"]
     threads = run.parse_args(["--only", "threads", "--rounds", "5"])
     assert threads.only == ["threads"] and threads.rounds == 5
     assert threads.threads_output.name == "benchmarks-threads.md"
