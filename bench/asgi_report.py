@@ -107,8 +107,8 @@ def rate_table(results: Sequence[StackResult], workload: tuple[str, str, str, st
 
 def latency_table(results: Sequence[StackResult], workload: tuple[str, str, str, str],
                   connections: Sequence[int] = CONNECTIONS) -> str:
-    """Every round's rate, and the median round's latency; the errors of
-    all rounds."""
+    """Every round's rate, and the median round's latency and load client
+    CPU per request or round trip; the errors of all rounds."""
     key = workload[0]
     rows = []
     for r in results:
@@ -117,10 +117,11 @@ def latency_table(results: Sequence[StackResult], workload: tuple[str, str, str,
             run = median_run(r, key, c)
             if run is None:
                 continue
+            client = run.us_per_request(run.client_cpu)
             rows.append([SHORT[r.key], str(c), ", ".join(f"{each.rate:,.0f}" for each in runs), ms(run.p50),
-                         ms(run.p99), str(sum(each.errors for each in runs))])
+                         ms(run.p99), str(sum(each.errors for each in runs)), f"{client or 0:.1f}"])
     return table(["stack", "conns", f"{workload[3]}, each round", "p50 (median round)", "p99 (median round)",
-                  "errors (all rounds)"], rows)
+                  "errors (all rounds)", "load client µs CPU each (median round)"], rows)
 
 
 def bars_table(results: Sequence[StackResult], connections: Sequence[int] = CONNECTIONS) -> str:
@@ -251,7 +252,12 @@ upstream buffers:
 - The run shares the machine's {machine.cores} cores with the load clients, and with
   whatever else the machine runs (the note at the top): the figures compare
   the stacks with each other on this machine; they are not the capacity of
-  a machine given to the server.
+  a machine given to the server. The WebSocket client is Python: it takes
+  more CPU per round trip than wrk per request (the last column of the
+  "every round" tables), CPU the stack under test does not get, the same
+  for every stack. On a busy machine the rounds of one stack can differ by
+  half or more (the "every round" tables): read a ratio near 1.0 as a tie,
+  and the CPU per request as the steadier comparison.
 - The workers run as `nobody` in every stack (uvicorn and Granian started
   under `setpriv`).
 

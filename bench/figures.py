@@ -36,6 +36,7 @@ class Run:
     seconds: float = 0.0              # how long the run took
     nginx_workers: int = 1            # nginx's worker_processes
     cpu_split: dict[str, float] = field(default_factory=dict)   # seconds of CPU by role (ROLES)
+    client_cpu: float = 0.0           # seconds of CPU, the load client (wrk, bench/wsload.py)
 
     def us_per_request(self, seconds: float | None) -> float | None:
         return None if seconds is None or not self.requests else seconds / self.requests * 1e6

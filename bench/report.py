@@ -403,8 +403,14 @@ alone): the 10 ms sleep on {WORKERS} workers of {THREADS} threads each, the agen
 uWSGI's threads, in rounds. Its report is
 [docs/benchmarks-threads.md](benchmarks-threads.md).
 
+And the asgi part (`bench/run.py --only asgi` runs it alone): an ASGI
+hello world and a WebSocket echo (bench/apps/asgi.py) on {WORKERS} workers, the
+agent's `agent_app_type asgi` against uvicorn and Granian, in rounds. Its
+report is [docs/benchmarks-asgi.md](benchmarks-asgi.md).
+
 The script installs what it lacks when run as root (wrk and nginx with
-apt-get; gunicorn and uWSGI with pip, from bench/requirements.txt, into a
+apt-get; gunicorn, uWSGI, uvicorn, Granian and websockets with pip, from
+bench/requirements.txt, into a
 virtualenv made from the apps' interpreter, bench/results/peers-venv), or
 names what to install. It stops every process it started, also on Ctrl-C.
 wrk's full output is kept in bench/results/wrk-STACK.txt, the figures in

@@ -3,14 +3,20 @@
     make bench                         # = .venv/bin/python bench/run.py
     make bench-spawn                   # = .venv/bin/python bench/run.py --only spawn,memory
     .venv/bin/python bench/run.py --only threads --duration 5
+    .venv/bin/python bench/run.py --only asgi --duration 5 --rounds 3
     .venv/bin/python bench/run.py --quick
     .venv/bin/python bench/run.py --stacks uwsgi,gunicorn --duration 5
 
-Three parts. Throughput (below) reports to docs/benchmarks.md; threads
+Four parts. Throughput (below) reports to docs/benchmarks.md; threads
 (the 10 ms sleep on 2 workers of stacks.THREADS threads each: the agent's
 thread model against gunicorn's gthread and uWSGI's threads, at 16, 32 and
 64 connections, --rounds rounds, medians) reports to
-docs/benchmarks-threads.md; spawn and memory (spawnmem.py: spawn-to-ready
+docs/benchmarks-threads.md; asgi (bench/apps/asgi.py on 2 workers: the
+agent's agent_app_type asgi against uvicorn and Granian, hello world with
+wrk and a WebSocket echo with bench/wsload.py, each at 16 and 256
+connections, --rounds rounds, medians; an echo the agent's /ws does not
+upgrade yet is reported as not yet measured) reports to
+docs/benchmarks-asgi.md; spawn and memory (spawnmem.py: spawn-to-ready
 times, and each worker's and the whole app's memory at 1, 4 and 16
 workers, for hello world and a Django app) report to
 docs/benchmarks-spawn.md.
@@ -411,7 +417,7 @@ def timed_run(stack: Stack, workload: str, connections: int, load: Callable[[], 
     agent_cpu = split.get(AGENT_CORE, 0.0) if isinstance(stack, AgentStack) else None
     return Run(workload, connections, got.rate, got.p50, got.p99, got.requests, got.errors, stack_cpu, agent_cpu,
                other_cpu=max(0.0, machine_cpu - stack_cpu - got.cpu), seconds=elapsed,
-               nginx_workers=stack.nginx_workers, cpu_split=split)
+               nginx_workers=stack.nginx_workers, cpu_split=split, client_cpu=got.cpu)
 
 
 def measure_asgi(stack: Stack, wrk_bin: str, client_python: str, duration: float, result: StackResult,

@@ -1,7 +1,9 @@
 """The benchmark's agent stacks against the real nginx and module: a spawn
 method nginx refuses is reported as not available, never run; the threads
 part's agent stack runs workers that serve stacks.THREADS requests at once;
-the threads report takes each figure's median round and judges the bar."""
+the threads report takes each figure's median round and judges the bar;
+the asgi part's agent stack serves bench/apps/asgi.py on event-loop
+workers."""
 
 from __future__ import annotations
 
@@ -19,7 +21,17 @@ from tests.integration.stack import NGINX, REPO, free_port, wait_until
 sys.path.insert(0, str(REPO / "bench"))
 import threads_report
 from figures import Run, StackResult
-from stacks import THREADS, AgentStack, AgentThreadStack, Buffers, SpawnMethodUnavailable, http_fetch
+from run import HELLO_BODY, websocket_handshake
+from stacks import (
+    ASGI_CONCURRENCY,
+    THREADS,
+    AgentAsgiStack,
+    AgentStack,
+    AgentThreadStack,
+    Buffers,
+    SpawnMethodUnavailable,
+    http_fetch,
+)
 
 # /hold waits until the file "release" appears in the app's directory (its
 # cwd), then answers with the thread that served it.
@@ -105,3 +117,28 @@ def test_the_threads_report_takes_the_median_round_and_judges_the_bar() -> None:
     assert rows["64"] == [f"{bar - 1:,.0f}", f"{bar:,.0f}", f"{(bar - 1) / bar:.2f}", "misses the bar"]
     assert "misses the bar" in threads_report.bars_table([ours, peer], [16, 64])
     assert "meets the bar" in threads_report.bars_table([ours, peer], [16])
+
+
+def test_the_asgi_agent_stack_serves_the_bench_app_on_event_loop_workers(run_dir: Path) -> None:
+    shutil.copy(REPO / "bench" / "apps" / "asgi.py", run_dir / "app" / "asgi.py")
+    for path in (run_dir, run_dir / "app", run_dir / "run"):
+        path.chmod(0o755)     # the workers run as nobody
+    (run_dir / "app" / "asgi.py").chmod(0o644)
+    stack = AgentAsgiStack(run_dir / "run", free_port(), run_dir / "app", 1, Buffers(), NGINX, REPO,
+                           sys.executable, "/usr/bin/python3", worker_count=1)
+    try:
+        stack.start()
+        stack.wait_ready()
+        [worker] = stack.pool_processes()
+        assert worker["concurrency"] == ASGI_CONCURRENCY
+        stack.check_answers({"/": HELLO_BODY})
+        assert http_fetch(stack.port, "/nothing-here") == (404, b"not found\n")
+        # Whatever /ws answers to a WebSocket handshake, the stack goes on serving.
+        assert websocket_handshake(stack.port, "/ws").startswith("HTTP/1.1 ")
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda _: http_fetch(stack.port, "/"), range(32)))
+        assert got == [(200, HELLO_BODY)] * 32
+        stack.check_running()
+    finally:
+        stack.stop()
+    assert stack.survivors() == []
