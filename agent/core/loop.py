@@ -127,6 +127,7 @@ class Core:
         self.lifelines: dict[int, int] = {}                       # forked or generic worker pid -> the core's end
         self.probes: dict[int, Probe] = {}                         # starting generic worker pid -> its check
         self.probe_fds: dict[int, int] = {}                        # a probe's socket fd -> the worker's pid
+        self.ended_output: dict[int, list[str]] = {}               # generic worker pid -> its last lines, pipe closed
         self.socket_numbers = itertools.count(1)
         self.next_tick = 0
         self.next_memory_sample = 0
@@ -452,11 +453,14 @@ class Core:
                 capture.read_all()
                 capture.flush()
                 return list(capture.tail)
-        return []
+        return self.ended_output.get(pid, [])
 
     def on_output(self, fd: int) -> None:
         capture = self.captures[fd]
         if not capture.read():
+            found = self.pool.find_worker(capture.pid)
+            if found is not None and found[1].port:
+                self.ended_output[capture.pid] = list(capture.tail)   # for start_ended
             self.selector.unregister(fd)
             os.close(fd)
             del self.captures[fd]
@@ -945,6 +949,7 @@ class Core:
         if worker.in_engine():
             self.engine.remove_worker(pid)
         self.forget_probe(pid)
+        self.ended_output.pop(pid, None)
         for fd, (handshake_pid, _) in list(self.handshakes.items()):
             if handshake_pid == pid:
                 self.forget_handshake(fd)
