@@ -537,10 +537,12 @@ static void response_failed(agent_engine *e, conn *c)
     }
     if (a && w->http && !c->sent_any && !c->response_bytes
         && (c->upstream_error == ECONNREFUSED || c->worker_error == ECONNREFUSED)) {
-        /* Nothing reached it: the request goes to another worker. */
+        /* Nothing reached it: the worker is given up (before the session
+         * ends, which may free a removed worker) and the request goes to
+         * another one. */
+        if (!w->removed)
+            worker_failed(e, w, ECONNREFUSED);
         end_session(e, c, false, false);
-        worker_failed(e, w, ECONNREFUSED);
-        fp_release(e, w, true);
         c->queued_ms = e->now_ms;
         route(e, a, c, true);
         return;

@@ -52,6 +52,14 @@ const server = http.createServer((req, res) => {
     res.end(`holding ${held.length * mb} MB\n`);
     return;
   }
+  if (url.pathname === "/sleep") {
+    const ms = Number(url.searchParams.get("ms") || 100);
+    setTimeout(() => {
+      res.writeHead(200, { "Content-Type": "text/plain", "X-Pid": process.pid });
+      res.end(`slept ${ms} ms\n`);
+    }, ms);
+    return;
+  }
   if (url.pathname === "/headers") {
     res.writeHead(200, { "Content-Type": "application/json" });
     res.end(JSON.stringify({ method: req.method, url: req.url, headers: req.headers }));

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -35,7 +36,7 @@ const answers = {
   "/cut": "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this",
   "/ok": "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
 };
-net.createServer((sock) => {
+const server = net.createServer((sock) => {
   let data = "";
   sock.on("error", () => {});
   sock.on("data", (chunk) => {
@@ -44,6 +45,12 @@ net.createServer((sock) => {
     const path = data.split(" ")[1];
     if (path === "/reset") { sock.resetAndDestroy ? sock.resetAndDestroy() : sock.destroy(); return; }
     if (path === "/nothing") { sock.end(); return; }
+    if (path === "/unlisten") {   // stays alive, but its port refuses connections
+      setInterval(() => {}, 1000);
+      server.close();
+      sock.end(answers["/ok"]);
+      return;
+    }
     if (path === "/huge") {
       sock.end("HTTP/1.1 200 OK\r\nX-Big: " + "a".repeat(200000) + "\r\n\r\nbody");
       return;
@@ -135,6 +142,20 @@ def test_a_chunked_response_is_decoded_when_nginx_does_not_buffer_it() -> None:
             assert response.text == "".join(f"part {i}\n" for i in range(parts))
 
 
+def test_with_the_thread_model_one_generic_worker_takes_its_thread_count_at_once() -> None:
+    app = node_app(agent_concurrency_model="thread", agent_thread_count="4", agent_max_instances="1")
+    with running_stack([app]) as stack, ThreadPoolExecutor(4) as pool:
+        pid = node_pid(stack)
+        started = time.monotonic()
+        responses = list(pool.map(lambda _: stack.get("/sleep?ms=1500", timeout=60), range(4)))
+        elapsed = time.monotonic() - started
+        assert [r.status for r in responses] == [200] * 4
+        assert {int(r.headers["x-pid"]) for r in responses} == {pid}
+        assert elapsed < 2 * 1.5, f"4 requests of 1.5 s took {elapsed:.1f} s: not served at once"
+        process = app_status(stack, app)["processes"][0]
+        assert process["concurrency"] == 4, process
+
+
 def test_a_killed_worker_is_replaced_and_its_app_serves_on() -> None:
     app = node_app()
     with running_stack([app]) as stack:
@@ -218,6 +239,16 @@ def test_bytes_that_are_not_a_response_get_502_and_the_agent_serves_on(path: str
             assert stack.get(path).status == 502
         assert stack.get("/ok").text == "ok"
         assert stack.core_pid() == core
+
+
+def test_a_worker_that_stops_listening_is_replaced_and_the_request_waits_for_the_new_one() -> None:
+    app = node_app("raw", source=RAW_APP)
+    with running_stack([app]) as stack:
+        assert stack.get("/unlisten").text == "ok"      # alive, but its port refuses connections now
+        before = serving_pids(stack, app)
+        assert stack.get("/ok", timeout=60).text == "ok"
+        assert serving_pids(stack, app) - before
+        assert "cannot connect to worker pid" in stack.log_file.read_text()
 
 
 @pytest.mark.parametrize("path", ["/badchunk", "/cut", "/huge"])
