@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.integration.fastpath_table import FastPathTable
 from tests.integration.load import Load
 from tests.integration.stack import REPO, AppSpec, Stack, nginx_t_with, running_stack, wait_until
 
@@ -140,6 +141,24 @@ def test_a_chunked_response_is_decoded_when_nginx_does_not_buffer_it() -> None:
             response = stack.get(f"/chunked?parts={parts}")
             assert response.status == 200
             assert response.text == "".join(f"part {i}\n" for i in range(parts))
+
+
+def test_the_fast_path_never_lists_a_generic_worker() -> None:
+    node = node_app("node", location="/")
+    wsgi = AppSpec("other", HELLO_WSGI, "/other/")
+    with running_stack([node, wsgi]) as stack:
+        for _ in range(5):
+            assert stack.get("/").status == 200
+            assert stack.get("/other/").status == 200
+        table = FastPathTable(stack.instance)
+        try:
+            (generic,) = serving_pids(stack, node)
+            (python,) = serving_pids(stack, wsgi)
+            wait_until(lambda: table.worker_slot(python) is not None, what="the WSGI worker's slot")
+            assert table.worker_slot(generic) is None
+            assert not table.serving_pids(str(stack.app_root(node)))
+        finally:
+            table.close()
 
 
 def test_with_the_thread_model_one_generic_worker_takes_its_thread_count_at_once() -> None:
