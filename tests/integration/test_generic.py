@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+from agent.control.client import UnixHTTPConnection
 from tests.integration.fastpath_table import FastPathTable
 from tests.integration.load import Load
 from tests.integration.stack import REPO, AppSpec, Stack, nginx_t_with, running_stack, wait_until
@@ -218,6 +219,12 @@ def test_the_memory_limit_replaces_a_worker_that_grows_and_status_shows_its_memo
         process = app_status(stack, app)["processes"][0]
         # The worker's pid is the shell running the command; its memory counts node's.
         assert process["memory"]["private"] > 10 * 2**20, process
+        connection = UnixHTTPConnection(stack.instance / "status.sock")
+        connection.request("GET", "/metrics")
+        metrics = connection.getresponse().read().decode()
+        connection.close()
+        assert f'agent_process_memory_bytes{{app="{stack.app_root(app)}",pid="{process["pid"]}",kind="rss"}}' \
+            in metrics
         assert stack.get("/grow?mb=200").status == 200
         wait_until(lambda: gone(first), timeout=30, what="the grown worker to be replaced")
         assert node_pid(stack) != first
