@@ -225,6 +225,10 @@ def test_the_memory_limit_replaces_a_worker_that_grows_and_status_shows_its_memo
         connection.close()
         assert f'agent_process_memory_bytes{{app="{stack.app_root(app)}",pid="{process["pid"]}",kind="rss"}}' \
             in metrics
+        text = subprocess.run([sys.executable, "-m", "agent.cli", "--instance", str(stack.instance), "status"],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert text.returncode == 0, text.stderr
+        assert str(process["pid"]) in text.stdout
         assert stack.get("/grow?mb=200").status == 200
         wait_until(lambda: gone(first), timeout=30, what="the grown worker to be replaced")
         assert node_pid(stack) != first
