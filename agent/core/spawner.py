@@ -25,6 +25,8 @@ from agent.instance import Instance
 from agent.unix import listen_unix
 
 LOADERS = {"wsgi": "wsgi_loader.py", "asgi": "asgi_loader.py"}
+# Modules the loaders import, copied beside them: the ASGI loader's WebSocket codec.
+LOADER_MODULES = ("asgi_websocket.py",)
 # The loaders' C speedups (csrc/loader_speedups.c), copied next to them: a
 # worker's interpreter that can load it (CPython 3.9 or later) does.
 LOADER_SPEEDUPS = "_agent_loader_speedups.abi3.so"
@@ -76,7 +78,7 @@ def install_loaders(loaders_dir: Path) -> None:
     loaders_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(loaders_dir, 0o755)
     source = Path(__file__).resolve().parents[1] / "loaders"
-    for name in (*LOADERS.values(), LOADER_SPEEDUPS):
+    for name in (*LOADERS.values(), *LOADER_MODULES, LOADER_SPEEDUPS):
         target = loaders_dir / name
         tmp = loaders_dir / f".{name}.tmp"
         shutil.copyfile(source / name, tmp)
