@@ -226,7 +226,7 @@ typedef struct conn {
     bool draining;              /* nginx went away after the whole request was sent */
     uint64_t drained;           /* worker bytes read and dropped since (bounded: drain_max_bytes) */
     int64_t drain_started_ms;   /* when nginx went away (bounded: drain_max_ms) */
-    bool long_response;         /* agent_long_responses: no request time limit; a departed client ends it */
+    bool long_response;         /* agent_long_responses or a tunnel: no request time limit; a departed client ends it */
     bool replayable;            /* the whole request is the frame in up: it can be sent again */
     uint32_t request_len;       /* bytes of the request held in up when replayable */
     record_decoder rec;         /* the response's records: rec.end, the end record came */

@@ -11,7 +11,7 @@
 /* 19 digits always fit in 64 bits. */
 #define MAX_DECIMAL_DIGITS 19u
 
-enum { SEEN_APP = 1, SEEN_METHOD = 2, SEEN_URI = 4, SEEN_LENGTH = 8, SEEN_LONG = 16 };
+enum { SEEN_APP = 1, SEEN_METHOD = 2, SEEN_URI = 4, SEEN_LENGTH = 8, SEEN_LONG = 16, SEEN_UPGRADE = 32 };
 #define REQUIRED_KEYS (SEEN_APP | SEEN_METHOD | SEEN_URI | SEEN_LENGTH)
 
 static const struct {
@@ -23,6 +23,7 @@ static const struct {
     {SEEN_URI, "REQUEST_URI"},
     {SEEN_LENGTH, "CONTENT_LENGTH"},
     {SEEN_LONG, "AGENT_LONG_RESPONSE"},
+    {SEEN_UPGRADE, "AGENT_UPGRADE"},
 };
 
 #define KNOWN_KEYS (sizeof known_keys / sizeof known_keys[0])
@@ -130,6 +131,8 @@ static frame_status note_pair(unsigned flag, const char *name, const char *value
         seen->length_len = vlen;
     } else if (flag == SEEN_LONG) {
         info->long_response = vlen == 1 && value[0] == '1';
+    } else if (flag == SEEN_UPGRADE) {
+        info->upgrade = vlen == 1 && value[0] == '1';
     }
     return FRAME_OK;
 }

@@ -74,15 +74,16 @@ static void frame_complete(agent_engine *e, conn *c)
         return;
     }
     /* Body bytes that came with the frame are forwarded with it; anything
-     * past the body is not part of this request. */
+     * past the body is not part of this request, except on a tunnel: there
+     * every byte nginx sends after the frame goes to the worker. */
     uint64_t held = c->up_len - c->frame_size;
-    if (held > info.content_length) {
+    if (held > info.content_length && !info.upgrade) {
         held = info.content_length;
         c->up_len = c->frame_size + (uint32_t)held;
     }
-    c->body_remaining = info.content_length - held;
-    c->replayable = info.content_length == 0;
-    c->long_response = info.long_response;
+    c->body_remaining = info.upgrade ? UINT64_MAX : info.content_length - held;
+    c->replayable = info.content_length == 0 && !info.upgrade;
+    c->long_response = info.long_response || info.upgrade;
     c->request_len = c->up_len;
     conn_leave_wait_list(c);
 

@@ -51,6 +51,7 @@ typedef struct {
     uint32_t app_len, method_len, uri_len;
     uint64_t content_length;
     bool long_response;         /* AGENT_LONG_RESPONSE is 1 (docs/protocol.md) */
+    bool upgrade;               /* AGENT_UPGRADE is 1: the client asks to switch protocols */
     /* For frame_describe(). */
     uint32_t vars_size;         /* set by frame_check_head() */
     unsigned pair;              /* 1-based number of the failing pair */

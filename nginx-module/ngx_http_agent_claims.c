@@ -77,8 +77,11 @@ ngx_http_agent_fp_start(ngx_http_request_t *r, ngx_http_agent_ctx_t *ctx)
 
     alcf = ngx_http_get_module_loc_conf(r, ngx_http_agent_module);
 
-    /* the engine watches a long response's client (agent_long_responses) */
-    if (!alcf->fast_path || alcf->long_responses) {
+    /* the engine watches a long response's client (agent_long_responses)
+     * and carries an upgraded connection */
+    if (!alcf->fast_path || alcf->long_responses
+        || ngx_http_agent_asks_upgrade(r))
+    {
         return NGX_DECLINED;
     }
 

@@ -188,6 +188,7 @@ ngx_int_t ngx_http_agent_answer(ngx_http_request_t *r, ngx_uint_t status,
 /* ngx_http_agent_request.c: the upstream's create_request */
 ngx_int_t ngx_http_agent_create_request(ngx_http_request_t *r);
 ngx_int_t ngx_http_agent_create_status_request(ngx_http_request_t *r);
+ngx_uint_t ngx_http_agent_asks_upgrade(ngx_http_request_t *r);
 
 
 extern ngx_module_t  ngx_http_agent_module;

@@ -43,6 +43,30 @@ static ngx_int_t ngx_http_agent_append_body(ngx_http_request_t *r,
     ngx_buf_t *head);
 
 
+/*
+ * The client asks to switch protocols (a WebSocket handshake): an HTTP/1.1
+ * request with an Upgrade header and "upgrade" among Connection's tokens.
+ * The engine then tunnels the connection once the app answers 101.
+ */
+ngx_uint_t
+ngx_http_agent_asks_upgrade(ngx_http_request_t *r)
+{
+    ngx_table_elt_t  *h;
+
+    h = r->headers_in.connection;
+
+    if (r->http_version != NGX_HTTP_VERSION_11
+        || r->headers_in.upgrade == NULL || h == NULL)
+    {
+        return 0;
+    }
+
+    return ngx_strlcasestrn(h->value.data, h->value.data + h->value.len,
+                            (u_char *) "upgrade", 7 - 1)
+           != NULL;
+}
+
+
 ngx_int_t
 ngx_http_agent_create_request(ngx_http_request_t *r)
 {
@@ -437,6 +461,13 @@ ngx_http_agent_collect_cgi_vars(ngx_http_request_t *r,
     if (alcf->long_responses
         && ngx_http_agent_add_var(vars, "AGENT_LONG_RESPONSE",
                                   (u_char *) "1", 1)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_agent_asks_upgrade(r)
+        && ngx_http_agent_add_var(vars, "AGENT_UPGRADE", (u_char *) "1", 1)
            != NGX_OK)
     {
         return NGX_ERROR;

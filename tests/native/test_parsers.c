@@ -147,6 +147,22 @@ static void test_long_response(void)
     CHECK(parse(&b, &info) == FRAME_OK && !info.long_response);
 }
 
+/* AGENT_UPGRADE is optional; only the value 1 asks for a tunnel. */
+static void test_upgrade(void)
+{
+    frame_info info;
+    bytes b = valid_vars("0");
+    CHECK(parse(&b, &info) == FRAME_OK && !info.upgrade);
+    put_pair(&b, "AGENT_UPGRADE", "1");
+    CHECK(parse(&b, &info) == FRAME_OK && info.upgrade && !info.long_response);
+    b = valid_vars("0");
+    put_pair(&b, "AGENT_UPGRADE", "");
+    CHECK(parse(&b, &info) == FRAME_OK && !info.upgrade);
+    b = valid_vars("0");
+    put_pair(&b, "HTTP_UPGRADE", "websocket");  /* the header alone is not nginx's word */
+    CHECK(parse(&b, &info) == FRAME_OK && !info.upgrade);
+}
+
 static void test_values(void)
 {
     frame_info info;
@@ -424,6 +440,7 @@ int main(void)
     test_head();
     test_valid_frame();
     test_long_response();
+    test_upgrade();
     test_values();
     test_keys();
     test_overruns();
