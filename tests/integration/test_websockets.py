@@ -29,6 +29,7 @@ from websockets.sync.client import ClientConnection, connect
 from tests.integration import websocket_apps
 from tests.integration.stack import AppSpec, Stack, example_venv, running_stack, started, wait_until
 from tests.integration.test_asgi import BUILT_VENV, EXAMPLE, StarletteStack
+from tests.integration.test_threads import serving
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,16 @@ def test_websockets_and_plain_requests_share_the_worker(stack: Stack) -> None:
         assert stack.get("/").text == f"plain http, pid {worker_of(stack)}"
         ws.send("still here")
         assert ws.recv(timeout=10) == "still here"
+
+
+def test_each_open_websocket_holds_one_of_the_workers_sessions(stack: Stack) -> None:
+    with contextlib.ExitStack() as opened:
+        for n in range(3):
+            ws = opened.enter_context(client(stack, f"/echo?name={unique(f'session{n}')}"))
+            ws.send("here")
+            assert ws.recv(timeout=10) == "here"
+        wait_until(lambda: serving(stack)["sessions"] == 3, timeout=30, what="three sessions on the worker")
+    wait_until(lambda: serving(stack)["sessions"] == 0, timeout=30, what="the sessions to end with the WebSockets")
 
 
 def test_sigterm_to_the_worker_closes_its_websockets_with_1001(stack: Stack) -> None:
