@@ -22,7 +22,7 @@ HOST_PYTHON ?= python3
 # client of server-sent events.
 APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv python3-dev wrk chromium chromium-driver \
 	redis-server prometheus iproute2 curl nodejs
-PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium hypothesis atheris
+PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium hypothesis atheris websockets
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
 MODULE_SRC := nginx-module/config $(wildcard nginx-module/*.c nginx-module/*.h) \

@@ -26,6 +26,8 @@ from agent.instance import Instance
 from agent.unix import listen_unix
 
 LOADERS = {"wsgi": "wsgi_loader.py", "asgi": "asgi_loader.py"}
+# Modules the loaders import, copied beside them: the ASGI loader's WebSocket codec.
+LOADER_MODULES = ("asgi_websocket.py",)
 # agent_app_type generic: a command that serves HTTP on $PORT, no loader.
 GENERIC = "generic"
 SHELL = "/bin/sh"
@@ -81,7 +83,7 @@ def install_loaders(loaders_dir: Path) -> None:
     loaders_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(loaders_dir, 0o755)
     source = Path(__file__).resolve().parents[1] / "loaders"
-    for name in (*LOADERS.values(), LOADER_SPEEDUPS):
+    for name in (*LOADERS.values(), *LOADER_MODULES, LOADER_SPEEDUPS):
         target = loaders_dir / name
         tmp = loaders_dir / f".{name}.tmp"
         shutil.copyfile(source / name, tmp)
