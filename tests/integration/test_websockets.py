@@ -209,3 +209,25 @@ def test_the_starlette_example_echoes_over_its_websocket_route(starlette: Starle
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=10)
     assert ws.close_code == 1000
+
+
+# A WSGI app cannot take an upgrade: it answers the handshake as a request.
+WSGI_SOURCE = """
+import os
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"%d %s" % (os.getpid(), environ.get("HTTP_UPGRADE", "").encode())]
+"""
+
+
+def test_a_websocket_handshake_to_a_wsgi_app_gets_its_answer_and_the_worker_serves_on() -> None:
+    app = AppSpec("wsgi", WSGI_SOURCE, "/", directives={"agent_max_instances": "1"})
+    with running_stack([app]) as stack:
+        with pytest.raises(InvalidStatus) as refused:
+            client(stack, "/")
+        assert refused.value.response.status_code == 200
+        pid, upgrade = refused.value.response.body.decode().split()
+        assert upgrade == "websocket"
+        answer = stack.get("/")
+        assert answer.status == 200 and answer.text.split()[0] == pid
