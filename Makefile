@@ -21,8 +21,8 @@ HOST_PYTHON ?= python3
 # unit-tests examples/prometheus; iproute2: `ip netns` for examples/multi-host; curl: a real
 # client of server-sent events.
 APT_PACKAGES := nginx nginx-dev build-essential clang python3 python3-venv python3-dev wrk chromium chromium-driver \
-	redis-server prometheus iproute2 curl
-PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium hypothesis atheris
+	redis-server prometheus iproute2 curl nodejs
+PIP_PACKAGES := setuptools wheel 'cffi>=1.15' psutil msgpack pyyaml pytest pytest-timeout ruff mypy types-PyYAML types-psutil prometheus_client selenium hypothesis atheris websockets
 NGINX_SRC := /usr/share/nginx/src
 MODULE := build/ngx_http_agent_module.so
 MODULE_SRC := nginx-module/config $(wildcard nginx-module/*.c nginx-module/*.h) \
@@ -32,7 +32,7 @@ RUN_PORT ?= 8080
 RUN_DIR ?= /tmp/agent-demo
 PYTEST_ARGS ?=
 FUZZ_SECONDS ?= 60
-FUZZERS := fuzz_frame fuzz_records
+FUZZERS := fuzz_frame fuzz_records fuzz_http_head
 PY_FUZZERS := fuzz_status_request
 FUZZ_FLAGS := -g -O1 -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
 STATE_DIR ?= /tmp/agent-shared-state
@@ -174,7 +174,7 @@ sanitize: deps module django-venv flask-venv asgi-venv
 fuzz: system-deps python-deps
 	@mkdir -p build/fuzz
 	@for f in $(FUZZERS); do \
-		clang $(FUZZ_FLAGS) -Icsrc tests/fuzz/$$f.c csrc/frame.c csrc/records.c -o build/fuzz/$$f || exit 1; \
+		clang $(FUZZ_FLAGS) -Icsrc tests/fuzz/$$f.c csrc/frame.c csrc/records.c csrc/http_head.c -o build/fuzz/$$f || exit 1; \
 		rm -rf build/fuzz/$$f-corpus && cp -r tests/fuzz/corpus/$$f build/fuzz/$$f-corpus; \
 		echo "fuzzing $$f for $(FUZZ_SECONDS) s"; \
 		build/fuzz/$$f -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/$$f.dict -print_final_stats=1 \

@@ -7,6 +7,8 @@ what.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import sys
@@ -59,12 +61,24 @@ class OutputCapture:
     complete lines, prefixed with the worker's app and pid."""
 
     MAX_LINE = 16384
+    TAIL_LINES = 20
 
     def __init__(self, fd: int, app: str, pid: int) -> None:
         self.fd = fd
         self.app = app
         self.pid = pid
         self._partial = b""
+        self.tail: collections.deque[str] = collections.deque(maxlen=self.TAIL_LINES)  # its last lines
+
+    def read_all(self) -> None:
+        """Logs whatever the pipe holds now, up to its end of file."""
+        with contextlib.suppress(OSError):
+            while True:
+                data = os.read(self.fd, 65536)
+                if not data:
+                    self.flush()
+                    return
+                self._take(data)
 
     def read(self) -> bool:
         """Logs what the pipe holds; returns False at end of file."""
@@ -75,6 +89,10 @@ class OutputCapture:
         if not data:
             self.flush()
             return False
+        self._take(data)
+        return True
+
+    def _take(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > self.MAX_LINE:
@@ -82,7 +100,6 @@ class OutputCapture:
             self._partial = b""
         for line in lines:
             self._emit(line)
-        return True
 
     def flush(self) -> None:
         if self._partial:
@@ -91,4 +108,5 @@ class OutputCapture:
 
     def _emit(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\r")
+        self.tail.append(text)
         log.info("[app %s pid %d] %s", self.app, self.pid, text)

@@ -357,6 +357,22 @@ static bool workers_room(agent_engine *e)
     return true;
 }
 
+static int worker_insert(agent_engine *e, worker *w);
+
+/* A serving worker, not yet in the table; NULL when out of memory. */
+static worker *worker_new(int app_id, int pid, int concurrency)
+{
+    worker *w = calloc(1, sizeof *w);
+    if (!w)
+        return NULL;
+    w->pid = pid;
+    w->app = app_id;
+    w->state = AGENT_WORKER_ACTIVE;
+    w->concurrency = concurrency;
+    list_init(&w->idle);
+    return w;
+}
+
 int agent_engine_worker_add(agent_engine *e, int app_id, int pid, const char *socket_path, int concurrency)
 {
     if (!socket_path || concurrency < 1 || pid <= 0)
@@ -364,18 +380,33 @@ int agent_engine_worker_add(agent_engine *e, int app_id, int pid, const char *so
     size_t path_len = strlen(socket_path);
     if (path_len == 0 || path_len >= sizeof ((worker *)0)->addr.sun_path)
         return -ENAMETOOLONG;
-    worker *w = calloc(1, sizeof *w);
+    worker *w = worker_new(app_id, pid, concurrency);
     if (!w)
         return -ENOMEM;
-    w->pid = pid;
-    w->app = app_id;
-    w->state = AGENT_WORKER_ACTIVE;
-    w->concurrency = concurrency;
     w->addr.sun_family = AF_UNIX;
     memcpy(w->addr.sun_path, socket_path, path_len + 1);
     w->addr_len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + path_len + 1);
-    list_init(&w->idle);
+    return worker_insert(e, w);
+}
 
+int agent_engine_worker_add_http(agent_engine *e, int app_id, int pid, int port, int concurrency)
+{
+    if (concurrency < 1 || pid <= 0 || port < 1 || port > 65535)
+        return -EINVAL;
+    worker *w = worker_new(app_id, pid, concurrency);
+    if (!w)
+        return -ENOMEM;
+    w->http = true;
+    w->in_addr.sin_family = AF_INET;
+    w->in_addr.sin_port = htons((uint16_t)port);
+    w->in_addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return worker_insert(e, w);
+}
+
+/* Adds w to the table (it is freed when that fails). */
+static int worker_insert(agent_engine *e, worker *w)
+{
+    int app_id = w->app, pid = w->pid;
     pthread_mutex_lock(&e->lock);
     int err = 0;
     app *a = app_by_id(e, app_id);

@@ -153,6 +153,13 @@ int agent_engine_app_clear_failure(agent_engine *engine, int app);
 
 int agent_engine_worker_add(agent_engine *engine, int app, int pid,
                             const char *socket_path, int concurrency);
+/* A generic worker (agent_app_type generic): an HTTP/1.1 server on
+ * 127.0.0.1:port. Each request gets a connection of its own; the engine
+ * sends it as an HTTP/1.1 request head made from the frame (wire.h,
+ * http_head_build) and the body, and passes the worker's bytes to nginx as
+ * they come until the worker closes the connection. Never in the fast
+ * path's table. */
+int agent_engine_worker_add_http(agent_engine *engine, int app, int pid, int port, int concurrency);
 int agent_engine_worker_detach(agent_engine *engine, int pid);
 int agent_engine_worker_release(agent_engine *engine, int pid);  /* ends a HOLD */
 int agent_engine_worker_remove(agent_engine *engine, int pid);

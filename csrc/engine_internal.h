@@ -16,6 +16,7 @@
  *   session.c      the routing table, worker connections, sessions, pumping
  *   conn.c         connection records, buffers, the responses the engine makes
  *   events.c       the events for the policy
+ *   http_head.c    generic workers: the frame as an HTTP/1.1 head (wire.h)
  *   fastpath.c     the engine's side of the fast path's shared table
  *                  (fastpath.h): publishing workers, the slow path's claims,
  *                  detaching, the tick's sweep, the stats nginx adds
@@ -55,6 +56,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -128,6 +131,10 @@ typedef struct worker {
     uint64_t last_use_seq;      /* finer than ms: orders workers for the LRU tie-break */
     struct sockaddr_un addr;
     socklen_t addr_len;
+    /* A generic worker (agent_engine_worker_add_http): HTTP/1.1 on this
+     * TCP address, one connection per request; never in the fast path. */
+    bool http;
+    struct sockaddr_in in_addr;
     struct worker *next_orphan; /* removed workers with sessions or connections left */
     uint64_t idle_event;        /* 1 + number of its last IDLE event, or 0 */
     list_link idle;             /* wconns carrying no request, most recently used first */
@@ -228,6 +235,8 @@ typedef struct conn {
     int64_t drain_started_ms;   /* when nginx went away (bounded: drain_max_ms) */
     bool long_response;         /* agent_long_responses or a tunnel: no request time limit; a departed client ends it */
     bool replayable;            /* the whole request is the frame in up: it can be sent again */
+    bool http_head;             /* up holds the frame made an HTTP/1.1 head, for a generic worker */
+    bool sent_any;              /* a request byte reached the worker in this session */
     uint32_t request_len;       /* bytes of the request held in up when replayable */
     record_decoder rec;         /* the response's records: rec.end, the end record came */
 

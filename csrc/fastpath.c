@@ -137,12 +137,13 @@ static uint64_t word_of(const worker *w, uint32_t kind, uint32_t flags, uint32_t
     return agent_fp_word(kind, flags, pid, w->fp_gen);
 }
 
-/* A serving worker of concurrency 1 gets a slot; its socket must be a
+/* A serving worker of concurrency 1 gets a slot, but never a generic one
+ * (nginx's workers speak only the frame and records to a worker); its socket must be a
  * short file name nginx finds in workers/ (fastpath.h). */
 void fp_publish(agent_engine *e, worker *w)
 {
     agent_fp_table *t = e->fp;
-    if (!t || w->fp_slotted || w->removed || w->concurrency != 1 || w->state != AGENT_WORKER_ACTIVE
+    if (!t || w->http || w->fp_slotted || w->removed || w->concurrency != 1 || w->state != AGENT_WORKER_ACTIVE
         || w->app < 0 || w->app >= AGENT_FP_APPS)
         return;
     const char *base = strrchr(w->addr.sun_path, '/');

@@ -13,7 +13,7 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 API_HEADERS = ("engine_api.h", "spawn_api.h")
-SOURCES = ("frame.c", "records.c", "events.c", "conn.c", "fastpath.c", "session.c", "loop.c", "engine_api.c", "spawn.c")
+SOURCES = ("frame.c", "records.c", "http_head.c", "events.c", "conn.c", "fastpath.c", "session.c", "loop.c", "engine_api.c", "spawn.c")
 
 WARNINGS = ["-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wpointer-arith", "-Wno-unused-parameter"]
 

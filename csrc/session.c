@@ -165,7 +165,7 @@ static enum connect_result wconn_open(agent_engine *e, worker *w, wconn **out, i
         *err = ENOMEM;
         return LOCAL_FAILURE;
     }
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = socket(w->http ? AF_INET : AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         *err = errno;
         free(wc);
@@ -173,16 +173,20 @@ static enum connect_result wconn_open(agent_engine *e, worker *w, wconn **out, i
     }
     int r;
     do
-        r = connect(fd, (const struct sockaddr *)&w->addr, w->addr_len);
+        r = w->http ? connect(fd, (const struct sockaddr *)&w->in_addr, sizeof w->in_addr)
+                    : connect(fd, (const struct sockaddr *)&w->addr, w->addr_len);
     while (r < 0 && errno == EINTR);
-    if (r < 0) {
+    /* A TCP connect completes later: the socket turns writable when it
+     * did, and a refusal shows as the first send's or read's error. */
+    bool pending = r < 0 && w->http && errno == EINPROGRESS;
+    if (r < 0 && !pending) {
         *err = errno;
         close(fd);
         free(wc);
-        return (*err == ENOMEM || *err == ENOBUFS) ? LOCAL_FAILURE : WORKER_REFUSED;
+        return (*err == ENOMEM || *err == ENOBUFS || *err == EADDRNOTAVAIL) ? LOCAL_FAILURE : WORKER_REFUSED;
     }
     /* A fresh connection has room for the frame; the worker has said nothing. */
-    *wc = (wconn){.ep = {EP_WORKER, NULL, wc}, .fd = fd, .worker = w, .writable = true};
+    *wc = (wconn){.ep = {EP_WORKER, NULL, wc}, .fd = fd, .worker = w, .writable = !pending};
     list_init(&wc->idle_link);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = &wc->ep};
     if (epoll_ctl(e->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
@@ -248,8 +252,12 @@ static void worker_failed(agent_engine *e, worker *w, int err)
     char text[128];
     w->state = AGENT_WORKER_DETACHED;
     worker_close_idle(e, w);
-    emit(e, AGENT_EV_WORKER_FAILED, w->app, w->pid, err, "cannot connect to worker pid %d at %s: %s",
-         w->pid, w->addr.sun_path, strerror_r(err, text, sizeof text));
+    if (w->http)
+        emit(e, AGENT_EV_WORKER_FAILED, w->app, w->pid, err, "cannot connect to worker pid %d at 127.0.0.1:%d: %s",
+             w->pid, ntohs(w->in_addr.sin_port), strerror_r(err, text, sizeof text));
+    else
+        emit(e, AGENT_EV_WORKER_FAILED, w->app, w->pid, err, "cannot connect to worker pid %d at %s: %s",
+             w->pid, w->addr.sun_path, strerror_r(err, text, sizeof text));
 }
 
 static void begin_session(agent_engine *e, conn *c, worker *w, wconn *wc)
@@ -267,6 +275,7 @@ static void begin_session(agent_engine *e, conn *c, worker *w, wconn *wc)
     c->draining = false;
     c->session_ms = e->now_ms;
     c->upstream_error = c->worker_error = 0;
+    c->sent_any = false;
     c->down_pos = c->down_len = 0;
     if (c->replayable) {  /* from the start, also when sent again */
         c->up_pos = 0;
@@ -314,6 +323,44 @@ static void enqueue(agent_engine *e, app *a, conn *c, bool at_head)
         emit_coalesced(e, &a->queued_event, AGENT_EV_QUEUED, a->id, 0, a->queue_length);
 }
 
+/* A generic worker gets the frame as an HTTP/1.1 request head: up's frame
+ * is replaced by the head, followed by the body bytes that came with the
+ * frame. Done once per request, so that a request sent again (to another
+ * worker of the app) goes as it is. False when c was answered. */
+static bool make_http_head(agent_engine *e, app *a, conn *c)
+{
+    const char *vars = c->up + WIRE_U32_SIZE;
+    uint32_t vars_size = c->frame_size - WIRE_U32_SIZE;
+    size_t head_len = 0;
+    if (http_head_build(vars, vars_size, NULL, 0, &head_len) != HTTP_HEAD_OK) {
+        reply_text(e, c, 400, "Bad Request", false, "the request method cannot be sent to the app");
+        return false;
+    }
+    uint32_t held = c->up_len - c->frame_size;
+    size_t need = head_len + held;
+    if (need > UINT32_MAX / 2) {
+        reply_local_failure(e, c, a, EMSGSIZE);
+        return false;
+    }
+    bool standard = need <= e->config.io_buffer_size;
+    char *buf = standard ? buffer_get(e) : malloc(need);
+    if (!buf) {
+        reply_local_failure(e, c, a, ENOMEM);
+        return false;
+    }
+    size_t written = 0;
+    http_head_build(vars, vars_size, buf, need, &written);  /* the same bytes as measured */
+    memcpy(buf + written, c->up + c->frame_size, held);
+    buffer_put(e, c->up, c->up_cap);
+    c->up = buf;
+    c->up_cap = standard ? e->config.io_buffer_size : (uint32_t)need;
+    c->up_pos = 0;
+    c->up_len = (uint32_t)need;
+    c->request_len = c->up_len;
+    c->http_head = true;
+    return true;
+}
+
 /* Hands a request to a worker of its app over an idle connection or a new
  * one, trying the next worker when one refuses the connection (the request
  * was not sent, so it is not lost), or queues it. at_head: it came from the
@@ -332,6 +379,10 @@ void route(agent_engine *e, app *a, conn *c, bool at_head)
         }
         if (!fp_claim(e, w))
             continue;  /* nginx took it first: pick again */
+        if (w->http && !c->http_head && !make_http_head(e, a, c)) {
+            fp_release(e, w, false);
+            return;
+        }
         if (!c->down && !(c->down = buffer_get(e))) {
             fp_release(e, w, false);
             reply_local_failure(e, c, a, ENOMEM);
@@ -395,6 +446,12 @@ void answer_queue_with_failure(agent_engine *e, app *a)
  * http.disconnect), and its other requests do not wait behind it. */
 static void client_aborted(agent_engine *e, conn *c)
 {
+    if (c->worker->http) {
+        /* One connection per request: closing it is the app's signal. */
+        end_session(e, c, c->response_started, false);
+        conn_release(e, c);
+        return;
+    }
     bool request_sent = !c->upstream_closed && c->body_remaining == 0 && c->up_pos == c->up_len;
     bool drain = !c->long_response && c->worker->concurrency == 1;
     if (request_sent && !c->worker_closed && !c->malformed && drain) {
@@ -446,6 +503,17 @@ static void response_complete(agent_engine *e, conn *c)
     conn_release(e, c);
 }
 
+/* A generic worker closed the connection after a response, all of which
+ * nginx has: the response is whole (nginx's parser judges its framing). */
+static void http_response_complete(agent_engine *e, conn *c)
+{
+    if (!c->draining)
+        record_duration(e, c);
+    close_client(e, c);
+    end_session(e, c, true, false);
+    conn_release(e, c);
+}
+
 /* A worker that closes a connection without reading all that was sent on
  * it makes the kernel report a reset (or EPIPE to the next send). When the
  * request is the frame alone, the worker then never had all of it and
@@ -473,7 +541,19 @@ static void response_failed(agent_engine *e, conn *c)
         conn_release(e, c);
         return;
     }
-    if (a && may_replay(c)) {
+    if (a && w->http && !c->sent_any && !c->response_bytes
+        && (c->upstream_error == ECONNREFUSED || c->worker_error == ECONNREFUSED)) {
+        /* Nothing reached it: the worker is given up (before the session
+         * ends, which may free a removed worker) and the request goes to
+         * another one. */
+        if (!w->removed)
+            worker_failed(e, w, ECONNREFUSED);
+        end_session(e, c, false, false);
+        c->queued_ms = e->now_ms;
+        route(e, a, c, true);
+        return;
+    }
+    if (a && !w->http && may_replay(c)) {
         c->retried = true;
         end_session(e, c, false, false);
         c->queued_ms = e->now_ms;  /* should it wait, it waits from now, first in line */
@@ -481,9 +561,13 @@ static void response_failed(agent_engine *e, conn *c)
         return;
     }
     if (c->malformed)
-        emit(e, AGENT_EV_LOG, app_id, pid, 0, "worker pid %d sent bytes that are not response records; connection closed", pid);
+        emit(e, AGENT_EV_LOG, app_id, pid, 0, w->http
+             ? "worker pid %d sent bytes that are not an HTTP/1.x response; connection closed"
+             : "worker pid %d sent bytes that are not response records; connection closed", pid);
     if (c->response_started) {
-        emit(e, AGENT_EV_LOG, app_id, pid, c->worker_error, "worker pid %d closed a connection before the response's end record", pid);
+        emit(e, AGENT_EV_LOG, app_id, pid, c->worker_error, w->http
+             ? "worker pid %d reset a connection during a response"
+             : "worker pid %d closed a connection before the response's end record", pid);
         record_duration(e, c);  /* cut off, but nginx got a response */
         end_session(e, c, true, false);
         conn_release(e, c);
@@ -514,6 +598,7 @@ static bool pump_request(agent_engine *e, conn *c, bool *aborted)
             c->up_pos += (uint32_t)n;
             if (c->up_pos == c->up_len)
                 c->up_pos = c->up_len = 0;
+            c->sent_any = true;
             moved = true;
         } else if (n < 0 && errno == EAGAIN) {
             wc->writable = false;
@@ -550,7 +635,9 @@ static void check_status_line(conn *c)
 {
     if (c->response_started || c->malformed)
         return;
-    status_line_check st = records_check_status_line(c->down + c->down_pos, c->down_len - c->down_pos, c->rec.end);
+    status_line_check st = c->worker->http
+        ? http_check_status_line(c->down + c->down_pos, c->down_len - c->down_pos, c->worker_closed)
+        : records_check_status_line(c->down + c->down_pos, c->down_len - c->down_pos, c->rec.end);
     c->response_started = st == STATUS_LINE_OK;
     c->malformed = st == STATUS_LINE_BAD;
 }
@@ -577,12 +664,17 @@ static bool read_response(conn *c)
             else
                 wc->readable = false;
         }
-        records_take(&c->rec, c->down, &c->down_pos, &c->down_len, (uint32_t)n);
+        if (c->worker->http)
+            c->down_len += (uint32_t)n;  /* raw HTTP, until the worker closes */
+        else
+            records_take(&c->rec, c->down, &c->down_pos, &c->down_len, (uint32_t)n);
         check_status_line(c);
         return true;
     }
     if (n == 0) {
         c->worker_closed = true;
+        if (c->worker->http && c->response_bytes)
+            check_status_line(c);  /* a generic worker's few bytes are judged at its end */
     } else if (errno == EAGAIN) {
         wc->readable = false;
     } else if (errno != EINTR) {
@@ -634,6 +726,12 @@ void pump(agent_engine *e, conn *c)
         bool flushed = c->down_pos == c->down_len;
         if (c->rec.end && !c->malformed && flushed) {
             response_complete(e, c);
+            return;
+        }
+        /* A generic worker's response ends when it closes the connection. */
+        if (c->worker->http && c->worker_closed && !c->worker_error && c->response_started && !c->malformed
+            && flushed) {
+            http_response_complete(e, c);
             return;
         }
         /* Bytes of a cut-off response still go to nginx before it is closed. */

@@ -36,6 +36,7 @@ enum {
     STEP_GID,
     STEP_UID,
     STEP_DEATH_SIGNAL,
+    STEP_LIFELINE,
     STEP_CWD,
     STEP_EXEC,
 };
@@ -50,6 +51,7 @@ static const char *step_name(int step)
     case STEP_GID: return "setgid";
     case STEP_UID: return "setuid";
     case STEP_DEATH_SIGNAL: return "prctl(PR_SET_PDEATHSIG)";
+    case STEP_LIFELINE: return "arming the lifeline (O_ASYNC)";
     case STEP_CWD: return "chdir to the app root";
     case STEP_EXEC: return "exec";
     default: return "starting the worker";
@@ -100,10 +102,43 @@ static int lift_optional(int fd)
     return fd < 0 ? -2 : fd;
 }
 
+/* A generic worker: 0 /dev/null, 1 and 2 the output pipe, 3 its lifeline
+ * (when given), nothing else. */
+static int arrange_generic_fds(const agent_spawn_spec *spec, int error_pipe)
+{
+    int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    int output_fd = fcntl(spec->output_fd, F_DUPFD_CLOEXEC, 10);
+    int lifeline_fd = lift_optional(spec->lifeline_fd);
+
+    if (devnull < 0 || output_fd < 0 || lifeline_fd == -2)
+        return -1;
+    if (place_fd(devnull, 0) < 0 || place_fd(output_fd, 1) < 0 || place_fd(output_fd, 2) < 0)
+        return -1;
+    if (lifeline_fd >= 0 && place_fd(lifeline_fd, 3) < 0)
+        return -1;
+    return close_fds_from(lifeline_fd >= 0 ? 4 : 3, error_pipe);
+}
+
+/* fd 3, the lifeline: when the core's end closes, the kernel sends SIGKILL
+ * to the worker's process group (this process leads it since setsid). */
+static int watch_lifeline(void)
+{
+    int flags;
+
+    if (fcntl(3, F_SETOWN, -getpid()) < 0 || fcntl(3, F_SETSIG, SIGKILL) < 0)
+        return -1;
+    flags = fcntl(3, F_GETFL);
+    if (flags < 0 || fcntl(3, F_SETFL, flags | O_ASYNC | O_NONBLOCK) < 0)
+        return -1;
+    return 0;
+}
+
 /* The source fds may sit on each other's targets (0..6), so first lift
  * them above the range, then place them. */
 static int arrange_fds(const agent_spawn_spec *spec, int error_pipe)
 {
+    if (spec->listen_fd < 0)
+        return arrange_generic_fds(spec, error_pipe);
     int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     int listen_fd = fcntl(spec->listen_fd, F_DUPFD_CLOEXEC, 10);
     int ready_fd = fcntl(spec->ready_fd, F_DUPFD_CLOEXEC, 10);
@@ -192,6 +227,8 @@ static void run_child(const agent_spawn_spec *spec, pid_t parent, int error_pipe
         report_and_exit(error_pipe, STEP_CGROUP);
     if (arrange_fds(spec, error_pipe) < 0)
         report_and_exit(error_pipe, STEP_FDS);
+    if (spec->listen_fd < 0 && spec->lifeline_fd >= 0 && watch_lifeline() < 0)
+        report_and_exit(error_pipe, STEP_LIFELINE);
     switch_user(spec, error_pipe);
     /* Set after the user switch, which clears it. */
     if (spec->death_signal > 0) {

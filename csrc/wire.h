@@ -97,5 +97,31 @@ typedef enum {
 /* Judges the first have bytes of a response's payload; end: no more will come. */
 status_line_check records_check_status_line(const char *payload, uint32_t have, bool end);
 
+/* ------------------------------------------------------------------------ */
+/* Generic workers (agent_app_type generic): the frame as an HTTP/1.1       */
+/* request head, and the judgement of a raw HTTP response (http_head.c)     */
+
+typedef enum {
+    HTTP_HEAD_OK = 0,
+    HTTP_HEAD_BAD_METHOD,       /* REQUEST_METHOD is empty or not a token */
+    HTTP_HEAD_TOO_LARGE,        /* over the size given */
+} http_head_status;
+
+/* Writes the request head for the vars of a frame that frame_parse_vars()
+ * accepted: "METHOD REQUEST_URI HTTP/1.1", each HTTP_* pair as a header
+ * ("HTTP_X_TOKEN" -> "X-Token") but the hop-by-hop ones and those the
+ * engine sets itself, Host (from SERVER_NAME when the client sent none),
+ * Content-Type and Content-Length from the CGI variables, "Connection:
+ * close", X-Forwarded-For (REMOTE_ADDR) and X-Forwarded-Proto (HTTPS), then
+ * the blank line. Bytes of the URI that cannot stand in a request line
+ * (controls, space, DEL) are percent-encoded; a header whose value holds
+ * CR, LF or NUL is dropped. out NULL: only *len is computed (the size to
+ * allocate). */
+http_head_status http_head_build(const char *vars, uint32_t vars_size, char *out, size_t size, size_t *len);
+
+/* Judges the first have bytes of a generic worker's response: it must
+ * begin "HTTP/1." before a byte goes to nginx; end: no more will come. */
+status_line_check http_check_status_line(const char *data, uint32_t have, bool end);
+
 #pragma GCC visibility pop
 #endif

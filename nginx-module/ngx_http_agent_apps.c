@@ -81,6 +81,20 @@ ngx_http_agent_enable_location(ngx_conf_t *cf, ngx_http_agent_loc_conf_t *alcf)
         }
     }
 
+    if (settings.app_type.len == sizeof("generic") - 1
+        && ngx_strncmp(settings.app_type.data, "generic",
+                       sizeof("generic") - 1) == 0
+        && settings.app_start_command.len == 0)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "agent: the app \"%V\" has \"agent_app_type "
+                           "generic\" but no \"agent_app_start_command\": "
+                           "a generic app needs the command that starts it "
+                           "listening on 127.0.0.1:$PORT",
+                           &settings.app_root);
+        return NGX_CONF_ERROR;
+    }
+
     if (ngx_http_agent_register_app(cf, alcf, &settings) != NGX_CONF_OK) {
         return NGX_CONF_ERROR;
     }

@@ -201,6 +201,7 @@ static ngx_conf_post_t  ngx_http_agent_nonzero_msec = {
 static ngx_str_t  ngx_http_agent_app_types[] = {
     ngx_string("wsgi"),
     ngx_string("asgi"),
+    ngx_string("generic"),
     ngx_null_string
 };
 

@@ -23,6 +23,10 @@ static ngx_int_t ngx_http_agent_reinit_request(ngx_http_request_t *r);
 static ngx_int_t ngx_http_agent_process_status_line(ngx_http_request_t *r);
 static ngx_int_t ngx_http_agent_process_header(ngx_http_request_t *r);
 static ngx_int_t ngx_http_agent_input_filter_init(void *data);
+static ngx_int_t ngx_http_agent_chunked_filter(ngx_event_pipe_t *p,
+    ngx_buf_t *buf);
+static ngx_int_t ngx_http_agent_non_buffered_chunked_filter(void *data,
+    ssize_t bytes);
 static void ngx_http_agent_abort_request(ngx_http_request_t *r);
 static void ngx_http_agent_finalize_request(ngx_http_request_t *r,
     ngx_int_t rc);
@@ -232,6 +236,8 @@ ngx_http_agent_reinit_request(ngx_http_request_t *r)
     status->start = NULL;
     status->end = NULL;
 
+    ngx_memzero(&ctx->chunked, sizeof(ngx_http_chunked_t));
+
     r->upstream->process_header = ngx_http_agent_process_status_line;
     r->state = 0;
 
@@ -365,6 +371,14 @@ ngx_http_agent_process_header(ngx_http_request_t *r)
                 u->upgrade = 1;
             }
 
+            if (u->headers_in.chunked) {
+                /* decoded here (the input filters below); nginx frames
+                 * the body for the client anew, and a length sent with
+                 * it would be wrong */
+                u->headers_in.content_length_n = -1;
+                u->headers_in.content_length = NULL;
+            }
+
             return NGX_OK;
         }
 
@@ -381,6 +395,24 @@ ngx_http_agent_process_header(ngx_http_request_t *r)
                       r->header_name_start, *r->header_end);
 
         return NGX_HTTP_UPSTREAM_INVALID_HEADER;
+    }
+}
+
+
+/* b gets the chunk's data that buf holds, up to the chunk's end */
+static void
+ngx_http_agent_take_chunk_data(ngx_http_chunked_t *chunked, ngx_buf_t *buf,
+    ngx_buf_t *b)
+{
+    if (buf->last - buf->pos >= chunked->size) {
+        buf->pos += (size_t) chunked->size;
+        b->last = buf->pos;
+        chunked->size = 0;
+
+    } else {
+        chunked->size -= buf->last - buf->pos;
+        buf->pos = buf->last;
+        b->last = buf->last;
     }
 }
 
@@ -403,9 +435,237 @@ ngx_http_agent_input_filter_init(void *data)
         u->pipe->length = -1;
         u->length = -1;
 
+    } else if (u->headers_in.chunked) {
+        /*
+         * "Transfer-Encoding: chunked" (a generic app's response: Python
+         * workers never chunk): the body is decoded as it comes.  The
+         * lengths are what must still come: at least "0" CRLF CRLF
+         * buffered, more than none unbuffered, so that an end of file
+         * before the last chunk is a cut-off response, not a whole one.
+         */
+        u->pipe->input_filter = ngx_http_agent_chunked_filter;
+        u->pipe->length = 3;
+        u->input_filter = ngx_http_agent_non_buffered_chunked_filter;
+        u->length = 1;
+
     } else {
         u->pipe->length = u->headers_in.content_length_n;
         u->length = u->headers_in.content_length_n;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * A chunked body, buffered (nginx's event pipe): the chunks' data in buf
+ * become shadow buffers of it, queued on p->in; the chunk sizes, their
+ * extensions and the trailer are dropped.  ngx_http_parse_chunked keeps
+ * its state in the ctx across reads and refuses what is not chunked
+ * encoding, which fails the response (502, or a cut-off one).
+ */
+
+static ngx_int_t
+ngx_http_agent_chunked_filter(ngx_event_pipe_t *p, ngx_buf_t *buf)
+{
+    ngx_int_t              rc;
+    ngx_buf_t             *b, **prev;
+    ngx_chain_t           *cl;
+    ngx_http_request_t    *r;
+    ngx_http_agent_ctx_t  *ctx;
+
+    if (buf->pos == buf->last) {
+        return NGX_OK;
+    }
+
+    r = p->input_ctx;
+    ctx = ngx_http_get_module_ctx(r, ngx_http_agent_module);
+
+    if (ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (p->upstream_done || p->length == 0) {
+        /* bytes after the last chunk: not part of the response */
+        p->upstream_done = 1;
+        return NGX_OK;
+    }
+
+    b = NULL;
+    prev = &buf->shadow;
+
+    for ( ;; ) {
+
+        rc = ngx_http_parse_chunked(r, buf, &ctx->chunked);
+
+        if (rc == NGX_OK) {
+
+            /* data of a chunk: as much of it as buf holds */
+
+            cl = ngx_chain_get_free_buf(p->pool, &p->free);
+            if (cl == NULL) {
+                return NGX_ERROR;
+            }
+
+            b = cl->buf;
+
+            ngx_memzero(b, sizeof(ngx_buf_t));
+
+            b->pos = buf->pos;
+            b->start = buf->start;
+            b->end = buf->end;
+            b->tag = p->tag;
+            b->temporary = 1;
+            b->recycled = 1;
+
+            *prev = b;
+            prev = &b->shadow;
+
+            if (p->in) {
+                *p->last_in = cl;
+
+            } else {
+                p->in = cl;
+            }
+
+            p->last_in = &cl->next;
+
+            b->num = buf->num;
+
+            ngx_http_agent_take_chunk_data(&ctx->chunked, buf, b);
+
+            continue;
+        }
+
+        if (rc == NGX_DONE) {
+
+            /* the last chunk and the trailer: the body is whole */
+
+            p->length = 0;
+            p->upstream_done = 1;
+
+            if (buf->pos != buf->last) {
+                ngx_log_error(NGX_LOG_WARN, p->log, 0,
+                              "agent: the app sent data after the last "
+                              "chunk of a response; dropped");
+            }
+
+            break;
+        }
+
+        if (rc == NGX_AGAIN) {
+            /* the least that must still come */
+            p->length = ctx->chunked.length;
+            break;
+        }
+
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "agent: the app sent an invalid chunked response");
+
+        return NGX_ERROR;
+    }
+
+    if (b) {
+        b->shadow = buf;
+        b->last_shadow = 1;
+
+        return NGX_OK;
+    }
+
+    /* no data in buf: it can be reused */
+
+    if (ngx_event_pipe_add_free_buf(p, buf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* the same, unbuffered (agent_buffer_response off, X-Accel-Buffering: no) */
+
+static ngx_int_t
+ngx_http_agent_non_buffered_chunked_filter(void *data, ssize_t bytes)
+{
+    ngx_http_request_t  *r = data;
+
+    ngx_int_t              rc;
+    ngx_buf_t             *b, *buf;
+    ngx_chain_t           *cl, **ll;
+    ngx_http_upstream_t   *u;
+    ngx_http_agent_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_agent_module);
+
+    if (ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    u = r->upstream;
+    buf = &u->buffer;
+
+    buf->pos = buf->last;
+    buf->last += bytes;
+
+    if (u->length == 0) {
+        /* bytes after the last chunk: not part of the response */
+        buf->pos = buf->last;
+        return NGX_OK;
+    }
+
+    for (cl = u->out_bufs, ll = &u->out_bufs; cl; cl = cl->next) {
+        ll = &cl->next;
+    }
+
+    for ( ;; ) {
+
+        rc = ngx_http_parse_chunked(r, buf, &ctx->chunked);
+
+        if (rc == NGX_OK) {
+
+            cl = ngx_chain_get_free_buf(r->pool, &u->free_bufs);
+            if (cl == NULL) {
+                return NGX_ERROR;
+            }
+
+            *ll = cl;
+            ll = &cl->next;
+
+            b = cl->buf;
+
+            b->flush = 1;
+            b->memory = 1;
+
+            b->pos = buf->pos;
+            b->tag = u->output.tag;
+
+            ngx_http_agent_take_chunk_data(&ctx->chunked, buf, b);
+
+            continue;
+        }
+
+        if (rc == NGX_DONE) {
+
+            u->length = 0;
+
+            if (buf->pos != buf->last) {
+                ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                              "agent: the app sent data after the last "
+                              "chunk of a response; dropped");
+                buf->pos = buf->last;
+            }
+
+            break;
+        }
+
+        if (rc == NGX_AGAIN) {
+            break;
+        }
+
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "agent: the app sent an invalid chunked response");
+
+        return NGX_ERROR;
     }
 
     return NGX_OK;

@@ -106,6 +106,7 @@ typedef struct {
 /* a request's state (the module's ctx) */
 typedef struct {
     ngx_http_status_t          status;          /* the status line's parse */
+    ngx_http_chunked_t         chunked;         /* a chunked response's decoding */
 
     /* the fast path (ngx_http_agent_claims.c, _worker_peer.c) */
     ngx_http_request_t        *request;

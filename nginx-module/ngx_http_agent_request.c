@@ -51,19 +51,45 @@ static ngx_int_t ngx_http_agent_append_body(ngx_http_request_t *r,
 ngx_uint_t
 ngx_http_agent_asks_upgrade(ngx_http_request_t *r)
 {
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
     ngx_table_elt_t  *h;
 
-    h = r->headers_in.connection;
-
     if (r->http_version != NGX_HTTP_VERSION_11
-        || r->headers_in.upgrade == NULL || h == NULL)
+        || r->headers_in.upgrade == NULL)
     {
         return 0;
     }
 
-    return ngx_strlcasestrn(h->value.data, h->value.data + h->value.len,
-                            (u_char *) "upgrade", 7 - 1)
-           != NULL;
+    /* nginx 1.22 keeps no pointer to the Connection header (only its
+     * keep-alive or close): every line named so is looked at */
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */ ; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                return 0;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == sizeof("Connection") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "Connection",
+                               sizeof("Connection") - 1) == 0
+            && ngx_strlcasestrn(h[i].value.data,
+                                h[i].value.data + h[i].value.len,
+                                (u_char *) "upgrade", sizeof("upgrade") - 2)
+               != NULL)
+        {
+            return 1;
+        }
+    }
 }
 
 

@@ -88,6 +88,7 @@
     X(app_root, PATH, APP, NONE, NULL)                                        \
     X(app_type, ENUM, APP, "wsgi", ngx_http_agent_app_types)                  \
     X(startup_file, STR, APP, "wsgi.py", NULL)                                \
+    X(app_start_command, STR, APP, NONE, NULL)                                \
     X(python, STR, APP, "/usr/bin/python3", NULL)                             \
     X(env, ENV, APP, NONE, NULL)                                              \
     X(min_instances, NUM, APP, 1, NULL)                                       \

@@ -27,6 +27,7 @@ class AppConfig:
     app_root: str
     app_type: str = default("app_type")
     startup_file: str = default("startup_file")
+    app_start_command: str = default("app_start_command")
     python: str = default("python")
     env: tuple[tuple[str, str], ...] = ()
     user: str = default("user")
@@ -58,7 +59,7 @@ class AppConfig:
         """What a worker process is made of. When these change on reload, the
         app's processes are replaced; the other settings are limits the
         policy applies to the running processes as they are."""
-        return (self.app_root, self.app_type, self.startup_file, self.python, self.env,
+        return (self.app_root, self.app_type, self.startup_file, self.app_start_command, self.python, self.env,
                 self.user, self.group, self.default_user, self.spawn_method,
                 self.worker_concurrency)
 

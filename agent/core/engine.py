@@ -214,6 +214,12 @@ class Engine:
         _check(lib.agent_engine_worker_add(self._engine, app, pid, socket_path.encode(), concurrency),
                f"adding worker {pid}")
 
+    def add_http_worker(self, app: int, pid: int, port: int, concurrency: int) -> None:
+        """A generic worker: HTTP/1.1 on 127.0.0.1:port, one connection per
+        request, never in the fast path (csrc/engine_api.h)."""
+        _check(lib.agent_engine_worker_add_http(self._engine, app, pid, port, concurrency),
+               f"adding worker {pid}")
+
     def detach_worker(self, pid: int) -> None:
         _check(lib.agent_engine_worker_detach(self._engine, pid), f"detaching worker {pid}")
 
@@ -285,11 +291,12 @@ class SpawnSpec:
 
 
 def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int, *,
-          startup_fd: int = -1, env_fd: int = -1, cgroup_procs_fd: int = -1) -> int:
+          startup_fd: int = -1, env_fd: int = -1, cgroup_procs_fd: int = -1, lifeline_fd: int = -1) -> int:
     """Forks and execs a worker; returns its pid or raises NativeError. The
     optional fds (-1: none) are the checked startup file (fd 5 in the
     worker), the app's environment (fd 6) and the cgroup.procs file the
-    child joins before it drops root."""
+    child joins before it drops root. A generic worker has listen_fd and
+    ready_fd -1, and its lifeline (fd 3 in the worker) instead."""
     keep: list[Any] = []
 
     def cstr(text: str) -> Any:
@@ -322,6 +329,7 @@ def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int, *,
     c_spec.env_fd = env_fd
     c_spec.cgroup_procs_fd = cgroup_procs_fd
     c_spec.death_signal = spec.death_signal
+    c_spec.lifeline_fd = lifeline_fd
     error = ffi.new("char[]", _ERROR_SIZE)
     pid = lib.agent_spawn(c_spec, error, _ERROR_SIZE)
     if pid < 0:

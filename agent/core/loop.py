@@ -17,9 +17,11 @@ import os
 import random
 import selectors
 import signal
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,13 @@ from agent.core.error_page import startup_error_response
 from agent.core.pool import App, Pool, Preloader, PreloaderState, ProcessUsage, Worker, WorkerState
 from agent.core.preloader import Channel, Exited, PreloaderFailed
 from agent.core.spawner import (
+    GENERIC,
     SpawnError,
     StartedProcess,
     fork_worker,
     install_loaders,
     prepare_workers_dir,
+    start_generic_worker,
     start_preloader,
     start_worker,
 )
@@ -70,6 +74,19 @@ MEMORY_SAMPLE_INTERVAL_MS = 1000
 # at most between two turns of the loop, however large the pool.
 ON_DEMAND_SAMPLES = 32
 GUARD_LOG_INTERVAL_MS = 10_000
+# A starting generic worker's port is tried this often until it accepts.
+PROBE_INTERVAL_MS = 50
+
+
+@dataclass
+class Probe:
+    """The readiness check of a starting generic worker: a nonblocking
+    connect to its port, tried again every PROBE_INTERVAL_MS until one is
+    accepted (agent_start_timeout bounds the wait, as for a handshake)."""
+
+    port: int
+    due: int = 0
+    sock: socket.socket | None = None
 
 
 class Guard:
@@ -107,7 +124,10 @@ class Core:
         self.handshakes: dict[int, tuple[int, bytearray]] = {}   # fd -> (pid, data)
         self.captures: dict[int, OutputCapture] = {}              # fd -> capture
         self.channels: dict[int, Channel] = {}                    # preloader pid -> its control socket
-        self.lifelines: dict[int, int] = {}                       # forked worker pid -> the core's end
+        self.lifelines: dict[int, int] = {}                       # forked or generic worker pid -> the core's end
+        self.probes: dict[int, Probe] = {}                         # starting generic worker pid -> its check
+        self.probe_fds: dict[int, int] = {}                        # a probe's socket fd -> the worker's pid
+        self.ended_output: dict[int, list[str]] = {}               # generic worker pid -> its last lines, pipe closed
         self.socket_numbers = itertools.count(1)
         self.next_tick = 0
         self.next_memory_sample = 0
@@ -147,11 +167,12 @@ class Core:
     def turn(self) -> None:
         """One turn of the loop; no step's exception ends it (Guard)."""
         for step in (self.wait_for_events, self.handle_signals, self.handle_engine_events, self.reap_workers,
-                     self.reconcile):
+                     self.probe_ports, self.reconcile):
             self.guard.run(step.__name__, step)
 
     def wait_for_events(self) -> None:
-        for key, _ in self.selector.select(timeout=TICK_MS / 1000):
+        timeout = (PROBE_INTERVAL_MS if self.probes else TICK_MS) / 1000
+        for key, _ in self.selector.select(timeout=timeout):
             callback: Callable[[int], None] = key.data
             self.guard.run(getattr(callback, "__qualname__", "a callback"), callback, key.fd)
 
@@ -301,7 +322,7 @@ class Core:
     def sample_memory(self, workers: list[Worker]) -> None:
         now = monotonic_ms()
         for worker in workers:
-            usage = sample_usage(worker.pid, worker.usage, (now - worker.sampled_at) / 1000)
+            usage = sample_usage(worker.pid, worker.usage, (now - worker.sampled_at) / 1000, tree=bool(worker.port))
             if usage is not None:
                 worker.usage, worker.memory, worker.sampled_at = usage, usage.private, now
 
@@ -387,7 +408,15 @@ class Core:
         data = self.take_handshake(worker.pid)
         said = handshake.read(worker.pid, data) if handshake.has_line(data) else None
         description = describe_exit(exitcode)
-        if said is not None and not said.ready:   # its error line, read late
+        if worker.port and policy.start_failed_by_app(exitcode):
+            tail = self.output_tail(worker.pid)
+            last = next((line for line in reversed(tail) if line.strip()), "")
+            self.spawn_failed(app, f"the start command {description} before listening on its port"
+                              + (f": {last.strip()[:200]}" if last else ""),
+                              f"worker {worker.pid} ({app.config.app_start_command}) {description} before "
+                              f"listening on 127.0.0.1:{worker.port}; its last output:\n" + "\n".join(tail)
+                              if tail else f"worker {worker.pid} {description} before listening; it wrote nothing")
+        elif said is not None and not said.ready:   # its error line, read late
             self.spawn_failed(app, said.summary, said.details)
         elif policy.start_failed_by_app(exitcode):
             self.spawn_failed(app, f"the worker {description} before it was ready",
@@ -408,15 +437,30 @@ class Core:
         app.spawn_failures = 0
         app.outside_kills = 0
         self.clear_failure(app)
-        self.engine.add_worker(app.id, worker.pid, worker.socket_path, worker.concurrency)
+        if worker.port:
+            self.engine.add_http_worker(app.id, worker.pid, worker.port, worker.concurrency)
+        else:
+            self.engine.add_worker(app.id, worker.pid, worker.socket_path, worker.concurrency)
         # The engine hands it waiting requests at once; a count from an
         # event before it did must not start yet another worker for them.
         app.queue_length = max(0, app.queue_length - worker.concurrency)
         log.info("app %s: worker %d ready in %d ms", app.name, worker.pid, worker.ready_at - worker.spawned_at)
 
+    def output_tail(self, pid: int) -> list[str]:
+        """The last lines a worker wrote, its pipe read to the end first."""
+        for capture in self.captures.values():
+            if capture.pid == pid:
+                capture.read_all()
+                capture.flush()
+                return list(capture.tail)
+        return self.ended_output.get(pid, [])
+
     def on_output(self, fd: int) -> None:
         capture = self.captures[fd]
         if not capture.read():
+            found = self.pool.find_worker(capture.pid)
+            if found is not None and found[1].port:
+                self.ended_output[capture.pid] = list(capture.tail)   # for start_ended
             self.selector.unregister(fd)
             os.close(fd)
             del self.captures[fd]
@@ -430,6 +474,14 @@ class Core:
             return
         if step == "wait":
             return  # the preloader's handshake comes first
+        if app.config.app_type == GENERIC:
+            try:
+                generic = start_generic_worker(app.config, self.instance, self.supervision)
+            except SpawnError as e:
+                self.spawn_failed(app, e.summary, e.details)
+                return
+            self.track(app, generic)
+            return
         socket_path = str(self.instance.workers_dir / f"{app.id}-{next(self.socket_numbers)}.sock")
         preloader = app.current_preloader() if step == "fork" else None
         try:
@@ -448,17 +500,79 @@ class Core:
         worker = Worker(pid=started.pid, app=app.name, socket_path=started.socket_path,
                         spawned_at=monotonic_ms(), started_at=time.time(), generation=app.generation,
                         max_requests=policy.request_budget(app, random.random()),
-                        preloader=0 if preloader is None else preloader.pid)
+                        preloader=0 if preloader is None else preloader.pid, port=started.port)
         if started.lifeline_fd >= 0:
             self.lifelines[worker.pid] = started.lifeline_fd
         app.spawns += 1
         app.workers[worker.pid] = worker
-        self.handshakes[started.ready_fd] = (started.pid, bytearray())
-        self.selector.register(started.ready_fd, selectors.EVENT_READ, self.on_handshake)
+        if started.port:
+            self.probes[worker.pid] = Probe(started.port, due=monotonic_ms())
+        else:
+            self.handshakes[started.ready_fd] = (started.pid, bytearray())
+            self.selector.register(started.ready_fd, selectors.EVENT_READ, self.on_handshake)
         self.captures[started.output_fd] = OutputCapture(started.output_fd, app.name, started.pid)
         self.selector.register(started.output_fd, selectors.EVENT_READ, self.on_output)
         log.info("app %s: spawned worker %d%s", app.name, worker.pid,
-                 f" (forked by preloader {preloader.pid})" if preloader else "")
+                 f" (forked by preloader {preloader.pid})" if preloader else
+                 f" (port {started.port})" if started.port else "")
+
+    # -- generic workers: ready when their port accepts ----------------------
+
+    def probe_ports(self) -> None:
+        now = monotonic_ms()
+        for pid, probe in list(self.probes.items()):
+            if probe.sock is None and now >= probe.due:
+                self.start_probe(pid, probe)
+
+    def start_probe(self, pid: int, probe: Probe) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        err = sock.connect_ex(("127.0.0.1", probe.port))
+        if err == errno.EINPROGRESS:
+            probe.sock = sock
+            self.probe_fds[sock.fileno()] = pid
+            self.selector.register(sock, selectors.EVENT_WRITE, self.on_probe)
+            return
+        sock.close()
+        self.probe_result(pid, err)
+
+    def on_probe(self, fd: int) -> None:
+        pid = self.probe_fds.pop(fd)
+        probe = self.probes[pid]
+        sock = probe.sock
+        assert sock is not None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.forget_probe_socket(probe)
+        self.probe_result(pid, err)
+
+    def forget_probe_socket(self, probe: Probe) -> None:
+        if probe.sock is not None:
+            self.probe_fds.pop(probe.sock.fileno(), None)
+            self.selector.unregister(probe.sock)
+            probe.sock.close()
+            probe.sock = None
+
+    def forget_probe(self, pid: int) -> None:
+        probe = self.probes.pop(pid, None)
+        if probe is not None:
+            self.forget_probe_socket(probe)
+
+    def probe_result(self, pid: int, err: int) -> None:
+        probe = self.probes[pid]
+        if err != 0:
+            probe.due = monotonic_ms() + PROBE_INTERVAL_MS
+            return
+        self.forget_probe(pid)
+        found = self.pool.find_worker(pid)
+        if found is None or not found[1].is_starting():
+            return
+        app, worker = found
+        if not listens_in_tree(pid, probe.port):
+            # Someone else took the port between its choice and the app's bind.
+            self.spawn_failed(app, f"port {probe.port} accepted connections, but not from the app's processes",
+                              f"127.0.0.1:{probe.port}, chosen for worker {pid}, is held by another process")
+            self.kill(worker, "its port belongs to another process")
+            return
+        self.worker_ready(app, worker, app.config.worker_concurrency)
 
     def spawn_failed(self, app: App, summary: str, details: str) -> None:
         app.spawn_failures += 1
@@ -772,10 +886,15 @@ class Core:
         self.signal(worker, signal.SIGKILL)
 
     def signal(self, worker: Worker, signum: int) -> None:
-        """SIGTERM asks the worker alone (it may stop its own children);
-        SIGKILL takes its whole process group and cgroup."""
+        """SIGTERM asks the worker alone (it may stop its own children), but
+        a generic worker's whole process group (its pid is the shell that
+        runs its command); SIGKILL takes its whole process group and cgroup."""
         if signum == signal.SIGKILL:
             self.supervision.kill(worker.pid)
+            return
+        if worker.port:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signum)
             return
         # A worker already gone is removed by reap_workers.
         with contextlib.suppress(ProcessLookupError):
@@ -829,6 +948,8 @@ class Core:
             app.replaced["crash"] += 1
         if worker.in_engine():
             self.engine.remove_worker(pid)
+        self.forget_probe(pid)
+        self.ended_output.pop(pid, None)
         for fd, (handshake_pid, _) in list(self.handshakes.items()):
             if handshake_pid == pid:
                 self.forget_handshake(fd)
@@ -920,20 +1041,50 @@ class Core:
                 self.kill(found[1], action.reason)
 
 
-def sample_usage(pid: int, previous: ProcessUsage | None, elapsed: float) -> ProcessUsage | None:
+def sample_usage(pid: int, previous: ProcessUsage | None, elapsed: float, tree: bool = False) -> ProcessUsage | None:
     """A worker's memory and CPU. Its private memory is its unique set size
-    (what the kernel gets back when it exits) plus its swapped-out pages."""
+    (what the kernel gets back when it exits) plus its swapped-out pages.
+    tree (a generic worker, whose pid is the shell running its command):
+    the sums over the process and all its descendants."""
     try:
         process = psutil.Process(pid)
-        with process.oneshot():
-            memory = process.memory_full_info()
-            times = process.cpu_times()
+        processes = [process, *process.children(recursive=True)] if tree else [process]
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
-    cpu = times.user + times.system
+    rss = pss = uss = swap = 0
+    cpu = 0.0
+    for i, each in enumerate(processes):
+        try:
+            with each.oneshot():
+                memory = each.memory_full_info()
+                times = each.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            if i == 0:
+                return None
+            continue   # a descendant that just ended
+        rss, pss, uss, swap = rss + memory.rss, pss + memory.pss, uss + memory.uss, swap + memory.swap
+        cpu += times.user + times.system
     percent = 100.0 * (cpu - previous.cpu_seconds) / elapsed if previous and elapsed > 0 else 0.0
-    return ProcessUsage(rss=memory.rss, pss=memory.pss, uss=memory.uss, swap=memory.swap,
-                        cpu_seconds=cpu, cpu_percent=max(0.0, percent))
+    return ProcessUsage(rss=rss, pss=pss, uss=uss, swap=swap, cpu_seconds=cpu, cpu_percent=max(0.0, percent))
+
+
+def listens_in_tree(pid: int, port: int) -> bool:
+    """A process of the worker's tree (pid and its descendants) listens on
+    127.0.0.1:port (or on every address at port)."""
+    try:
+        process = psutil.Process(pid)
+        processes = [process, *process.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    for each in processes:
+        try:
+            connections = each.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        for c in connections:
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+                return True
+    return False
 
 
 def is_child_of(pid: int, parent: int) -> bool:

@@ -357,7 +357,9 @@ SpawnStep = Literal["fork", "start_preloader", "wait", "direct"]
 
 
 def uses_preloader(app: App) -> bool:
-    return app.config.spawn_method == "smart"
+    """A generic app's command is started for each worker: there is
+    nothing to preload."""
+    return app.config.spawn_method == "smart" and app.config.app_type != "generic"
 
 
 def spawn_step(app: App) -> SpawnStep:

@@ -81,6 +81,7 @@ class Worker:
     detach_reason: str = ""
     handshake_closed_at: int | None = None  # monotonic_ms() when its pipe closed without a line
     preloader: int = 0               # pid of the preloader that forked it and reaps it (0: the core's child)
+    port: int = 0                    # a generic worker's port on 127.0.0.1 (its socket_path is "")
 
     def is_starting(self) -> bool:
         return self.state is WorkerState.STARTING

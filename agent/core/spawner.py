@@ -16,6 +16,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from agent.core.config import AppConfig
 from agent.core.engine import SpawnSpec, spawn
@@ -25,6 +26,11 @@ from agent.instance import Instance
 from agent.unix import listen_unix
 
 LOADERS = {"wsgi": "wsgi_loader.py", "asgi": "asgi_loader.py"}
+# Modules the loaders import, copied beside them: the ASGI loader's WebSocket codec.
+LOADER_MODULES = ("asgi_websocket.py",)
+# agent_app_type generic: a command that serves HTTP on $PORT, no loader.
+GENERIC = "generic"
+SHELL = "/bin/sh"
 # The loaders' C speedups (csrc/loader_speedups.c), copied next to them: a
 # worker's interpreter that can load it (CPython 3.9 or later) does.
 LOADER_SPEEDUPS = "_agent_loader_speedups.abi3.so"
@@ -67,7 +73,8 @@ class StartedProcess:
     ready_fd: int      # read end of the handshake pipe, nonblocking
     output_fd: int     # read end of the output pipe, nonblocking
     control_fd: int = -1    # a preloader's control socket, the core's end
-    lifeline_fd: int = -1   # a forked worker's lifeline, the write end the core holds
+    lifeline_fd: int = -1   # a forked or generic worker's lifeline, the write end the core holds
+    port: int = 0           # a generic worker's port on 127.0.0.1 (it has no socket_path nor ready_fd)
 
 
 def install_loaders(loaders_dir: Path) -> None:
@@ -76,7 +83,7 @@ def install_loaders(loaders_dir: Path) -> None:
     loaders_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(loaders_dir, 0o755)
     source = Path(__file__).resolve().parents[1] / "loaders"
-    for name in (*LOADERS.values(), LOADER_SPEEDUPS):
+    for name in (*LOADERS.values(), *LOADER_MODULES, LOADER_SPEEDUPS):
         target = loaders_dir / name
         tmp = loaders_dir / f".{name}.tmp"
         shutil.copyfile(source / name, tmp)
@@ -101,6 +108,10 @@ def resolve_user(config: AppConfig, nginx_uid: int | None) -> tuple[WorkerUser |
     try:
         if config.user:
             entry = pwd.getpwnam(config.user)
+        elif config.app_type == GENERIC:
+            # No startup file: the app root's owner, as a startup file must be.
+            owner = _app_root_owner(config)
+            entry = pwd.getpwnam(config.default_user) if owner == 0 else pwd.getpwuid(owner)
         else:
             owner, startup_fd = _checked_owner(config)
             entry = pwd.getpwnam(config.default_user) if owner == 0 else pwd.getpwuid(owner)
@@ -130,16 +141,20 @@ def _worker_user(config: AppConfig, entry: pwd.struct_passwd, nginx_uid: int | N
     return WorkerUser(entry.pw_name, entry.pw_uid, gid, groups, entry.pw_dir, entry.pw_shell)
 
 
+def _app_root_owner(config: AppConfig) -> int:
+    try:
+        return os.stat(config.app_root).st_uid
+    except OSError as e:
+        raise SpawnError(f"app root {config.app_root}: {e.strerror}") from e
+
+
 def _checked_owner(config: AppConfig) -> tuple[int, int | None]:
     """The owner the worker's user comes from, and the startup file opened
     without following a symbolic link (None when it does not exist: the
     loader reports that). A file that does not belong to the app root's
     owner would let whoever can write the app root run code as that file's
     owner (through a module the file imports), so it is refused."""
-    try:
-        root_owner = os.stat(config.app_root).st_uid
-    except OSError as e:
-        raise SpawnError(f"app root {config.app_root}: {e.strerror}") from e
+    root_owner = _app_root_owner(config)
     path = config.startup_path
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -348,37 +363,137 @@ def _start(config: AppConfig, instance: Instance, supervision: Supervision,
     user, startup_fd = resolve_user(config, nginx_uid)
     if user is not None:
         supervision.note_user(config.name, user.uid, user.name)
-    core_ends: list[int] = []    # the core's ends, kept
-    child_ends: list[int] = [] if startup_fd is None else [startup_fd]   # closed once forked
-    cgroup = None
+    spawning = _Spawning(supervision, [] if startup_fd is None else [startup_fd])
+    child_ends = spawning.child_ends
     try:
         env = worker_env(config, user, startup_fd is not None, nginx_uid) | extra_env
         spec = worker_spec(config, instance.loaders_dir, user, env)
         env_fd = private_env_fd(private_env(config))
         if env_fd is not None:
             child_ends.append(env_fd)
-        made = supervision.new_cgroup()
-        procs_fd = -1
-        if made is not None:
-            cgroup, procs_fd = made
-            child_ends.append(procs_fd)
+        procs_fd = spawning.cgroup_procs_fd()
         fd3, control_fd = make_fd3()
         child_ends.append(fd3)
         if control_fd >= 0:
-            core_ends.append(control_fd)
-        ready_r, out_r = _pipes(core_ends, child_ends)
+            spawning.core_ends.append(control_fd)
+        ready_r, out_r = _pipes(spawning.core_ends, child_ends)
         pid = spawn(spec, fd3, child_ends[-2], child_ends[-1],
                     startup_fd=-1 if startup_fd is None else startup_fd,
                     env_fd=-1 if env_fd is None else env_fd, cgroup_procs_fd=procs_fd)
     except (OSError, SpawnError) as e:  # the engine module's NativeError is an OSError too
-        _close_all(core_ends + child_ends)
-        supervision.abandon(cgroup)
-        if isinstance(e, SpawnError):
-            raise
-        raise SpawnError(f"cannot start a worker: {e.strerror}") from e
-    _close_all(child_ends)
-    supervision.adopt(pid, cgroup)
+        spawning.failed(e)
+    spawning.forked(pid)
     return StartedProcess(pid, socket_path, ready_r, out_r, control_fd=control_fd)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now: the kernel picks
+    one for a socket bound to port 0, which is then closed for the worker to
+    bind. (Another process could take it in between; the worker then fails
+    to listen, a failed start like any other.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def generic_script(command: str) -> str:
+    """What /bin/sh -c runs: the command, with SIGTERM caught by a no-op
+    trap first. The core stops a generic worker with SIGTERM to its whole
+    process group; a shell killed by it at once would make the core kill
+    what is left of the group before the app has finished its requests. A
+    caught signal waits for the foreground command to end (POSIX), and the
+    command itself starts with SIGTERM's default action (exec resets caught
+    signals; an ignored one it would inherit)."""
+    return f"trap : TERM\n{command}"
+
+
+def generic_env(config: AppConfig, user: WorkerUser | None, port: int) -> dict[str, str]:
+    """A generic worker's environment: clean as a Python worker's, with
+    every agent_env value (no loader reads fd 6 for it) and PORT, which
+    agent_env cannot override."""
+    env = {"PATH": WORKER_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")}
+    if user is not None:
+        env.update(HOME=user.home, USER=user.name, LOGNAME=user.name, SHELL=user.shell)
+    env.update(AGENT_APP_NAME=config.name, AGENT_APP_ROOT=config.app_root, AGENT_APP_TYPE=config.app_type)
+    env.update(config.env)
+    env["PORT"] = str(port)
+    return env
+
+
+def start_generic_worker(config: AppConfig, instance: Instance, supervision: Supervision) -> StartedProcess:
+    """Starts a generic worker: `/bin/sh -c COMMAND` in the app root, as
+    the app's user, in its own session and cgroup, with PORT set, its output
+    on a pipe the core reads and a lifeline on fd 3. It has no handshake:
+    the core connects to 127.0.0.1:PORT until the app listens."""
+    if not config.app_start_command:
+        raise SpawnError("agent_app_type generic needs agent_app_start_command")
+    nginx = nginx_worker_owner(instance.agent_socket)
+    user, _ = resolve_user(config, None if nginx is None else nginx[0])
+    if user is not None:
+        supervision.note_user(config.name, user.uid, user.name)
+    spawning = _Spawning(supervision)
+    core_ends, child_ends = spawning.core_ends, spawning.child_ends
+    try:
+        port = free_port()
+        spec = SpawnSpec(
+            path=SHELL,
+            argv=[SHELL, "-c", generic_script(config.app_start_command)],
+            env=generic_env(config, user, port),
+            cwd=config.app_root,
+            uid=user.uid if user else -1,
+            gid=user.gid if user else -1,
+            groups=user.groups if user else (),
+            death_signal=signal.SIGKILL,
+        )
+        procs_fd = spawning.cgroup_procs_fd()
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        core_ends.append(out_r)
+        child_ends.append(out_w)
+        os.set_blocking(out_r, False)
+        lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
+        core_ends.append(lifeline_w)
+        child_ends.append(lifeline_r)
+        pid = spawn(spec, -1, -1, out_w, cgroup_procs_fd=procs_fd, lifeline_fd=lifeline_r)
+    except (OSError, SpawnError) as e:
+        spawning.failed(e)
+    spawning.forked(pid)
+    return StartedProcess(pid, "", -1, out_r, lifeline_fd=lifeline_w, port=port)
+
+
+class _Spawning:
+    """The fds and the cgroup of one spawn under way: the core's ends are
+    kept, the child's are closed once it is forked. A spawn that fails
+    closes them all and gives its cgroup up."""
+
+    def __init__(self, supervision: Supervision, child_ends: list[int] | None = None) -> None:
+        self.supervision = supervision
+        self.core_ends: list[int] = []
+        self.child_ends: list[int] = child_ends or []
+        self.cgroup: Path | None = None
+
+    def cgroup_procs_fd(self) -> int:
+        """A new cgroup for the child: its cgroup.procs, opened, among the
+        child's ends; -1 where the agent makes no cgroups."""
+        made = self.supervision.new_cgroup()
+        if made is None:
+            return -1
+        self.cgroup, procs_fd = made
+        self.child_ends.append(procs_fd)
+        return procs_fd
+
+    def failed(self, error: OSError | SpawnError | PreloaderFailed) -> NoReturn:
+        """Undoes the spawn and raises: a SpawnError or a PreloaderFailed
+        as it is, a system call's error as a SpawnError."""
+        _close_all(self.core_ends + self.child_ends)
+        self.supervision.abandon(self.cgroup)
+        if isinstance(error, (SpawnError, PreloaderFailed)):
+            raise error
+        raise SpawnError(f"cannot start a worker: {error.strerror}") from error
+
+    def forked(self, pid: int) -> None:
+        _close_all(self.child_ends)
+        self.supervision.adopt(pid, self.cgroup)
 
 
 def _pipes(core_ends: list[int], child_ends: list[int]) -> tuple[int, int]:
@@ -403,29 +518,20 @@ def fork_worker(channel: Channel, instance: Instance, socket_path: str, supervis
     cgroup as for a direct worker, and passes them over the control socket.
     Raises SpawnError, or PreloaderFailed when the preloader did not fork."""
     nginx = nginx_worker_owner(instance.agent_socket)
-    core_ends: list[int] = []
-    child_ends: list[int] = []
-    cgroup = None
+    spawning = _Spawning(supervision)
+    core_ends, child_ends = spawning.core_ends, spawning.child_ends
     try:
-        made = supervision.new_cgroup()
         child_ends.append(listen_unix(socket_path, 1024, mode=0o600, owner=worker_socket_owner(nginx)).detach())
         ready_r, out_r = _pipes(core_ends, child_ends)
         lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
         core_ends.append(lifeline_w)
         child_ends.append(lifeline_r)
-        if made is not None:
-            cgroup, procs_fd = made
-            child_ends.append(procs_fd)
-        pid = channel.fork(child_ends, cgroup=made is not None)
+        cgroup = spawning.cgroup_procs_fd() >= 0  # its fd comes last, as the preloader expects
+        pid = channel.fork(child_ends, cgroup=cgroup)
     except (OSError, PreloaderFailed) as e:
-        _close_all(core_ends + child_ends)
-        supervision.abandon(cgroup)
         _unlink(socket_path)
-        if isinstance(e, PreloaderFailed):
-            raise
-        raise SpawnError(f"cannot start a worker: {e.strerror}") from e
-    _close_all(child_ends)
-    supervision.adopt(pid, cgroup)
+        spawning.failed(e)
+    spawning.forked(pid)
     return StartedProcess(pid, socket_path, ready_r, out_r, lifeline_fd=lifeline_w)
 
 

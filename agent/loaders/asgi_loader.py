@@ -16,8 +16,13 @@ AGENT_CONCURRENCY requests at once: one per connection the engine opens,
 each connection carrying its requests one after another. Before it reports
 ready the worker runs the lifespan protocol's startup; on SIGTERM it stops
 taking requests, lets those in flight finish, runs the lifespan shutdown
-and exits 0. WebSocket scopes are never made: the engine does not carry
-them.
+and exits 0.
+
+A request frame with AGENT_UPGRADE=1 and ``Upgrade: websocket`` gets a
+``websocket`` scope: after the frame the connection carries the client's
+WebSocket frames, and the worker's records carry the 101 answer and then
+the server's frames, until either side closes (asgi_websocket.py is the
+codec). Such a connection never carries another request.
 
 Standard library only; Python 3.9 and later.
 """
@@ -25,6 +30,7 @@ Standard library only; Python 3.9 and later.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -34,11 +40,13 @@ import sys
 import traceback
 
 if __package__:  # imported as agent.loaders.asgi_loader, as the agent's tests do
+    from . import asgi_websocket as ws
     from . import wsgi_loader as shared
 else:  # run as a script from the loaders directory: wsgi_loader.py lies beside it
     _own_dir = os.path.dirname(os.path.realpath(__file__))
     if _own_dir not in sys.path:
         sys.path.insert(0, _own_dir)
+    import asgi_websocket as ws  # type: ignore[import-not-found,no-redef]
     import wsgi_loader as shared  # type: ignore[import-not-found,no-redef]
 
 TYPE_CHECKING = False
@@ -60,6 +68,25 @@ APP_NAMES = ("application", "app")
 BODY_CHUNK_SIZE = 64 * 1024
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 LIFESPAN_VERSION = {"version": "3.0", "spec_version": "2.0"}
+WEBSOCKET_VERSION = {"version": "3.0", "spec_version": "2.4"}
+# One read of a WebSocket's incoming bytes.
+WS_RECV_SIZE = 64 * 1024
+# The client's messages the app has not received yet: past this many bytes
+# (or messages) the worker stops reading the connection until the app takes
+# some, so that a client cannot make it buffer without end.
+WS_INBOX_BYTES = 1024 * 1024
+WS_INBOX_MESSAGES = 64
+# Bytes the client sends before the handshake is answered (it must not
+# send any): kept for the codec up to this many, past it the connection
+# is dropped.
+WS_EARLY_LIMIT = 64 * 1024
+# After its close frame the worker waits this long for the client's before
+# it ends the connection; also the bound on writing the close frame.
+WS_CLOSE_TIMEOUT = 2.0
+# Headers of the 101 answer that the worker writes itself: the app's own
+# are dropped.
+WS_OWN_HEADERS = frozenset(("upgrade", "connection", "sec-websocket-accept", "sec-websocket-protocol",
+                            "content-length", "transfer-encoding"))
 HTTP_VERSIONS = {"HTTP/1.0": "1.0", "HTTP/1.1": "1.1", "HTTP/2.0": "2", "HTTP/2": "2"}
 
 log = shared.log
@@ -68,6 +95,17 @@ MalformedFrame = shared.MalformedFrame
 LoadError = shared.LoadError
 _pack_u32 = shared._pack_u32
 END_RECORD = shared.END_RECORD
+
+
+def response_records(status: str, body: bytes, headers: list[tuple[str, str]] | None = None) -> bytes:
+    """A whole text/plain response in one record, and the end record."""
+    head = [("Content-Type", "text/plain"), ("Content-Length", str(len(body))), *(headers or [])]
+    response = shared.encode_head(status, head) + body
+    return _pack_u32(len(response)) + response + END_RECORD
+
+
+# websocket.close before websocket.accept: 403, as the ASGI spec says.
+FORBIDDEN_RECORDS = response_records("403 Forbidden", b"403 Forbidden: the app refused the WebSocket\n")
 
 
 # --------------------------------------------------------------------------
@@ -218,6 +256,27 @@ def http_scope(environ: dict[str, str], state: dict[str, Any]) -> dict[str, Any]
         "server": (environ.get("SERVER_NAME", "localhost"), server_port),
         "state": dict(state),
     }
+
+
+def websocket_scope(environ: dict[str, str], state: dict[str, Any]) -> dict[str, Any]:
+    """The ASGI websocket scope of an upgrade request's CGI variables."""
+    scope = http_scope(environ, state)
+    del scope["method"]
+    scope["type"] = "websocket"
+    scope["asgi"] = dict(WEBSOCKET_VERSION)
+    scope["scheme"] = "wss" if scope["scheme"] == "https" else "ws"
+    scope["subprotocols"] = ws.offered_subprotocols(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
+    scope["extensions"] = {"websocket.http.response": {}}
+    return scope
+
+
+def is_websocket_upgrade(environ: dict[str, str]) -> bool:
+    return environ.get("AGENT_UPGRADE") == "1" and environ.get("HTTP_UPGRADE", "").strip().lower() == "websocket"
+
+
+def bad_handshake_records(problem: str) -> bytes:
+    body = f"400 Bad Request: not a WebSocket handshake ({problem})\n".encode()
+    return response_records("400 Bad Request", body, [("Sec-WebSocket-Version", "13")])
 
 
 # --------------------------------------------------------------------------
@@ -404,6 +463,351 @@ class Exchange:
 
 
 # --------------------------------------------------------------------------
+# One WebSocket
+
+
+CONNECTING, OPEN, CLOSING, ENDED = "connecting", "open", "closing", "ended"
+
+
+class WebSocketSession:
+    """One WebSocket on one connection (RFC 6455 over docs/protocol.md's
+    records): the handshake's answer, then the server's frames in records;
+    the client's frames read from the socket by a task of its own, which
+    answers pings at once and queues whole messages for receive(), at most
+    WS_INBOX_BYTES of them.
+
+    ``phase``: CONNECTING until the app accepts (or refuses: an HTTP
+    response), OPEN, CLOSING once a close frame has left, ENDED once the
+    end record has left or the connection is lost. The app sees
+    websocket.disconnect once anything ends the WebSocket: the client's
+    close (its code), a violation (the code sent, 1002, 1007 or 1009), the
+    worker stopping (1001), a lost connection (1006)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, environ: dict[str, str],
+                 early: bytes) -> None:
+        self.loop = loop
+        self.conn = conn
+        self.key = environ["HTTP_SEC_WEBSOCKET_KEY"]
+        self.offered = ws.offered_subprotocols(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
+        self.early = bytearray(early)
+        self.frames = ws.FrameReader()
+        self.phase = CONNECTING
+        self.connect_given = False
+        self.inbox: collections.deque[tuple[Message, int]] = collections.deque()
+        self.inbox_bytes = 0
+        self.arrived = asyncio.Event()       # a message or the disconnect for receive()
+        self.room = asyncio.Event()          # receive() took a message
+        self.disconnect: Message | None = None
+        self.write_lock = asyncio.Lock()
+        self.task: asyncio.Task[None] | None = None    # the watch before accept, the reader after
+        self.closer: asyncio.Task[None] | None = None
+        self.peer_closed = asyncio.Event()   # the client's close arrived, or it is gone
+        self.response: Exchange | None = None  # websocket.http.response.* in place of accept
+        self.going_away = False
+        self.ended = False
+
+    def start(self) -> None:
+        self.task = self.loop.create_task(self.watch())
+
+    # -- receive ---------------------------------------------------------
+
+    async def receive(self) -> Message:
+        if not self.connect_given:
+            self.connect_given = True
+            return {"type": "websocket.connect"}
+        while True:
+            if self.inbox:
+                message, size = self.inbox.popleft()
+                self.inbox_bytes -= size
+                self.room.set()
+                return message
+            if self.disconnect is not None:
+                return dict(self.disconnect)
+            self.arrived.clear()
+            await self.arrived.wait()
+
+    def set_disconnect(self, code: int, reason: str = "") -> None:
+        if self.disconnect is None:
+            self.disconnect = {"type": "websocket.disconnect", "code": code, "reason": reason}
+        self.arrived.set()
+
+    async def watch(self) -> None:
+        """Before the handshake is answered: notice the client going away
+        (the engine closes the connection). The client must send nothing
+        yet; what it sends anyway is kept for the codec, up to a bound."""
+        while True:
+            try:
+                data = await self.loop.sock_recv(self.conn, WS_RECV_SIZE)
+            except OSError:
+                data = b""
+            if not data:
+                self.lost()
+                return
+            self.early += data
+            if len(self.early) > WS_EARLY_LIMIT:
+                log(f"a WebSocket client sent over {WS_EARLY_LIMIT} bytes before the handshake's answer; dropped")
+                self.lost()
+                return
+
+    async def read_loop(self) -> None:
+        """After accept: the client's frames, until its close, a violation,
+        or the end of the connection."""
+        frames = self.frames
+        frames.feed(bytes(self.early))
+        self.early = bytearray()
+        try:
+            while True:
+                event = frames.next()
+                if event is None:
+                    try:
+                        data = await self.loop.sock_recv(self.conn, WS_RECV_SIZE)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self.lost()
+                        return
+                    frames.feed(data)
+                    continue
+                if not await self.take(event):
+                    return
+        except ws.ProtocolError as error:
+            log(f"WebSocket closed: {error}")
+            if self.phase == OPEN:
+                self.phase = CLOSING
+                self.set_disconnect(error.code, error.reason)
+                with contextlib.suppress(ClientDisconnected):
+                    await self.write(ws.encode_close(error.code, error.reason))
+                await self.end()
+            else:
+                self.peer_closed.set()
+        except ClientDisconnected:
+            pass  # a pong or the close's echo could not be written: lost() was called
+
+    async def take(self, event: ws.Received) -> bool:
+        """One thing the client sent; False when it ends the reading."""
+        opcode = event.opcode
+        if opcode == ws.OP_TEXT or opcode == ws.OP_BINARY:
+            if self.phase != OPEN:
+                return True  # after the worker's close: dropped
+            while self.inbox and (self.inbox_bytes >= WS_INBOX_BYTES or len(self.inbox) >= WS_INBOX_MESSAGES):
+                self.room.clear()
+                await self.room.wait()
+            if opcode == ws.OP_TEXT:
+                message: Message = {"type": "websocket.receive", "text": event.text}
+                size = len(event.text)
+            else:
+                message = {"type": "websocket.receive", "bytes": event.data}
+                size = len(event.data)
+            self.inbox.append((message, size))
+            self.inbox_bytes += size
+            self.arrived.set()
+        elif opcode == ws.OP_PING:
+            if self.phase == OPEN:
+                await self.write(ws.encode_frame(ws.OP_PONG, event.data))
+        elif opcode == ws.OP_CLOSE:
+            if self.phase == OPEN:
+                self.phase = CLOSING
+                self.set_disconnect(event.code, event.reason)
+                await self.write(ws.encode_frame(ws.OP_CLOSE, event.data))  # the echo, as RFC 6455 5.5.1 asks
+                await self.end()
+            else:
+                self.peer_closed.set()
+            return False
+        return True  # a pong: nothing to do
+
+    # -- send ------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "websocket.accept":
+            await self.accept(message)
+        elif kind == "websocket.send":
+            await self.send_message(message)
+        elif kind == "websocket.close":
+            await self.close_by_app(message)
+        elif kind in ("websocket.http.response.start", "websocket.http.response.body"):
+            await self.http_response(message)
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} on a websocket scope")
+
+    def check_unanswered(self, what: str) -> None:
+        if self.ended:
+            raise ClientDisconnected("the client went away before the WebSocket handshake was answered")
+        if self.phase != CONNECTING or self.response is not None:
+            raise RuntimeError(f"{what} after the WebSocket handshake was answered")
+
+    async def accept(self, message: Message) -> None:
+        self.check_unanswered("websocket.accept")
+        subprotocol = message.get("subprotocol")
+        if subprotocol is not None and subprotocol not in self.offered:
+            raise ValueError(f"websocket.accept: subprotocol {subprotocol!r} is not one the client offered")
+        headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                   ("Sec-WebSocket-Accept", ws.accept_key(self.key))]
+        if subprotocol is not None:
+            headers.append(("Sec-WebSocket-Protocol", subprotocol))
+        for name, value in message.get("headers", ()):
+            text = bytes(name).decode("latin-1")
+            if text.lower() not in WS_OWN_HEADERS:
+                headers.append((text, bytes(value).decode("latin-1")))
+        head = shared.encode_head("101 Switching Protocols", headers)
+        await self.stop_task()
+        self.check_unanswered("websocket.accept")  # the client may have gone meanwhile
+        self.phase = OPEN
+        await self.write(head)
+        self.task = self.loop.create_task(self.read_loop())
+        if self.going_away:
+            self.start_close(ws.CLOSE_GOING_AWAY)
+
+    async def send_message(self, message: Message) -> None:
+        if self.phase == CONNECTING and not self.ended:
+            raise RuntimeError("websocket.send before websocket.accept")
+        if self.phase != OPEN:
+            raise ClientDisconnected("websocket.send on a closed WebSocket")
+        text, data = message.get("text"), message.get("bytes")
+        if text is not None and data is None:
+            frame = ws.encode_frame(ws.OP_TEXT, str(text).encode("utf-8"))
+        elif data is not None and text is None:
+            frame = ws.encode_frame(ws.OP_BINARY, bytes(data))
+        else:
+            raise ValueError("websocket.send needs exactly one of 'bytes' and 'text'")
+        await self.write(frame)
+
+    async def close_by_app(self, message: Message) -> None:
+        code = message.get("code")
+        code = ws.CLOSE_NORMAL if code is None else code
+        reason = message.get("reason") or ""
+        if self.phase == CONNECTING:
+            if self.ended:
+                return
+            self.check_unanswered("websocket.close")
+            await self.stop_task()
+            await self.refuse(FORBIDDEN_RECORDS)
+            return
+        if self.phase != OPEN:
+            return  # closed already: nothing more to say
+        if type(code) is not int or not ws.valid_close_code(code):
+            raise ValueError(f"websocket.close: {code!r} is not a close code a server may send")
+        self.start_close(code, str(reason))
+
+    async def http_response(self, message: Message) -> None:
+        """The websocket.http.response extension: an HTTP response in place
+        of the handshake's answer."""
+        if self.response is None:
+            self.check_unanswered(message["type"])
+            await self.stop_task()
+            self.response = Exchange(self.loop, self.conn, b"", 0)
+        await self.response.send({**message, "type": message["type"].replace("websocket.http.", "http.", 1)})
+        if self.response.ended:
+            self.phase = ENDED
+            self.ended = True
+            self.set_disconnect(ws.CLOSE_ABNORMAL)
+
+    async def refuse(self, response: bytes) -> None:
+        """An HTTP response in place of the handshake's answer; the
+        connection ends with it."""
+        self.phase = ENDED
+        self.ended = True
+        self.set_disconnect(ws.CLOSE_ABNORMAL)
+        with contextlib.suppress(OSError):
+            await self.loop.sock_sendall(self.conn, response)
+        self.shutdown()
+
+    async def write(self, data: bytes) -> None:
+        try:
+            async with self.write_lock:
+                for part in records(data):
+                    await self.loop.sock_sendall(self.conn, part)
+        except OSError as exc:
+            self.lost()
+            raise ClientDisconnected(f"sending on the WebSocket: {exc}") from exc
+
+    # -- the end ---------------------------------------------------------
+
+    def start_close(self, code: int, reason: str = "") -> None:
+        """The worker closes: its close frame, the client's answer awaited
+        for a while, then the end record. The app sees the disconnect at once."""
+        if self.phase != OPEN:
+            return
+        self.phase = CLOSING
+        self.set_disconnect(code, reason)
+        self.closer = self.loop.create_task(self.closing(code, reason))
+
+    async def closing(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.write(ws.encode_close(code, reason)), WS_CLOSE_TIMEOUT)
+        except (ClientDisconnected, asyncio.TimeoutError):
+            self.lost()
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.peer_closed.wait(), WS_CLOSE_TIMEOUT)
+        await self.end()
+
+    async def end(self) -> None:
+        """The end record, then the connection is shut: it carries nothing more."""
+        if self.ended:
+            return
+        self.ended = True
+        self.phase = ENDED
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.write_end(), WS_CLOSE_TIMEOUT)
+        self.shutdown()
+
+    async def write_end(self) -> None:
+        async with self.write_lock:
+            await self.loop.sock_sendall(self.conn, END_RECORD)
+
+    def lost(self) -> None:
+        """The connection is gone, or given up."""
+        self.ended = True
+        self.phase = ENDED
+        self.set_disconnect(ws.CLOSE_ABNORMAL)
+        self.peer_closed.set()
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)
+        self.set_disconnect(ws.CLOSE_ABNORMAL)
+        self.room.set()
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+    async def stop_task(self) -> None:
+        task = self.task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def go_away(self) -> None:
+        """The worker stops: an open WebSocket is closed with 1001, one the
+        app accepts later too."""
+        self.going_away = True
+        self.start_close(ws.CLOSE_GOING_AWAY)
+
+    async def finish(self, raised: bool) -> None:
+        """The app returned (or raised): close what it left open."""
+        if self.phase == CONNECTING and not self.ended:
+            await self.stop_task()
+            if self.response is not None:
+                if not self.response.started:
+                    await self.refuse(shared.INTERNAL_ERROR_RECORDS)
+                else:
+                    log("the app returned before the end of its response; the response is cut off")
+                    self.lost()
+            else:
+                if not raised:
+                    log("the app returned without accepting or closing the WebSocket")
+                await self.refuse(shared.INTERNAL_ERROR_RECORDS)
+        elif self.phase == OPEN:
+            self.start_close(ws.CLOSE_INTERNAL_ERROR if raised else ws.CLOSE_NORMAL)
+        if self.closer is not None:
+            await self.closer
+        await self.stop_task()
+        self.shutdown()
+
+
+# --------------------------------------------------------------------------
 # Connections
 
 
@@ -427,6 +831,7 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         # Idle connections' tasks, the one idle the longest first.
         self.idle: dict[asyncio.Task[None], None] = {}
+        self.websockets: set[WebSocketSession] = set()
         self.stopping = False
         self.refusal_log = shared.RateLimitedLog(shared.REFUSAL_LOG_INTERVAL)
         self.accept_error_log = shared.RateLimitedLog(shared.REFUSAL_LOG_INTERVAL)
@@ -442,6 +847,8 @@ class Server:
         self.listener.close()
         for task in list(self.idle):
             task.cancel()
+        for session in list(self.websockets):
+            session.go_away()
         while self.tasks:
             await asyncio.wait(list(self.tasks))
 
@@ -495,10 +902,17 @@ class Server:
             if "REQUEST_METHOD" not in environ:
                 raise MalformedFrame("no REQUEST_METHOD")
             length = shared.request_content_length(environ)
-            exchange = Exchange(self.loop, conn, bytes(data[end:]), length)
-            scope = http_scope(environ, self.lifespan_state)
+            # After an upgrade request's frame come the client's own bytes,
+            # not a body: such a connection never carries another request.
+            upgrade = environ.get("AGENT_UPGRADE") == "1"
+            if not is_websocket_upgrade(environ):
+                exchange = Exchange(self.loop, conn, bytes(data[end : end + length] if upgrade else data[end:]),
+                                    length)
+                scope = http_scope(environ, self.lifespan_state)
         except (MalformedFrame, OSError) as exc:
             return shared.frame_refused(exc)
+        if is_websocket_upgrade(environ):
+            return await self.serve_websocket(conn, environ, bytes(data[end:]))
         del data
         try:
             await self.app(scope, exchange.receive, exchange.send)
@@ -514,7 +928,37 @@ class Server:
             if not exchange.ended:
                 await self.unfinished(exchange)
         await exchange.finish_watch()
-        return exchange.keep and exchange.ended
+        return exchange.keep and exchange.ended and not upgrade
+
+    async def serve_websocket(self, conn: socket.socket, environ: dict[str, str], early: bytes) -> bool:
+        """A WebSocket, from its handshake to its end; the connection then
+        closes (returns False)."""
+        problem = ws.handshake_problem(environ)
+        if problem is not None:
+            log(f"not a WebSocket handshake ({problem}): answered 400")
+            with contextlib.suppress(OSError):
+                await self.loop.sock_sendall(conn, bad_handshake_records(problem))
+            return False
+        session = WebSocketSession(self.loop, conn, environ, early)
+        scope = websocket_scope(environ, self.lifespan_state)
+        session.start()
+        self.websockets.add(session)
+        if self.stopping:
+            session.go_away()
+        raised = False
+        try:
+            await self.app(scope, session.receive, session.send)
+        except ClientDisconnected as exc:
+            log(f"client went away: {exc}")
+        except Exception:
+            log("the app raised an exception:")
+            traceback.print_exc()
+            sys.stderr.flush()
+            raised = True
+        finally:
+            self.websockets.discard(session)
+        await session.finish(raised)
+        return False
 
     async def answer_error(self, exchange: Exchange) -> None:
         """A 500 in place of a response not yet started; a started one is

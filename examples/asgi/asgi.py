@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 
 @contextlib.asynccontextmanager
@@ -40,4 +41,25 @@ async def stream(request: Request) -> Response:
     return StreamingResponse(lines(), media_type="text/plain", headers={"X-Accel-Buffering": "no"})
 
 
-app = Starlette(routes=[Route("/", hello), Route("/stream", stream)], lifespan=lifespan)
+async def echo(websocket: WebSocket) -> None:
+    """A WebSocket echo: text comes back as "echo: ...", bytes as they came;
+    the text "bye" closes the WebSocket."""
+    await websocket.accept()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is not None:
+                if message["text"] == "bye":
+                    await websocket.close(code=1000)
+                    return
+                await websocket.send_text("echo: " + message["text"])
+            else:
+                await websocket.send_bytes(message["bytes"])
+    except WebSocketDisconnect:
+        return
+
+
+app = Starlette(routes=[Route("/", hello), Route("/stream", stream), WebSocketRoute("/ws", echo)],
+                lifespan=lifespan)

@@ -57,12 +57,18 @@ def answers_hello(port: int) -> bool:
         return False
 
 
-def test_django_example_serves_its_views_from_its_virtualenv(workdir: Path) -> None:
+# The project's two startup files: WSGI (the default) and ASGI.
+SERVE_AS = {"wsgi": [], "asgi": ["--app-type", "asgi", "--startup-file", "asgi.py"]}
+
+
+@pytest.mark.parametrize("app_type", sorted(SERVE_AS))
+def test_django_example_serves_its_views_from_its_virtualenv(workdir: Path, app_type: str) -> None:
     port, venv_python = free_port(), workdir / "venv" / "bin" / "python"
-    log = workdir / "serve.log"
+    log = workdir / f"serve-{app_type}.log"
     with log.open("wb") as output:
         process = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", str(workdir / "app"), "--port",
-                                    str(port), "--run-dir", str(workdir / "run"), "--python", str(venv_python)],
+                                    str(port), "--run-dir", str(workdir / f"run-{app_type}"),
+                                    "--python", str(venv_python), *SERVE_AS[app_type]],
                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(lambda: answers_hello(port), timeout=60, what="the Django example's hello view")
@@ -73,6 +79,7 @@ def test_django_example_serves_its_views_from_its_virtualenv(workdir: Path) -> N
         assert found is not None, page
         worker = psutil.Process(int(found.group(1)))
         assert worker.cmdline()[0] == str(venv_python)
+        assert worker.cmdline()[1].endswith(f"/{app_type}_loader.py")
         assert get(port, "/admin/login/")[0] == 200    # the admin's templates and forms load
         assert get(port, "/nowhere")[0] == 404
     except BaseException:

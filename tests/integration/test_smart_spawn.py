@@ -99,7 +99,8 @@ def test_an_apps_at_fork_hook_runs_in_each_worker_and_seeds_differ() -> None:
 
 
 def test_a_preloader_killed_under_load_costs_no_request_and_is_replaced() -> None:
-    app = app_spec(agent_min_instances="2")
+    # max 2 as well: under load the pool would otherwise grow past 2.
+    app = app_spec(agent_min_instances="2", agent_max_instances="2")
     with running_stack([app]) as stack:
         wait_until(lambda: len(stack.worker_pids(app)) == 2, timeout=20, what="two workers")
         preloader = the_preloader(stack, app)

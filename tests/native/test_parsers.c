@@ -1,7 +1,8 @@
 /*
  * The wire parsers (csrc/wire.h) tested directly: the request frame
- * (docs/protocol.md §1) and the response records (§2), valid inputs and
- * every error path. Built and run by tests/unit/test_native_parsers.py
+ * (docs/protocol.md §1), the response records (§2) and a generic worker's
+ * request head and status line (http_head.c), valid inputs and every
+ * error path. Built and run by tests/unit/test_native_parsers.py
  * with ASan and UBSan; exits 1 when a check fails.
  */
 #include <stdio.h>
@@ -435,6 +436,105 @@ static void test_status_line(void)
     CHECK(records_check_status_line("X", 1, false) == STATUS_LINE_BAD);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Generic workers: the frame as an HTTP/1.1 head (http_head.c)             */
+
+static const char *head_of(const bytes *vars, http_head_status *st)
+{
+    static char out[8192];
+    size_t need = 0, len = 0;
+    *st = http_head_build(vars->data, vars->len, NULL, 0, &need);
+    if (*st != HTTP_HEAD_OK)
+        return "";
+    CHECK(need < sizeof out);
+    CHECK(http_head_build(vars->data, vars->len, out, need, &len) == HTTP_HEAD_OK);
+    CHECK(len == need);
+    /* One byte short is refused, never overrun (ASan watches). */
+    CHECK(http_head_build(vars->data, vars->len, out, need - 1, &len) == HTTP_HEAD_TOO_LARGE);
+    CHECK(http_head_build(vars->data, vars->len, out, need, &len) == HTTP_HEAD_OK);
+    out[len] = '\0';
+    return out;
+}
+
+static void test_http_head(void)
+{
+    http_head_status st;
+    bytes b = {.len = 0};
+    put_pair(&b, "AGENT_APP", "/srv/shop");
+    put_pair(&b, "REQUEST_METHOD", "POST");
+    put_pair(&b, "REQUEST_URI", "/cart?id=1");
+    put_pair(&b, "SERVER_NAME", "shop.example");
+    put_pair(&b, "REMOTE_ADDR", "10.1.2.3");
+    put_pair(&b, "HTTPS", "on");
+    put_pair(&b, "CONTENT_TYPE", "text/plain");
+    put_pair(&b, "HTTP_HOST", "shop.example:8080");
+    put_pair(&b, "HTTP_X_TOKEN", "abc");
+    put_pair(&b, "HTTP_ACCEPT_LANGUAGE", "en");
+    put_pair(&b, "HTTP_CONNECTION", "keep-alive");
+    put_pair(&b, "HTTP_UPGRADE", "websocket");
+    put_pair(&b, "HTTP_EXPECT", "100-continue");
+    put_pair(&b, "HTTP_PROXY", "http://evil");
+    put_pair(&b, "HTTP_X_FORWARDED_FOR", "6.6.6.6");
+    put_pair(&b, "HTTP_X_SPLIT", "a\r\nInjected: yes");
+    put_pair(&b, "CONTENT_LENGTH", "5");
+    CHECK_STR(head_of(&b, &st),
+              "POST /cart?id=1 HTTP/1.1\r\n"
+              "Host: shop.example:8080\r\n"
+              "X-Token: abc\r\n"
+              "Accept-Language: en\r\n"
+              "Content-Type: text/plain\r\n"
+              "Content-Length: 5\r\n"
+              "Connection: close\r\n"
+              "X-Forwarded-For: 10.1.2.3\r\n"
+              "X-Forwarded-Proto: https\r\n"
+              "\r\n");
+    CHECK(st == HTTP_HEAD_OK);
+}
+
+static void test_http_head_defaults_and_bad_input(void)
+{
+    http_head_status st;
+    bytes b = {.len = 0};
+    put_pair(&b, "REQUEST_METHOD", "GET");
+    put_pair(&b, "REQUEST_URI", "/a b\x01\x7f");
+    put_pair(&b, "SERVER_NAME", "srv");
+    put_pair(&b, "CONTENT_LENGTH", "0");
+    CHECK_STR(head_of(&b, &st),
+              "GET /a%20b%01%7F HTTP/1.1\r\nHost: srv\r\nContent-Length: 0\r\nConnection: close\r\n"
+              "X-Forwarded-Proto: http\r\n\r\n");
+
+    bytes none = {.len = 0};
+    put_pair(&none, "REQUEST_METHOD", "GET");
+    CHECK_STR(head_of(&none, &st),
+              "GET / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n"
+              "X-Forwarded-Proto: http\r\n\r\n");
+
+    bytes bad = {.len = 0};
+    put_pair(&bad, "REQUEST_METHOD", "GET /x HTTP/1.1\r\n");
+    head_of(&bad, &st);
+    CHECK(st == HTTP_HEAD_BAD_METHOD);
+    bytes empty = {.len = 0};
+    head_of(&empty, &st);
+    CHECK(st == HTTP_HEAD_BAD_METHOD);
+
+    /* Pairs that run past the end stop the walk; nothing is read beyond. */
+    bytes cut = {.len = 0};
+    put_pair(&cut, "REQUEST_METHOD", "GET");
+    put_u32(&cut, 200);
+    put_raw(&cut, "HTTP_X", 6);
+    CHECK(head_of(&cut, &st)[0] == 'G' && st == HTTP_HEAD_OK);
+}
+
+static void test_http_status_line(void)
+{
+    CHECK(http_check_status_line("HTTP/1.1 200 OK", 15, false) == STATUS_LINE_OK);
+    CHECK(http_check_status_line("HTTP/1.0 404", 12, false) == STATUS_LINE_OK);
+    CHECK(http_check_status_line("HTTP/", 5, false) == STATUS_LINE_PENDING);
+    CHECK(http_check_status_line("HTTP/", 5, true) == STATUS_LINE_BAD);
+    CHECK(http_check_status_line("\x00\x01 not", 6, false) == STATUS_LINE_BAD);
+    CHECK(http_check_status_line("HTTP/2 200", 10, false) == STATUS_LINE_BAD);
+}
+
 int main(void)
 {
     test_head();
@@ -453,6 +553,9 @@ int main(void)
     test_records_end_and_after();
     test_records_long_record();
     test_status_line();
+    test_http_head();
+    test_http_head_defaults_and_bad_input();
+    test_http_status_line();
     if (failures) {
         fprintf(stderr, "%d checks failed\n", failures);
         return 1;

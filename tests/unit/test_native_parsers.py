@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-PARSER_SOURCES = [CSRC / "frame.c", CSRC / "records.c"]
+PARSER_SOURCES = [CSRC / "frame.c", CSRC / "records.c", CSRC / "http_head.c"]
 TEST_SOURCE = ROOT / "tests" / "native" / "test_parsers.c"
 WARNINGS = ["-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wpointer-arith"]
 SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]

@@ -24,6 +24,12 @@ def test_direct_apps_spawn_directly() -> None:
     assert policy.spawn_step(make_app(spawn_method="direct")) == "direct"
 
 
+def test_generic_apps_spawn_directly_whatever_the_spawn_method() -> None:
+    app = make_app(spawn_method="smart", app_type="generic", app_start_command="node app.js")
+    assert policy.spawn_step(app) == "direct"
+    assert not policy.uses_preloader(app)
+
+
 def test_a_smart_app_starts_a_preloader_then_waits_for_it_then_forks() -> None:
     app = make_app()
     assert policy.spawn_step(app) == "start_preloader"

@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from agent.core.config import AppConfig
-from agent.core.spawner import SpawnError, nginx_worker_uid, private_env, private_env_fd, resolve_user, worker_env
+from agent.core.spawner import (
+    SpawnError,
+    free_port,
+    generic_env,
+    generic_script,
+    nginx_worker_uid,
+    private_env,
+    private_env_fd,
+    resolve_user,
+    worker_env,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the user switch needs root")
 NOBODY = pwd.getpwnam("nobody")
@@ -87,3 +97,32 @@ def test_agent_env_goes_through_a_private_fd_but_what_the_interpreter_reads_at_e
         os.close(fd)
     assert private_env_fd({}) is None
     assert "AGENT_ENV_FD" not in worker_env(AppConfig(name="a", app_root="/srv/a", env=(("PYTHONPATH", "/x"),)), None)
+
+
+def test_a_generic_app_runs_as_its_app_roots_owner_without_a_startup_file(tmp_path: Path) -> None:
+    os.chown(tmp_path, NOBODY.pw_uid, NOBODY.pw_gid)
+    user, fd = resolve_user(app_in(tmp_path, app_type="generic", app_start_command="node app.js"), None)
+    assert user is not None and user.uid == NOBODY.pw_uid and fd is None
+    with pytest.raises(SpawnError, match="nginx's worker user"):
+        resolve_user(app_in(tmp_path, app_type="generic", app_start_command="x"), NOBODY.pw_uid)
+
+
+def test_a_generic_worker_gets_its_port_and_every_agent_env_value_at_exec(tmp_path: Path) -> None:
+    config = AppConfig(name="a", app_root=str(tmp_path), app_type="generic", app_start_command="x",
+                       env=(("PORT", "1"), ("SECRET", "s"), ("PATH", "/opt/bin")))
+    env = generic_env(config, None, 4321)
+    assert env["PORT"] == "4321"          # agent_env cannot move the port
+    assert env["SECRET"] == "s" and env["PATH"] == "/opt/bin"
+    assert env["AGENT_APP_TYPE"] == "generic"
+    assert not any(name in env for name in ("AGENT_LISTEN_FD", "AGENT_READY_FD", "AGENT_ENV_FD", "AGENT_STARTUP_FD"))
+    assert not set(env) - {"PATH", "LANG", "PORT", "SECRET", "AGENT_APP_NAME", "AGENT_APP_ROOT", "AGENT_APP_TYPE"}
+
+
+def test_the_generic_command_runs_after_a_no_op_sigterm_trap() -> None:
+    assert generic_script("cd x && node app.js") == "trap : TERM\ncd x && node app.js"
+
+
+def test_a_free_port_is_one_nothing_listens_on() -> None:
+    port = free_port()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
