@@ -275,6 +275,13 @@ http {{
                 pids.add(proc.pid)
         return pids
 
+    def agent_log(self) -> str:
+        """The agent's whole log ('' before it exists); logs() has only its tail."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def logs(self) -> str:
         parts = []
         for path in (self.log_file, self.error_log):

@@ -130,7 +130,7 @@ def test_an_exception_before_the_response_gives_500_and_the_worker_keeps_serving
     response = stack.get("/raise")
     assert response.status == 500
     assert response.text == "500 Internal Server Error: the app raised an exception\n"
-    wait_until(lambda: "the app failed on purpose" in stack.log_file.read_text(), what="the traceback in the log")
+    wait_until(lambda: "the app failed on purpose" in stack.agent_log(), what="the traceback in the log")
     assert stack.get("/json").status == 200
     assert stack.worker_pids(main_app(stack)) == {pid}
 
@@ -159,7 +159,7 @@ def test_a_client_that_goes_away_makes_the_app_see_http_disconnect(stack: Stack)
     wait_until(gone.exists, timeout=30, what="the app to see http.disconnect")
     assert stack.get("/json").status == 200
     # At once, not after a drain that gives the worker up.
-    assert "kept a response going after nginx went away" not in stack.logs()
+    assert "kept a response going after nginx went away" not in stack.agent_log()
 
 
 def test_a_malformed_frame_on_the_worker_socket_is_dropped_and_the_worker_keeps_serving(stack: Stack) -> None:
@@ -173,7 +173,7 @@ def test_a_malformed_frame_on_the_worker_socket_is_dropped_and_the_worker_keeps_
             peer.sendall(garbage)
             peer.shutdown(socket.SHUT_WR)
             assert peer.recv(100) == b""  # closed, unanswered
-    wait_until(lambda: "malformed request frame" in stack.log_file.read_text(), what="the log line")
+    wait_until(lambda: "malformed request frame" in stack.agent_log(), what="the log line")
     response = stack.get("/json")
     assert response.status == 200 and json.loads(response.body)["pid"] == pid
 
@@ -229,7 +229,7 @@ def test_an_app_without_lifespan_support_is_served(stack: Stack) -> None:
     assert response.status == 200
     pid = int(response.text.split()[-1])
     assert pid in stack.worker_pids()
-    wait_until(lambda: "served without lifespan events" in stack.log_file.read_text(), what="the log line")
+    wait_until(lambda: "served without lifespan events" in stack.agent_log(), what="the log line")
 
 
 # -- examples/asgi: Starlette, in its own virtualenv ------------------------------

@@ -40,8 +40,13 @@ import os
 import threading
 import time
 
+# Requests meet here before they wait for "release": with THREADS of them
+# in the worker at once, each holds a thread of its own.
+meeting = threading.Barrier(%d)
+
 def application(environ, start_response):
     if environ["PATH_INFO"] == "/hold":
+        meeting.wait(60)
         deadline = time.monotonic() + 60
         while not os.path.exists("release") and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -71,7 +76,7 @@ def test_a_spawn_method_nginx_refuses_is_not_available(run_dir: Path) -> None:
 
 
 def test_the_threaded_agent_stack_serves_threads_requests_at_once_in_one_worker(run_dir: Path) -> None:
-    (run_dir / "app" / "wsgi.py").write_text(HOLDING_APP)
+    (run_dir / "app" / "wsgi.py").write_text(HOLDING_APP % THREADS)
     for path in (run_dir, run_dir / "app", run_dir / "run"):
         path.chmod(0o755)     # the workers run as nobody
     (run_dir / "app" / "wsgi.py").chmod(0o644)

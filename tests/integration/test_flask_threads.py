@@ -141,4 +141,4 @@ def test_the_memory_limit_replaces_a_threaded_worker_and_loses_nothing(venv_pyth
         answered, failed, statuses = count_lost(stack, leak)
         assert answered > 0 and failed == 0, statuses
         wait_until(lambda: not psutil.pid_exists(first), timeout=30, what="the grown worker replaced")
-        assert "memory limit" in stack.logs()
+        assert "memory limit" in stack.agent_log()

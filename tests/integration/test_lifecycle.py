@@ -72,7 +72,7 @@ def test_nginx_stop_kills_a_worker_that_is_still_starting(spawn_method: str) -> 
     app = AppSpec("slow", SLOW_START[spawn_method], "/",
                   directives={"agent_spawn_method": spawn_method, "agent_prestart": "on"})
     with running_stack([app]) as stack:
-        wait_until(lambda: "spawned worker" in stack.logs(), what="the worker's spawn")
+        wait_until(lambda: "spawned worker" in stack.agent_log(), what="the worker's spawn")
         # by its pid: a forked worker still has its preloader's name
         starting = int(re.findall(r"spawned worker (\d+)", stack.log_file.read_text())[0])
         assert psutil.pid_exists(starting)

@@ -118,7 +118,7 @@ def test_a_client_that_leaves_a_stream_ends_the_app_s_response_and_keeps_the_wor
         assert answer.status == 200
         assert answer.text == str(stream.pid)  # the same worker, not a replacement
         assert psutil.pid_exists(stream.pid)
-        assert "kept a response going after nginx went away" not in stack.logs()
+        assert "kept a response going after nginx went away" not in stack.agent_log()
 
 
 def test_a_stream_does_not_keep_the_pool_from_trimming_idle_workers() -> None:

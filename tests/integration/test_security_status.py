@@ -203,7 +203,7 @@ def test_a_local_users_slow_connections_do_not_shut_out_root(stack: Stack) -> No
     assert fates.count("open") == 0, fates
     # The deadline of a request is not reset by each byte: each slow one had its 408 in time.
     assert max(outcome[i + 100000] for i in kept) <= status.REQUEST_LIMIT + 2.5, outcome
-    assert "status socket: connections refused at the connection limits (uid " in stack.logs()
+    assert "status socket: connections refused at the connection limits (uid " in stack.agent_log()
     assert agent_tracebacks(stack) == []
     assert_still_serving(stack)
 

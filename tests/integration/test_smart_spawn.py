@@ -150,8 +150,8 @@ def test_a_restart_with_broken_code_leaves_the_old_workers_serving() -> None:
         startup.write_text("raise RuntimeError('the new code is broken')\n")
         (stack.app_root(app) / "tmp").mkdir(exist_ok=True)
         (stack.app_root(app) / "tmp" / "restart.txt").touch()
-        wait_until(lambda: "rolling restart abandoned" in stack.logs(), timeout=30, what="the restart abandoned")
-        assert "the new code is broken" in stack.logs()
+        wait_until(lambda: "rolling restart abandoned" in stack.agent_log(), timeout=30, what="the restart abandoned")
+        assert "the new code is broken" in stack.agent_log()
         assert not psutil.pid_exists(old_preloader) or psutil.Process(old_preloader).status() == "zombie"
         for _ in range(20):
             assert answer(stack)["pid"] in workers
@@ -174,7 +174,7 @@ def test_the_memory_limit_counts_a_workers_own_memory_only() -> None:
         grown = answer(stack, "/grow")["pid"]
         wait_until(lambda: grown not in stack.worker_pids(app), timeout=20, what="the grown worker to go")
         assert workers - {grown} <= stack.worker_pids(app)
-        assert "memory" in stack.logs()
+        assert "memory" in stack.agent_log()
 
 
 def test_an_idle_preloader_is_stopped_and_a_later_spawn_starts_one() -> None:

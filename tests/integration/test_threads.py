@@ -20,15 +20,21 @@ import pytest
 from tests.integration.stack import REPO, AppSpec, Response, Stack, running_stack, wait_until
 
 # /hold waits until the file named "release" appears in the app's root (its
-# cwd) and answers with its pid, its thread and wsgi.multithread; /hang
-# sleeps past any limit here.
-THREADED_SOURCE = """
+# cwd) and answers with its pid, its thread and wsgi.multithread; /together
+# first waits for THREADS requests to be in the app at once (each then holds
+# a thread of its own), then does as /hold; /hang sleeps past any limit here.
+THREADS = 4
+THREADED_SOURCE = f"""
 import os
 import threading
 import time
 
+meeting = threading.Barrier({THREADS})
+
 def application(environ, start_response):
-    if environ["PATH_INFO"] == "/hold":
+    if environ["PATH_INFO"] == "/together":
+        meeting.wait(60)
+    if environ["PATH_INFO"] in ("/hold", "/together"):
         deadline = time.monotonic() + 60
         while not os.path.exists("release") and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -38,8 +44,6 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [body.encode()]
 """
-
-THREADS = 4
 
 
 def threaded_app(spawn_method: str = "smart", **directives: str) -> AppSpec:
@@ -78,7 +82,7 @@ def test_one_worker_serves_its_thread_count_at_once_and_the_rest_wait_in_the_que
     app = threaded_app(spawn_method)
     with running_stack([app]) as stack, ThreadPoolExecutor(THREADS + 1) as pool:
         assert stack.get("/").status == 200
-        held = send(pool, stack, "/hold", THREADS)
+        held = send(pool, stack, "/together", THREADS)
         wait_until(lambda: serving(stack)["sessions"] == THREADS, timeout=30, what=f"{THREADS} sessions on one worker")
         process = serving(stack)
         assert process["concurrency"] == THREADS
@@ -173,4 +177,4 @@ def test_a_client_that_leaves_frees_its_session_at_once_and_the_worker_serves_on
         release(stack, app)
         answer = stack.get("/hold")
         assert answer.status == 200 and answer.text.split()[0] == str(pid)
-        assert "kept a response going after nginx went away" not in stack.logs()
+        assert "kept a response going after nginx went away" not in stack.agent_log()
