@@ -54,6 +54,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie that waits to be reaped counts)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def alive(pid: int) -> bool:
+    return not gone(pid)
+
+
+def unsanitized_env() -> dict[str, str]:
+    """The environment for a system program a test runs (curl, a browser):
+    without the sanitizer runtimes `make sanitize` preloads for the agent's
+    C extension, which such programs do not run under."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
+
+
 def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.05, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
-from tests.integration.stack import REPO, AppSpec, Stack, running_stack, wait_until
+from tests.integration.stack import REPO, AppSpec, Stack, gone, running_stack, wait_until
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
@@ -67,12 +66,6 @@ def serving_pids(stack: Stack) -> set[int]:
 def listed_pids(stack: Stack) -> set[int]:
     return {p["pid"] for app in pool(stack)["apps"] for p in app["processes"]}
 
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_status_shows_every_worker_pid(stack: Stack) -> None:

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from tests.integration import asgi_apps
-from tests.integration.stack import REPO, AppSpec, Stack, example_venv, running_stack, started, wait_until
+from tests.integration.stack import REPO, AppSpec, Stack, alive, example_venv, gone, running_stack, started, wait_until
 from tests.integration.test_security_workers import worker_socket_of
 
 GATHER = 50
@@ -189,7 +189,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_runs_the_lifespan_shutdown(
                    what="three requests inside the app")
         os.kill(pid, signal.SIGTERM)
         time.sleep(0.5)  # the worker has the signal and waits for its requests
-        assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        assert alive(pid)
         assert not (stack.scratch / f"shutdown-{pid}").exists()
         (root / "release").touch()
         answers = [f.result() for f in held]
@@ -197,7 +197,7 @@ def test_sigterm_lets_requests_in_flight_finish_then_runs_the_lifespan_shutdown(
     assert [a.status for a in answers] == [200, 200, 200], [a.text for a in answers]
     assert {a.text for a in answers} == {str(pid)}
     wait_until(lambda: (stack.scratch / f"shutdown-{pid}").exists(), timeout=30, what="the lifespan shutdown")
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+    wait_until(lambda: gone(pid),
                timeout=30, what="the worker to exit")
     assert stack.get("/json").status == 200
 

@@ -17,12 +17,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.integration import fault_apps
 from tests.integration.load import Load
-from tests.integration.stack import AppSpec, Stack, wait_until
+from tests.integration.stack import AppSpec, Stack, gone, wait_until
 
 APP = AppSpec("app", fault_apps.PID_SLEEP, "/", directives={"agent_min_instances": "2", "agent_max_instances": "2"})
 
@@ -37,9 +36,6 @@ def pid_file_written(path: Path) -> bool:
     except FileNotFoundError:
         return False
 
-
-def gone(pid: int) -> bool:
-    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 @pytest.fixture

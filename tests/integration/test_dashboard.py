@@ -28,7 +28,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from tests.integration import apps
-from tests.integration.stack import REPO, AppSpec, Stack, wait_until
+from tests.integration.stack import REPO, AppSpec, Stack, unsanitized_env, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -96,8 +96,7 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
     # The browser is no part of the agent: under `make sanitize` it does not
     # get the sanitizer runtime that the suite preloads for the agent's
     # extension (Chromium refuses to start under ASan's preload).
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER, env=env), options=options)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER, env=unsanitized_env()), options=options)
     try:
         yield driver
     finally:

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from tests.integration.load import Load
-from tests.integration.stack import REPO, AppSpec, Stack, example_venv, running_stack, wait_until
+from tests.integration.stack import REPO, AppSpec, Stack, example_venv, running_stack, unsanitized_env, wait_until
 
 EXAMPLE = REPO / "examples" / "flask-threads"
 BUILT_VENV = REPO / "build" / "flask-venv"
@@ -66,7 +66,7 @@ def test_server_sent_events_reach_curl_as_they_are_written(venv_python: str) -> 
                                                             agent_long_responses="on")]
     with running_stack(apps) as stack:
         curl = subprocess.Popen(["curl", "-sN", f"http://127.0.0.1:{stack.port}/events?count=10&interval=0.3"],
-                                stdout=subprocess.PIPE)
+                                stdout=subprocess.PIPE, env=unsanitized_env())
         assert curl.stdout is not None
         try:
             events = []

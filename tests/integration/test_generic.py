@@ -17,13 +17,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import psutil
 import pytest
 
 from agent.control.client import UnixHTTPConnection
 from tests.integration.fastpath_table import FastPathTable
 from tests.integration.load import Load
-from tests.integration.stack import REPO, AppSpec, Stack, nginx_t_with, running_stack, wait_until
+from tests.integration.stack import REPO, AppSpec, Stack, gone, nginx_t_with, running_stack, wait_until
 
 NODE_APP = (REPO / "examples" / "generic-node" / "app.js").read_text()
 
@@ -93,12 +92,6 @@ def node_pid(stack: Stack) -> int:
     assert response.status == 200, response.text
     return int(response.headers["x-pid"])
 
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_requests_reach_the_app_as_http_and_its_responses_come_back_whole() -> None:

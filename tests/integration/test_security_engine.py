@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.integration.fastpath_table import FastPathTable
-from tests.integration.stack import APP_PYTHON, AppSpec, Stack, running_stack, wait_until
+from tests.integration.stack import APP_PYTHON, AppSpec, Stack, gone, running_stack, wait_until
 from tests.integration.users import ATTACKER, ensure_user, run_as
 
 # Sends one request frame to an agent socket, as nginx would, for the app
@@ -231,7 +231,7 @@ def test_an_endless_response_nobody_reads_does_not_hold_its_worker(stack: Stack,
     # replaced (it exits) rather than kept streaming into the void.
     wait_until(lambda: (stack.scratch / f"closed-{pid}").exists(), timeout=15,
                what=f"worker {pid}'s response to be cut off")
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+    wait_until(lambda: gone(pid),
                timeout=15, what=f"worker {pid} to stop")
     elapsed = time.monotonic() - started
     assert elapsed < 12, elapsed

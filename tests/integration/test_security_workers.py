@@ -27,10 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from tests.integration import apps
-from tests.integration.stack import NGINX_USER, AppSpec, Response, Stack, running_stack, wait_until
+from tests.integration.stack import NGINX_USER, AppSpec, Response, Stack, alive, running_stack, wait_until
 from tests.integration.users import ATTACKER, ensure_user, run_as
 from tests.unit.loaders.test_wsgi_loader import request_frame
 
@@ -117,12 +115,6 @@ def application(environ, start_response):
     return [json.dumps(body).encode()]
 """
 
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def log_text(stack: Stack) -> str:

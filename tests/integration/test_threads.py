@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.integration.stack import REPO, AppSpec, Response, Stack, running_stack, wait_until
+from tests.integration.stack import REPO, AppSpec, Response, Stack, alive, gone, running_stack, wait_until
 
 # /hold waits until the file named "release" appears in the app's root (its
 # cwd) and answers with its pid, its thread and wsgi.multithread; /together
@@ -137,12 +137,12 @@ def test_sigterm_lets_the_requests_in_flight_finish_before_the_worker_exits() ->
         wait_until(lambda: serving(stack)["sessions"] == 3, timeout=30, what="three requests in flight")
         os.kill(pid, signal.SIGTERM)
         time.sleep(0.5)  # the worker has the signal and is waiting for its threads
-        assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        assert alive(pid)
         release(stack, app)
         answers = [f.result() for f in held]
         assert [a.status for a in answers] == [200, 200, 200], [a.text for a in answers]
         assert {a.text.split()[0] for a in answers} == {str(pid)}
-        wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+        wait_until(lambda: gone(pid),
                    timeout=30, what="the worker to exit")
         assert stack.get("/").status == 200
 
