@@ -536,18 +536,25 @@ class WebSocketSession:
         (the engine closes the connection). The client must send nothing
         yet; what it sends anyway is kept for the codec, up to a bound."""
         while True:
-            try:
-                data = await self.loop.sock_recv(self.conn, WS_RECV_SIZE)
-            except OSError:
-                data = b""
+            data = await self.receive_bytes()
             if not data:
-                self.lost()
                 return
             self.early += data
             if len(self.early) > WS_EARLY_LIMIT:
                 log(f"a WebSocket client sent over {WS_EARLY_LIMIT} bytes before the handshake's answer; dropped")
                 self.lost()
                 return
+
+    async def receive_bytes(self) -> bytes:
+        """What the client sent next; b"" once the connection has ended,
+        which the session then takes as lost."""
+        try:
+            data = await self.loop.sock_recv(self.conn, WS_RECV_SIZE)
+        except OSError:
+            data = b""
+        if not data:
+            self.lost()
+        return data
 
     async def read_loop(self) -> None:
         """After accept: the client's frames, until its close, a violation,
@@ -559,12 +566,8 @@ class WebSocketSession:
             while True:
                 event = frames.next()
                 if event is None:
-                    try:
-                        data = await self.loop.sock_recv(self.conn, WS_RECV_SIZE)
-                    except OSError:
-                        data = b""
+                    data = await self.receive_bytes()
                     if not data:
-                        self.lost()
                         return
                     frames.feed(data)
                     continue

@@ -21,9 +21,11 @@ import http.client
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
+
+from tests.integration.stack import wait_until
 
 PID_HEADER = "X-Pid"
 
@@ -191,3 +193,17 @@ class Load:
     def record_error(self, kind: str) -> None:
         with self.lock:
             self.result.errors[kind] += 1
+
+
+def losses_under_fault(port: int, path: str, fault: Callable[[], object], label: str) -> LoadResult:
+    """Loads `path` on 16 connections; once 200 answers came, `fault()`
+    acts, and the load runs on until 200 more came. Prints and returns
+    what the load saw."""
+    with Load(port, path, threads=16, max_requests=100_000, duration=90) as load:
+        wait_until(lambda: load.completed() >= 200, timeout=30, what="the load to run")
+        fault()
+        target = load.completed() + 200
+        wait_until(lambda: load.completed() >= target, timeout=60, what="200 more answers after the fault")
+    print(f"\n[{label}] {load.result.summary()}")
+    return load.result
+

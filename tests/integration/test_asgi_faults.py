@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.load import Load
+from tests.integration.load import losses_under_fault
 from tests.integration.stack import REPO, AppSpec, Stack, example_venv, running_stack, wait_until
 
 EXAMPLE = REPO / "examples" / "asgi"
@@ -67,15 +67,9 @@ def starlette(python: str, **directives: str) -> AppSpec:
 
 
 def count_lost(stack: Stack, fault: Callable[[], object]) -> tuple[int, int, dict[int, int]]:
-    """A load of /wait?0.02 on 16 connections while fault() acts; returns
-    (answered, failed, the failed statuses)."""
-    with Load(stack.port, "/wait?0.02", threads=16, max_requests=100_000, duration=90) as load:
-        wait_until(lambda: load.completed() >= 200, timeout=30, what="the load to run")
-        fault()
-        target = load.completed() + 200
-        wait_until(lambda: load.completed() >= target, timeout=60, what="200 more answers after the fault")
-    result = load.result
-    print(f"\n[asgi faults] {result.summary()}")
+    """(answered, failed, the failed statuses) of a load on 16 connections
+    through fault() (tests/integration/load.py)."""
+    result = losses_under_fault(stack.port, "/wait?0.02", fault, "asgi faults")
     return result.ok(), result.failed(), dict(result.failed_statuses())
 
 

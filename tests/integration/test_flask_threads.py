@@ -16,14 +16,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.integration.load import Load
+from tests.integration.load import losses_under_fault
 from tests.integration.stack import REPO, AppSpec, Stack, example_venv, running_stack, unsanitized_env, wait_until
 
 EXAMPLE = REPO / "examples" / "flask-threads"
@@ -86,16 +86,10 @@ def test_server_sent_events_reach_curl_as_they_are_written(venv_python: str) -> 
         assert [e["n"] for e in events] == list(range(10))
 
 
-def count_lost(stack: Stack, fault: object) -> tuple[int, int, dict[int, int]]:
-    """Runs a load of /api/quote (a 20 ms wait) on 16 connections while
-    `fault()` acts; returns (answered, failed, failed statuses)."""
-    with Load(stack.port, "/api/quote?wait=0.02", threads=16, max_requests=100_000, duration=90) as load:
-        wait_until(lambda: load.completed() >= 200, timeout=30, what="the load to run")
-        fault()  # type: ignore[operator]
-        target = load.completed() + 200
-        wait_until(lambda: load.completed() >= target, timeout=60, what="200 more answers after the fault")
-    result = load.result
-    print(f"\n[flask threads] {result.summary()}")
+def count_lost(stack: Stack, fault: Callable[[], object]) -> tuple[int, int, dict[int, int]]:
+    """(answered, failed, the failed statuses) of a load on 16 connections
+    through fault() (tests/integration/load.py)."""
+    result = losses_under_fault(stack.port, "/api/quote?wait=0.02", fault, "flask threads")
     return result.ok(), result.failed(), dict(result.failed_statuses())
 
 
