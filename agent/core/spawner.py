@@ -371,7 +371,7 @@ def _start(config: AppConfig, instance: Instance, supervision: Supervision,
         env_fd = private_env_fd(private_env(config))
         if env_fd is not None:
             child_ends.append(env_fd)
-        procs_fd = spawning.cgroup_procs_fd()
+        procs_fd = spawning.cgroup_procs_fd(user_id(user))
         fd3, control_fd = make_fd3()
         child_ends.append(fd3)
         if control_fd >= 0:
@@ -446,7 +446,7 @@ def start_generic_worker(config: AppConfig, instance: Instance, supervision: Sup
             groups=user.groups if user else (),
             death_signal=signal.SIGKILL,
         )
-        procs_fd = spawning.cgroup_procs_fd()
+        procs_fd = spawning.cgroup_procs_fd(user_id(user))
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         core_ends.append(out_r)
         child_ends.append(out_w)
@@ -472,15 +472,25 @@ class _Spawning:
         self.child_ends: list[int] = child_ends or []
         self.cgroup: Path | None = None
 
-    def cgroup_procs_fd(self) -> int:
-        """A new cgroup for the child: its cgroup.procs, opened, among the
-        child's ends; -1 where the agent makes no cgroups."""
-        made = self.supervision.new_cgroup()
-        if made is None:
+    def cgroup_procs_fd(self, uid: int) -> int:
+        """A new cgroup for a child that csrc/spawn.c forks: its
+        cgroup.procs opened for writing (the child joins it while still
+        root), among the child's ends; -1 where the agent makes no cgroups."""
+        return self._cgroup_fd(uid, "cgroup.procs", os.O_WRONLY)
+
+    def cgroup_dir_fd(self, uid: int | None) -> int:
+        """A new cgroup for a worker that a preloader forks: the cgroup's
+        directory, opened, which the preloader forks the worker into as
+        the app's user; -1 where there is none."""
+        return -1 if uid is None else self._cgroup_fd(uid, ".", os.O_RDONLY | os.O_DIRECTORY)
+
+    def _cgroup_fd(self, uid: int, name: str, flags: int) -> int:
+        self.cgroup = self.supervision.new_cgroup(uid)
+        if self.cgroup is None:
             return -1
-        self.cgroup, procs_fd = made
-        self.child_ends.append(procs_fd)
-        return procs_fd
+        fd = os.open(self.cgroup / name, flags | os.O_CLOEXEC)
+        self.child_ends.append(fd)
+        return fd
 
     def failed(self, error: OSError | SpawnError | PreloaderFailed) -> NoReturn:
         """Undoes the spawn and raises: a SpawnError or a PreloaderFailed
@@ -526,7 +536,8 @@ def fork_worker(channel: Channel, instance: Instance, socket_path: str, supervis
         lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
         core_ends.append(lifeline_w)
         child_ends.append(lifeline_r)
-        cgroup = spawning.cgroup_procs_fd() >= 0  # its fd comes last, as the preloader expects
+        # The cgroup's fd comes last, as the preloader expects.
+        cgroup = spawning.cgroup_dir_fd(supervision.uid_beside(channel.pid)) >= 0
         pid = channel.fork(child_ends, cgroup=cgroup)
     except (OSError, PreloaderFailed) as e:
         _unlink(socket_path)
@@ -547,6 +558,10 @@ def worker_spec(config: AppConfig, loaders_dir: Path, user: WorkerUser | None, e
         groups=user.groups if user else (),
         death_signal=signal.SIGKILL,
     )
+
+
+def user_id(user: WorkerUser | None) -> int:
+    return os.geteuid() if user is None else user.uid
 
 
 def _close_all(fds: list[int]) -> None:

@@ -8,6 +8,17 @@ also gets a cgroup of its own, under one this agent instance owns; the
 kernel keeps every descendant in it, and cgroup.kill ends them all.
 Leftovers of a previous core of the same instance (workers that cleared
 their PDEATHSIG and outlived it) are killed when the next core starts.
+
+The layout is INSTANCE/u<uid>/w<n>: the cgroups of one user's workers share
+a parent, and that user may write to the parent's cgroup.procs and to each
+of its workers'. This is what lets a preloader, which runs as the app's
+user, fork a worker straight into the worker's cgroup (clone3 with
+CLONE_INTO_CGROUP: the kernel asks for write access to the destination's
+and the common ancestor's cgroup.procs): a move after the fork would cost
+the worker an RCU grace period, about 8 ms. What the user gains is moving
+its own processes between its own cgroups: none can leave u<uid>, and no
+process of the agent's lives in u<uid> itself, so what moves there is
+killed as the next worker of that user is reaped.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import contextlib
 import errno
 import itertools
 import os
+import re
 import signal
 import stat
 import zlib
@@ -25,6 +37,7 @@ from pathlib import Path
 from agent.logs import log
 
 MOUNTS = Path("/proc/self/mounts")
+USER_CGROUP = re.compile(r"u[0-9]+")
 OWN_CGROUP = Path("/proc/self/cgroup")
 
 
@@ -52,21 +65,33 @@ class Supervision:
 
     # -- before and after a spawn --------------------------------------
 
-    def new_cgroup(self) -> tuple[Path, int] | None:
-        """A fresh cgroup for the next worker and its cgroup.procs opened
-        for writing (the child joins it before dropping root), or None."""
+    def new_cgroup(self, uid: int) -> Path | None:
+        """A fresh cgroup for the next worker, run by the user uid, or None
+        where the agent makes no cgroups."""
         if self.cgroup_parent is None:
             return None
         self.remove_empty()
-        with contextlib.suppress(FileExistsError):  # removed when it emptied
-            os.mkdir(self.cgroup_parent, 0o755)
-        path = self.cgroup_parent / f"w{next(self.numbers)}"
-        os.mkdir(path, 0o755)
+        users = self.cgroup_parent / f"u{uid}"
+        for directory in (self.cgroup_parent, users):
+            with contextlib.suppress(FileExistsError):  # removed when it emptied
+                os.mkdir(directory, 0o755)
+        path = users / f"w{next(self.numbers)}"
         try:
-            return path, os.open(path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            delegate(users, uid)
+            os.mkdir(path, 0o755)
+            delegate(path, uid)
         except OSError:
             remove_cgroup(path)
             raise
+        return path
+
+    def uid_beside(self, pid: int) -> int | None:
+        """The user whose cgroups hold the process pid (a preloader, whose
+        workers go beside it), or None."""
+        cgroup = self.cgroups.get(pid)
+        if cgroup is None or not USER_CGROUP.fullmatch(cgroup.parent.name):
+            return None
+        return int(cgroup.parent.name[1:])
 
     def adopt(self, pid: int, cgroup: Path | None) -> None:
         if cgroup is not None:
@@ -119,6 +144,7 @@ class Supervision:
         cgroup = self.cgroups.pop(pid, None)
         if cgroup is not None:
             kill_cgroup(cgroup)
+            kill_strays(cgroup.parent)
             self.to_remove.add(cgroup)
             self.remove_empty()
 
@@ -129,7 +155,13 @@ class Supervision:
         for path in list(self.to_remove):
             if remove_cgroup(path):
                 self.to_remove.discard(path)
-        if self.cgroup_parent is not None and not self.cgroups and not self.to_remove:
+        if self.cgroup_parent is None:
+            return
+        in_use = {path.parent for path in (*self.cgroups.values(), *self.to_remove)}
+        for users in user_cgroups(self.cgroup_parent) - in_use:
+            with contextlib.suppress(OSError):  # a stray still in it
+                os.rmdir(users)
+        if not self.cgroups and not self.to_remove:
             with contextlib.suppress(OSError):
                 os.rmdir(self.cgroup_parent)
 
@@ -205,8 +237,43 @@ def kill_cgroup(path: Path) -> None:
         os.close(fd)
 
 
+def delegate(path: Path, uid: int) -> None:
+    """The user uid may move its own processes into the cgroup path: its
+    cgroup.procs becomes theirs. Its other files (cgroup.kill, limits)
+    stay root's."""
+    os.chown(path / "cgroup.procs", uid, -1)
+
+
+def user_cgroups(parent: Path) -> set[Path]:
+    try:
+        return {child for child in parent.iterdir() if USER_CGROUP.fullmatch(child.name)}
+    except FileNotFoundError:
+        return set()
+
+
+def kill_strays(users: Path) -> None:
+    """No process of the agent's lives in a user's cgroup itself: one
+    that is there was moved there by the app's code, out of its worker's
+    cgroup, and is killed."""
+    if not USER_CGROUP.fullmatch(users.name):
+        return
+    try:
+        pids = (users / "cgroup.procs").read_text().split()
+    except OSError:
+        return
+    for pid in pids:
+        log.warning("killing process %s, which an app moved out of its worker's cgroup into %s", pid, users)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 def remove_cgroup(path: Path) -> bool:
-    """True once the cgroup is gone; False while processes remain in it."""
+    """True once the cgroup and those under it are gone; False while
+    processes remain in them."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for child in path.iterdir():
+            if child.is_dir() and not child.is_symlink() and not remove_cgroup(child):
+                return False
     try:
         os.rmdir(path)
     except FileNotFoundError:

@@ -1538,6 +1538,7 @@ class Preloader:
         self.app = app
         self.peer_uids = peer_uids
         self.stopping = False
+        self.cgroup_fork = CgroupFork.make()
         self.wake_fd = install_wakeup_pipe()
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
@@ -1620,15 +1621,19 @@ class Preloader:
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        born_inside = False
         try:
-            pid = os.fork()
+            pid = self.cgroup_fork.fork(fds[4]) if cgroup and self.cgroup_fork else None
+            born_inside = pid is not None
+            if pid is None:
+                pid = os.fork()
         except OSError as exc:
             self.send({"failed": number, "error": f"fork: {exc.strerror}"})
             pid = -1
         if pid == 0:
             code = 1
             try:
-                code = self.become_worker(fds, cgroup)
+                code = self.become_worker(fds, cgroup and not born_inside)
             except BaseException:  # the child must never return into the preloader's loop
                 import traceback
 
@@ -1640,9 +1645,10 @@ class Preloader:
         if pid > 0:
             self.send({"forked": number, "pid": pid})
 
-    def become_worker(self, fds: list[int], cgroup: bool) -> int:
+    def become_worker(self, fds: list[int], join: bool) -> int:
         """In the forked child: drop what belongs to the preloader, take the
-        worker's own socket, pipes, session and cgroup, then serve."""
+        worker's own socket, pipes, session and cgroup (join: it was not
+        born in it), then serve."""
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(self.wake_fd)
@@ -1653,8 +1659,10 @@ class Preloader:
         listen_fd, ready_fd, output_fd, lifeline_fd = place_fds(fds[:4], {0: 3, 1: 4})
         try:
             os.setsid()
-            if cgroup:
+            if join:
                 join_cgroup(fds[4])
+            elif len(fds) > 4:
+                os.close(fds[4])
             os.dup2(output_fd, 1)
             os.dup2(output_fd, 2)
             os.close(output_fd)
@@ -1681,13 +1689,102 @@ def place_fds(fds: list[int], targets: dict[int, int]) -> list[int]:
     return lifted
 
 
-def join_cgroup(procs_fd: int) -> None:
-    """Into the worker's own cgroup: the core opened its cgroup.procs (the
-    kernel checks the opener's rights, Linux 5.16 and later)."""
+def join_cgroup(cgroup_fd: int) -> None:
+    """Into the worker's own cgroup, whose directory the core opened: the
+    core made its cgroup.procs the app user's (agent/core/supervision.py)."""
     try:
-        os.write(procs_fd, b"0")
+        procs_fd = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=cgroup_fd)
+        try:
+            os.write(procs_fd, b"0")
+        finally:
+            os.close(procs_fd)
     finally:
-        os.close(procs_fd)
+        os.close(cgroup_fd)
+
+
+class CgroupFork:
+    """os.fork() with the child born in a given cgroup: clone3 with
+    CLONE_INTO_CGROUP (Linux 5.7). A child that moved into its cgroup after
+    the fork would wait for an RCU grace period, 8 ms or more of a 3 ms
+    start. The system call is made through ctypes, with what os.fork() and
+    glibc's fork() do around theirs: Python's fork hooks and state
+    (PyOS_BeforeFork and PyOS_AfterFork_*, the functions the C API gives
+    for any call that clones the process), the child's thread id in
+    glibc's thread descriptor (CLONE_CHILD_SETTID at the address the
+    kernel holds for it, as glibc's fork passes it) and its robust mutex
+    list. glibc's fork also resets the lists of other threads and the
+    locks they may hold, and runs pthread_atfork handlers (none matter to
+    a process with one thread); so only a process with one thread forks
+    this way, and os.fork() serves everywhere else."""
+
+    CLONE_CHILD_CLEARTID = 0x00200000
+    CLONE_CHILD_SETTID = 0x01000000
+    CLONE_INTO_CGROUP = 0x200000000
+    SYS_CLONE3 = 435  # the same number on every architecture
+    PR_GET_TID_ADDRESS = 40
+    ROBUST_LIST_CALLS = {"x86_64": (273, 274), "aarch64": (99, 100)}  # set_robust_list, get_robust_list
+
+    def __init__(self, libc: Any, tid_address: int, robust_head: int, robust_size: int,
+                 numbers: tuple[int, int]) -> None:
+        import ctypes  # loaded already by make_undumpable
+
+        fields = ("flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls",
+                  "set_tid", "set_tid_size", "cgroup")
+        self.args_type = type("CloneArgs", (ctypes.Structure,), {"_fields_": [(n, ctypes.c_uint64) for n in fields]})
+        self.ctypes = ctypes
+        self.syscall = libc.syscall
+        self.tid_address = tid_address
+        self.robust = (numbers[0], robust_head, robust_size)
+        self.before = ctypes.pythonapi.PyOS_BeforeFork
+        self.after_in_child = ctypes.pythonapi.PyOS_AfterFork_Child
+        self.after_in_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
+        self.refused: str | None = None
+
+    @classmethod
+    def make(cls) -> CgroupFork | None:
+        """None where this process cannot fork that way (not Linux with
+        glibc on x86_64 or aarch64, or the kernel hides the tid address)."""
+        numbers = cls.ROBUST_LIST_CALLS.get(os.uname().machine)
+        try:
+            import ctypes
+        except ImportError:
+            return None
+        if numbers is None or not hasattr(ctypes, "pythonapi"):
+            return None
+        libc = ctypes.PyDLL(None, use_errno=True)  # keeps the GIL through the call, as os.fork() does
+        libc.syscall.restype = ctypes.c_long
+        tid_address, head, size = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_size_t()
+        if libc.prctl(cls.PR_GET_TID_ADDRESS, ctypes.byref(tid_address), 0, 0, 0) != 0 or not tid_address.value:
+            return None
+        if libc.syscall(numbers[1], 0, ctypes.byref(head), ctypes.byref(size)) != 0:
+            return None
+        return cls(libc, tid_address.value, head.value or 0, size.value, numbers)
+
+    def fork(self, cgroup_fd: int) -> int | None:
+        """0 in the child, its pid in the parent; None where the kernel
+        refused (said once in the log) or the process has other threads."""
+        if self.refused is not None or len(os.listdir("/proc/self/task")) != 1:
+            return None
+        ctypes = self.ctypes
+        args = self.args_type(flags=self.CLONE_INTO_CGROUP | self.CLONE_CHILD_SETTID | self.CLONE_CHILD_CLEARTID,
+                              child_tid=self.tid_address, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+        # No Python signal handler may run in the child before its state
+        # is made its own; the mask is inherited, pending signals are not.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        self.before()
+        pid = self.syscall(self.SYS_CLONE3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
+        if pid == 0:
+            self.syscall(self.robust[0], ctypes.c_void_p(self.robust[1]), ctypes.c_size_t(self.robust[2]))
+            self.after_in_child()
+        else:
+            error = ctypes.get_errno()
+            self.after_in_parent()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if pid < 0:
+            self.refused = os.strerror(error)
+            log(f"preloader: clone3 into the worker's cgroup: {self.refused}; workers move into it after the fork")
+            return None
+        return int(pid)
 
 
 def watch_lifeline(fd: int) -> None:

@@ -22,6 +22,7 @@ import pwd
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 import threading
 import time
@@ -376,6 +377,145 @@ def test_a_crash_loop_of_workers_whose_children_hold_the_output_leaks_no_fd() ->
         wait_until(lambda: core_fds() <= before + 2, timeout=5, what=f"the core's fds back to {before}")
         # A new worker may be starting already; no child is left.
         wait_until(lambda: len(stack.worker_pids(app)) <= 1, what="the crashed workers' children to go")
+        still_serving(stack)
+
+
+# -- the cgroups delegated to an app's user ----------------------------------
+
+# In the preloader, before each fork (while it holds what the core sent for
+# the worker): every descriptor that names a cgroup is used to move the
+# victim, a process of root's, into it, written to it and through a
+# cgroup.procs opened from it; what happened is kept for /tried.
+CGROUP_GRABBER = """
+import json, os
+
+TRIED = []
+
+def grab():
+    victim = os.environ["VICTIM_PID"]
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink("/proc/self/fd/" + name)
+        except OSError:
+            continue
+        if "cgroup" not in target:
+            continue
+        for how in ("write", "openat"):
+            try:
+                if how == "write":
+                    os.write(int(name), victim.encode())
+                else:
+                    fd = os.open("cgroup.procs", os.O_WRONLY, dir_fd=int(name))
+                    try:
+                        os.write(fd, victim.encode())
+                    finally:
+                        os.close(fd)
+                TRIED.append([target, how, "moved"])
+            except OSError as e:
+                TRIED.append([target, how, e.errno])
+
+os.register_at_fork(before=grab)
+
+def application(environ, start_response):
+    if environ["PATH_INFO"].endswith("/crash"):
+        os._exit(3)
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps({"pid": os.getpid(), "tried": TRIED}).encode()]
+"""
+
+
+def cgroup_of(pid: int) -> str:
+    return next(line[3:] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if line.startswith("0::"))
+
+
+def test_app_code_cannot_move_anothers_process_into_its_workers_cgroup() -> None:
+    """The preloader is app code, and it holds, for each worker it forks,
+    what the core opened for that worker's cgroup. Were that root's opened
+    cgroup.procs, the kernel would check root's rights on each write
+    (Linux 5.16 and later): app code could move any process into its
+    worker's cgroup, and the worker's end would kill it. It is the
+    cgroup's directory, whose use is checked against the app's user."""
+    victim = subprocess_sleeper()
+    try:
+        app = AppSpec("grabber", CGROUP_GRABBER, "/grabber/", env={"VICTIM_PID": str(victim.pid)},
+                      directives={"agent_spawn_method": "smart"})
+        with running_stack([app, BYSTANDER]) as stack:
+            still_serving(stack)  # the agent is up
+            where = cgroup_of(victim.pid)
+            seen = json.loads(stack.get("/grabber/").body)
+            if cgroups_available():
+                assert seen["tried"], "the preloader was handed no cgroup"
+            assert all(outcome != "moved" for _, _, outcome in seen["tried"]), seen["tried"]
+            assert stack.get("/grabber/crash").status >= 500
+            wait_until(lambda: not alive(seen["pid"]), what="the worker to exit")
+            assert stack.get("/grabber/").status == 200  # a worker forked since
+            assert victim.poll() is None and cgroup_of(victim.pid) == where
+            still_serving(stack)
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def subprocess_sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["sleep", "600"])
+
+
+# /escape: a child leaves the worker's session, and tries to leave its
+# cgroup for the instance's (refused) and for its user's (allowed: the
+# user may write there, so that its preloader can fork into its cgroups).
+ESCAPER = """
+import json, os, time
+
+def escape(report):
+    os.setsid()
+    own = [l[3:] for l in open("/proc/self/cgroup").read().splitlines() if l.startswith("0::")][0]
+    mount = [l.split()[1] for l in open("/proc/self/mounts") if l.split()[2] == "cgroup2"][0]
+    users = os.path.dirname(mount + own)
+    result = {}
+    for name, where in (("instance", os.path.dirname(users)), ("user", users)):
+        try:
+            with open(where + "/cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+            result[name] = "moved"
+        except OSError as e:
+            result[name] = e.errno
+    os.write(report, json.dumps(result).encode())
+    os.close(report)
+    os.closerange(3, 65536)
+    time.sleep(3600)
+
+def application(environ, start_response):
+    if environ["PATH_INFO"].endswith("/crash"):
+        os._exit(3)
+    body = {"pid": os.getpid()}
+    if environ["PATH_INFO"].endswith("/escape"):
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(r)
+            escape(w)
+        os.close(w)
+        body.update(child=child, result=json.loads(os.read(r, 4096)))
+        os.close(r)
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps(body).encode()]
+"""
+
+
+def test_a_process_moved_out_of_its_workers_cgroup_dies_with_the_worker() -> None:
+    app = AppSpec("escaper", ESCAPER, "/escaper/")
+    with running_stack([app, BYSTANDER]) as stack:
+        still_serving(stack)  # the agent is up
+        if not cgroups_available():
+            return  # without cgroups, the process group is all there is (the test above)
+        seen = json.loads(stack.get("/escaper/escape").body)
+        assert seen["result"]["instance"] == errno.EACCES
+        assert seen["result"]["user"] == "moved"
+        assert alive(seen["child"])
+        assert stack.get("/escaper/crash").status >= 500
+        wait_until(lambda: not alive(seen["child"]), what="the process that moved into its user's cgroup to die")
+        assert "which an app moved out of its worker's cgroup" in log_text(stack)
+        assert stack.get("/escaper/").status == 200
         still_serving(stack)
 
 
