@@ -38,18 +38,11 @@ ROLE_TITLES = {APP_MASTER: "uvicorn supervisor / Granian main process"}
 
 
 def median_run(result: StackResult | None, workload: str, connections: int) -> Run | None:
-    """The round with the median rate; None when no round ran."""
-    if result is None:
-        return None
-    runs = sorted(result.runs_of(workload, connections), key=lambda run: run.rate)
-    return runs[(len(runs) - 1) // 2] if runs else None
+    return None if result is None else result.median_run(workload, connections)
 
 
 def medians(results: Sequence[StackResult]) -> list[StackResult]:
-    """Each stack with only its median rounds: what the tables show."""
-    return [StackResult(r.key, r.label, runs=[run for key, *_ in WORKLOADS for c in CONNECTIONS
-                                              if (run := median_run(r, key, c)) is not None])
-            for r in results if r.runs]
+    return [r.medians((key, c) for key, *_ in WORKLOADS for c in CONNECTIONS) for r in results if r.runs]
 
 
 def bar_met(ours: Run | None, peer: Run | None) -> bool | None:

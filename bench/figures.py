@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 # The roles of a stack's processes, in the order the report lists them.
@@ -64,6 +65,18 @@ class StackResult:
         threads part makes one per round)."""
         return [run for run in self.runs
                 if run.workload == workload and run.connections == connections and run.nginx_workers == nginx_workers]
+
+    def median_run(self, workload: str, connections: int) -> Run | None:
+        """The round with the median rate (the parts run in rounds); None
+        when no round ran."""
+        runs = sorted(self.runs_of(workload, connections), key=lambda run: run.rate)
+        return runs[(len(runs) - 1) // 2] if runs else None
+
+    def medians(self, plan: Iterable[tuple[str, int]]) -> StackResult:
+        """Itself with only its median rounds of each (workload,
+        connections) in plan: what the tables show."""
+        return StackResult(self.key, self.label, runs=[run for workload, connections in plan
+                                                       if (run := self.median_run(workload, connections)) is not None])
 
 
 @dataclass

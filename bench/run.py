@@ -487,21 +487,30 @@ def run_asgi(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: str, pee
         print(f"bench: {AgentAsgiStack.label} skipped: {why}", file=sys.stderr, flush=True)
         results["ours"].error = why
     app_dir = prepare_app(base, APP_SOURCE, "asgi-app")
-    for number in range(1, args.rounds + 1):
-        order = keys[(number - 1) % len(keys):] + keys[:(number - 1) % len(keys)]
-        for stack_key in order:
-            result = results[stack_key]
-            if result.error is not None:
-                continue
-            stack = make_asgi_stack(stack_key, base, app_dir, nginx, peers_bin, args, number)
-            stacks.append(stack)
 
-            def measurer(log: list[str], stack: Stack = stack, result: StackResult = result) -> None:
-                measure_asgi(stack, wrk_bin, client_python, args.duration, result, log)
-            bench_stack(stack, wrk_bin, args.duration, result, [], full=False,
-                        log_name=f"wrk-{stack.key}-round{number}.txt", context=f"round {number} of {args.rounds}",
-                        measurer=measurer)
+    def run_one(stack_key: str, number: int, result: StackResult) -> None:
+        stack = make_asgi_stack(stack_key, base, app_dir, nginx, peers_bin, args, number)
+        stacks.append(stack)
+
+        def measurer(log: list[str]) -> None:
+            measure_asgi(stack, wrk_bin, client_python, args.duration, result, log)
+        bench_stack(stack, wrk_bin, args.duration, result, [], full=False,
+                    log_name=f"wrk-{stack.key}-round{number}.txt", context=f"round {number} of {args.rounds}",
+                    measurer=measurer)
+    in_rounds(args.rounds, results, run_one)
     return list(results.values())
+
+
+def in_rounds(rounds: int, results: dict[str, StackResult], run_one: Callable[[str, int, StackResult], None]) -> None:
+    """rounds rounds, each running every stack of results once, a
+    different one first each round. A stack that failed (its result's
+    error set) is left out of the rounds after."""
+    keys = list(results)
+    for number in range(1, rounds + 1):
+        shift = (number - 1) % len(keys)
+        for stack_key in keys[shift:] + keys[:shift]:
+            if results[stack_key].error is None:
+                run_one(stack_key, number, results[stack_key])
 
 
 def buffer_settings(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -678,16 +687,13 @@ def run_threads(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: str, 
     app_dir = prepare_app(base, APP_SOURCE, "threads-app")
     key, title, path = threads_report.WORKLOAD
     plan = [(key, title, path, c) for c in THREAD_CONNECTIONS]
-    for number in range(1, args.rounds + 1):
-        order = keys[(number - 1) % len(keys):] + keys[:(number - 1) % len(keys)]
-        for stack_key in order:
-            result = results[stack_key]
-            if result.error is not None:
-                continue
-            stack = make_thread_stack(stack_key, base, app_dir, nginx, peers_bin, args, number)
-            stacks.append(stack)
-            bench_stack(stack, wrk_bin, args.duration, result, plan, full=False,
-                        log_name=f"wrk-{stack.key}-round{number}.txt", context=f"round {number} of {args.rounds}")
+
+    def run_one(stack_key: str, number: int, result: StackResult) -> None:
+        stack = make_thread_stack(stack_key, base, app_dir, nginx, peers_bin, args, number)
+        stacks.append(stack)
+        bench_stack(stack, wrk_bin, args.duration, result, plan, full=False,
+                    log_name=f"wrk-{stack.key}-round{number}.txt", context=f"round {number} of {args.rounds}")
+    in_rounds(args.rounds, results, run_one)
     return list(results.values())
 
 

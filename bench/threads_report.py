@@ -47,15 +47,11 @@ def bar_text() -> str:
 
 
 def median_run(result: StackResult, connections: int) -> Run | None:
-    """The round with the median rate; None when no round ran."""
-    runs = sorted(result.runs_of(WORKLOAD[0], connections), key=lambda run: run.rate)
-    return runs[(len(runs) - 1) // 2] if runs else None
+    return result.median_run(WORKLOAD[0], connections)
 
 
 def medians(results: Sequence[StackResult], connections: Sequence[int]) -> list[StackResult]:
-    """Each stack with only its median rounds: what the tables show."""
-    return [StackResult(r.key, r.label, runs=[run for c in connections if (run := median_run(r, c)) is not None])
-            for r in results if r.runs]
+    return [r.medians((WORKLOAD[0], c) for c in connections) for r in results if r.runs]
 
 
 def made(results: Sequence[StackResult], connections: Sequence[int]) -> list[int]:

@@ -14,16 +14,20 @@
 enum { SEEN_APP = 1, SEEN_METHOD = 2, SEEN_URI = 4, SEEN_LENGTH = 8, SEEN_LONG = 16, SEEN_UPGRADE = 32 };
 #define REQUIRED_KEYS (SEEN_APP | SEEN_METHOD | SEEN_URI | SEEN_LENGTH)
 
+/* With their lengths: every pair of every frame is looked up here, and
+ * most keys (HTTP_*) differ from all of these in length already. */
+#define KNOWN_KEY(flag, name) {flag, name, sizeof name - 1}
 static const struct {
     unsigned flag;
     const char *name;
+    uint32_t len;
 } known_keys[] = {
-    {SEEN_APP, "AGENT_APP"},
-    {SEEN_METHOD, "REQUEST_METHOD"},
-    {SEEN_URI, "REQUEST_URI"},
-    {SEEN_LENGTH, "CONTENT_LENGTH"},
-    {SEEN_LONG, "AGENT_LONG_RESPONSE"},
-    {SEEN_UPGRADE, "AGENT_UPGRADE"},
+    KNOWN_KEY(SEEN_APP, "AGENT_APP"),
+    KNOWN_KEY(SEEN_METHOD, "REQUEST_METHOD"),
+    KNOWN_KEY(SEEN_URI, "REQUEST_URI"),
+    KNOWN_KEY(SEEN_LENGTH, "CONTENT_LENGTH"),
+    KNOWN_KEY(SEEN_LONG, "AGENT_LONG_RESPONSE"),
+    KNOWN_KEY(SEEN_UPGRADE, "AGENT_UPGRADE"),
 };
 
 #define KNOWN_KEYS (sizeof known_keys / sizeof known_keys[0])
@@ -59,7 +63,7 @@ static bool parse_decimal(const char *s, uint32_t len, uint64_t *out)
 static unsigned known_key(const char *key, uint32_t len, const char **name)
 {
     for (size_t i = 0; i < KNOWN_KEYS; i++) {
-        if (strlen(known_keys[i].name) == len && memcmp(key, known_keys[i].name, len) == 0) {
+        if (known_keys[i].len == len && memcmp(key, known_keys[i].name, len) == 0) {
             *name = known_keys[i].name;
             return known_keys[i].flag;
         }
