@@ -5,6 +5,13 @@
  * fork() and execve() the child may only make async-signal-safe calls:
  * everything that allocates or reads files (the argv, the environment, the
  * group list) is prepared by the caller before the fork.
+ *
+ * A worker with a cgroup is forked straight into it (clone3 with
+ * CLONE_INTO_CGROUP): a child that moved after the fork would wait for an
+ * RCU grace period, 8 ms or more. That child comes from the raw system
+ * call, without what glibc's fork() resets in its child (the thread list
+ * and its locks), so it switches user by raw system calls too: glibc's
+ * setuid() would signal every thread of the parent's list.
  */
 
 #define _GNU_SOURCE
@@ -12,6 +19,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <grp.h>
 #include <signal.h>
 #include <stdio.h>
@@ -172,19 +180,69 @@ static int arrange_fds(const agent_spawn_spec *spec, int error_pipe)
     return 0;
 }
 
-/* Moves this process into the worker's cgroup, while still root: the
- * kernel then counts every process the app starts in it, setsid or not. */
-static int join_cgroup(int procs_fd)
+/* Moves this process into the worker's cgroup, while still root (a child
+ * that fork() made, not born in it): the kernel then counts every process
+ * the app starts in it, setsid or not. */
+static int join_cgroup(int cgroup_fd)
 {
     static const char self[] = "0";
     ssize_t n;
+    int procs_fd;
 
-    if (procs_fd < 0)
+    if (cgroup_fd < 0)
         return 0;
+    procs_fd = openat(cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC);
+    if (procs_fd < 0)
+        return -1;
     do {
         n = write(procs_fd, self, sizeof self - 1);
     } while (n < 0 && errno == EINTR);
+    close(procs_fd);
     return n == (ssize_t) (sizeof self - 1) ? 0 : -1;
+}
+
+/* clone3's arguments up to the cgroup (Linux 5.7), as linux/sched.h has
+ * them: the kernel takes any prefix of the struct it knows by its size. */
+typedef struct {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid, set_tid_size,
+        cgroup;
+} clone3_args;
+
+#define SPAWN_CLONE_INTO_CGROUP 0x200000000ULL
+
+/* The calls that take 32-bit ids: on 32-bit ABIs the plain ones take 16. */
+#ifdef SYS_setgroups32
+#define SPAWN_SYS_SETGROUPS SYS_setgroups32
+#define SPAWN_SYS_SETGID SYS_setgid32
+#define SPAWN_SYS_SETUID SYS_setuid32
+#else
+#define SPAWN_SYS_SETGROUPS SYS_setgroups
+#define SPAWN_SYS_SETGID SYS_setgid
+#define SPAWN_SYS_SETUID SYS_setuid
+#endif
+
+/* fork(), with the child born in the cgroup cgroup_fd names (-1: none);
+ * *born_inside says whether it was. Where clone3 is refused (a seccomp
+ * filter's ENOSYS, a kernel before 5.7) fork() serves, and the child
+ * joins the cgroup itself. */
+static pid_t fork_into(int cgroup_fd, bool *born_inside)
+{
+    *born_inside = false;
+    if (cgroup_fd >= 0) {
+        clone3_args args;
+        long pid;
+
+        memset(&args, 0, sizeof args);
+        args.flags = SPAWN_CLONE_INTO_CGROUP;
+        args.exit_signal = SIGCHLD;
+        args.cgroup = (uint64_t) cgroup_fd;
+        pid = syscall(SYS_clone3, &args, sizeof args);
+        if (pid >= 0) {
+            *born_inside = true;
+            return (pid_t) pid;
+        }
+    }
+    return fork();
 }
 
 static void reset_signals(void)
@@ -204,15 +262,15 @@ static void switch_user(const agent_spawn_spec *spec, int error_pipe)
 {
     if (spec->uid < 0)
         return;
-    if (setgroups((size_t) spec->ngroups, (const gid_t *) spec->groups) < 0)
+    if (syscall(SPAWN_SYS_SETGROUPS, (long) spec->ngroups, (const gid_t *) spec->groups) < 0)
         report_and_exit(error_pipe, STEP_GROUPS);
-    if (spec->gid >= 0 && setgid((gid_t) spec->gid) < 0)
+    if (spec->gid >= 0 && syscall(SPAWN_SYS_SETGID, (long) spec->gid) < 0)
         report_and_exit(error_pipe, STEP_GID);
-    if (setuid((uid_t) spec->uid) < 0)
+    if (syscall(SPAWN_SYS_SETUID, (long) spec->uid) < 0)
         report_and_exit(error_pipe, STEP_UID);
 }
 
-static void run_child(const agent_spawn_spec *spec, pid_t parent, int error_pipe)
+static void run_child(const agent_spawn_spec *spec, pid_t parent, bool born_inside, int error_pipe)
 {
     /* The error pipe may sit on 3 or 4, where the worker's fds go. */
     int high = fcntl(error_pipe, F_DUPFD_CLOEXEC, 10);
@@ -223,7 +281,7 @@ static void run_child(const agent_spawn_spec *spec, pid_t parent, int error_pipe
     reset_signals();
     if (setsid() < 0)
         report_and_exit(error_pipe, STEP_SESSION);
-    if (join_cgroup(spec->cgroup_procs_fd) < 0)
+    if (!born_inside && join_cgroup(spec->cgroup_fd) < 0)
         report_and_exit(error_pipe, STEP_CGROUP);
     if (arrange_fds(spec, error_pipe) < 0)
         report_and_exit(error_pipe, STEP_FDS);
@@ -272,13 +330,14 @@ int agent_spawn(const agent_spawn_spec *spec, char *error, size_t error_size)
     int pipe_fds[2];
     pid_t parent = getpid();
     pid_t pid;
+    bool born_inside;
     int saved;
 
     if (pipe2(pipe_fds, O_CLOEXEC) < 0) {
         snprintf(error, error_size, "pipe2: %s", strerror(errno));
         return -1;
     }
-    pid = fork();
+    pid = fork_into(spec->cgroup_fd, &born_inside);
     if (pid < 0) {
         saved = errno;
         snprintf(error, error_size, "fork: %s", strerror(saved));
@@ -289,7 +348,7 @@ int agent_spawn(const agent_spawn_spec *spec, char *error, size_t error_size)
     }
     if (pid == 0) {
         close(pipe_fds[0]);
-        run_child(spec, parent, pipe_fds[1]);
+        run_child(spec, parent, born_inside, pipe_fds[1]);
     }
     close(pipe_fds[1]);
     saved = read_child_failure(pipe_fds[0], pid, spec->path, error, error_size);

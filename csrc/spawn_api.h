@@ -8,7 +8,8 @@
  * startup file the core checked on fd 5 and the app's environment on fd 6
  * (when given), every other fd closed, cwd at the app root, the app's user
  * and groups, then execve(). The child uses only async-signal-safe calls
- * between fork and exec, because the core is multithreaded. An exec that
+ * and raw system calls between fork and exec, because the core is
+ * multithreaded. An exec that
  * fails is reported back through a close-on-exec pipe, so the caller gets
  * the errno rather than a worker that silently never answers.
  *
@@ -29,7 +30,8 @@ typedef struct {
     int output_fd;               /* becomes fds 1 and 2 */
     int startup_fd;              /* becomes fd 5; -1: none */
     int env_fd;                  /* becomes fd 6; -1: none */
-    int cgroup_procs_fd;         /* the child writes its pid here before the user switch; -1: none */
+    int cgroup_fd;               /* the worker's cgroup, its directory opened: the child is born in it (clone3),
+                                    or joins it by its cgroup.procs before the user switch; -1: none */
     int death_signal;            /* sent to the worker when the core dies; 0: none */
     int lifeline_fd;             /* a generic worker's (listen_fd -1): the read end of a pipe whose write end
                                     only the core holds; it becomes fd 3 with O_ASYNC, owned by the worker's

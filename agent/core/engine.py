@@ -291,7 +291,7 @@ class SpawnSpec:
 
 
 def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int, *,
-          startup_fd: int = -1, env_fd: int = -1, cgroup_procs_fd: int = -1, lifeline_fd: int = -1) -> int:
+          startup_fd: int = -1, env_fd: int = -1, cgroup_fd: int = -1, lifeline_fd: int = -1) -> int:
     """Forks and execs a worker; returns its pid or raises NativeError. The
     optional fds (-1: none) are the checked startup file (fd 5 in the
     worker), the app's environment (fd 6) and the cgroup.procs file the
@@ -327,7 +327,7 @@ def spawn(spec: SpawnSpec, listen_fd: int, ready_fd: int, output_fd: int, *,
     c_spec.output_fd = output_fd
     c_spec.startup_fd = startup_fd
     c_spec.env_fd = env_fd
-    c_spec.cgroup_procs_fd = cgroup_procs_fd
+    c_spec.cgroup_fd = cgroup_fd
     c_spec.death_signal = spec.death_signal
     c_spec.lifeline_fd = lifeline_fd
     error = ffi.new("char[]", _ERROR_SIZE)

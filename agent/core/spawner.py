@@ -371,7 +371,7 @@ def _start(config: AppConfig, instance: Instance, supervision: Supervision,
         env_fd = private_env_fd(private_env(config))
         if env_fd is not None:
             child_ends.append(env_fd)
-        procs_fd = spawning.cgroup_procs_fd(user_id(user))
+        cgroup_fd = spawning.cgroup_fd(user_id(user))
         fd3, control_fd = make_fd3()
         child_ends.append(fd3)
         if control_fd >= 0:
@@ -379,7 +379,7 @@ def _start(config: AppConfig, instance: Instance, supervision: Supervision,
         ready_r, out_r = _pipes(spawning.core_ends, child_ends)
         pid = spawn(spec, fd3, child_ends[-2], child_ends[-1],
                     startup_fd=-1 if startup_fd is None else startup_fd,
-                    env_fd=-1 if env_fd is None else env_fd, cgroup_procs_fd=procs_fd)
+                    env_fd=-1 if env_fd is None else env_fd, cgroup_fd=cgroup_fd)
     except (OSError, SpawnError) as e:  # the engine module's NativeError is an OSError too
         spawning.failed(e)
     spawning.forked(pid)
@@ -446,7 +446,7 @@ def start_generic_worker(config: AppConfig, instance: Instance, supervision: Sup
             groups=user.groups if user else (),
             death_signal=signal.SIGKILL,
         )
-        procs_fd = spawning.cgroup_procs_fd(user_id(user))
+        cgroup_fd = spawning.cgroup_fd(user_id(user))
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         core_ends.append(out_r)
         child_ends.append(out_w)
@@ -454,7 +454,7 @@ def start_generic_worker(config: AppConfig, instance: Instance, supervision: Sup
         lifeline_r, lifeline_w = os.pipe2(os.O_CLOEXEC)
         core_ends.append(lifeline_w)
         child_ends.append(lifeline_r)
-        pid = spawn(spec, -1, -1, out_w, cgroup_procs_fd=procs_fd, lifeline_fd=lifeline_r)
+        pid = spawn(spec, -1, -1, out_w, cgroup_fd=cgroup_fd, lifeline_fd=lifeline_r)
     except (OSError, SpawnError) as e:
         spawning.failed(e)
     spawning.forked(pid)
@@ -472,23 +472,16 @@ class _Spawning:
         self.child_ends: list[int] = child_ends or []
         self.cgroup: Path | None = None
 
-    def cgroup_procs_fd(self, uid: int) -> int:
-        """A new cgroup for a child that csrc/spawn.c forks: its
-        cgroup.procs opened for writing (the child joins it while still
-        root), among the child's ends; -1 where the agent makes no cgroups."""
-        return self._cgroup_fd(uid, "cgroup.procs", os.O_WRONLY)
-
-    def cgroup_dir_fd(self, uid: int | None) -> int:
-        """A new cgroup for a worker that a preloader forks: the cgroup's
-        directory, opened, which the preloader forks the worker into as
-        the app's user; -1 where there is none."""
-        return -1 if uid is None else self._cgroup_fd(uid, ".", os.O_RDONLY | os.O_DIRECTORY)
-
-    def _cgroup_fd(self, uid: int, name: str, flags: int) -> int:
-        self.cgroup = self.supervision.new_cgroup(uid)
+    def cgroup_fd(self, uid: int | None) -> int:
+        """A new cgroup for the child, of the user uid: its directory,
+        opened, among the child's ends, which csrc/spawn.c or a preloader
+        forks the child into; -1 where the agent makes no cgroups (or no
+        uid is known). Never an opened cgroup.procs: Linux checks writes
+        to one against its opener's rights, and a preloader is app code."""
+        self.cgroup = None if uid is None else self.supervision.new_cgroup(uid)
         if self.cgroup is None:
             return -1
-        fd = os.open(self.cgroup / name, flags | os.O_CLOEXEC)
+        fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.child_ends.append(fd)
         return fd
 
@@ -537,7 +530,7 @@ def fork_worker(channel: Channel, instance: Instance, socket_path: str, supervis
         core_ends.append(lifeline_w)
         child_ends.append(lifeline_r)
         # The cgroup's fd comes last, as the preloader expects.
-        cgroup = spawning.cgroup_dir_fd(supervision.uid_beside(channel.pid)) >= 0
+        cgroup = spawning.cgroup_fd(supervision.uid_beside(channel.pid)) >= 0
         pid = channel.fork(child_ends, cgroup=cgroup)
     except (OSError, PreloaderFailed) as e:
         _unlink(socket_path)

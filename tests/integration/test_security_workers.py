@@ -28,6 +28,9 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+import pytest
+
 from tests.integration import apps
 from tests.integration.stack import NGINX_USER, AppSpec, Response, Stack, alive, running_stack, wait_until
 from tests.integration.users import ATTACKER, ensure_user, run_as
@@ -500,6 +503,43 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "application/json")])
     return [json.dumps(body).encode()]
 """
+
+
+@pytest.mark.parametrize("method", ["smart", "direct"])
+def test_each_worker_has_its_own_cgroup_in_its_users(method: str) -> None:
+    app = AppSpec("layout", apps.HELLO, "/layout/", directives={"agent_spawn_method": method,
+                                                                "agent_min_instances": "2", "agent_prestart": "on"})
+    with running_stack([app, BYSTANDER]) as stack:
+        wait_until(lambda: len(stack.worker_pids(app)) == 2, timeout=20, what="two workers")
+        if not cgroups_available():
+            assert "supervised by process group" in log_text(stack)
+            return
+        assert_own_cgroups(stack, app, 2)
+        still_serving(stack)
+
+
+def assert_own_cgroups(stack: Stack, app: AppSpec, count: int) -> Path:
+    """Each of the app's count workers in a cgroup of its own, in its
+    user's (INSTANCE/u<uid>/w<n>, agent/core/supervision.py), where the
+    user may write the cgroup.procs files and root keeps every other
+    file. Returns the user's cgroup."""
+    workers = [psutil.Process(pid) for pid in stack.worker_pids(app)]
+    uid = workers[0].uids().real
+    cgroups = {cgroup_directory(worker.pid) for worker in workers}
+    assert len(cgroups) == count and {path.parent.name for path in cgroups} == {f"u{uid}"}
+    users = next(iter(cgroups)).parent
+    assert users.parent.name.startswith("agent-")
+    for path in (users, *cgroups):
+        assert (path / "cgroup.procs").stat().st_uid == uid
+        assert (path / "cgroup.kill").stat().st_uid == 0
+    assert (users.parent / "cgroup.procs").stat().st_uid == 0
+    return users
+
+
+def cgroup_directory(pid: int) -> Path:
+    mount = next(line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+                 if line.split()[2] == "cgroup2")
+    return Path(mount) / cgroup_of(pid).lstrip("/")
 
 
 def test_a_process_moved_out_of_its_workers_cgroup_dies_with_the_worker() -> None:

@@ -16,7 +16,7 @@ import psutil
 from agent.control.client import UnixHTTPConnection
 from tests.integration.stack import AppSpec, Stack, running_stack, wait_until
 from tests.integration.test_agentctl import agentctl
-from tests.integration.test_security_workers import cgroups_available
+from tests.integration.test_security_workers import assert_own_cgroups, cgroup_directory, cgroups_available
 
 # Answers with what the worker knows of its making: its pid, the pid that
 # imported the app, what its at-fork hook saw, and its random state's digest.
@@ -82,28 +82,6 @@ def test_workers_are_the_preloaders_children_and_share_its_pages() -> None:
         assert preloader.uids().real != 0  # the app's user, never root
 
 
-def cgroup_path(pid: int) -> Path:
-    own = next(line[3:] for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if line.startswith("0::"))
-    mount = next(line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-                 if line.split()[2] == "cgroup2")
-    return Path(mount) / own.lstrip("/")
-
-
-def assert_in_delegated_cgroups(stack: Stack, app: AppSpec, workers: int) -> None:
-    """Each worker in a cgroup of its own beside the preloader's, in its
-    user's, whose cgroup.procs (and only those files) are the user's."""
-    preloader = the_preloader(stack, app)
-    uid = preloader.uids().real
-    users = cgroup_path(preloader.pid).parent
-    assert users.name == f"u{uid}" and users.parent.name.startswith("agent-")
-    cgroups = {cgroup_path(worker.pid) for worker in stack.worker_processes(app)}
-    assert len(cgroups) == workers and {path.parent for path in cgroups} == {users}
-    for path in (users, *cgroups):
-        assert (path / "cgroup.procs").stat().st_uid == uid
-        assert (path / "cgroup.kill").stat().st_uid == 0
-    assert (users.parent / "cgroup.procs").stat().st_uid == 0
-
-
 def test_workers_are_forked_into_their_own_cgroups_beside_the_preloaders() -> None:
     app = app_spec(agent_min_instances="3")
     with running_stack([app]) as stack:
@@ -111,7 +89,8 @@ def test_workers_are_forked_into_their_own_cgroups_beside_the_preloaders() -> No
         if not cgroups_available():
             assert "supervised by process group" in stack.agent_log()
             return
-        assert_in_delegated_cgroups(stack, app, 3)
+        users = assert_own_cgroups(stack, app, 3)
+        assert cgroup_directory(the_preloader(stack, app).pid).parent == users
         # Forked by clone3 into the cgroup: the preloader says when it cannot.
         assert "clone3 into the worker's cgroup" not in stack.agent_log()
         assert answer(stack)["reopened"]
@@ -132,7 +111,7 @@ def test_a_preloader_with_threads_forks_its_workers_and_they_join_their_cgroups(
         served = answer(stack)
         assert served["reopened"] == [served["pid"]] and served["imported_by"] != served["pid"]
         if cgroups_available():
-            assert_in_delegated_cgroups(stack, app, 2)
+            assert_own_cgroups(stack, app, 2)
 
 
 def test_an_apps_at_fork_hook_runs_in_each_worker_and_seeds_differ() -> None:

@@ -21,13 +21,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.integration import websocket_apps
-from tests.integration.stack import AppSpec, Stack, example_venv, running_stack, started, wait_until
+from tests.integration.stack import AppSpec, Stack, example_venv, gone, running_stack, started, wait_until
 from tests.integration.test_asgi import BUILT_VENV, EXAMPLE, StarletteStack
 from tests.integration.test_threads import serving
 
@@ -163,8 +162,7 @@ def test_sigterm_to_the_worker_closes_its_websockets_with_1001(stack: Stack) -> 
             assert ws.close_code == 1001
     for name in names:
         assert marker(stack, f"{name}-disconnect-1001")
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-               timeout=30, what="the worker to exit")
+    wait_until(lambda: gone(pid), timeout=30, what="the worker to exit")
     # A new worker takes the next WebSocket.
     with client(stack, f"/echo?name={unique('after')}") as ws:
         ws.send("again")

@@ -17,12 +17,11 @@ import struct
 import time
 from collections.abc import Iterator
 
-import psutil
 import pytest
 
 from agent.loaders import asgi_websocket as ws
 from tests.integration import websocket_apps
-from tests.integration.stack import AppSpec, Stack, running_stack, wait_until
+from tests.integration.stack import AppSpec, Stack, gone, running_stack, wait_until
 from tests.integration.test_security_workers import worker_socket_of
 
 MASK = b"\x5a\xa5\x0f\xf0"
@@ -360,8 +359,7 @@ def test_sigterm_closes_open_websockets_with_1001_and_the_worker_exits(stack: St
             tunnel.close()
     for name in names:
         wait_until(lambda name=name: marker(stack, f"{name}-disconnect-1001"), what="the app's disconnect 1001")
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
-               timeout=30, what="the worker to exit")
+    wait_until(lambda: gone(pid), timeout=30, what="the worker to exit")
     # Its replacement serves.
     wait_until(lambda: stack.worker_pids() - {pid}, timeout=30, what="a new worker")
     tunnel = Tunnel(stack, f"/echo?name={unique('after')}")
