@@ -150,6 +150,9 @@ SETTINGS: tuple[Setting, ...] = (
             "passenger_thread_count", minimum=1, maximum=1024),
     Setting("concurrency", N, APP, 100, "requests one ASGI worker serves at once on its event loop",
             minimum=1, maximum=1024),
+    Setting("asgi_loop", E, APP, "auto",
+            "an ASGI worker's event loop: auto, uvloop's where the app's Python has it, else asyncio's; "
+            "asyncio; uvloop (a worker without it fails to start)", choices=("auto", "asyncio", "uvloop")),
     # -- nginx's side only --------------------------------------------------------------
     Setting("enabled", F, LOC, False, "hand this location's dynamic requests to the agent",
             "passenger_enabled", serve=False),

@@ -171,7 +171,8 @@ def results_section(results: Sequence[StackResult], rounds: int) -> str:
 
 def stacks_table() -> str:
     rows = [["agent", f"`agentctl serve APP --app-type asgi --startup-file asgi.py --concurrency {ASGI_CONCURRENCY} "
-             f"--min-instances {WORKERS} --max-instances {WORKERS}`", f"{WORKERS} x an asyncio loop"],
+             f"--min-instances {WORKERS} --max-instances {WORKERS} --python PEERS-VENV/bin/python` "
+             "(`agent_asgi_loop auto`, the default)", f"{WORKERS} x a uvloop loop"],
             ["uvicorn", f"`uvicorn --workers {WORKERS} --uds SOCKET --loop uvloop --http httptools --ws websockets "
              "asgi:application`, nginx `proxy_pass` to the Unix socket", f"{WORKERS} x a uvloop loop"],
             ["Granian", f"`granian --interface asgi --workers {WORKERS} --uds SOCKET --loop uvloop "
@@ -221,8 +222,12 @@ upstream buffers:
 {stacks_table()}
 
 - uvicorn runs with its documented production extras (`uvicorn[standard]`:
-  uvloop, httptools, websockets), Granian with uvloop; the agent's workers
-  run the standard library's asyncio loop (its loader is stdlib only).
+  uvloop, httptools, websockets), Granian with uvloop. The agent's workers
+  run under the interpreter of the same virtualenv (bench/results/peers-venv,
+  made from the apps' Python), so that `agent_asgi_loop auto` finds uvloop
+  there as uvicorn's `--loop auto` would: every stack runs uvloop's loop.
+  The agent's loader itself uses only the standard library and HTTP on its
+  own frames (no httptools).
 - nginx in front of uvicorn and Granian has the configuration of uvicorn's
   deployment guide: `proxy_http_version 1.1`, and `Upgrade` and `Connection`
   passed on (a `map` of `$http_upgrade`), so that `/ws` becomes a WebSocket.

@@ -380,7 +380,10 @@ def make_asgi_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: 
     run_dir.mkdir()
     port = free_port()
     if kind is AgentAsgiStack:
-        return AgentAsgiStack(run_dir, port, app_dir, 1, args.buffers, nginx, REPO, sys.executable, args.app_python)
+        # The peers' interpreter, which has uvloop: agent_asgi_loop auto takes it, as uvicorn's --loop auto does.
+        assert peers_bin is not None
+        return AgentAsgiStack(run_dir, port, app_dir, 1, args.buffers, nginx, REPO, sys.executable,
+                              str(peers_bin / "python"))
     assert peers_bin is not None
     if kind is UvicornStack:
         return UvicornStack(run_dir, port, app_dir, 1, args.buffers, nginx, peers_bin)

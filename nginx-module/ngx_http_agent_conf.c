@@ -217,6 +217,13 @@ static ngx_str_t  ngx_http_agent_concurrency_models[] = {
     ngx_null_string
 };
 
+static ngx_str_t  ngx_http_agent_asgi_loops[] = {
+    ngx_string("auto"),
+    ngx_string("asyncio"),
+    ngx_string("uvloop"),
+    ngx_null_string
+};
+
 static ngx_str_t  ngx_http_agent_spawn_methods[] = {
     ngx_string("smart"),
     ngx_string("direct"),

@@ -111,7 +111,8 @@
     X(concurrency_model, ENUM, APP, "process",                                \
       ngx_http_agent_concurrency_models)                                      \
     X(thread_count, NUM, APP, 1, &ngx_http_agent_concurrency_bounds)         \
-    X(concurrency, NUM, APP, 100, &ngx_http_agent_concurrency_bounds)
+    X(concurrency, NUM, APP, 100, &ngx_http_agent_concurrency_bounds)        \
+    X(asgi_loop, ENUM, APP, "auto", ngx_http_agent_asgi_loops)
 
 
 /* how nginx serves a location */

@@ -305,6 +305,8 @@ def worker_env(config: AppConfig, user: WorkerUser | None, startup_fd: bool = Fa
     env.pop("AGENT_ENV_FD", None)
     env["AGENT_PEER_UIDS"] = peer_uids(nginx_uid)
     env["AGENT_CONCURRENCY"] = str(config.worker_concurrency)
+    if config.app_type == "asgi":
+        env["AGENT_ASGI_LOOP"] = config.asgi_loop
     if startup_fd:
         env["AGENT_STARTUP_FD"] = str(STARTUP_FD)
     if private_env(config):

@@ -53,6 +53,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import _socket
     from collections.abc import Awaitable, Callable
+    from types import ModuleType
     from typing import Any
 
     Message = dict[str, Any]
@@ -1013,16 +1014,48 @@ def run_worker(listener: _socket.socket, ready_fd: int, app: ASGIApp, peer_uids:
                concurrency: int) -> int:
     """A worker with its app loaded (wsgi_loader.main's worker, or its
     preloader's after the fork): its own event loop, from here on."""
+    try:
+        uvloop = event_loop_module(os.environ.get("AGENT_ASGI_LOOP", "auto"))
+    except shared.LoadError as error:
+        shared.report_load_error(ready_fd, error)
+        return 1
     sock = socket.socket(fileno=listener.detach())
     sock.setblocking(False)
+    serving = serve_worker(sock, ready_fd, app, peer_uids, concurrency)
     try:
-        return asyncio.run(serve_worker(sock, ready_fd, app, peer_uids, concurrency))
+        if uvloop is None:
+            return asyncio.run(serving)
+        if hasattr(asyncio, "Runner"):  # Python 3.11
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(serving)
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        return asyncio.run(serving)
     finally:
         sock.close()
 
 
+def event_loop_module(choice: str) -> ModuleType | None:
+    """uvloop, for agent_asgi_loop auto when the app's Python has it (as
+    uvicorn's --loop auto) and for uvloop, where a worker without it fails
+    to start; None: asyncio's own loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        if choice == "uvloop":
+            raise shared.LoadError("exception", f"agent_asgi_loop uvloop: {sys.executable} cannot import uvloop; "
+                                   "install it in the app's environment, or set agent_asgi_loop auto", "") from None
+        return None
+    module: ModuleType = uvloop
+    return module
+
+
 def main() -> int:
     shared.LOG_PREFIX = LOG_PREFIX
+    if os.environ.get("AGENT_ASGI_LOOP", "auto") != "asyncio":
+        with contextlib.suppress(ImportError):  # a preloader's import is its workers' too
+            import uvloop  # noqa: F401
     return shared.main(APP_NAMES, run_worker)
 
 

@@ -289,3 +289,67 @@ def test_starlette_streams_each_line_as_it_is_made(starlette: StarletteStack) ->
         conn.close()
     whole = starlette.get("/stream?count=3&delay=0")
     assert (whole.status, whole.text) == (200, "line 0\nline 1\nline 2\n")
+
+
+# -- agent_asgi_loop: uvloop's loop where the app's environment has it -----------
+
+# Answers with the module of the loop it runs on, over HTTP and a WebSocket
+# echo (the loader's socket calls on that loop both ways).
+LOOP_REPORTER = """
+import asyncio
+
+async def application(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    if scope["type"] == "websocket":
+        await receive()
+        await send({"type": "websocket.accept"})
+        message = await receive()
+        await send({"type": "websocket.send", "text": loop + " " + message["text"]})
+        await send({"type": "websocket.close", "code": 1000})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": loop.encode()})
+"""
+
+
+@pytest.fixture(scope="module")
+def venv_with_uvloop() -> Iterator[str]:
+    """examples/asgi's virtualenv, which has uvloop, as the workers' Python."""
+    root = Path(tempfile.mkdtemp(prefix="agent-asgi-loop-", dir="/tmp"))
+    root.chmod(0o755)  # the workers' user reaches the interpreter through it
+    try:
+        yield example_venv(EXAMPLE, BUILT_VENV, root / "venv")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("choice", "expected"), [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_the_loop_is_uvloops_where_the_apps_python_has_it(venv_with_uvloop: str, choice: str, expected: str) -> None:
+    from websockets.sync.client import connect
+
+    app = AppSpec("loop", LOOP_REPORTER, "/", python=venv_with_uvloop,
+                  directives={"agent_app_type": "asgi", "agent_asgi_loop": choice})
+    with running_stack([app]) as stack:
+        response = stack.get("/")
+        assert (response.status, response.text) == (200, expected)
+        with connect(f"ws://127.0.0.1:{stack.port}/ws", open_timeout=10) as ws:
+            ws.send("echo")
+            assert ws.recv(timeout=10) == f"{expected} echo"
+
+
+def test_auto_takes_asyncios_loop_where_uvloop_is_missing_and_uvloop_fails_the_start() -> None:
+    auto = AppSpec("auto", LOOP_REPORTER, "/auto/", directives={"agent_app_type": "asgi"})
+    forced = AppSpec("forced", LOOP_REPORTER, "/forced/", directives={
+        "agent_app_type": "asgi", "agent_asgi_loop": "uvloop", "agent_friendly_error_pages": "on"})
+    with running_stack([auto, forced]) as stack:
+        assert stack.get("/auto/").text == "asyncio"  # the system's Python has no uvloop
+        failed = stack.get("/forced/")
+        assert failed.status == 500
+        assert "could not be started" in failed.text and "cannot import uvloop" in failed.text
+        assert "cannot import uvloop" in stack.agent_log()
+        assert stack.get("/auto/").text == "asyncio"
