@@ -117,9 +117,11 @@ static void put_header_name(writer *w, const char *name, uint32_t len)
 }
 
 typedef struct {
-    const char *method, *uri, *content_length, *content_type, *remote_addr, *server_name, *https;
-    uint32_t method_len, uri_len, content_length_len, content_type_len, remote_addr_len, server_name_len, https_len;
+    const char *method, *uri, *content_length, *content_type, *remote_addr, *server_name, *https, *upgrade;
+    uint32_t method_len, uri_len, content_length_len, content_type_len, remote_addr_len, server_name_len, https_len,
+        upgrade_len;
     bool has_host;
+    bool tunnel;                /* AGENT_UPGRADE: the client asked to switch protocols */
 } cgi_vars;
 
 /* The next pair of vars at *pos; vars were checked by frame_parse_vars(),
@@ -167,8 +169,11 @@ http_head_status http_head_build(const char *vars, uint32_t vars_size, char *out
         TAKE("REMOTE_ADDR", remote_addr)
         TAKE("SERVER_NAME", server_name)
         TAKE("HTTPS", https)
+        TAKE("HTTP_UPGRADE", upgrade)
         if (key_is(key, klen, "HTTP_HOST"))
             c.has_host = c.has_host || clean_value(val, vlen);
+        if (key_is(key, klen, "AGENT_UPGRADE"))
+            c.tunnel = vlen == 1 && val[0] == '1';
     }
     if (!c.method || !is_token(c.method, c.method_len))
         return HTTP_HEAD_BAD_METHOD;
@@ -202,12 +207,21 @@ http_head_status http_head_build(const char *vars, uint32_t vars_size, char *out
         put(&w, c.content_type, c.content_type_len);
         put_str(&w, "\r\n");
     }
-    put_str(&w, "Content-Length: ");
-    if (c.content_length && c.content_length_len > 0)
-        put(&w, c.content_length, c.content_length_len);  /* decimal: frame_parse_vars checked it */
-    else
-        put_str(&w, "0");
-    put_str(&w, "\r\nConnection: close\r\n");
+    if (c.tunnel && c.upgrade && c.upgrade_len > 0 && clean_value(c.upgrade, c.upgrade_len)) {
+        /* A switch of protocols (a WebSocket): what follows the head on
+         * this connection is the new protocol's, both ways, until either
+         * side closes; so no length, and no close after the response. */
+        put_str(&w, "Upgrade: ");
+        put(&w, c.upgrade, c.upgrade_len);
+        put_str(&w, "\r\nConnection: Upgrade\r\n");
+    } else {
+        put_str(&w, "Content-Length: ");
+        if (c.content_length && c.content_length_len > 0)
+            put(&w, c.content_length, c.content_length_len);  /* decimal: frame_parse_vars checked it */
+        else
+            put_str(&w, "0");
+        put_str(&w, "\r\nConnection: close\r\n");
+    }
     if (c.remote_addr && clean_value(c.remote_addr, c.remote_addr_len) && c.remote_addr_len > 0) {
         put_str(&w, "X-Forwarded-For: ");
         put(&w, c.remote_addr, c.remote_addr_len);

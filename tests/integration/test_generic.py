@@ -22,7 +22,7 @@ import pytest
 from agent.control.client import UnixHTTPConnection
 from tests.integration.fastpath_table import FastPathTable
 from tests.integration.load import Load
-from tests.integration.stack import REPO, AppSpec, Stack, gone, nginx_t_with, running_stack, wait_until
+from tests.integration.stack import REPO, AppSpec, Stack, alive, gone, nginx_t_with, running_stack, wait_until
 
 NODE_APP = (REPO / "examples" / "generic-node" / "app.js").read_text()
 
@@ -323,3 +323,45 @@ def test_nginx_refuses_a_generic_app_without_its_start_command() -> None:
     assert 'has "agent_app_type generic" but no "agent_app_start_command"' in result.stderr
     good = nginx_t_with('agent_app_type generic;\nagent_app_start_command "node app.js";')
     assert good.returncode == 0, good.stderr
+
+
+def test_a_websocket_reaches_the_app_and_echoes_both_ways_until_either_side_closes() -> None:
+    """The Upgrade goes to the app with Connection: Upgrade; after its 101
+    the engine carries the app's protocol both ways (docs/policy.md,
+    "Generic apps"), as long as the connection lasts: past the app's
+    request time limit too."""
+    from websockets.exceptions import ConnectionClosedOK
+    from websockets.sync.client import connect
+
+    app = node_app(agent_max_request_time="2s")
+    with running_stack([app]) as stack:
+        pid = node_pid(stack)
+        with connect(f"ws://127.0.0.1:{stack.port}/ws", open_timeout=10) as ws:
+            assert ws.response is not None and ws.response.headers["X-Pid"] == str(pid)
+            ws.send("hello")
+            assert ws.recv(timeout=10) == "hello"
+            big = os.urandom(200_000)
+            ws.send(big)
+            assert ws.recv(timeout=10) == big
+            time.sleep(3)                    # past agent_max_request_time: a tunnel has no limit
+            ws.send("still here")
+            assert ws.recv(timeout=10) == "still here"
+            ws.ping().wait(timeout=10)
+            # The tunnel holds its worker's one session: another request
+            # gets another worker, which the pool starts for it.
+            assert node_pid(stack) != pid
+        # The client's close came back from the app: the close handshake completed.
+        assert isinstance(ws.protocol.close_exc, ConnectionClosedOK)
+        assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+        assert alive(pid)                    # a tunnel that ended is no failure of its worker
+
+        with connect(f"ws://127.0.0.1:{stack.port}/ws", open_timeout=10) as ws:
+            ws.send("before the app stops")
+            assert ws.recv(timeout=10) == "before the app stops"
+            assert ws.response is not None
+            serving = int(ws.response.headers["X-Pid"])
+            os.kill(serving, signal.SIGKILL)  # the app's end goes: the client's connection ends too
+            with pytest.raises(Exception):  # noqa: B017 - a close without a frame, whichever class says it
+                ws.recv(timeout=10)
+        wait_until(lambda: gone(serving), what="the killed app to be reaped")
+        assert stack.get("/").status == 200

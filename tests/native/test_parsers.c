@@ -525,6 +525,38 @@ static void test_http_head_defaults_and_bad_input(void)
     CHECK(head_of(&cut, &st)[0] == 'G' && st == HTTP_HEAD_OK);
 }
 
+/* A switch of protocols: Upgrade and Connection: Upgrade, no length and
+ * no close; without AGENT_UPGRADE (or with a value that could split a
+ * line) the Upgrade header stays dropped, as any hop-by-hop one. */
+static void test_http_head_upgrade(void)
+{
+    http_head_status st;
+    bytes b = {.len = 0};
+    put_pair(&b, "REQUEST_METHOD", "GET");
+    put_pair(&b, "REQUEST_URI", "/ws");
+    put_pair(&b, "HTTP_HOST", "h");
+    put_pair(&b, "HTTP_UPGRADE", "websocket");
+    put_pair(&b, "HTTP_CONNECTION", "Upgrade");
+    put_pair(&b, "HTTP_SEC_WEBSOCKET_KEY", "dGhlIHNhbXBsZSBub25jZQ==");
+    put_pair(&b, "CONTENT_LENGTH", "0");
+    bytes tunnel = b;
+    put_pair(&tunnel, "AGENT_UPGRADE", "1");
+    CHECK_STR(head_of(&tunnel, &st),
+              "GET /ws HTTP/1.1\r\nHost: h\r\nSec-Websocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+              "Upgrade: websocket\r\nConnection: Upgrade\r\nX-Forwarded-Proto: http\r\n\r\n");
+    CHECK_STR(head_of(&b, &st),
+              "GET /ws HTTP/1.1\r\nHost: h\r\nSec-Websocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+              "Content-Length: 0\r\nConnection: close\r\nX-Forwarded-Proto: http\r\n\r\n");
+
+    bytes split = {.len = 0};
+    put_pair(&split, "REQUEST_METHOD", "GET");
+    put_pair(&split, "HTTP_UPGRADE", "websocket\r\nInjected: yes");
+    put_pair(&split, "AGENT_UPGRADE", "1");
+    CHECK_STR(head_of(&split, &st),
+              "GET / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n"
+              "X-Forwarded-Proto: http\r\n\r\n");
+}
+
 static void test_http_status_line(void)
 {
     CHECK(http_check_status_line("HTTP/1.1 200 OK", 15, false) == STATUS_LINE_OK);
@@ -555,6 +587,7 @@ int main(void)
     test_status_line();
     test_http_head();
     test_http_head_defaults_and_bad_input();
+    test_http_head_upgrade();
     test_http_status_line();
     if (failures) {
         fprintf(stderr, "%d checks failed\n", failures);
