@@ -1054,8 +1054,12 @@ def event_loop_module(choice: str) -> ModuleType | None:
 def main() -> int:
     shared.LOG_PREFIX = LOG_PREFIX
     if os.environ.get("AGENT_ASGI_LOOP", "auto") != "asyncio":
-        with contextlib.suppress(ImportError):  # a preloader's import is its workers' too
+        # A preloader's import is its workers' too. A try, not suppress():
+        # tests/unit/test_imports.py's rule for the app's packages.
+        try:  # noqa: SIM105
             import uvloop  # noqa: F401
+        except ImportError:
+            pass
     return shared.main(APP_NAMES, run_worker)
 
 

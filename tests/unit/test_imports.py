@@ -147,11 +147,41 @@ LOADER_SPEEDUPS = "_agent_loader_speedups"
 LOADERS = {path.stem for path in (AGENT / "loaders").glob("*.py")} - {"__init__"}
 
 
+# What a loader takes from the app's environment when it is there (uvloop for
+# agent_asgi_loop auto): only inside a try that catches ImportError.
+FROM_THE_APPS_ENVIRONMENT = {"uvloop"}
+
+
+def guarded_by_import_error(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    """node sits in the body of a try with an `except ImportError`."""
+    child, parent = node, parents.get(node)
+    while parent is not None:
+        if isinstance(parent, ast.Try) and child in parent.body and any(
+                isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in parent.handlers):
+            return True
+        child, parent = parent, parents.get(parent)
+    return False
+
+
 def test_loaders_use_the_standard_library_only() -> None:
     for path in (AGENT / "loaders").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             for name in names:
+                if name in FROM_THE_APPS_ENVIRONMENT:
+                    assert guarded_by_import_error(node, parents), f"{path.name} imports {name} unguarded"
+                    continue
                 assert name.split(".")[0] in sys.stdlib_module_names or name in {LOADER_SPEEDUPS, *LOADERS}, \
                     f"{path.name} imports {name}"
+
+
+def test_an_import_from_the_apps_environment_must_be_guarded() -> None:
+    guarded = ast.parse("try:\n    import uvloop\nexcept ImportError:\n    pass\n")
+    bare = ast.parse("try:\n    import uvloop\nexcept ValueError:\n    pass\n")
+    for tree, expected in ((guarded, True), (bare, False)):
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.Import))
+        assert guarded_by_import_error(node, parents) is expected
