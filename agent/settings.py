@@ -150,6 +150,10 @@ SETTINGS: tuple[Setting, ...] = (
             "passenger_thread_count", minimum=1, maximum=1024),
     Setting("concurrency", N, APP, 100, "requests one ASGI worker serves at once on its event loop",
             minimum=1, maximum=1024),
+    Setting("websocket_ping_interval", T, APP, 20_000,
+            "an ASGI worker pings each open WebSocket this often, and closes (1011) one whose client has sent "
+            "nothing for twice as long: a client gone without a word frees its session (uvicorn's "
+            "--ws-ping-interval and --ws-ping-timeout); 0: never"),
     Setting("asgi_loop", E, APP, "auto",
             "an ASGI worker's event loop: auto, uvloop's where the app's Python has it, else asyncio's; "
             "asyncio; uvloop (a worker without it fails to start)", choices=("auto", "asyncio", "uvloop")),

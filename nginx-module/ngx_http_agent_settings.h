@@ -112,6 +112,7 @@
       ngx_http_agent_concurrency_models)                                      \
     X(thread_count, NUM, APP, 1, &ngx_http_agent_concurrency_bounds)         \
     X(concurrency, NUM, APP, 100, &ngx_http_agent_concurrency_bounds)        \
+    X(websocket_ping_interval, MSEC, APP, 20000, NULL)                       \
     X(asgi_loop, ENUM, APP, "auto", ngx_http_agent_asgi_loops)
 
 

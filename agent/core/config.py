@@ -50,6 +50,7 @@ class AppConfig:
     concurrency_model: str = default("concurrency_model")
     thread_count: int = default("thread_count")
     concurrency: int = default("concurrency")
+    websocket_ping_interval_ms: int = default("websocket_ping_interval")
     asgi_loop: str = default("asgi_loop")
 
     @property
@@ -62,7 +63,7 @@ class AppConfig:
         policy applies to the running processes as they are."""
         return (self.app_root, self.app_type, self.startup_file, self.app_start_command, self.python, self.env,
                 self.user, self.group, self.default_user, self.spawn_method,
-                self.worker_concurrency, self.asgi_loop)
+                self.worker_concurrency, self.asgi_loop, self.websocket_ping_interval_ms)
 
     @property
     def worker_concurrency(self) -> int:

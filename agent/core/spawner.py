@@ -307,6 +307,7 @@ def worker_env(config: AppConfig, user: WorkerUser | None, startup_fd: bool = Fa
     env["AGENT_CONCURRENCY"] = str(config.worker_concurrency)
     if config.app_type == "asgi":
         env["AGENT_ASGI_LOOP"] = config.asgi_loop
+        env["AGENT_WS_PING_INTERVAL_MS"] = str(config.websocket_ping_interval_ms)
     if startup_fd:
         env["AGENT_STARTUP_FD"] = str(STARTUP_FD)
     if private_env(config):

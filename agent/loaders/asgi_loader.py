@@ -84,6 +84,18 @@ WS_EARLY_LIMIT = 64 * 1024
 # After its close frame the worker waits this long for the client's before
 # it ends the connection; also the bound on writing the close frame.
 WS_CLOSE_TIMEOUT = 2.0
+WS_PING_INTERVAL_DEFAULT_MS = 20_000
+
+
+def read_ping_interval(text: str | None) -> float:
+    """AGENT_WS_PING_INTERVAL_MS (agent_websocket_ping_interval) in
+    seconds; 0: no pings. Absent or not a whole number: the default."""
+    if text is None or not (text.isascii() and text.isdigit()):
+        return WS_PING_INTERVAL_DEFAULT_MS / 1000
+    return int(text) / 1000
+
+
+WS_PING_INTERVAL = read_ping_interval(os.environ.get("AGENT_WS_PING_INTERVAL_MS"))
 # Headers of the 101 answer that the worker writes itself: the app's own
 # are dropped.
 WS_OWN_HEADERS = frozenset(("upgrade", "connection", "sec-websocket-accept", "sec-websocket-protocol",
@@ -506,6 +518,8 @@ class WebSocketSession:
         self.response: Exchange | None = None  # websocket.http.response.* in place of accept
         self.going_away = False
         self.ended = False
+        self.heard = 0.0                     # loop time of the client's last frame
+        self.pinger: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.task = self.loop.create_task(self.watch())
@@ -589,6 +603,7 @@ class WebSocketSession:
 
     async def take(self, event: ws.Received) -> bool:
         """One thing the client sent; False when it ends the reading."""
+        self.heard = self.loop.time()
         opcode = event.opcode
         if opcode == ws.OP_TEXT or opcode == ws.OP_BINARY:
             if self.phase != OPEN:
@@ -658,7 +673,10 @@ class WebSocketSession:
         self.check_unanswered("websocket.accept")  # the client may have gone meanwhile
         self.phase = OPEN
         await self.write(head)
+        self.heard = self.loop.time()
         self.task = self.loop.create_task(self.read_loop())
+        if WS_PING_INTERVAL > 0:
+            self.pinger = self.loop.create_task(self.keepalive(WS_PING_INTERVAL))
         if self.going_away:
             self.start_close(ws.CLOSE_GOING_AWAY)
 
@@ -768,7 +786,26 @@ class WebSocketSession:
         self.peer_closed.set()
         self.shutdown()
 
+    async def keepalive(self, interval: float) -> None:
+        """A ping every interval while the WebSocket is open. A client that
+        has sent nothing, pongs included, for two intervals is taken as
+        gone (a peer that vanished without a word would hold the session
+        for good): closed with 1011, as the websockets library's keepalive
+        closes, and the app sees websocket.disconnect 1011."""
+        with contextlib.suppress(ClientDisconnected):
+            while self.phase == OPEN:
+                await asyncio.sleep(interval)
+                if self.phase != OPEN:
+                    return
+                if self.loop.time() - self.heard >= 2 * interval:
+                    log(f"a WebSocket client sent nothing for {2 * interval:g} s, pongs included: closed (1011)")
+                    self.start_close(ws.CLOSE_INTERNAL_ERROR, "keepalive ping timeout")
+                    return
+                await self.write(ws.encode_frame(ws.OP_PING, b""))
+
     def shutdown(self) -> None:
+        if self.pinger is not None and self.pinger is not asyncio.current_task():
+            self.pinger.cancel()
         with contextlib.suppress(OSError):
             self.conn.shutdown(socket.SHUT_RDWR)
         self.set_disconnect(ws.CLOSE_ABNORMAL)

@@ -367,3 +367,57 @@ def test_sigterm_closes_open_websockets_with_1001_and_the_worker_exits(stack: St
         tunnel.accepted()
     finally:
         tunnel.close()
+
+
+# -- agent_websocket_ping_interval ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def pinging() -> Iterator[Stack]:
+    app = AppSpec("ws", websocket_apps.APP, "/", startup_file="main.py", directives={
+        "agent_app_type": "asgi", "agent_max_instances": "1", "agent_min_instances": "1",
+        "agent_websocket_ping_interval": "300ms"})
+    with running_stack([app]) as s:
+        yield s
+
+
+def test_a_client_that_answers_nothing_is_closed_with_1011_after_two_intervals(pinging: Stack) -> None:
+    name = unique("silent")
+    tunnel = Tunnel(pinging, f"/hold?name={name}")
+    try:
+        tunnel.accepted()
+        started = time.monotonic()
+        pings = 0
+        while True:  # the pings come unanswered, then the close
+            opcode, payload = tunnel.frame()
+            if opcode != ws.OP_PING:
+                break
+            pings += 1
+        assert opcode == ws.OP_CLOSE and pings >= 1
+        assert ws.parse_close(payload) == (1011, "keepalive ping timeout")
+        assert time.monotonic() - started >= 0.5
+        tunnel.send(ws.OP_CLOSE, payload)  # the close answered: the end record, then the end
+        tunnel._fill()
+        assert tunnel.ended
+    finally:
+        tunnel.close()
+    wait_until(lambda: marker(pinging, f"{name}-disconnect-1011"), what="the app's disconnect 1011")
+
+
+def test_a_client_that_answers_the_pings_stays_open(pinging: Stack) -> None:
+    tunnel = Tunnel(pinging, f"/echo?name={unique('answering')}")
+    try:
+        tunnel.accepted()
+        deadline = time.monotonic() + 2.0   # more than six intervals
+        pings = 0
+        while time.monotonic() < deadline:
+            opcode, payload = tunnel.frame()
+            assert opcode == ws.OP_PING, (opcode, payload[:40])
+            pings += 1
+            tunnel.send(ws.OP_PONG, payload)
+        assert pings >= 4
+        tunnel.send(ws.OP_TEXT, b"still open")
+        while (frame := tunnel.frame())[0] == ws.OP_PING:
+            tunnel.send(ws.OP_PONG, frame[1])
+        assert frame == (ws.OP_TEXT, b"still open")
+    finally:
+        tunnel.close()
