@@ -1734,7 +1734,8 @@ class CgroupFork:
         self.ctypes = ctypes
         self.syscall = libc.syscall
         self.tid_address = tid_address
-        self.robust = (numbers[0], robust_head, robust_size)
+        self.set_robust_list = numbers[0]
+        self.robust_head, self.robust_size = robust_head, robust_size
         self.before = ctypes.pythonapi.PyOS_BeforeFork
         self.after_in_child = ctypes.pythonapi.PyOS_AfterFork_Child
         self.after_in_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
@@ -1742,9 +1743,17 @@ class CgroupFork:
 
     @classmethod
     def make(cls) -> CgroupFork | None:
-        """None where this process cannot fork that way (not Linux with
-        glibc on x86_64 or aarch64, or the kernel hides the tid address)."""
+        """None where this process cannot fork that way: not glibc (the
+        address the kernel holds is glibc's thread id field; another libc
+        keeps something else there), not x86_64 or aarch64, or a kernel
+        that hides the address."""
         numbers = cls.ROBUST_LIST_CALLS.get(os.uname().machine)
+        try:
+            glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+        except (ValueError, OSError):
+            glibc = ""
+        if not glibc.startswith("glibc"):
+            return None
         try:
             import ctypes
         except ImportError:
@@ -1774,7 +1783,7 @@ class CgroupFork:
         self.before()
         pid = self.syscall(self.SYS_CLONE3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
         if pid == 0:
-            self.syscall(self.robust[0], ctypes.c_void_p(self.robust[1]), ctypes.c_size_t(self.robust[2]))
+            self.syscall(self.set_robust_list, ctypes.c_void_p(self.robust_head), ctypes.c_size_t(self.robust_size))
             self.after_in_child()
         else:
             error = ctypes.get_errno()
