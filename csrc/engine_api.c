@@ -518,9 +518,9 @@ int agent_engine_worker_stats(agent_engine *e, agent_worker_stats *out, int max)
     int n = 0;
     for (int i = 0; i < e->nworkers && n < max; i++, n++) {
         const worker *w = e->workers[i];
-        /* A claim nginx holds is a session the engine does not see. */
-        out[n] = (agent_worker_stats){w->pid, w->app, w->state, w->concurrency,
-                                      w->sessions + (fp_nginx_claimed(e, w) ? 1 : 0), w->processed, w->last_used_ms};
+        /* A lane nginx holds is a session the engine does not see. */
+        out[n] = (agent_worker_stats){w->pid, w->app, w->state, w->concurrency, w->sessions + fp_nginx_lanes(e, w),
+                                      w->processed, w->last_used_ms};
     }
     pthread_mutex_unlock(&e->lock);
     return n;
@@ -534,9 +534,10 @@ static int free_slots(const agent_engine *e, int app_id)
     int slots = 0;
     for (int i = 0; i < e->nworkers; i++) {
         const worker *w = e->workers[i];
-        if (w->app == app_id && w->state == AGENT_WORKER_ACTIVE && !w->held && w->sessions < w->concurrency
+        int busy = w->sessions + fp_nginx_lanes(e, w);
+        if (w->app == app_id && w->state == AGENT_WORKER_ACTIVE && !w->held && busy < w->concurrency
             && fp_available(e, w))
-            slots += w->concurrency - w->sessions;
+            slots += w->concurrency - busy;
     }
     return slots;
 }

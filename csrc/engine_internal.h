@@ -119,6 +119,18 @@ typedef struct {
     char data[];
 } shared_reply;
 
+/* One of a worker's slots in the fast path's table (fastpath.c). */
+typedef struct {
+    int slot;
+    uint32_t gen;
+    bool engine_claimed;        /* the engine's own session holds its claim */
+    bool watching;              /* an nginx claim is being timed against the request time limit */
+    uint64_t claims_seen;       /* the slot's claims at the last sweep */
+    uint64_t engine_claims;     /* claims the engine itself made since */
+    uint64_t watch_claims;      /* claims when watch_since_ms was taken */
+    int64_t watch_since_ms;
+} fp_lane;
+
 typedef struct worker {
     int pid;
     int app;
@@ -141,18 +153,13 @@ typedef struct worker {
     int open;                   /* wconns open, idle or busy; at most concurrency */
     bool close_idle;            /* detached or removed: the loop must close its idle wconns */
     bool held;                  /* waits for the policy's check after a request (AGENT_NOTIFY_HOLD) */
-    /* Its slot in the fast path's table (fastpath.c), when it has one. */
-    bool fp_slotted;
-    bool fp_engine_claimed;     /* the engine's own session holds the slot's claim */
-    bool fp_failed;             /* the slot went FAILED: reported once, no more requests */
-    bool fp_detached_seen;      /* the slot's DETACHED was reported (WORKER_IDLE) */
-    bool fp_watching;           /* an nginx claim is being timed against the request time limit */
-    int fp_slot;
-    uint32_t fp_gen;
-    uint64_t fp_claims_seen;    /* the slot's claims at the last sweep */
-    uint64_t fp_engine_claims;  /* claims the engine itself made since */
-    uint64_t fp_watch_claims;   /* claims when fp_watch_since_ms was taken */
-    int64_t fp_watch_since_ms;
+    /* Its slots in the fast path's table (fastpath.c), when it has some:
+     * lanes 0..fp_lanes-1 of one column (fastpath.h, "Lanes"). */
+    int fp_lanes;               /* 0: no slot, the engine serves it alone */
+    int fp_engine_lanes;        /* lanes the engine's own sessions hold */
+    bool fp_failed;             /* a slot went FAILED: reported once, no more requests */
+    bool fp_detached_seen;      /* its drain was reported (WORKER_IDLE) */
+    fp_lane lane[AGENT_FP_LANES];
 } worker;
 
 /* A connection to a worker, kept across requests (docs/protocol.md §2). */
@@ -253,6 +260,7 @@ typedef struct conn {
     int app_id;
     struct app *queued_in;      /* the app whose queue holds it (CONN_QUEUED) */
     worker *worker;
+    int fp_lane;                /* the worker's lane the session holds (fastpath.c), or FP_NO_LANE */
     int64_t started_ms;
     int64_t frame_us;           /* when the frame was complete: durations and ages count from here */
     int64_t session_ms;         /* when the worker got it */
@@ -463,11 +471,14 @@ int fp_attach(agent_engine *e, const char *path, int nginx_uid);
 void fp_detach_table(agent_engine *e);
 void fp_publish(agent_engine *e, worker *w);
 void fp_unpublish(agent_engine *e, worker *w);
+#define FP_NO_LANE (-1)         /* fp_claim: the session runs without a slot */
+#define FP_REFUSED (-2)         /* fp_claim: nginx holds what the engine could take */
 bool fp_available(const agent_engine *e, const worker *w);
-bool fp_claim(agent_engine *e, worker *w);
-void fp_release(agent_engine *e, worker *w, bool failed);
+int fp_claim(agent_engine *e, worker *w);
+void fp_release(agent_engine *e, worker *w, int lane, bool failed);
 void fp_detach(agent_engine *e, worker *w);
-bool fp_nginx_claimed(const agent_engine *e, const worker *w);
+int fp_nginx_lanes(const agent_engine *e, const worker *w);
+void fp_spare_update(agent_engine *e, const app *a);
 void fp_app_update(agent_engine *e, app *a);
 void fp_app_removed(agent_engine *e, app *a);
 uint32_t fp_waiting(const agent_engine *e, const app *a);

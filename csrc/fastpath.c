@@ -86,6 +86,7 @@ int fp_attach(agent_engine *e, const char *path, int nginx_uid)
     for (int i = 0; i < AGENT_FP_APPS; i++) {
         __atomic_store_n(&t->apps[i].open, 0, __ATOMIC_RELEASE);
         __atomic_store_n(&t->apps[i].engine_queue, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&t->apps[i].engine_spare, 0, __ATOMIC_RELAXED);
     }
     for (int i = 0; i < AGENT_FP_SLOTS; i++) {
         agent_fp_slot *s = &t->slots[i];
@@ -127,40 +128,52 @@ void fp_detach_table(agent_engine *e)
 /* ------------------------------------------------------------------------ */
 /* Slots                                                                    */
 
-static agent_fp_slot *slot_of(const agent_engine *e, const worker *w)
+static agent_fp_slot *lane_slot(const agent_engine *e, const worker *w, int lane)
 {
-    return e->fp && w->fp_slotted ? &e->fp->slots[w->fp_slot] : NULL;
+    return e->fp && lane >= 0 && lane < w->fp_lanes ? &e->fp->slots[w->lane[lane].slot] : NULL;
 }
 
-static uint64_t word_of(const worker *w, uint32_t kind, uint32_t flags, uint32_t pid)
+static uint64_t lane_word(const worker *w, int lane, uint32_t kind, uint32_t flags, uint32_t pid)
 {
-    return agent_fp_word(kind, flags, pid, w->fp_gen);
+    return agent_fp_word(kind, flags, pid, w->lane[lane].gen);
 }
 
-/* A serving worker of concurrency 1 gets a slot, but never a generic one
- * (nginx's workers speak only the frame and records to a worker); its socket must be a
- * short file name nginx finds in workers/ (fastpath.h). */
-void fp_publish(agent_engine *e, worker *w)
+static bool slot_free(const agent_engine *e, int i)
+{
+    return e->fp_owner[i] == NULL;
+}
+
+/* Where a worker of `lanes` slots goes (fastpath.h, "Lanes"): the first
+ * free slot for one; for more, the last column whose lanes 0..lanes-1 are
+ * all free. -1: no room (the engine serves the worker alone). */
+static int place(const agent_engine *e, int lanes)
+{
+    if (lanes == 1) {
+        for (int i = 0; i < AGENT_FP_SLOTS; i++)
+            if (slot_free(e, i))
+                return i;
+        return -1;
+    }
+    for (int col = AGENT_FP_COLUMNS - 1; col >= 0; col--) {
+        int l = 0;
+        while (l < lanes && slot_free(e, l * AGENT_FP_COLUMNS + col))
+            l++;
+        if (l == lanes)
+            return col;
+    }
+    return -1;
+}
+
+/* Writes one lane's slot, FREE while it is written, then IDLE with a new
+ * generation. */
+static void publish_lane(agent_engine *e, worker *w, int lane, int i, const char *base, size_t len)
 {
     agent_fp_table *t = e->fp;
-    if (!t || w->http || w->fp_slotted || w->removed || w->concurrency != 1 || w->state != AGENT_WORKER_ACTIVE
-        || w->app < 0 || w->app >= AGENT_FP_APPS)
-        return;
-    const char *base = strrchr(w->addr.sun_path, '/');
-    base = base ? base + 1 : w->addr.sun_path;
-    size_t len = strlen(base);
-    if (len == 0 || len >= AGENT_FP_SOCKET_MAX)
-        return;
-    int i = 0;
-    while (i < AGENT_FP_SLOTS && e->fp_owner[i])
-        i++;
-    if (i == AGENT_FP_SLOTS)
-        return;  /* the slow path serves it */
     agent_fp_slot *s = &t->slots[i];
     uint32_t gen = __atomic_add_fetch(&t->header.generations, 1, __ATOMIC_RELAXED);
     if (gen == 0)  /* 0 is never a generation: a zeroed slot names no worker */
         gen = __atomic_add_fetch(&t->header.generations, 1, __ATOMIC_RELAXED);
-    __atomic_store_n(&s->word, 0, __ATOMIC_RELEASE);  /* FREE while it is written */
+    __atomic_store_n(&s->word, 0, __ATOMIC_RELEASE);
     s->app = (uint32_t)w->app;
     s->worker_pid = (uint32_t)w->pid;
     memset(s->socket, 0, sizeof s->socket);
@@ -170,74 +183,121 @@ void fp_publish(agent_engine *e, worker *w)
     memset(s->method, 0, sizeof s->method);
     memset(s->uri, 0, sizeof s->uri);
     e->fp_owner[i] = w;
-    w->fp_slotted = true;
-    w->fp_slot = i;
-    w->fp_gen = gen;
-    w->fp_claims_seen = w->fp_engine_claims = 0;
-    w->fp_engine_claimed = w->fp_failed = w->fp_detached_seen = w->fp_watching = false;
+    w->lane[lane] = (fp_lane){.slot = i, .gen = gen};
     if (__atomic_load_n(&t->header.slots_used, __ATOMIC_RELAXED) < (uint32_t)i + 1)
         __atomic_store_n(&t->header.slots_used, (uint32_t)i + 1, __ATOMIC_RELEASE);
-    __atomic_store_n(&s->word, word_of(w, AGENT_FP_IDLE, 0, 0), __ATOMIC_RELEASE);
+    __atomic_store_n(&s->word, lane_word(w, lane, AGENT_FP_IDLE, 0, 0), __ATOMIC_RELEASE);
 }
 
-/* The worker leaves the engine: its slot is FREE whatever it held. A
+/* A serving worker gets its lanes, but never a generic one (nginx's
+ * workers speak only the frame and records to a worker); its socket must
+ * be a short file name nginx finds in workers/ (fastpath.h). */
+void fp_publish(agent_engine *e, worker *w)
+{
+    if (!e->fp || w->http || w->fp_lanes || w->removed || w->state != AGENT_WORKER_ACTIVE || w->app < 0
+        || w->app >= AGENT_FP_APPS)
+        return;
+    const char *base = strrchr(w->addr.sun_path, '/');
+    base = base ? base + 1 : w->addr.sun_path;
+    size_t len = strlen(base);
+    if (len == 0 || len >= AGENT_FP_SOCKET_MAX)
+        return;
+    int lanes = w->concurrency < AGENT_FP_LANES ? w->concurrency : AGENT_FP_LANES;
+    int at = place(e, lanes);
+    if (at < 0)
+        return;  /* the slow path serves it */
+    for (int l = 0; l < lanes; l++)
+        publish_lane(e, w, l, lanes == 1 ? at : l * AGENT_FP_COLUMNS + at, base, len);
+    w->fp_lanes = lanes;
+    w->fp_engine_lanes = 0;
+    w->fp_failed = w->fp_detached_seen = false;
+}
+
+/* The worker leaves the engine: its slots are FREE whatever they held. A
  * claimant still serving it finds another word at release and stores
  * nothing. */
 void fp_unpublish(agent_engine *e, worker *w)
 {
-    agent_fp_slot *s = slot_of(e, w);
-    if (s) {
-        __atomic_store_n(&s->word, 0, __ATOMIC_RELEASE);
-        e->fp_owner[w->fp_slot] = NULL;
+    for (int l = 0; l < w->fp_lanes; l++) {
+        agent_fp_slot *s = lane_slot(e, w, l);
+        if (s) {
+            __atomic_store_n(&s->word, 0, __ATOMIC_RELEASE);
+            e->fp_owner[w->lane[l].slot] = NULL;
+        }
+        w->lane[l].engine_claimed = false;
     }
-    w->fp_slotted = false;
-    w->fp_engine_claimed = false;
+    w->fp_lanes = 0;
+    w->fp_engine_lanes = 0;
 }
 
-/* The slow path may take the worker: it has no slot, or the slot is IDLE. */
+/* The engine's sessions that hold no lane, and how many it may have. */
+static bool engine_has_room(const worker *w)
+{
+    return w->sessions - w->fp_engine_lanes < w->concurrency - w->fp_lanes;
+}
+
+static bool lane_idle(const agent_engine *e, const worker *w, int l)
+{
+    return agent_fp_load(&lane_slot(e, w, l)->word) == lane_word(w, l, AGENT_FP_IDLE, 0, 0);
+}
+
+/* The slow path may take the worker: room of its own, or an IDLE lane. */
 bool fp_available(const agent_engine *e, const worker *w)
 {
-    const agent_fp_slot *s = slot_of(e, w);
-    return !s || (!w->fp_failed && agent_fp_load(&s->word) == word_of(w, AGENT_FP_IDLE, 0, 0));
-}
-
-/* The slow path takes the worker; false when nginx has it. */
-bool fp_claim(agent_engine *e, worker *w)
-{
-    agent_fp_slot *s = slot_of(e, w);
-    if (!s)
+    if (!e->fp || !w->fp_lanes || engine_has_room(w))
         return true;
     if (w->fp_failed)
         return false;
-    uint64_t expected = word_of(w, AGENT_FP_IDLE, 0, 0);
-    if (!agent_fp_cas(&s->word, &expected, word_of(w, AGENT_FP_CLAIMED, 0, e->fp_pid)))
-        return false;
-    __atomic_add_fetch(&s->claims, 1, __ATOMIC_RELAXED);
-    w->fp_engine_claims++;
-    w->fp_engine_claimed = true;
-    return true;
+    for (int l = 0; l < w->fp_lanes; l++)
+        if (lane_idle(e, w, l))
+            return true;
+    return false;
 }
 
-/* The engine's session ends: the slot goes back IDLE, DETACHED (detach
- * flag, or the worker is no longer active) or FAILED. */
-void fp_release(agent_engine *e, worker *w, bool failed)
+/* The slow path takes the worker: FP_NO_LANE on its own room (used
+ * first, leaving the lanes to nginx), a lane it claimed, or FP_REFUSED
+ * when nginx holds every lane. */
+int fp_claim(agent_engine *e, worker *w)
 {
-    agent_fp_slot *s = slot_of(e, w);
-    if (!s || !w->fp_engine_claimed)
+    if (!e->fp || !w->fp_lanes || engine_has_room(w))
+        return FP_NO_LANE;
+    if (w->fp_failed)
+        return FP_REFUSED;
+    for (int l = 0; l < w->fp_lanes; l++) {
+        agent_fp_slot *s = lane_slot(e, w, l);
+        uint64_t expected = lane_word(w, l, AGENT_FP_IDLE, 0, 0);
+        if (!agent_fp_cas(&s->word, &expected, lane_word(w, l, AGENT_FP_CLAIMED, 0, e->fp_pid)))
+            continue;
+        __atomic_add_fetch(&s->claims, 1, __ATOMIC_RELAXED);
+        w->lane[l].engine_claims++;
+        w->lane[l].engine_claimed = true;
+        w->fp_engine_lanes++;
+        return l;
+    }
+    return FP_REFUSED;
+}
+
+/* The engine's session on `lane` ends: the slot goes back IDLE, DETACHED
+ * (detach flag, or the worker is no longer active) or FAILED. */
+void fp_release(agent_engine *e, worker *w, int lane, bool failed)
+{
+    agent_fp_slot *s = lane_slot(e, w, lane);
+    if (!s || !w->lane[lane].engine_claimed)
         return;
-    w->fp_engine_claimed = false;
+    w->lane[lane].engine_claimed = false;
+    w->fp_engine_lanes--;
     uint64_t expected = agent_fp_load(&s->word);
     for (;;) {
         if (agent_fp_kind(expected) != AGENT_FP_CLAIMED || agent_fp_pid(expected) != e->fp_pid
-            || agent_fp_generation(expected) != w->fp_gen)
+            || agent_fp_generation(expected) != w->lane[lane].gen)
             return;  /* not the engine's claim any more (the sweep took it): nothing to store */
         uint64_t desired;
         if (failed) {
-            desired = word_of(w, AGENT_FP_FAILED, 0, 0);
+            desired = lane_word(w, lane, AGENT_FP_FAILED, 0, 0);
         } else if ((agent_fp_flags(expected) & AGENT_FP_DETACH) || w->state != AGENT_WORKER_ACTIVE) {
-            desired = word_of(w, AGENT_FP_DETACHED, 0, 0);
+            desired = lane_word(w, lane, AGENT_FP_DETACHED, 0, 0);
         } else {
-            desired = word_of(w, AGENT_FP_IDLE, 0, 0);
+            desired = lane_word(w, lane, AGENT_FP_IDLE, 0, 0);
         }
         if (agent_fp_cas(&s->word, &expected, desired))
             break;
@@ -245,46 +305,55 @@ void fp_release(agent_engine *e, worker *w, bool failed)
     if (failed)
         w->fp_failed = true;  /* the engine reported it itself */
     if (w->state != AGENT_WORKER_ACTIVE) {
-        w->fp_detached_seen = true;  /* end_session reports the idle worker */
+        if (w->sessions == 0 && fp_nginx_lanes(e, w) == 0)
+            w->fp_detached_seen = true;  /* end_session reports the idle worker */
         app *a = app_by_id(e, w->app);
         if (a)
             fp_app_update(e, a);
     }
 }
 
-/* The worker gets no new request: IDLE -> DETACHED; a claimed slot gets
- * the DETACH flag and its claimant stores DETACHED at release. */
+/* The worker gets no new request: IDLE -> DETACHED on every lane; a
+ * claimed one gets the DETACH flag and its claimant stores DETACHED at
+ * release. */
 void fp_detach(agent_engine *e, worker *w)
 {
-    agent_fp_slot *s = slot_of(e, w);
-    if (!s)
-        return;
-    uint64_t expected = agent_fp_load(&s->word);
-    for (;;) {
-        if (agent_fp_generation(expected) != w->fp_gen)
-            return;  /* garbage: the sweep fails it */
-        uint64_t desired;
-        uint32_t kind = agent_fp_kind(expected);
-        if (kind == AGENT_FP_IDLE)
-            desired = word_of(w, AGENT_FP_DETACHED, 0, 0);
-        else if (kind == AGENT_FP_CLAIMED && !(agent_fp_flags(expected) & AGENT_FP_DETACH))
-            desired = expected | AGENT_FP_DETACH;
-        else
+    for (int l = 0; l < w->fp_lanes; l++) {
+        agent_fp_slot *s = lane_slot(e, w, l);
+        if (!s)
             return;
-        if (agent_fp_cas(&s->word, &expected, desired))
-            return;
+        uint64_t expected = agent_fp_load(&s->word);
+        for (;;) {
+            if (agent_fp_generation(expected) != w->lane[l].gen)
+                break;  /* garbage: the sweep fails it */
+            uint64_t desired;
+            uint32_t kind = agent_fp_kind(expected);
+            if (kind == AGENT_FP_IDLE)
+                desired = lane_word(w, l, AGENT_FP_DETACHED, 0, 0);
+            else if (kind == AGENT_FP_CLAIMED && !(agent_fp_flags(expected) & AGENT_FP_DETACH))
+                desired = expected | AGENT_FP_DETACH;
+            else
+                break;
+            if (agent_fp_cas(&s->word, &expected, desired))
+                break;
+        }
     }
 }
 
-/* nginx holds the worker: it counts as a session. */
-bool fp_nginx_claimed(const agent_engine *e, const worker *w)
+static bool nginx_holds(const agent_engine *e, const worker *w, int l)
 {
-    const agent_fp_slot *s = slot_of(e, w);
-    if (!s)
-        return false;
-    uint64_t word = agent_fp_load(&s->word);
-    return agent_fp_kind(word) == AGENT_FP_CLAIMED && agent_fp_generation(word) == w->fp_gen
+    uint64_t word = agent_fp_load(&lane_slot(e, w, l)->word);
+    return agent_fp_kind(word) == AGENT_FP_CLAIMED && agent_fp_generation(word) == w->lane[l].gen
            && agent_fp_pid(word) != e->fp_pid;
+}
+
+/* The lanes nginx holds: each one a session the engine does not see. */
+int fp_nginx_lanes(const agent_engine *e, const worker *w)
+{
+    int n = 0;
+    for (int l = 0; e->fp && l < w->fp_lanes; l++)
+        n += nginx_holds(e, w, l);
+    return n;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -310,7 +379,27 @@ static void row_seed(app *a, const agent_fp_app *r)
 
 static bool serves_fast_path(const worker *w)
 {
-    return w->fp_slotted && !w->fp_failed && w->state == AGENT_WORKER_ACTIVE;
+    return w->fp_lanes && !w->fp_failed && w->state == AGENT_WORKER_ACTIVE;
+}
+
+/* The row's engine_spare: requests the app's workers could start now
+ * outside their lanes (fastpath.h, "Lanes"). nginx that finds no IDLE
+ * slot sends a request to agent.sock while it is not zero. */
+void fp_spare_update(agent_engine *e, const app *a)
+{
+    agent_fp_app *r = row_of(e, a);
+    if (!r || !a->fp_row)
+        return;
+    int spare = 0;
+    for (int i = 0; i < e->nworkers; i++) {
+        const worker *w = e->workers[i];
+        if (w->app != a->id || w->state != AGENT_WORKER_ACTIVE || w->held || w->fp_failed)
+            continue;
+        int room = w->concurrency - w->fp_lanes - (w->sessions - w->fp_engine_lanes);
+        spare += room > 0 ? room : 0;
+    }
+    if (__atomic_load_n(&r->engine_spare, __ATOMIC_RELAXED) != (uint32_t)spare)
+        __atomic_store_n(&r->engine_spare, (uint32_t)spare, __ATOMIC_RELEASE);
 }
 
 /* Writes the app's row, open iff has_worker (an active slotted worker),
@@ -342,6 +431,7 @@ static void row_write(agent_engine *e, app *a, bool has_worker)
     r->max_queue = (uint32_t)a->max_queue;
     r->queue_timeout_ms = a->queue_timeout_ms;
     r->request_time_ms = a->request_time_ms;
+    fp_spare_update(e, a);
     if (open)
         __atomic_store_n(&r->open, 1, __ATOMIC_RELEASE);
 }
@@ -365,6 +455,7 @@ void fp_app_removed(agent_engine *e, app *a)
         return;
     __atomic_store_n(&r->open, 0, __ATOMIC_RELEASE);
     __atomic_store_n(&r->engine_queue, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&r->engine_spare, 0, __ATOMIC_RELAXED);
     a->fp_row = false;
 }
 
@@ -424,12 +515,15 @@ static bool pid_gone_cached(pid_cache *c, uint32_t pid)
     return gone;
 }
 
+/* A lane failed: the worker gets no more requests, on any lane. */
 static void report_failed(agent_engine *e, worker *w, uint64_t word, int64_t ran_ms)
 {
     w->fp_failed = true;
-    w->fp_watching = false;
+    for (int l = 0; l < w->fp_lanes; l++)
+        w->lane[l].watching = false;
     bool timed_out = agent_fp_flags(word) & AGENT_FP_TIMED_OUT;
     w->state = AGENT_WORKER_DETACHED;
+    fp_detach(e, w);
     worker_close_idle(e, w);
     if (timed_out)
         emit(e, AGENT_EV_REQUEST_TIMEOUT, w->app, w->pid, ran_ms,
@@ -441,82 +535,111 @@ static void report_failed(agent_engine *e, worker *w, uint64_t word, int64_t ran
         fp_app_update(e, a);
 }
 
-/* Marks the slot FAILED (flags) from the word seen; false when the word
- * changed meanwhile (the next tick looks again). */
-static bool fail_slot(worker *w, agent_fp_slot *s, uint64_t *seen, uint32_t flags)
+/* Marks the lane's slot FAILED (flags) from the word seen; false when the
+ * word changed meanwhile (the next tick looks again). */
+static bool fail_lane(worker *w, int l, agent_fp_slot *s, uint64_t *seen, uint32_t flags)
 {
-    uint64_t desired = word_of(w, AGENT_FP_FAILED, flags, 0);
+    uint64_t desired = lane_word(w, l, AGENT_FP_FAILED, flags, 0);
     if (!agent_fp_cas(&s->word, seen, desired))
         return false;
     *seen = desired;
     return true;
 }
 
-static void sweep_worker(agent_engine *e, worker *w, pid_cache *pids)
+/* What a sweep saw of a worker's lanes. */
+typedef struct {
+    uint64_t delta;             /* requests nginx gave it since the last sweep */
+    int nginx_claims;           /* lanes nginx holds */
+    int idle, detached;         /* lanes IDLE, DETACHED */
+} lane_sums;
+
+/* A word only the transitions in fastpath.h can make, for this lane. */
+static bool word_valid(const agent_engine *e, const worker *w, int l, uint64_t word)
 {
-    agent_fp_slot *s = slot_of(e, w);
-    app *a = app_by_id(e, w->app);
+    uint32_t kind = agent_fp_kind(word);
+    uint32_t pid = agent_fp_pid(word);
+    return agent_fp_generation(word) == w->lane[l].gen
+           && !(agent_fp_flags(word) & ~(AGENT_FP_DETACH | AGENT_FP_TIMED_OUT | AGENT_FP_UNTIMED))
+           && !((agent_fp_flags(word) & AGENT_FP_UNTIMED) && (kind != AGENT_FP_CLAIMED || pid == e->fp_pid))
+           && (kind == AGENT_FP_IDLE || kind == AGENT_FP_CLAIMED || kind == AGENT_FP_DETACHED
+               || kind == AGENT_FP_FAILED)
+           && !(kind == AGENT_FP_CLAIMED && pid == e->fp_pid && !w->lane[l].engine_claimed)
+           && !(kind != AGENT_FP_CLAIMED && pid != 0)
+           && !(kind == AGENT_FP_DETACHED && w->state == AGENT_WORKER_ACTIVE);  /* only a detach sets DETACH */
+}
+
+/* One lane: its claims counted, its word checked, an nginx claim timed. */
+static void sweep_lane(agent_engine *e, worker *w, int l, const app *a, pid_cache *pids, lane_sums *sum)
+{
+    agent_fp_slot *s = lane_slot(e, w, l);
+    fp_lane *ln = &w->lane[l];
     uint64_t word = agent_fp_load(&s->word);
     uint32_t kind = agent_fp_kind(word);
     uint32_t pid = agent_fp_pid(word);
-    bool nginx_claim = false;
 
-    /* Requests nginx gave the worker: the claims that are not the engine's. */
+    /* Requests nginx gave the lane: the claims that are not the engine's. */
     uint64_t claims = __atomic_load_n(&s->claims, __ATOMIC_RELAXED);
-    uint64_t delta = take_delta(claims, &w->fp_claims_seen, UINT64_MAX);
-    delta = delta > w->fp_engine_claims ? delta - w->fp_engine_claims : 0;
-    delta = delta < FP_DELTA_MAX ? delta : FP_DELTA_MAX;
-    w->fp_engine_claims = 0;
+    uint64_t delta = take_delta(claims, &ln->claims_seen, UINT64_MAX);
+    delta = delta > ln->engine_claims ? delta - ln->engine_claims : 0;
+    sum->delta += delta < FP_DELTA_MAX ? delta : FP_DELTA_MAX;
+    ln->engine_claims = 0;
 
     if (w->fp_failed)
-        goto count;
-    if (agent_fp_generation(word) != w->fp_gen || agent_fp_flags(word) & ~(AGENT_FP_DETACH | AGENT_FP_TIMED_OUT)
-        || (kind != AGENT_FP_IDLE && kind != AGENT_FP_CLAIMED && kind != AGENT_FP_DETACHED && kind != AGENT_FP_FAILED)
-        || (kind == AGENT_FP_CLAIMED && pid == e->fp_pid && !w->fp_engine_claimed)
-        || (kind != AGENT_FP_CLAIMED && pid != 0)
-        || (kind == AGENT_FP_DETACHED && w->state == AGENT_WORKER_ACTIVE)) {  /* only a detach sets DETACH */
-        if (fail_slot(w, s, &word, 0))
+        return;
+    if (!word_valid(e, w, l, word)) {
+        if (fail_lane(w, l, s, &word, 0))
             report_failed(e, w, word, 0);
-        goto count;
+        return;
     }
     if (kind == AGENT_FP_CLAIMED && pid != e->fp_pid) {
-        nginx_claim = true;
+        sum->nginx_claims++;
         if (pid_gone_cached(pids, pid)) {  /* an nginx worker died holding it */
-            if (fail_slot(w, s, &word, 0))
+            if (fail_lane(w, l, s, &word, 0))
                 report_failed(e, w, word, 0);
-            goto count;
+            return;
         }
-        if (!w->fp_watching || claims != w->fp_watch_claims) {
-            w->fp_watching = true;
-            w->fp_watch_claims = claims;
-            w->fp_watch_since_ms = e->now_ms;
+        if (agent_fp_flags(word) & AGENT_FP_UNTIMED) {  /* a tunnel: no time limit */
+            ln->watching = false;
+        } else if (!ln->watching || claims != ln->watch_claims) {
+            ln->watching = true;
+            ln->watch_claims = claims;
+            ln->watch_since_ms = e->now_ms;
         } else if (a && a->request_time_ms
-                   && e->now_ms - w->fp_watch_since_ms > (int64_t)a->request_time_ms + TICK_MS) {
-            int64_t ran = e->now_ms - w->fp_watch_since_ms;
-            if (fail_slot(w, s, &word, AGENT_FP_TIMED_OUT))
+                   && e->now_ms - ln->watch_since_ms > (int64_t)a->request_time_ms + TICK_MS) {
+            int64_t ran = e->now_ms - ln->watch_since_ms;
+            if (fail_lane(w, l, s, &word, AGENT_FP_TIMED_OUT))
                 report_failed(e, w, word, ran);
-            goto count;
         }
-    } else {
-        w->fp_watching = false;
+        return;
     }
-    if (kind == AGENT_FP_FAILED) {
+    ln->watching = false;
+    if (kind == AGENT_FP_FAILED)
         report_failed(e, w, word, 0);
-    } else if (kind == AGENT_FP_DETACHED && !w->fp_detached_seen && w->sessions == 0) {
+    sum->idle += kind == AGENT_FP_IDLE;
+    sum->detached += kind == AGENT_FP_DETACHED;
+}
+
+static void sweep_worker(agent_engine *e, worker *w, pid_cache *pids)
+{
+    app *a = app_by_id(e, w->app);
+    lane_sums sum = {0};
+    for (int l = 0; l < w->fp_lanes; l++)
+        sweep_lane(e, w, l, a, pids, &sum);
+
+    if (!w->fp_failed && sum.detached == w->fp_lanes && !w->fp_detached_seen && w->sessions == 0) {
         w->fp_detached_seen = true;
-        emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)(w->processed + delta));
+        emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)(w->processed + sum.delta));
     }
-count:
-    if (delta > 0) {
-        w->processed += delta;
+    if (sum.delta > 0) {
+        w->processed += sum.delta;
         if (a)
-            a->requests += delta;
+            a->requests += sum.delta;
     }
-    if (delta > 0 || nginx_claim) {
+    if (sum.delta > 0 || sum.nginx_claims > 0) {
         w->last_used_ms = e->now_ms;
         w->last_use_seq = ++e->use_seq;
     }
-    if (delta > 0 && !nginx_claim && kind == AGENT_FP_IDLE && w->sessions == 0 && !w->fp_failed && a
+    if (sum.delta > 0 && sum.idle == w->fp_lanes && w->sessions == 0 && !w->fp_failed && a
         && (a->notify & AGENT_NOTIFY_IDLE))
         emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed);
 }
@@ -584,7 +707,7 @@ void fp_sweep(agent_engine *e)
     bool has_worker[AGENT_FP_APPS] = {false};
     for (int i = 0; i < e->nworkers; i++) {
         worker *w = e->workers[i];
-        if (!w->fp_slotted)
+        if (!w->fp_lanes)
             continue;
         sweep_worker(e, w, &pids);
         if (serves_fast_path(w) && w->app >= 0 && w->app < AGENT_FP_APPS)
@@ -635,17 +758,19 @@ int fp_requests(agent_engine *e, agent_request_info *out, int n, int max, int64_
         return n;
     for (int i = 0; i < e->nworkers && n < max; i++) {
         worker *w = e->workers[i];
-        if (!fp_nginx_claimed(e, w))
-            continue;
-        agent_fp_slot *s = slot_of(e, w);
-        agent_request_info *r = &out[n++];
-        int64_t claim_ms = (int64_t)(__atomic_load_n(&s->claim_ms, __ATOMIC_RELAXED) & INT64_MAX);
-        r->app = w->app;
-        r->pid = w->pid;
-        r->state = AGENT_REQUEST_FORWARDING;
-        r->age_ms = now_ms > claim_ms ? now_ms - claim_ms : 0;
-        copy_display(r->method, sizeof r->method, s->method, sizeof s->method);
-        copy_display(r->path, sizeof r->path, s->uri, sizeof s->uri);
+        for (int l = 0; l < w->fp_lanes && n < max; l++) {
+            if (!nginx_holds(e, w, l))
+                continue;
+            agent_fp_slot *s = lane_slot(e, w, l);
+            agent_request_info *r = &out[n++];
+            int64_t claim_ms = (int64_t)(__atomic_load_n(&s->claim_ms, __ATOMIC_RELAXED) & INT64_MAX);
+            r->app = w->app;
+            r->pid = w->pid;
+            r->state = AGENT_REQUEST_FORWARDING;
+            r->age_ms = now_ms > claim_ms ? now_ms - claim_ms : 0;
+            copy_display(r->method, sizeof r->method, s->method, sizeof s->method);
+            copy_display(r->path, sizeof r->path, s->uri, sizeof s->uri);
+        }
     }
     return n;
 }

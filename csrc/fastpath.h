@@ -22,6 +22,18 @@
  * of range marks the slot FAILED, counters are taken as clamped deltas. nginx
  * trusts what the engine writes as much as it trusts agent.sock's answers.
  *
+ * Lanes. A worker that serves N requests at once (threads, ASGI) gets
+ * min(N, AGENT_FP_LANES) slots, lanes 0..L-1 of one column: each slot is
+ * one request's place in the worker, claimed and released as a worker of
+ * one request is. nginx claims the first IDLE slot in index order, so it
+ * meets the first lane of every worker before any second lane: requests
+ * spread over the workers. Workers of one request take single slots from
+ * the first row; workers with lanes take columns from the last. The rest
+ * of a worker's concurrency (N - L, or all of it when the table has no
+ * room) belongs to the engine; the app row's engine_spare says how many
+ * requests the engine could start now, and nginx that finds no IDLE slot
+ * sends the request to agent.sock while it is not zero.
+ *
  * Fixed layout, no pointers. Integers are native (both sides run on this
  * machine). Shared by the engine (csrc/) and the nginx module: plain C, no
  * includes beyond <stdint.h>.
@@ -32,12 +44,14 @@
 #include <stdint.h>
 
 #define AGENT_FP_MAGIC          0x50464741u   /* "AGFP" */
-#define AGENT_FP_VERSION        1u
+#define AGENT_FP_VERSION        2u
 #define AGENT_FP_FILE           "fastpath.table"
 #define AGENT_FP_WAKE_DIR       "wake"        /* <instance>/wake/<pid>: nginx workers' wake-up sockets */
 
 #define AGENT_FP_APPS           64            /* app rows; an engine app id >= this has no row */
-#define AGENT_FP_SLOTS          256           /* worker slots */
+#define AGENT_FP_COLUMNS        16            /* the slots are a grid: column c, lane l is slot l * COLUMNS + c */
+#define AGENT_FP_LANES          64            /* lanes per column: the most slots one worker gets */
+#define AGENT_FP_SLOTS          (AGENT_FP_COLUMNS * AGENT_FP_LANES)
 #define AGENT_FP_PROCS          64            /* nginx process rows */
 #define AGENT_FP_NAME_MAX       128           /* bytes of an app's name */
 #define AGENT_FP_SOCKET_MAX     48            /* a worker socket's file name in workers/, NUL-terminated */
@@ -49,7 +63,7 @@
  * A slot's state word (64 bits, compare-and-swap only):
  *
  *     bits 0-3    kind (AGENT_FP_FREE ...)
- *     bits 4-7    flags (AGENT_FP_DETACH, AGENT_FP_TIMED_OUT)
+ *     bits 4-7    flags (AGENT_FP_DETACH, AGENT_FP_TIMED_OUT, AGENT_FP_UNTIMED)
  *     bits 8-31   pid: the claimant while CLAIMED, else 0
  *     bits 32-63  generation: which worker the slot holds
  *
@@ -68,10 +82,15 @@
  *                                       request time limit, a value outside this list
  *   engine  DETACHED, FAILED -> FREE    the worker is gone from the engine
  *   nginx   IDLE -> CLAIMED(own pid)    a claim
+ *   nginx   CLAIMED(own pid) -> CLAIMED(own pid)|UNTIMED
+ *                                       the request became a tunnel (the worker answered 101): it
+ *                                       holds the slot as long as the client and the app keep it,
+ *                                       and the request time limit does not apply
  *   nginx   CLAIMED(own pid) -> IDLE, DETACHED (DETACH set) or FAILED (the worker failed, or the
  *                                       request passed its time limit: FAILED|TIMED_OUT)
  *   nginx   CLAIMED(own pid) kept       the release hands the worker to a request waiting in the
- *                                       same nginx process: no store at all, claims += 1
+ *                                       same nginx process: no store at all, claims += 1 (never
+ *                                       from an UNTIMED claim)
  */
 #define AGENT_FP_FREE           0u
 #define AGENT_FP_IDLE           1u
@@ -82,6 +101,7 @@
 #define AGENT_FP_KIND_MASK      0x0fu
 #define AGENT_FP_DETACH         0x10u
 #define AGENT_FP_TIMED_OUT      0x20u
+#define AGENT_FP_UNTIMED        0x40u
 #define AGENT_FP_FLAG_MASK      0xf0u
 #define AGENT_FP_PID_SHIFT      8
 #define AGENT_FP_PID_MAX        0xffffffu
@@ -126,7 +146,7 @@ typedef struct {
     uint32_t request_time_ms;   /* engine: 0 no limit */
     uint32_t engine_queue;      /* engine: requests in the engine's queue; nginx then releases to IDLE */
     uint32_t waiting;           /* nginx: requests waiting in every nginx process, raised by CAS below max_queue */
-    uint32_t pad;
+    uint32_t engine_spare;      /* engine: requests its workers could start now without a slot (Lanes, above) */
     /* nginx: what it answered itself or measured, for the status (atomic adds;
      * the engine takes clamped deltas) */
     uint64_t queue_full;        /* 503 */

@@ -216,7 +216,8 @@ void end_session(agent_engine *e, conn *c, bool counted, bool reusable)
         return;
     c->worker = NULL;
     w->sessions--;
-    fp_release(e, w, false);
+    fp_release(e, w, c->fp_lane, false);
+    c->fp_lane = FP_NO_LANE;
     if (counted)
         w->processed++;
     worker_touch(e, w);
@@ -235,6 +236,8 @@ void end_session(agent_engine *e, conn *c, bool counted, bool reusable)
         return;
     }
     app *a = app_by_id(e, w->app);
+    if (a)
+        fp_spare_update(e, a);
     if (counted && a && (a->notify & AGENT_NOTIFY_HOLD) && w->state == AGENT_WORKER_ACTIVE) {
         w->held = true;  /* until agent_engine_worker_release() */
         emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed);
@@ -269,6 +272,9 @@ static void begin_session(agent_engine *e, conn *c, worker *w, wconn *wc)
     wc->conn = c;
     w->sessions++;
     worker_touch(e, w);
+    app *a = app_by_id(e, w->app);
+    if (a)
+        fp_spare_update(e, a);
     c->upstream_closed = c->worker_closed = c->response_bytes = false;
     c->response_started = c->malformed = false;
     c->rec = (record_decoder){0};
@@ -377,14 +383,15 @@ void route(agent_engine *e, app *a, conn *c, bool at_head)
             enqueue(e, a, c, at_head);
             return;
         }
-        if (!fp_claim(e, w))
+        int lane = fp_claim(e, w);
+        if (lane == FP_REFUSED)
             continue;  /* nginx took it first: pick again */
         if (w->http && !c->http_head && !make_http_head(e, a, c)) {
-            fp_release(e, w, false);
+            fp_release(e, w, lane, false);
             return;
         }
         if (!c->down && !(c->down = buffer_get(e))) {
-            fp_release(e, w, false);
+            fp_release(e, w, lane, false);
             reply_local_failure(e, c, a, ENOMEM);
             return;
         }
@@ -395,16 +402,17 @@ void route(agent_engine *e, app *a, conn *c, bool at_head)
         int err = 0;
         enum connect_result r = wc ? CONNECTED : wconn_open(e, w, &wc, &err);
         if (r == CONNECTED) {
+            c->fp_lane = lane;
             begin_session(e, c, w, wc);
             return;
         }
         if (r == LOCAL_FAILURE) {
-            fp_release(e, w, false);
+            fp_release(e, w, lane, false);
             reply_local_failure(e, c, a, err);
             return;
         }
         worker_failed(e, w, err);
-        fp_release(e, w, true);
+        fp_release(e, w, lane, true);
     }
 }
 

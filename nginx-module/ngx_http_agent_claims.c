@@ -77,11 +77,8 @@ ngx_http_agent_fp_start(ngx_http_request_t *r, ngx_http_agent_ctx_t *ctx)
 
     alcf = ngx_http_get_module_loc_conf(r, ngx_http_agent_module);
 
-    /* the engine watches a long response's client (agent_long_responses)
-     * and carries an upgraded connection */
-    if (!alcf->fast_path || alcf->long_responses
-        || ngx_http_agent_asks_upgrade(r))
-    {
+    /* the engine watches a long response's client (agent_long_responses) */
+    if (!alcf->fast_path || alcf->long_responses) {
         return NGX_DECLINED;
     }
 
@@ -109,6 +106,14 @@ ngx_http_agent_fp_start(ngx_http_request_t *r, ngx_http_agent_ctx_t *ctx)
     {
         ctx->claimed = 1;
         return NGX_OK;
+    }
+
+    /* no slot is idle, but the engine could start the request now (a
+     * worker's concurrency beyond its lanes, fastpath.h) */
+    if (__atomic_load_n(&ngx_http_agent_fp_table->apps[row].engine_spare,
+                        __ATOMIC_ACQUIRE) != 0)
+    {
+        return NGX_DECLINED;
     }
 
     return ngx_http_agent_fp_wait(r, ctx);
@@ -779,6 +784,42 @@ ngx_http_agent_fp_close(ngx_connection_t *c)
 
 
 /* ------------------------------------------------------------------------ */
+/* the claim of a request that became a tunnel                              */
+
+/*
+ * The worker answered 101: the connection is a tunnel for as long as the
+ * client and the app keep it.  No request time limit applies to it, here
+ * nor in the engine's sweep (the claim's UNTIMED flag).
+ */
+
+void
+ngx_http_agent_fp_untimed(ngx_http_agent_ctx_t *ctx)
+{
+    uint64_t        w, mine;
+    agent_fp_slot  *s;
+
+    if (!ctx->claimed || ngx_http_agent_fp_table == NULL) {
+        return;
+    }
+
+    if (ctx->time_limit.timer_set) {
+        ngx_del_timer(&ctx->time_limit);
+    }
+
+    s = &ngx_http_agent_fp_table->slots[ctx->slot];
+    mine = agent_fp_word(AGENT_FP_CLAIMED, 0, (uint32_t) ngx_pid,
+                         ctx->generation);
+    w = agent_fp_load(&s->word);
+
+    while ((w & ~(uint64_t) AGENT_FP_DETACH) == mine) {
+        if (agent_fp_cas(&s->word, &w, w | AGENT_FP_UNTIMED)) {
+            return;
+        }
+    }
+}
+
+
+/* ------------------------------------------------------------------------ */
 /* step 6: the release, once per claim                                       */
 
 void
@@ -814,7 +855,7 @@ ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx, ngx_uint_t at_once)
     w = agent_fp_load(&s->word);
 
     for ( ;; ) {
-        if ((w & ~(uint64_t) AGENT_FP_DETACH) != mine) {
+        if ((w & ~(uint64_t) (AGENT_FP_DETACH|AGENT_FP_UNTIMED)) != mine) {
             /* the engine took the slot back: nothing to store */
             return;
         }
@@ -828,6 +869,7 @@ ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx, ngx_uint_t at_once)
             desired = agent_fp_word(AGENT_FP_DETACHED, 0, 0, gen);
 
         } else if (next != NULL
+                   && !(agent_fp_flags(w) & AGENT_FP_UNTIMED)
                    && ngx_http_agent_fp_row_serves(next->request, row)
                    && __atomic_load_n(
                           &ngx_http_agent_fp_table->apps[row].engine_queue,

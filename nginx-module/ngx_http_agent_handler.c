@@ -304,6 +304,7 @@ ngx_http_agent_process_header(ngx_http_request_t *r)
     ngx_int_t                       rc;
     ngx_table_elt_t                *h;
     ngx_http_upstream_t            *u;
+    ngx_http_agent_ctx_t           *ctx;
     ngx_http_upstream_header_t     *hh;
     ngx_http_upstream_main_conf_t  *umcf;
 
@@ -369,6 +370,11 @@ ngx_http_agent_process_header(ngx_http_request_t *r)
                 && r->headers_in.upgrade)
             {
                 u->upgrade = 1;
+
+                ctx = ngx_http_get_module_ctx(r, ngx_http_agent_module);
+                if (ctx && ctx->fast) {
+                    ngx_http_agent_fp_untimed(ctx);
+                }
             }
 
             if (u->headers_in.chunked) {

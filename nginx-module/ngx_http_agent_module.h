@@ -177,6 +177,7 @@ ngx_int_t ngx_http_agent_fp_socket(ngx_http_agent_ctx_t *ctx);
 ngx_connection_t *ngx_http_agent_fp_kept(ngx_http_agent_ctx_t *ctx);
 void ngx_http_agent_fp_keep(ngx_http_agent_ctx_t *ctx, ngx_connection_t *c);
 void ngx_http_agent_fp_release(ngx_http_agent_ctx_t *ctx, ngx_uint_t at_once);
+void ngx_http_agent_fp_untimed(ngx_http_agent_ctx_t *ctx);
 
 /* the fast path's upstream side: ngx_http_agent_worker_peer.c */
 void ngx_http_agent_fp_run(ngx_http_request_t *r);

@@ -242,9 +242,10 @@ ngx_http_agent_fp_free(ngx_peer_connection_t *pc, void *data,
 
     clean = 0;
 
+    /* a tunnel's connection never carries another request */
     if (!ctx->failed && c && !c->read->error && !c->write->error
         && !c->read->timedout && !c->write->timedout
-        && r->upstream->request_body_sent)
+        && r->upstream->request_body_sent && !r->upstream->upgrade)
     {
         clean = ctx->decoder.end || ngx_http_agent_fp_drain(ctx, c);
         /*

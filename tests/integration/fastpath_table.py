@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 MAGIC = 0x50464741
-VERSION = 1
-APPS, SLOTS, PROCS = 64, 256, 64
+VERSION = 2
+COLUMNS, LANES = 16, 64
+APPS, SLOTS, PROCS = 64, COLUMNS * LANES, 64
 NAME_MAX, SOCKET_MAX, METHOD_MAX, URI_MAX, BUCKETS = 128, 48, 16, 128, 12
 
 FREE, IDLE, CLAIMED, DETACHED, FAILED = 0, 1, 2, 3, 4
-DETACH, TIMED_OUT = 0x10, 0x20
+DETACH, TIMED_OUT, UNTIMED = 0x10, 0x20, 0x40
 
 
 class Header(ctypes.Structure):
@@ -36,7 +37,7 @@ class App(ctypes.Structure):
     _fields_ = [("open", ctypes.c_uint32), ("name_len", ctypes.c_uint32), ("name", ctypes.c_char * NAME_MAX),
                 ("max_queue", ctypes.c_uint32), ("queue_timeout_ms", ctypes.c_uint32),
                 ("request_time_ms", ctypes.c_uint32), ("engine_queue", ctypes.c_uint32),
-                ("waiting", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("waiting", ctypes.c_uint32), ("engine_spare", ctypes.c_uint32),
                 ("queue_full", ctypes.c_uint64), ("queue_timeouts", ctypes.c_uint64),
                 ("request_timeouts", ctypes.c_uint64), ("failed", ctypes.c_uint64),
                 ("duration_buckets", ctypes.c_uint64 * BUCKETS), ("duration_sum_us", ctypes.c_uint64)]

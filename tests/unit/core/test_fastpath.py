@@ -40,6 +40,27 @@ from agent.core.engine import (
     NativeError,
 )
 from agent.core.main import FastPathAttacher
+from tests.integration.fastpath_table import (
+    APPS,
+    CLAIMED,
+    COLUMNS,
+    DETACH,
+    DETACHED,
+    FAILED,
+    FREE,
+    IDLE,
+    LANES,
+    MAGIC,
+    SLOTS,
+    TIMED_OUT,
+    VERSION,
+    Header,
+    Slot,
+    Table,
+    pid_of,
+)
+from tests.integration.fastpath_table import App as AppRow
+from tests.integration.fastpath_table import flags as flags_of
 from tests.unit.core.engine_peers import (
     EngineHarness,
     FakeWorker,
@@ -54,41 +75,6 @@ APP = "/srv/shop"
 ROOT = Path(__file__).resolve().parents[3]
 
 # -- the table's layout (csrc/fastpath.h) -------------------------------------
-
-MAGIC = 0x50464741
-VERSION = 1
-APPS, SLOTS, PROCS = 64, 256, 64
-FREE, IDLE, CLAIMED, DETACHED, FAILED = 0, 1, 2, 3, 4
-DETACH, TIMED_OUT = 0x10, 0x20
-
-u32, u64 = ctypes.c_uint32, ctypes.c_uint64
-
-
-class Header(ctypes.Structure):
-    _fields_ = [("magic", u32), ("version", u32), ("size", u32), ("epoch", u32), ("engine_pid", u32),
-                ("generations", u32), ("slots_used", u32), ("reserved", u32 * 9)]
-
-
-class AppRow(ctypes.Structure):
-    _fields_ = [("open", u32), ("name_len", u32), ("name", ctypes.c_char * 128), ("max_queue", u32),
-                ("queue_timeout_ms", u32), ("request_time_ms", u32), ("engine_queue", u32), ("waiting", u32),
-                ("pad", u32), ("queue_full", u64), ("queue_timeouts", u64), ("request_timeouts", u64),
-                ("failed", u64), ("duration_buckets", u64 * 12), ("duration_sum_us", u64)]
-
-
-class Slot(ctypes.Structure):
-    _fields_ = [("word", u64), ("app", u32), ("worker_pid", u32), ("socket", ctypes.c_char * 48),
-                ("claims", u64), ("claim_ms", u64), ("method", ctypes.c_char * 16), ("uri", ctypes.c_char * 128),
-                ("pad", ctypes.c_uint8 * 32)]
-
-
-class Proc(ctypes.Structure):
-    _fields_ = [("pid", u32), ("pad", u32), ("waiting", u32 * APPS), ("oldest_ms", u64 * APPS)]
-
-
-class Table(ctypes.Structure):
-    _fields_ = [("header", Header), ("apps", AppRow * APPS), ("slots", Slot * SLOTS), ("procs", Proc * PROCS)]
-
 
 TABLE_SIZE = ctypes.sizeof(Table)
 
@@ -329,10 +315,9 @@ def test_worker_add_publishes_a_slot(fp: FastPath) -> None:
     assert (row.max_queue, row.queue_timeout_ms, row.request_time_ms) == (7, 1500, 2500)
 
 
-def test_no_slot_for_concurrency_above_one_a_long_socket_name_or_an_app_past_the_rows(fp: FastPath) -> None:
+def test_no_slot_for_a_long_socket_name_or_an_app_past_the_rows(fp: FastPath) -> None:
     fp.e.app(1, APP)
     fp.e.app(70, "/srv/other")
-    fp.e.worker(1, 101, concurrency=2)
     long_path = os.path.join(os.path.dirname(fp.path), "w" * 48 + ".sock")
     worker = FakeWorker(long_path, 102)
     fp.e.workers.append(worker)
@@ -341,6 +326,132 @@ def test_no_slot_for_concurrency_above_one_a_long_socket_name_or_an_app_past_the
     assert all(kind_of(fp.nginx.slot(i).word) == FREE for i in range(SLOTS))
     assert fp.nginx.row(1).open == 0  # no slotted worker: nginx sends everything to agent.sock
     assert fp.request().startswith(b"HTTP/1.1 200 OK")
+
+
+# -- lanes: workers of more than one request at once ------------------------------
+
+
+def lanes_of(fp: FastPath, pid: int) -> list[int]:
+    return [i for i in range(SLOTS) if fp.nginx.slot(i).worker_pid == pid and kind_of(fp.nginx.slot(i).word) != FREE]
+
+
+def test_a_worker_of_n_requests_gets_n_lanes_of_one_column_from_the_last(fp: FastPath) -> None:
+    fp.e.app(1, APP)
+    fp.e.worker(1, 101, concurrency=3)
+    fp.e.worker(1, 102, concurrency=2)
+    fp.e.worker(1, 103)
+    last = COLUMNS - 1
+    assert lanes_of(fp, 101) == [last, COLUMNS + last, 2 * COLUMNS + last]
+    assert lanes_of(fp, 102) == [last - 1, COLUMNS + last - 1]
+    assert lanes_of(fp, 103) == [0]  # a worker of one request: the first free slot
+    # nginx's scan in index order meets every worker's first lane first.
+    first_two = sorted(lanes_of(fp, 101) + lanes_of(fp, 102) + lanes_of(fp, 103))[:3]
+    assert {fp.nginx.slot(i).worker_pid for i in first_two} == {101, 102, 103}
+    gens = [gen_of(fp.nginx.slot(i).word) for i in lanes_of(fp, 101)]
+    assert len(set(gens)) == 3  # each lane names itself
+    assert fp.nginx.header.slots_used == 2 * COLUMNS + last + 1
+    assert fp.nginx.row(1).engine_spare == 0  # every request has a lane
+
+
+def test_concurrency_past_the_lanes_is_the_engines_spare(fp: FastPath) -> None:
+    fp.e.app(1, APP)
+    fp.e.worker(1, 101, concurrency=LANES + 36)
+    assert len(lanes_of(fp, 101)) == LANES
+    assert fp.nginx.row(1).engine_spare == 36
+    assert fp.e.worker_stats()[101].concurrency == LANES + 36
+
+
+def test_a_worker_the_table_has_no_column_for_is_served_by_the_engine_alone(fp: FastPath) -> None:
+    fp.e.app(1, APP)
+    for n in range(COLUMNS):
+        fp.e.worker(1, 200 + n, concurrency=LANES)
+    fp.e.worker(1, 101, concurrency=4)
+    assert lanes_of(fp, 101) == []
+    assert fp.nginx.row(1).engine_spare == 4
+    assert fp.request().startswith(b"HTTP/1.1 200 OK")
+
+
+def test_the_slow_path_uses_its_own_room_before_the_lanes(fp: FastPath) -> None:
+    fp.e.app(1, APP)
+    worker = fp.e.worker(1, 101, answer_after_release, concurrency=LANES + 1)
+    socks = []
+    for n in range(3):
+        sock = connect(fp.e.socket_path)
+        sock.sendall(request_frame(APP))
+        socks.append(sock)
+        wait_until(lambda n=n: len(worker.requests) == n + 1)
+    # The first took the room beyond the lanes, the next two a lane each.
+    claimed = [i for i in lanes_of(fp, 101) if kind_of(fp.nginx.slot(i).word) == CLAIMED]
+    assert len(claimed) == 2 and all(pid_of(fp.nginx.slot(i).word) == os.getpid() for i in claimed)
+    assert fp.nginx.row(1).engine_spare == 0
+    assert fp.e.worker_stats()[101].sessions == 3
+    worker.release.set()
+    for sock in socks:
+        assert read_all(sock).startswith(b"HTTP/1.1 200 OK")
+        sock.close()
+    wait_until(lambda: all(kind_of(fp.nginx.slot(i).word) == IDLE for i in lanes_of(fp, 101)))
+    wait_until(lambda: fp.nginx.row(1).engine_spare == 1)
+
+
+def test_lanes_nginx_holds_are_sessions_and_the_slow_path_takes_the_rest(fp: FastPath) -> None:
+    fp.e.app(1, APP)
+    worker = fp.e.worker(1, 101, concurrency=3)
+    lanes = lanes_of(fp, 101)
+    for i in lanes[:2]:
+        s = fp.nginx.slot(i)
+        s.word = word(CLAIMED, 0, os.getppid(), gen_of(s.word))
+    stats = fp.e.worker_stats()[101]
+    assert stats.sessions == 2
+    assert fp.e.app_stats()[1].free_slots == 1
+    assert fp.request().startswith(b"HTTP/1.1 200 OK")
+    assert len(worker.requests) == 1
+    s = fp.nginx.slot(lanes[2])
+    s.word = word(CLAIMED, 0, os.getppid(), gen_of(s.word))
+    assert fp.e.app_stats()[1].free_slots == 0
+    sock = connect(fp.e.socket_path)
+    sock.sendall(request_frame(APP))
+    wait_until(lambda: fp.e.app_stats()[1].unserved == 1)  # every lane is nginx's: it waits
+    s.word = word(IDLE, gen=gen_of(s.word))
+    assert read_all(sock).startswith(b"HTTP/1.1 200 OK")
+    sock.close()
+
+
+def test_one_lane_failing_takes_the_worker_out_of_every_lane(fp: FastPath) -> None:
+    fp.e.app(1, APP)
+    fp.e.engine.set_request_time(1, 100)
+    fp.e.worker(1, 101, concurrency=3)
+    lanes = [fp.nginx.slot(i) for i in lanes_of(fp, 101)]
+    busy, other, idle = lanes
+    busy.word = word(CLAIMED, 0, os.getppid(), gen_of(busy.word))
+    busy.claims += 1
+    other.word = word(CLAIMED, 0, os.getppid(), gen_of(other.word))
+    other.claims += 1
+    time.sleep(0.05)
+    other.claims += 1  # a hand-off: this lane's request is new
+    ev = fp.e.wait_event(EV_REQUEST_TIMEOUT)
+    assert ev.pid == 101
+    assert busy.word == word(FAILED, TIMED_OUT, 0, gen_of(busy.word))
+    assert idle.word == word(DETACHED, gen=gen_of(idle.word))  # nginx can claim it no more
+    assert kind_of(other.word) == CLAIMED and flags_of(other.word) == DETACH  # stores DETACHED at release
+    assert fp.nginx.row(1).open == 0
+    assert fp.e.worker_stats()[101].sessions == 1  # the request on the other lane runs on until the kill
+
+
+def test_a_detached_worker_is_idle_when_its_last_lane_comes_back(fp: FastPath) -> None:
+    fp.e.app(1, APP)
+    fp.e.worker(1, 101, concurrency=2)
+    first, second = (fp.nginx.slot(i) for i in lanes_of(fp, 101))
+    first.word = word(CLAIMED, 0, os.getppid(), gen_of(first.word))
+    second.word = word(CLAIMED, 0, os.getppid(), gen_of(second.word))
+    fp.e.engine.detach_worker(101)
+    assert flags_of(first.word) == DETACH and flags_of(second.word) == DETACH
+    first.word = word(DETACHED, gen=gen_of(first.word))
+    tick()
+    assert not fp.events(EV_WORKER_IDLE)
+    assert fp.e.worker_stats()[101].sessions == 1
+    second.word = word(DETACHED, gen=gen_of(second.word))
+    assert fp.e.wait_event(EV_WORKER_IDLE).pid == 101
+    assert fp.e.worker_stats()[101].sessions == 0
 
 
 def test_a_removed_worker_frees_its_slot_and_a_new_one_gets_a_new_generation(fp: FastPath) -> None:
