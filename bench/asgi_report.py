@@ -244,9 +244,12 @@ upstream buffers:
 - N = {conns} connections. {rounds} round{'s' if rounds != 1 else ''}: in each, every stack starts, runs
   both workloads at each connection count, and stops, the stacks taking
   turns to go first; the tables show each figure's median round.
-- The agent's workers serve up to {ASGI_CONCURRENCY} requests at once each (`agent_concurrency`,
-  its default); past {ASGI_CONCURRENCY * WORKERS} requests at once the engine queues them. uvicorn
-  and Granian set no such limit by default.
+- The agent's workers serve up to {ASGI_CONCURRENCY} requests at once each (`agent_concurrency`;
+  its default is 100): together they take every connection of the largest
+  run at once, as uvicorn and Granian do, which set no such limit by
+  default. On nginx's direct path each worker has a lane per request
+  (docs/protocol.md §5, "Lanes"), so nginx reaches the workers without
+  the engine, WebSockets included.
 - The run shares the machine's {machine.cores} cores with the load clients, and with
   whatever else the machine runs (the note at the top): the figures compare
   the stacks with each other on this machine; they are not the capacity of

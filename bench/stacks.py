@@ -54,7 +54,10 @@ from agent.instance import Instance
 
 WORKERS = 2
 THREADS = 8     # the threads part's threads per worker, in every stack
-ASGI_CONCURRENCY = 100     # the asgi part: requests at once per agent worker (agent_concurrency's default)
+# The asgi part: requests at once per agent worker. agent_concurrency's
+# default is 100; 128 lets the 2 workers take the largest run's 256
+# connections at once, as uvicorn and Granian (no limit by default) do.
+ASGI_CONCURRENCY = 128
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 UWSGI_PARAMS = Path("/etc/nginx/uwsgi_params")

@@ -50,7 +50,7 @@
 
 #define AGENT_FP_APPS           64            /* app rows; an engine app id >= this has no row */
 #define AGENT_FP_COLUMNS        16            /* the slots are a grid: column c, lane l is slot l * COLUMNS + c */
-#define AGENT_FP_LANES          64            /* lanes per column: the most slots one worker gets */
+#define AGENT_FP_LANES          128           /* lanes per column: the most slots one worker gets */
 #define AGENT_FP_SLOTS          (AGENT_FP_COLUMNS * AGENT_FP_LANES)
 #define AGENT_FP_PROCS          64            /* nginx process rows */
 #define AGENT_FP_NAME_MAX       128           /* bytes of an app's name */

@@ -318,6 +318,20 @@ def records(data: bytes) -> list[bytes]:
     return parts
 
 
+# Parts of at most this many bytes in all leave in one send(): a record's
+# header and its payload (and the end record) in one system call, which
+# the reader on the other side takes in one read.
+JOIN_LIMIT = 64 * 1024
+
+
+async def send_parts(loop: asyncio.AbstractEventLoop, conn: socket.socket, parts: list[bytes]) -> None:
+    if sum(map(len, parts)) <= JOIN_LIMIT:
+        await loop.sock_sendall(conn, b"".join(parts))
+        return
+    for part in parts:
+        await loop.sock_sendall(conn, part)
+
+
 class Exchange:
     """One request on one connection: the body as http.request messages
     read from the socket as the app asks, the response as records written
@@ -465,8 +479,7 @@ class Exchange:
         self.started = True
         try:
             async with self.write_lock:
-                for part in parts:
-                    await self.loop.sock_sendall(self.conn, part)
+                await send_parts(self.loop, self.conn, parts)
         except OSError as exc:
             self.gone.set()
             raise ClientDisconnected(f"sending the response: {exc}") from exc
@@ -482,12 +495,41 @@ class Exchange:
 CONNECTING, OPEN, CLOSING, ENDED = "connecting", "open", "closing", "ended"
 
 
+class _OpenStream(asyncio.Protocol):
+    """An open WebSocket's connection, read and written by the loop's
+    transport: the client's bytes reach the session as they arrive, with no
+    task woken and no reader registered anew for each of them."""
+
+    def __init__(self, session: WebSocketSession) -> None:
+        self.session = session
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.session.stream_opened(transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self.session.data_received(data)
+
+    def eof_received(self) -> bool:
+        self.session.lost()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.lost()
+
+    def pause_writing(self) -> None:
+        self.session.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.session.writable.set()
+
+
 class WebSocketSession:
     """One WebSocket on one connection (RFC 6455 over docs/protocol.md's
-    records): the handshake's answer, then the server's frames in records;
-    the client's frames read from the socket by a task of its own, which
-    answers pings at once and queues whole messages for receive(), at most
-    WS_INBOX_BYTES of them.
+    records): the handshake's answer, then the server's frames in records.
+    Once open, the connection is the loop's transport's (_OpenStream): the
+    client's frames are decoded as they arrive, pings answered at once,
+    whole messages queued for receive(), at most WS_INBOX_BYTES of them
+    (reading pauses past that).
 
     ``phase``: CONNECTING until the app accepts (or refuses: an HTTP
     response), OPEN, CLOSING once a close frame has left, ENDED once the
@@ -508,11 +550,14 @@ class WebSocketSession:
         self.connect_given = False
         self.inbox: collections.deque[tuple[Message, int]] = collections.deque()
         self.inbox_bytes = 0
-        self.arrived = asyncio.Event()       # a message or the disconnect for receive()
-        self.room = asyncio.Event()          # receive() took a message
+        self.waiters: list[asyncio.Future[None]] = []  # receive() calls waiting for a message or the disconnect
         self.disconnect: Message | None = None
-        self.write_lock = asyncio.Lock()
-        self.task: asyncio.Task[None] | None = None    # the watch before accept, the reader after
+        self.write_lock = asyncio.Lock()     # until the transport has the connection
+        self.task: asyncio.Task[None] | None = None    # the watch before accept
+        self.transport: asyncio.Transport | None = None  # once open
+        self.writable = asyncio.Event()      # the transport's buffer is below its high-water mark
+        self.writable.set()
+        self.reading_paused = False          # the inbox is full: the transport reads nothing
         self.closer: asyncio.Task[None] | None = None
         self.peer_closed = asyncio.Event()   # the client's close arrived, or it is gone
         self.response: Exchange | None = None  # websocket.http.response.* in place of accept
@@ -534,17 +579,33 @@ class WebSocketSession:
             if self.inbox:
                 message, size = self.inbox.popleft()
                 self.inbox_bytes -= size
-                self.room.set()
+                if self.reading_paused and not self.inbox_full():
+                    self.reading_paused = False
+                    self.pump()  # frames read before the pause first
+                    if not self.reading_paused and self.transport is not None and not self.transport.is_closing():
+                        self.transport.resume_reading()
                 return message
             if self.disconnect is not None:
                 return dict(self.disconnect)
-            self.arrived.clear()
-            await self.arrived.wait()
+            waiter = self.loop.create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self.waiters:
+                    self.waiters.remove(waiter)
+
+    def wake_receiver(self) -> None:
+        if self.waiters:
+            waiters, self.waiters = self.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def set_disconnect(self, code: int, reason: str = "") -> None:
         if self.disconnect is None:
             self.disconnect = {"type": "websocket.disconnect", "code": code, "reason": reason}
-        self.arrived.set()
+        self.wake_receiver()
 
     async def watch(self) -> None:
         """Before the handshake is answered: notice the client going away
@@ -571,46 +632,52 @@ class WebSocketSession:
             self.lost()
         return data
 
-    async def read_loop(self) -> None:
-        """After accept: the client's frames, until its close, a violation,
-        or the end of the connection."""
-        frames = self.frames
-        frames.feed(bytes(self.early))
-        self.early = bytearray()
+    def stream_opened(self, transport: asyncio.Transport) -> None:
+        """The transport has the connection: what the client sent before
+        the handshake's answer is decoded first."""
+        self.transport = transport
+        if self.ended:  # lost meanwhile
+            transport.abort()
+            return
+        early, self.early = bytes(self.early), bytearray()
+        if early:
+            self.data_received(early)
+
+    def data_received(self, data: bytes) -> None:
+        self.frames.feed(data)
+        self.heard = self.loop.time()
+        if not self.reading_paused:
+            self.pump()
+
+    def inbox_full(self) -> bool:
+        return self.inbox_bytes >= WS_INBOX_BYTES or len(self.inbox) >= WS_INBOX_MESSAGES
+
+    def pump(self) -> None:
+        """The client's frames read so far, until the inbox is full (reading
+        then pauses), the client's close, or a violation."""
         try:
-            while True:
-                event = frames.next()
+            while not self.reading_paused and not self.ended:
+                event = self.frames.next()
                 if event is None:
-                    data = await self.receive_bytes()
-                    if not data:
-                        return
-                    frames.feed(data)
-                    continue
-                if not await self.take(event):
+                    return
+                if not self.take(event):
                     return
         except ws.ProtocolError as error:
             log(f"WebSocket closed: {error}")
             if self.phase == OPEN:
                 self.phase = CLOSING
                 self.set_disconnect(error.code, error.reason)
-                with contextlib.suppress(ClientDisconnected):
-                    await self.write(ws.encode_close(error.code, error.reason))
-                await self.end()
+                self.write_now(ws.encode_close(error.code, error.reason))
+                self.end_now()
             else:
                 self.peer_closed.set()
-        except ClientDisconnected:
-            pass  # a pong or the close's echo could not be written: lost() was called
 
-    async def take(self, event: ws.Received) -> bool:
+    def take(self, event: ws.Received) -> bool:
         """One thing the client sent; False when it ends the reading."""
-        self.heard = self.loop.time()
         opcode = event.opcode
         if opcode == ws.OP_TEXT or opcode == ws.OP_BINARY:
             if self.phase != OPEN:
                 return True  # after the worker's close: dropped
-            while self.inbox and (self.inbox_bytes >= WS_INBOX_BYTES or len(self.inbox) >= WS_INBOX_MESSAGES):
-                self.room.clear()
-                await self.room.wait()
             if opcode == ws.OP_TEXT:
                 message: Message = {"type": "websocket.receive", "text": event.text}
                 size = len(event.text)
@@ -619,16 +686,19 @@ class WebSocketSession:
                 size = len(event.data)
             self.inbox.append((message, size))
             self.inbox_bytes += size
-            self.arrived.set()
+            self.wake_receiver()
+            if self.inbox_full() and self.transport is not None:
+                self.reading_paused = True
+                self.transport.pause_reading()
         elif opcode == ws.OP_PING:
             if self.phase == OPEN:
-                await self.write(ws.encode_frame(ws.OP_PONG, event.data))
+                self.write_now(ws.encode_frame(ws.OP_PONG, event.data))
         elif opcode == ws.OP_CLOSE:
             if self.phase == OPEN:
                 self.phase = CLOSING
                 self.set_disconnect(event.code, event.reason)
-                await self.write(ws.encode_frame(ws.OP_CLOSE, event.data))  # the echo, as RFC 6455 5.5.1 asks
-                await self.end()
+                self.write_now(ws.encode_frame(ws.OP_CLOSE, event.data))  # the echo, as RFC 6455 5.5.1 asks
+                self.end_now()
             else:
                 self.peer_closed.set()
             return False
@@ -674,7 +744,7 @@ class WebSocketSession:
         self.phase = OPEN
         await self.write(head)
         self.heard = self.loop.time()
-        self.task = self.loop.create_task(self.read_loop())
+        await self.open_stream()
         if WS_PING_INTERVAL > 0:
             self.pinger = self.loop.create_task(self.keepalive(WS_PING_INTERVAL))
         if self.going_away:
@@ -734,14 +804,45 @@ class WebSocketSession:
             await self.loop.sock_sendall(self.conn, response)
         self.shutdown()
 
-    async def write(self, data: bytes) -> None:
+    async def open_stream(self) -> None:
+        """Hands the connection to the loop's transport (_OpenStream). It
+        gets a duplicate of the socket, so that the connection's task
+        closes its own as ever: the peer sees the end once both are shut."""
         try:
-            async with self.write_lock:
-                for part in records(data):
-                    await self.loop.sock_sendall(self.conn, part)
+            sock = self.conn.dup()
         except OSError as exc:
             self.lost()
-            raise ClientDisconnected(f"sending on the WebSocket: {exc}") from exc
+            raise ClientDisconnected(f"the WebSocket's connection: {exc}") from exc
+        try:
+            await self.loop.connect_accepted_socket(lambda: _OpenStream(self), sock=sock)
+        except OSError as exc:
+            sock.close()
+            self.lost()
+            raise ClientDisconnected(f"the WebSocket's connection: {exc}") from exc
+
+    def write_now(self, data: bytes) -> None:
+        """Into the transport's buffer, in order with every other write."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(records(data)))
+
+    async def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:  # the handshake's answer: the transport comes after it
+            try:
+                async with self.write_lock:
+                    await send_parts(self.loop, self.conn, records(data))
+            except OSError as exc:
+                self.lost()
+                raise ClientDisconnected(f"sending on the WebSocket: {exc}") from exc
+            return
+        if transport.is_closing() or self.ended:
+            raise ClientDisconnected("sending on the WebSocket: the connection is gone")
+        transport.write(b"".join(records(data)))
+        if not self.writable.is_set():
+            await self.writable.wait()
+            if self.ended:
+                raise ClientDisconnected("sending on the WebSocket: the connection is gone")
 
     # -- the end ---------------------------------------------------------
 
@@ -766,17 +867,24 @@ class WebSocketSession:
 
     async def end(self) -> None:
         """The end record, then the connection is shut: it carries nothing more."""
+        self.end_now()
+
+    def end_now(self) -> None:
+        """The end record after whatever the transport still holds; the
+        transport closes once it has written it (or gives up after
+        WS_CLOSE_TIMEOUT)."""
         if self.ended:
             return
         self.ended = True
         self.phase = ENDED
-        with contextlib.suppress(OSError, asyncio.TimeoutError):
-            await asyncio.wait_for(self.write_end(), WS_CLOSE_TIMEOUT)
-        self.shutdown()
-
-    async def write_end(self) -> None:
-        async with self.write_lock:
-            await self.loop.sock_sendall(self.conn, END_RECORD)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.shutdown()
+            return
+        transport.write(END_RECORD)
+        transport.close()
+        self.loop.call_later(WS_CLOSE_TIMEOUT, transport.abort)
+        self.shutdown(flush=True)
 
     def lost(self) -> None:
         """The connection is gone, or given up."""
@@ -803,13 +911,18 @@ class WebSocketSession:
                     return
                 await self.write(ws.encode_frame(ws.OP_PING, b""))
 
-    def shutdown(self) -> None:
+    def shutdown(self, flush: bool = False) -> None:
+        """Nothing more is read or written; flush: the transport still
+        writes what it holds (the end record) before it closes."""
         if self.pinger is not None and self.pinger is not asyncio.current_task():
             self.pinger.cancel()
-        with contextlib.suppress(OSError):
-            self.conn.shutdown(socket.SHUT_RDWR)
+        if not flush:
+            if self.transport is not None:
+                self.transport.abort()
+            with contextlib.suppress(OSError):
+                self.conn.shutdown(socket.SHUT_RDWR)
         self.set_disconnect(ws.CLOSE_ABNORMAL)
-        self.room.set()
+        self.writable.set()  # a writer waiting for room: it finds the session ended
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
 

@@ -231,6 +231,9 @@ class FrameReader:
     def _next(self) -> Received | None:
         while not self.done:
             if not self.in_frame:
+                whole = self._whole_message()
+                if whole is not None:
+                    return whole
                 if not self._read_header():
                     return None
             elif self.remaining:
@@ -250,6 +253,37 @@ class FrameReader:
                 if event is not None:
                     return event
         return None
+
+    def _whole_message(self) -> Received | None:
+        """The common case in one step: a masked text or binary frame that
+        is a whole message (FIN, no fragment before it) of under 64 KiB,
+        all in the buffer. None: not that case; the general path reads it."""
+        buffer = self.buffer
+        if self.message_opcode or len(buffer) < 6:
+            return None
+        first, second = buffer[0], buffer[1]
+        if (first != 0x81 and first != 0x82) or not second & 0x80:
+            return None
+        length = second & 0x7F
+        start = 6
+        if length == 126:
+            if len(buffer) < 8:
+                return None
+            (length,) = _U16.unpack_from(buffer, 2)
+            start = 8
+        elif length == 127:
+            return None
+        end = start + length
+        if len(buffer) < end or length > self.max_message_size:
+            return None
+        payload = unmask(bytes(buffer[start:end]), bytes(buffer[start - 4 : start]))
+        del buffer[:end]
+        if first == 0x82:
+            return Received(OP_BINARY, payload)
+        try:
+            return Received(OP_TEXT, text=payload.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError(CLOSE_INVALID_DATA, "a text message that is not UTF-8") from None
 
     def _read_header(self) -> bool:
         buffer = self.buffer
