@@ -232,8 +232,8 @@ upstream buffers:
   deployment guide: `proxy_http_version 1.1`, and `Upgrade` and `Connection`
   passed on (a `map` of `$http_upgrade`), so that `/ws` becomes a WebSocket.
   It opens a connection to the server per request, as that guide's
-  configuration does (no upstream keepalive). The agent's engine keeps its
-  connections to the workers.
+  configuration does (no upstream keepalive). The agent's nginx keeps its
+  connections to the workers, one per lane.
 - Hello world: `wrk -t2 -cN -dD --latency` on `/` (`Hello, world!`,
   text/plain), after a 1 s warm-up.
 - WebSocket echo: bench/wsload.py, N connections over two processes (as

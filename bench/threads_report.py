@@ -206,8 +206,9 @@ upstream buffers:
   worker waiting on a database or another service, not using CPU). With
   {THREADS * WORKERS} requests in the app at once, {ceiling_rate():,.0f} req/s is the most any stack
   can serve; the bar asks {BAR_FACTOR:g} of that of the agent.
-- The agent's threaded workers take their requests from the engine: nginx's
-  direct path serves only workers of one request at a time (docs/policy.md,
+- nginx hands the agent's threaded workers their requests itself, on its
+  direct path: each worker has a lane per thread in the table nginx
+  shares with the engine (docs/protocol.md §5, "Lanes"; docs/policy.md,
   "Threads").
 - Load: `wrk -t2 -cN -dD --latency` at N = {conns} connections, after a
   1 s warm-up. {rounds} round{'s' if rounds != 1 else ''}: in each, every stack starts, runs each connection
