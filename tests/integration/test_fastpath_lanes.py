@@ -53,7 +53,8 @@ def client(stack: Stack, path: str) -> ClientConnection:
 def opened_by(stack: Stack, name: str) -> int:
     """The pid of the worker whose app took the WebSocket `name` (its marker)."""
     path = stack.scratch / f"{name}-open"
-    wait_until(path.exists, timeout=30, what=f"the app holding {name}")
+    # The app writes the file after it creates it: wait for its pid.
+    wait_until(lambda: path.exists() and path.read_text().strip() != "", timeout=30, what=f"the app holding {name}")
     return int(path.read_text())
 
 
