@@ -479,6 +479,7 @@ void fp_release(agent_engine *e, worker *w, int lane, bool failed);
 void fp_detach(agent_engine *e, worker *w);
 int fp_nginx_lanes(const agent_engine *e, const worker *w);
 void fp_spare_update(agent_engine *e, const app *a);
+void fp_sessions_changed(agent_engine *e, const worker *w);
 void fp_app_update(agent_engine *e, app *a);
 void fp_app_removed(agent_engine *e, app *a);
 uint32_t fp_waiting(const agent_engine *e, const app *a);

@@ -402,6 +402,18 @@ void fp_spare_update(agent_engine *e, const app *a)
         __atomic_store_n(&r->engine_spare, (uint32_t)spare, __ATOMIC_RELEASE);
 }
 
+/* A session of w began or ended. Only a worker with room beyond its lanes
+ * changes the engine's spare (a worker of one request on its slot never
+ * does): the relay's per-request path skips the count for the others. */
+void fp_sessions_changed(agent_engine *e, const worker *w)
+{
+    if (!e->fp || w->concurrency <= w->fp_lanes)
+        return;
+    const app *a = app_by_id(e, w->app);
+    if (a)
+        fp_spare_update(e, a);
+}
+
 /* Writes the app's row, open iff has_worker (an active slotted worker),
  * no failure response and no HOLD (those apps need the core after every
  * request). A change of name closes the row while it is written. Rewriting

@@ -235,9 +235,8 @@ void end_session(agent_engine *e, conn *c, bool counted, bool reusable)
         worker_free_if_unused(e, w);
         return;
     }
+    fp_sessions_changed(e, w);
     app *a = app_by_id(e, w->app);
-    if (a)
-        fp_spare_update(e, a);
     if (counted && a && (a->notify & AGENT_NOTIFY_HOLD) && w->state == AGENT_WORKER_ACTIVE) {
         w->held = true;  /* until agent_engine_worker_release() */
         emit_coalesced(e, &w->idle_event, AGENT_EV_WORKER_IDLE, w->app, w->pid, (int64_t)w->processed);
@@ -272,9 +271,7 @@ static void begin_session(agent_engine *e, conn *c, worker *w, wconn *wc)
     wc->conn = c;
     w->sessions++;
     worker_touch(e, w);
-    app *a = app_by_id(e, w->app);
-    if (a)
-        fp_spare_update(e, a);
+    fp_sessions_changed(e, w);
     c->upstream_closed = c->worker_closed = c->response_bytes = false;
     c->response_started = c->malformed = false;
     c->rec = (record_decoder){0};

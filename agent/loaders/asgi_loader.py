@@ -668,7 +668,7 @@ class WebSocketSession:
                 self.phase = CLOSING
                 self.set_disconnect(error.code, error.reason)
                 self.write_now(ws.encode_close(error.code, error.reason))
-                self.end_now()
+                self.end()
             else:
                 self.peer_closed.set()
 
@@ -698,7 +698,7 @@ class WebSocketSession:
                 self.phase = CLOSING
                 self.set_disconnect(event.code, event.reason)
                 self.write_now(ws.encode_frame(ws.OP_CLOSE, event.data))  # the echo, as RFC 6455 5.5.1 asks
-                self.end_now()
+                self.end()
             else:
                 self.peer_closed.set()
             return False
@@ -838,7 +838,7 @@ class WebSocketSession:
             return
         if transport.is_closing() or self.ended:
             raise ClientDisconnected("sending on the WebSocket: the connection is gone")
-        transport.write(b"".join(records(data)))
+        self.write_now(data)
         if not self.writable.is_set():
             await self.writable.wait()
             if self.ended:
@@ -863,16 +863,12 @@ class WebSocketSession:
             return
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.peer_closed.wait(), WS_CLOSE_TIMEOUT)
-        await self.end()
+        self.end()
 
-    async def end(self) -> None:
-        """The end record, then the connection is shut: it carries nothing more."""
-        self.end_now()
-
-    def end_now(self) -> None:
-        """The end record after whatever the transport still holds; the
-        transport closes once it has written it (or gives up after
-        WS_CLOSE_TIMEOUT)."""
+    def end(self) -> None:
+        """The end record after whatever the transport still holds, then the
+        connection is shut: it carries nothing more. The transport closes
+        once it has written it (or gives up after WS_CLOSE_TIMEOUT)."""
         if self.ended:
             return
         self.ended = True
