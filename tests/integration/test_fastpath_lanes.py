@@ -74,7 +74,8 @@ def test_consecutive_requests_go_to_different_workers() -> None:
         wait_until(lambda: len(stack.worker_pids()) == 2, timeout=30, what="two workers")
         name = str(stack.app_root(app))
         lanes = min(100, LANES)  # agent_concurrency's default: 100
-        assert len(table.app_slots(name)) == 2 * lanes
+        # A worker is listed once spawned; its lanes come when it is ready.
+        wait_until(lambda: len(table.app_slots(name)) == 2 * lanes, timeout=30, what="both workers' lanes")
         assert table.app(table.row_of(name) or 0).engine_spare == 2 * (100 - lanes)
         with client(stack, "/hold?name=first"), client(stack, "/hold?name=second"):
             owners = {opened_by(stack, "first"), opened_by(stack, "second")}
