@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # The roles of a stack's processes, in the order the report lists them.
 NGINX_MASTER = "nginx master"
@@ -66,10 +66,10 @@ class StackResult:
         return [run for run in self.runs
                 if run.workload == workload and run.connections == connections and run.nginx_workers == nginx_workers]
 
-    def median_run(self, workload: str, connections: int) -> Run | None:
-        """The round with the median rate (the parts run in rounds); None
-        when no round ran."""
-        runs = sorted(self.runs_of(workload, connections), key=lambda run: run.rate)
+    def median_run(self, workload: str, connections: int, nginx_workers: int = 1) -> Run | None:
+        """The round with the median rate (every part runs in rounds; of
+        an even number, the lower); None when no round ran."""
+        runs = sorted(self.runs_of(workload, connections, nginx_workers), key=lambda run: run.rate)
         return runs[(len(runs) - 1) // 2] if runs else None
 
     def medians(self, plan: Iterable[tuple[str, int]]) -> StackResult:
@@ -77,6 +77,13 @@ class StackResult:
         connections) in plan: what the tables show."""
         return StackResult(self.key, self.label, runs=[run for workload, connections in plan
                                                        if (run := self.median_run(workload, connections)) is not None])
+
+    def median_rounds(self) -> StackResult:
+        """Itself with only the median round of each (workload, connections,
+        nginx workers) it ran; everything else (memory, the stack at rest,
+        the error) as it is."""
+        made = dict.fromkeys((run.workload, run.connections, run.nginx_workers) for run in self.runs)
+        return replace(self, runs=[run for key in made if (run := self.median_run(*key)) is not None])
 
 
 @dataclass

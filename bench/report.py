@@ -283,20 +283,39 @@ def settings_section(machine: Machine) -> str:
                       table(["stack", "buffer directives"], rows), ""])
 
 
+def rounds_table(results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
+                 connections: Sequence[int], more_nginx_workers: int) -> str:
+    """Every round's rate of each run, in the order made."""
+    ran = [r for r in results if r.runs]
+    rows = []
+    for workers in dict.fromkeys((1, more_nginx_workers)):
+        for key, title, c in run_keys(ran, workloads, connections, workers):
+            rows.append([title, str(c), str(workers),
+                         *(", ".join(f"{run.rate:,.0f}" for run in r.runs_of(key, c, workers)) or "-" for r in ran)])
+    return table(["workload", "conns", "nginx workers", *(f"{SHORT[r.key]} req/s, each round" for r in ran)], rows)
+
+
 def results_section(results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
                     connections: Sequence[int], more_nginx_workers: int = 1) -> str:
+    """results: every round; the tables show each figure's median round
+    (its rate, latency and CPU), and one table every round's rate."""
     if not any(r.runs for r in results):
         reasons = "".join(f"- {r.label}: {r.error}\n" for r in results)
         return f"## Results\n\nNo stack ran.\n\n{reasons}"
+    every, results = results, [r.median_rounds() for r in results]
     parts = ["## Throughput and latency", "",
-             "Requests per second and wrk's 50th and 99th latency percentiles, nginx with one worker process; "
-             "the last columns divide the agent's rate by each peer's.", "",
+             "Requests per second and wrk's 50th and 99th latency percentiles of each figure's median round, "
+             "nginx with one worker process; the last columns divide the agent's rate by each peer's.", "",
              throughput_table(results, workloads, connections), ""]
     if more_nginx_workers > 1 and run_keys(results, workloads, connections, more_nginx_workers):
         parts += [f"### nginx with {more_nginx_workers} worker processes", "",
                   f"Each stack started again with `worker_processes {more_nginx_workers}`, everything else "
                   "the same.", "",
                   throughput_table(results, workloads, connections, more_nginx_workers), ""]
+    parts += ["### Every round", "",
+              "Each round started every stack in turn, a different one first each round; the tables above "
+              "and below show the round with the median rate (its latency and CPU with it).", "",
+              rounds_table(every, workloads, connections, more_nginx_workers), ""]
     parts += ["## Bars", "", bars_table(results, connections), ""]
     ours = by_key(results).get("ours")
     if ours and ours.runs:
@@ -318,11 +337,13 @@ def results_section(results: Sequence[StackResult], workloads: Sequence[tuple[st
               "PSS (from /proc/PID/smaps_rollup) of each app worker, and of the peers' masters, after all "
               "the runs; RSS (from /proc/PID/status) of the agent's core and watchdog.", "",
               memory_table(results), ""]
-    errors = [(r.label, run) for r in results for run in r.runs if run.errors]
+    errors = [(r.label, run) for r in every for run in r.runs if run.errors]
     if errors:
         parts += ["## Failed requests", "",
-                  table(["stack", "workload", "conns", "errors (non-2xx + socket errors)"],
-                        [[label, run.workload, str(run.connections), str(run.errors)] for label, run in errors]),
+                  "In every round.", "",
+                  table(["stack", "workload", "conns", "nginx workers", "errors (non-2xx + socket errors)"],
+                        [[label, run.workload, str(run.connections), str(run.nginx_workers), str(run.errors)]
+                         for label, run in errors]),
                   ""]
     failed = [r for r in results if r.error]
     if failed:
@@ -372,9 +393,10 @@ def machine_table(machine: Machine, agent_python: bool, wrk: bool, asgi: bool = 
 
 
 def markdown(machine: Machine, results: Sequence[StackResult], workloads: Sequence[tuple[str, str, str]],
-             connections: Sequence[int], quick: bool) -> str:
-    kind = f"a quick run ({machine.duration:g} s per wrk run)" if quick else \
-        f"one run of `make bench` ({machine.duration:g} s per wrk run)"
+             connections: Sequence[int], quick: bool, rounds: int) -> str:
+    each = (f"{rounds} round{'s' if rounds != 1 else ''} of {machine.duration:g} s per wrk run; each figure is "
+            "its median round")
+    kind = f"a quick run ({each})" if quick else f"one run of `make bench` ({each})"
     info = machine_table(machine, agent_python=True, wrk=True)
     busy_note = f"\n{noise_note(results, machine.cores)}\n"
     second_pass = (f"- After a stack's runs it starts again with nginx at {machine.more_nginx_workers} worker\n"
@@ -387,7 +409,7 @@ The figures below come from {kind}, as measured; nothing is adjusted.
 ## How to reproduce
 
     make bench                                  # installs what is missing, builds, runs (about 20 minutes)
-    .venv/bin/python bench/run.py --only throughput   # this page's runs alone (about 10 minutes)
+    .venv/bin/python bench/run.py --only throughput   # this page's runs alone (about 15 minutes)
     .venv/bin/python bench/run.py --quick       # 3 s per run; report in bench/results/quick.md
     .venv/bin/python bench/run.py --help        # --duration, --stacks, --buffers, --more-nginx-workers, ...
 
@@ -422,7 +444,7 @@ bench/results/last.json.
 
 ## What runs
 
-Four stacks, one after another, on the same machine, with the same app
+Four stacks, one after another, in {rounds} rounds, on the same machine, with the same app
 (bench/apps/wsgi.py) under the same interpreter. The agent's stack is
 `agentctl serve APP --min-instances 2 --max-instances 2`, which writes its
 own nginx configuration; the peers' configurations are written by
@@ -452,7 +474,7 @@ bench/stacks.py to match it.
 - Workloads: `/` answers a 13-byte "Hello, world"; `/100k` a 100 KB body;
   `/sleep` sleeps 10 ms, then answers (a worker is busy without using CPU).
 - Load: `wrk -t2 -cN -dD --latency` at N = 1, 16, 64 connections (one thread
-  at 1 connection), after a 1 s warm-up of each path. wrk keeps its
+  at 1 connection), after a 1 s warm-up of each path, in each round. wrk keeps its
   connections to nginx alive. wrk runs on the same {machine.cores} cores as
   the stack under test, so the figures compare the stacks with each other on
   this machine; they are not the capacity of a machine given to the server.

@@ -26,7 +26,9 @@ workers serving bench/apps/wsgi.py under the same interpreter
 (/usr/bin/python3), with the same upstream buffers (stacks.Buffers). wrk
 loads each workload (hello world, a 100 KB body, a 10 ms sleep) at 1, 16 and
 64 connections; then each stack starts again with nginx at two worker
-processes for hello world at 16 and 64 connections. Every run's CPU time is
+processes for hello world at 16 and 64 connections; all of it in --rounds
+rounds (a different stack first each round), the report taking each
+figure's median round. Every run's CPU time is
 read from /proc for each process of the stack and split by role (nginx,
 agent core and watchdog, app server master, app workers). The report goes to
 stdout and, as Markdown, to docs/benchmarks.md (bench/results/quick.md for
@@ -344,8 +346,9 @@ def bench_stack(stack: Stack, wrk_bin: str, duration: float, result: StackResult
 
 
 def make_stack(key: str, base: Path, app_dir: Path, nginx: str, peers_bin: Path | None, args: argparse.Namespace,
-               nginx_workers: int) -> Stack:
-    run_dir = base / (key if nginx_workers == 1 else f"{key}-nginx{nginx_workers}")
+               nginx_workers: int, round_number: int) -> Stack:
+    run_dir = base / (f"{key}-round{round_number}" if nginx_workers == 1
+                      else f"{key}-nginx{nginx_workers}-round{round_number}")
     run_dir.mkdir()
     port = free_port()
     if key in ("ours", "relay"):
@@ -542,7 +545,7 @@ def raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark nginx→agent against nginx→uWSGI and nginx→gunicorn.")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (10)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (5)")
     parser.add_argument("--quick", action="store_true", help="3 s per run, report to bench/results/quick.md")
     parser.add_argument("--stacks", default=",".join(STACK_KEYS),
                         help=f"comma-separated, from {','.join(STACK_KEYS)} (all)")
@@ -568,7 +571,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated parts, from {','.join(PARTS)} (all); "
                         "`--only spawn,memory` is `make bench-spawn`")
     parser.add_argument("--rounds", type=int, default=ROUNDS,
-                        help=f"the threads and asgi parts' rounds; the report takes each figure's median ({ROUNDS})")
+                        help=f"every part's rounds but spawn and memory; the report takes each figure's "
+                        f"median ({ROUNDS})")
     parser.add_argument("--threads-output", type=Path, help="the threads part's report "
                         "(docs/benchmarks-threads.md; bench/results/quick-threads.md with --quick)")
     parser.add_argument("--asgi-output", type=Path, help="the asgi part's report "
@@ -652,24 +656,35 @@ def machine_info(args: argparse.Namespace, nginx: str, wrk_bin: str, peers_bin: 
 
 def run_throughput(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: str, peers_bin: Path | None,
                    stacks: list[Stack]) -> list[StackResult]:
-    results: list[StackResult] = []
-    app_dir = prepare_app(base)
-    for key in [k for k in args.stacks if k in THROUGHPUT_KEYS]:
-        if key in ("ours", "relay") and (why := agent_missing()):
+    """The throughput part: args.rounds rounds, each starting every stack in
+    turn (a different one first each round), running its plan and stopping
+    it, then starting it again with nginx at args.more_nginx_workers worker
+    processes for MORE_WORKERS_RUNS. The first round also measures each
+    stack at rest and its memory. A stack that fails is left out of the
+    rounds after."""
+    results = {key: StackResult(key, STACK_LABELS[key]) for key in args.stacks if key in THROUGHPUT_KEYS}
+    for key in ("ours", "relay"):
+        if key in results and (why := agent_missing()):
             print(f"bench: {STACK_LABELS[key]} skipped: {why}", file=sys.stderr, flush=True)
-            results.append(StackResult(key, STACK_LABELS[key], error=why))
-            continue
-        result = StackResult(key, STACK_LABELS[key])
-        results.append(result)
-        stack = make_stack(key, base, app_dir, nginx, peers_bin, args, 1)
+            results[key].error = why
+    app_dir = prepare_app(base)
+
+    def run_one(stack_key: str, number: int, result: StackResult) -> None:
+        context = f"round {number} of {args.rounds}"
+        stack = make_stack(stack_key, base, app_dir, nginx, peers_bin, args, 1, number)
         stacks.append(stack)
-        plan = partial_plan(RELAY_RUNS) if key == "relay" else full_plan()
-        bench_stack(stack, wrk_bin, args.duration, result, plan, full=key != "relay")
-        if args.more_nginx_workers > 1 and result.error is None and key != "relay":
-            stack = make_stack(key, base, app_dir, nginx, peers_bin, args, args.more_nginx_workers)
+        plan = partial_plan(RELAY_RUNS) if stack_key == "relay" else full_plan()
+        bench_stack(stack, wrk_bin, args.duration, result, plan, full=stack_key != "relay" and number == 1,
+                    log_name=f"wrk-{stack_key}-round{number}.txt", context=context)
+        if args.more_nginx_workers > 1 and result.error is None and stack_key != "relay":
+            workers = args.more_nginx_workers
+            stack = make_stack(stack_key, base, app_dir, nginx, peers_bin, args, workers, number)
             stacks.append(stack)
-            bench_stack(stack, wrk_bin, args.duration, result, partial_plan(MORE_WORKERS_RUNS), full=False)
-    return results
+            bench_stack(stack, wrk_bin, args.duration, result, partial_plan(MORE_WORKERS_RUNS), full=False,
+                        log_name=f"wrk-{stack_key}-nginx{workers}-round{number}.txt",
+                        context=f"{context}, with {workers} nginx workers")
+    in_rounds(args.rounds, results, run_one)
+    return list(results.values())
 
 
 def run_threads(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: str, peers_bin: Path | None,
@@ -712,7 +727,7 @@ def run_spawn_memory(args: argparse.Namespace, base: Path, nginx: str, wrk_bin: 
 
 
 def write_throughput_report(args: argparse.Namespace, info: report.Machine, results: list[StackResult]) -> None:
-    text = report.markdown(info, results, WORKLOADS, CONNECTIONS, quick=args.quick)
+    text = report.markdown(info, results, WORKLOADS, CONNECTIONS, quick=args.quick, rounds=args.rounds)
     print()
     print(report.settings_section(info))
     print(report.results_section(results, WORKLOADS, CONNECTIONS, info.more_nginx_workers))
