@@ -25,9 +25,9 @@
  * Lanes. A worker that serves N requests at once (threads, ASGI) gets
  * min(N, AGENT_FP_LANES) slots, lanes 0..L-1 of one column: each slot is
  * one request's place in the worker, claimed and released as a worker of
- * one request is. nginx looks for an IDLE slot in index order from the
- * slot after its last claim (wrapping): consecutive slots are different
- * workers' lanes, so consecutive claims go to different workers. Workers of one request take single slots from
+ * one request is. nginx claims the first IDLE slot in index order, so it
+ * meets the first lane of every worker before any second lane: requests
+ * spread over the workers. Workers of one request take single slots from
  * the first row; workers with lanes take columns from the last. The rest
  * of a worker's concurrency (N - L, or all of it when the table has no
  * room) belongs to the engine; the app row's engine_spare says how many

@@ -48,9 +48,6 @@ typedef struct {
 
 static ngx_http_agent_fp_kept_t  ngx_http_agent_fp_cache[AGENT_FP_SLOTS];
 
-/* where this process's next claim starts looking */
-static ngx_uint_t  ngx_http_agent_fp_next;
-
 
 static ngx_str_t  ngx_http_agent_fp_queue_full =
     ngx_string("503 Service Unavailable: request queue full\n");
@@ -194,7 +191,7 @@ ngx_http_agent_fp_claim(ngx_uint_t row, ngx_uint_t *slot,
 {
     uint64_t        w;
     uint32_t        used;
-    ngx_uint_t      i, n;
+    ngx_uint_t      i;
     agent_fp_slot  *s;
 
     used = __atomic_load_n(&ngx_http_agent_fp_table->header.slots_used,
@@ -203,8 +200,7 @@ ngx_http_agent_fp_claim(ngx_uint_t row, ngx_uint_t *slot,
         used = AGENT_FP_SLOTS;
     }
 
-    for (n = 0; n < used; n++) {
-        i = (ngx_http_agent_fp_next + n) % used;
+    for (i = 0; i < used; i++) {
         s = &ngx_http_agent_fp_table->slots[i];
 
         w = agent_fp_load(&s->word);
@@ -219,7 +215,6 @@ ngx_http_agent_fp_claim(ngx_uint_t row, ngx_uint_t *slot,
                          agent_fp_word(AGENT_FP_CLAIMED, 0, (uint32_t) ngx_pid,
                                        agent_fp_generation(w))))
         {
-            ngx_http_agent_fp_next = i + 1;
             *slot = i;
             *generation = agent_fp_generation(w);
             return NGX_OK;

@@ -2,7 +2,9 @@
 csrc/fastpath.h): an ASGI worker of concurrency N has min(N, 128) slots in
 the table, each one request's place; nginx claims them as it claims a
 worker of one request, and the engine takes the rest of the concurrency
-(engine_spare). On the real stack: requests spread over the workers; a WebSocket is a tunnel on its lane that the
+(engine_spare). On the real stack: the first lane of every worker is
+claimed before any second one, and requests one at a time stay on one
+worker; a WebSocket is a tunnel on its lane that the
 request time limit does not cut; its connection is never kept; concurrency
 past the lanes goes through the engine; a threaded worker's lanes carry its
 requests."""
@@ -67,7 +69,7 @@ def nginx_claims(table: FastPathTable, name: str) -> list[int]:
     return [w for w in lane_words(table, name) if kind(w) == CLAIMED and pid_of(w) != engine]
 
 
-def test_consecutive_requests_go_to_different_workers() -> None:
+def test_every_workers_first_lane_is_claimed_before_any_second_one() -> None:
     app = asgi_app(agent_min_instances="2", agent_max_instances="2")
     with running_stack([app]) as stack, table_of(stack) as table:
         assert stack.get("/").status == 200
@@ -83,17 +85,19 @@ def test_consecutive_requests_go_to_different_workers() -> None:
             assert len(nginx_claims(table, name)) == 2  # both through nginx's direct path
 
 
-def test_requests_one_at_a_time_take_turns_on_the_workers() -> None:
-    """Each claim looks from the slot after the last one: at one
-    connection the two workers of one request alternate."""
+def test_requests_one_at_a_time_stay_on_one_warm_worker() -> None:
+    """The claim takes the first IDLE slot: with one request at a time the
+    same worker serves them all, the other stays idle (docs/design.md: at
+    one connection that beat taking turns by 19 % in requests a second)."""
     app = AppSpec("hello", apps.HELLO, "/", directives={"agent_min_instances": "2", "agent_max_instances": "2"})
     with running_stack([app]) as stack, table_of(stack) as table:
         assert stack.get("/").status == 200
         name = str(stack.app_root(app))
         wait_until(lambda: len(table.serving_pids(name)) == 2, timeout=30, what="both workers on the fast path")
         answers = [stack.get("/").text for _ in range(8)]
-        assert all(a.startswith("hello from ") for a in answers)
-        assert all(answers[n] != answers[n + 1] for n in range(7)), answers
+        assert all(a.startswith("hello from ") for a in answers), answers
+        assert len(set(answers)) == 1, answers
+        assert table.claims(name) >= 8
 
 
 def test_a_websocket_on_a_lane_outlives_the_request_time_limit_and_its_connection_is_not_kept() -> None:
