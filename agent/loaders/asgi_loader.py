@@ -355,7 +355,7 @@ class Exchange:
         self.read_lock = asyncio.Lock()
         self.write_lock = asyncio.Lock()
         self.gone = asyncio.Event()          # the peer went away, or the response ended
-        self.watcher: asyncio.Task[None] | None = None
+        self.watching = False                # a reader callback looks for the peer's end of file
         self.head: bytes | None = None
         self.started = False
         self.ended = False
@@ -368,8 +368,8 @@ class Exchange:
             async with self.read_lock:
                 if not self.body_done:
                     return await self.next_body()
-        if not self.gone.is_set() and self.watcher is None:
-            self.watcher = self.loop.create_task(self.watch())
+        if not self.gone.is_set() and not self.watching:
+            self.start_watch()
         await self.gone.wait()
         return {"type": "http.disconnect"}
 
@@ -395,18 +395,35 @@ class Exchange:
         self.unread -= len(data)
         return data
 
-    async def watch(self) -> None:
+    def start_watch(self) -> None:
         """With the body read, nothing more comes on the connection until
         the end record has left: end of file means the engine closed it
-        (the client went away); a byte is not the protocol's either."""
+        (the client went away); a byte before that is not the protocol's.
+        The watch peeks and never takes a byte: once the end record has
+        left, the next request's frame may arrive before the watch is
+        stopped, and every byte of it is the connection loop's."""
+        self.watching = True
+        self.loop.add_reader(self.conn.fileno(), self.peer_readable)
+
+    def peer_readable(self) -> None:
         try:
-            data = await self.loop.sock_recv(self.conn, 1)
+            data = self.conn.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
             data = b""
-        if data:
+        self.stop_watch()
+        if not data:
+            self.keep = False
+        elif not self.ended:
             log("bytes past the end of a request body; the connection closes after the response")
-        self.keep = False
+            self.keep = False
         self.gone.set()
+
+    def stop_watch(self) -> None:
+        if self.watching:
+            self.watching = False
+            self.loop.remove_reader(self.conn.fileno())
 
     async def settle_body(self) -> None:
         """Before the end record: drop a small unread body, so that the next
@@ -422,15 +439,11 @@ class Exchange:
                 await self.recv_body(shared.BODY_RECV_SIZE)
             self.body_done = True
 
-    async def finish_watch(self) -> None:
+    def finish_watch(self) -> None:
         """The request is over: stop looking for the peer's end of file, so
         that the next frame is read by the connection's loop alone."""
         self.gone.set()
-        watcher = self.watcher
-        if watcher is not None and not watcher.done():
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        self.stop_watch()
 
     # -- send ------------------------------------------------------------
 
@@ -1077,7 +1090,9 @@ class Server:
         else:
             if not exchange.ended:
                 await self.unfinished(exchange)
-        await exchange.finish_watch()
+        finally:
+            # Before the connection's loop reads again, or closes it.
+            exchange.finish_watch()
         return exchange.keep and exchange.ended and not upgrade
 
     async def serve_websocket(self, conn: socket.socket, environ: dict[str, str], early: bytes) -> bool:

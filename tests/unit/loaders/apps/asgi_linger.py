@@ -1,0 +1,30 @@
+"""An ASGI app that, as Django's handler does, listens for http.disconnect
+once it has read the body, and goes on running after its response ended."""
+
+import asyncio
+import os
+
+disconnects = []
+
+
+async def listen(receive):
+    message = await receive()
+    disconnects.append(message["type"])
+
+
+async def application(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    listener = asyncio.ensure_future(listen(receive))
+    await asyncio.sleep(0.01)  # the listener waits before the response starts (Django's thread hop)
+    if scope["path"] == "/slow":
+        await asyncio.sleep(0.3)  # the next frame may come before the response
+    body = ",".join(disconnects).encode() if scope["path"] == "/disconnects" else b"pid %d" % os.getpid()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+    if scope["path"] == "/linger":
+        await asyncio.sleep(0.3)  # work after the response, while the next request arrives
+    await listener
