@@ -3,13 +3,15 @@ once it has read the body, and goes on running after its response ended."""
 
 import asyncio
 import os
+import sys
 
 disconnects = []
 
 
-async def listen(receive):
+async def listen(path, receive):
     message = await receive()
     disconnects.append(message["type"])
+    print(f"listener of {path}: {message['type']}", file=sys.stderr, flush=True)
 
 
 async def application(scope, receive, send):
@@ -17,10 +19,11 @@ async def application(scope, receive, send):
         return
     while (await receive()).get("more_body"):
         pass
-    listener = asyncio.ensure_future(listen(receive))
+    listener = asyncio.ensure_future(listen(scope["path"], receive))
     await asyncio.sleep(0.01)  # the listener waits before the response starts (Django's thread hop)
     if scope["path"] == "/slow":
-        await asyncio.sleep(0.3)  # the next frame may come before the response
+        print("slow: body read, responding in 2 s", file=sys.stderr, flush=True)
+        await asyncio.sleep(2)  # the next frame may come before the response
     body = ",".join(disconnects).encode() if scope["path"] == "/disconnects" else b"pid %d" % os.getpid()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
