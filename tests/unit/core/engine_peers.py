@@ -376,22 +376,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
     raise AssertionError("condition not met in time")
 
 
-def engine_thread_cpu_seconds() -> float:
-    """utime + stime of the engine's thread, read from /proc (see its name)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().strip() != "agent-engine":
-                    continue
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        return (int(fields[11]) + int(fields[12])) / ticks
-    raise AssertionError("no engine thread")
-
-
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
